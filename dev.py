@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Set up latentbatch in ./.venv and run its main job or its tests.
+
+    python3 dev.py demo [ARGS]   install (data extra), then `latentbatch demo ARGS`
+    python3 dev.py test [ARGS]   install (dev extra), then ruff check + format --check, pytest ARGS
+
+Needs only python3 (3.11+). Installs use constraints.txt, which pins the CPU torch wheel.
+Re-running skips the install while pyproject.toml and constraints.txt are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+SCRATCH = ROOT / ".scratch"
+
+
+def _run(*args: str | Path) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+
+
+def ensure_env(extra: str) -> None:
+    """Create .venv and install the package with ``extra`` unless already done."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs on whatever python3 the user has
+        sys.exit(f"latentbatch needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    inputs = b"".join((ROOT / name).read_bytes() for name in ("pyproject.toml", "constraints.txt"))
+    key = hashlib.sha256(inputs + extra.encode()).hexdigest()
+    stamp = VENV / ".installed"
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    if stamp.exists() and stamp.read_text() == key:
+        return
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    _run(BIN / "python", "-m", "pip", "install", "-c", "constraints.txt", "-e", f".[{extra}]")
+    stamp.write_text(key)
+
+
+def offline_env() -> dict[str, str]:
+    """Environment for every command: Prefect state in .scratch, no telemetry."""
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(SCRATCH / "prefect"))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("MPLBACKEND", "Agg")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    SCRATCH.mkdir(exist_ok=True)
+    env = offline_env()
+    if command == "demo":
+        ensure_env("data")
+        return subprocess.run(
+            [str(BIN / "latentbatch"), "demo", *rest], cwd=ROOT, env=env
+        ).returncode
+    ensure_env("dev")
+    for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        print("+", " ".join(check), flush=True)
+        code = subprocess.run([str(BIN / check[0]), *check[1:]], cwd=ROOT, env=env).returncode
+        if code:
+            return code
+    pytest = [str(BIN / "python"), "-m", "pytest", *rest]
+    print("+", " ".join(pytest[1:]), flush=True)
+    return subprocess.run(pytest, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,23 @@
+"""Exceptions raised by latentbatch.
+
+Every error a user can cause derives from :class:`LatentbatchError`; its message names the
+problem and says what to do, and the command line prints it as a single line.
+"""
+
+from __future__ import annotations
+
+
+class LatentbatchError(Exception):
+    """Base class of every error caused by bad input or state."""
+
+
+class ConfigError(LatentbatchError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DataError(LatentbatchError):
+    """An image source cannot be opened or read."""
+
+
+class CheckpointError(LatentbatchError):
+    """A model directory is missing, corrupt, or does not fit its config."""

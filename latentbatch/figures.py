@@ -1,0 +1,59 @@
+"""Pictures people would rather see than read: reconstruction grids and training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+
+def image_grid(rows: Sequence[np.ndarray], scale: int = 1, gap: int = 2) -> Image.Image:
+    """Tile rows of ``uint8 (n, H, W, C)`` images into one picture, one row per array."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("image_grid needs at least one image in every row")
+    height, width, channels = rows[0].shape[1:]
+    n = max(len(r) for r in rows)
+    canvas = np.full(
+        (len(rows) * (height + gap) + gap, n * (width + gap) + gap, channels), 255, np.uint8
+    )
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            y, x = gap + i * (height + gap), gap + j * (width + gap)
+            canvas[y : y + height, x : x + width] = image
+    picture = Image.fromarray(canvas.squeeze(-1) if channels == 1 else canvas)
+    if scale != 1:
+        picture = picture.resize(
+            (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+        )
+    return picture
+
+
+def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray) -> Image.Image:
+    """Originals above, reconstructions below, scaled up so small images stay visible."""
+    scale = max(1, 96 // originals.shape[1])
+    return image_grid([originals, reconstructions], scale=scale)
+
+
+def save_training_curves(history: Sequence[dict[str, float]], path: Path) -> None:
+    """Plot train/validation loss and validation PSNR/SSIM per epoch to a PNG."""
+    epochs = [h["epoch"] for h in history]
+    figure = Figure(figsize=(9, 3.5), dpi=100, layout="constrained")
+    loss_axes, psnr_axes = figure.subplots(1, 2)
+    loss_axes.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    loss_axes.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_axes.legend()
+    psnr_axes.plot(epochs, [h["val_psnr"] for h in history], marker="o", color="tab:green")
+    psnr_axes.set(xlabel="epoch", ylabel="PSNR (dB)", title="Validation PSNR and SSIM")
+    ssim_axes = psnr_axes.twinx()
+    ssim_axes.plot(epochs, [h["val_ssim"] for h in history], marker="s", color="tab:purple")
+    ssim_axes.set_ylabel("SSIM")
+    for axes in (loss_axes, psnr_axes):
+        axes.grid(alpha=0.3)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", metadata={"Software": None})
+    tmp.replace(path)

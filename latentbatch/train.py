@@ -1,0 +1,244 @@
+"""Seeded, resumable training of an autoencoder into a model directory.
+
+Determinism: the split, the initial weights and every epoch's batch order derive from
+``TrainConfig.seed`` alone (epoch ``e`` shuffles with its own generator), so a run resumed
+from its last completed epoch ends with exactly the weights of an uninterrupted run, and
+two runs with the same seed on the same machine give the same model id.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+import latentbatch
+from latentbatch import checkpoint
+from latentbatch.config import ModelConfig, TrainConfig
+from latentbatch.datasets import Geometry, open_source
+from latentbatch.errors import CheckpointError, ConfigError
+from latentbatch.figures import reconstruction_grid, save_training_curves
+from latentbatch.model import Autoencoder
+from latentbatch.quality import psnr, ssim, to_uint8, to_unit
+
+EpochCallback = Callable[[dict[str, float]], None]
+_EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run left behind."""
+
+    model_dir: Path
+    model_id: str
+    history: tuple[dict[str, float], ...]
+    reused: bool
+
+    @property
+    def reconstructions(self) -> Path:
+        return self.model_dir / checkpoint.RECONSTRUCTIONS
+
+    @property
+    def curves(self) -> Path:
+        return self.model_dir / checkpoint.CURVES
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1]
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train/validation row indices; validation gets ``round(n * val_fraction)`` rows."""
+    n_val = round(n * val_fraction)
+    if n_val < 1 or n - n_val < 1:
+        raise ConfigError(f"{n} images cannot be split {1 - val_fraction:.0%}/{val_fraction:.0%}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_val:], order[:n_val]
+
+
+def _loss_fn(name: str) -> nn.Module:
+    return nn.BCELoss() if name == "bce" else nn.MSELoss()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {f"{i}.{k}": v for i, entry in state.items() for k, v in entry.items()}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+
+
+@torch.inference_mode()
+def evaluate(model: Autoencoder, images: torch.Tensor, loss_name: str) -> dict[str, float]:
+    """Loss, PSNR and SSIM of ``model`` on images ``(N, C, H, W)`` in [0, 1]."""
+    model.eval()
+    outputs = torch.cat(
+        [model(images[i : i + _EVAL_BATCH]) for i in range(0, len(images), _EVAL_BATCH)]
+    )
+    return {
+        "val_loss": float(_loss_fn(loss_name)(outputs, images)),
+        "val_psnr": psnr(images, outputs),
+        "val_ssim": ssim(images, outputs),
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "latentbatch": latentbatch.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _resume_state(
+    out: Path, model_config: ModelConfig, train_config: TrainConfig
+) -> tuple[list[dict[str, float]], float] | None:
+    """History and elapsed seconds of a compatible earlier run in ``out``, if any."""
+    if not (out / checkpoint.CONFIG).is_file():
+        return None
+    info = checkpoint.read_info(out)
+    recorded = info.meta.get("training", {}).get("config", {})
+    ours = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
+    theirs = {k: v for k, v in recorded.items() if k != "epochs"}
+    if info.config != model_config or ours != theirs:
+        raise CheckpointError(
+            f"{out} holds a model trained with other settings ({info.config.preset}, "
+            f"{recorded.get('source')}, seed {recorded.get('seed')}); pick another --out "
+            "or delete it to start over"
+        )
+    training = info.meta["training"]
+    return list(training["history"]), float(training.get("seconds", 0.0))
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train into model directory ``out``; continue an earlier run there when ``resume``.
+
+    With ``resume`` and a compatible run in ``out`` that already has ``epochs`` epochs,
+    nothing is trained and the existing model is returned (``reused=True``).
+    """
+    out = Path(out)
+    history: list[dict[str, float]] = []
+    elapsed = 0.0
+    if resume:
+        earlier = _resume_state(out, model_config, train_config)
+        if earlier is not None:
+            history, elapsed = earlier
+    elif (out / checkpoint.WEIGHTS).exists():
+        raise CheckpointError(f"{out} already holds a model; resume it or choose another --out")
+
+    geometry = Geometry(model_config.image_size, model_config.channels)
+    source = open_source(train_config.source, geometry, train_config.limit, train_config.seed)
+    images = to_unit(torch.from_numpy(source.read(0, len(source))))
+    train_rows, val_rows = split(len(images), train_config.val_fraction, train_config.seed)
+    val_images = images[val_rows]
+
+    torch.manual_seed(train_config.seed)
+    model = Autoencoder(model_config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
+    if history:
+        weights = checkpoint.read_tensors(out / checkpoint.WEIGHTS)
+        model.load_state_dict(weights)
+        _load_optimizer(optimizer, checkpoint.read_tensors(out / checkpoint.OPTIMIZER))
+    if len(history) >= train_config.epochs:
+        if (
+            not (out / checkpoint.RECONSTRUCTIONS).is_file()
+            or not (out / checkpoint.CURVES).is_file()
+        ):
+            _save_pictures(out, model, val_images, history)
+        return TrainResult(out, checkpoint.model_id(out), tuple(history), reused=True)
+
+    loss_fn = _loss_fn(train_config.loss)
+    batches = -(-len(train_rows) // train_config.batch_size)
+    meta: dict[str, Any] = {
+        "source": {"spec": source.spec, "description": source.description, "count": len(source)},
+        "versions": _versions(),
+    }
+    training: dict[str, Any] = {
+        "config": train_config.to_dict(),
+        "optimizer": "adam",
+        "split": {"train": len(train_rows), "validation": len(val_rows)},
+    }
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("training", total=(train_config.epochs - len(history)) * batches)
+        for epoch in range(len(history), train_config.epochs):
+            started = time.perf_counter()
+            model.train()
+            shuffle = torch.Generator().manual_seed(train_config.seed * 1_000_003 + epoch + 1)
+            order = train_rows[torch.randperm(len(train_rows), generator=shuffle)]
+            total = 0.0
+            for b in range(batches):
+                batch = images[
+                    order[b * train_config.batch_size : (b + 1) * train_config.batch_size]
+                ]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(batch), batch)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{train_config.epochs}")
+            metrics = {"epoch": epoch + 1, "train_loss": total / len(train_rows)}
+            metrics |= evaluate(model, val_images, train_config.loss)
+            metrics["seconds"] = time.perf_counter() - started
+            elapsed += metrics["seconds"]
+            history.append(metrics)
+            if progress:
+                bar.console.print(
+                    f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss "
+                    f"{metrics['val_loss']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
+                    f"SSIM {metrics['val_ssim']:.3f}"
+                )
+            training["history"], training["epochs_done"], training["seconds"] = (
+                history,
+                epoch + 1,
+                elapsed,
+            )
+            checkpoint.write_tensors(out / checkpoint.OPTIMIZER, _optimizer_tensors(optimizer))
+            checkpoint.save_model(out, model, {**meta, "training": training})
+            if on_epoch is not None:
+                on_epoch(metrics)
+
+    _save_pictures(out, model, val_images, history)
+    return TrainResult(out, checkpoint.model_id(out), tuple(history), reused=False)
+
+
+@torch.inference_mode()
+def _save_pictures(
+    out: Path, model: Autoencoder, val_images: torch.Tensor, history: list[dict[str, float]]
+) -> None:
+    model.eval()
+    sample = val_images[:8]
+    grid = reconstruction_grid(to_uint8(sample).numpy(), to_uint8(model(sample)).numpy())
+    tmp = out / f".{checkpoint.RECONSTRUCTIONS}.tmp"
+    grid.save(tmp, format="PNG")
+    tmp.replace(out / checkpoint.RECONSTRUCTIONS)
+    save_training_curves(history, out / checkpoint.CURVES)

@@ -1,0 +1,38 @@
+"""Tiny, seeded test data and models, built in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from latentbatch.config import ModelConfig, TrainConfig
+from latentbatch.train import TrainResult, train
+
+
+def random_image(seed: int, size: tuple[int, int] = (20, 16), mode: str = "RGB") -> Image.Image:
+    """A seeded noise image."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+def write_image(path: Path, seed: int, **kwargs: object) -> Path:
+    """Write a seeded image; the format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(seed, **kwargs).save(path)  # type: ignore[arg-type]
+    return path
+
+
+def tiny_model_config(channels: int = 1, image_size: int = 16) -> ModelConfig:
+    return ModelConfig("compact", channels, image_size, (4, 8), 2)
+
+
+def train_tiny(out: Path, epochs: int = 2, seed: int = 0, **overrides: object) -> TrainResult:
+    """Train a very small model on synthetic shapes; a few seconds on a CPU."""
+    train_config = TrainConfig(
+        source="synthetic:96", epochs=epochs, seed=seed, batch_size=16, val_fraction=0.25
+    )
+    return train(tiny_model_config(), train_config, out, progress=False, **overrides)  # type: ignore[arg-type]
