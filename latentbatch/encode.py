@@ -1,0 +1,266 @@
+"""Images → latents → a latent store, one Dask task per store shard.
+
+::
+
+    client                                   worker (model loaded once by ModelPlugin)
+    ──────                                   ──────
+    open source, validate ids
+    create / open store, record `pending`
+    resize arrays to the new row count
+    submit ShardJob(rows, RowsRef, ids) ───►  read its images from the source
+      (bounded number in flight)             encode in batches (inference_mode)
+                                             write its whole shard: latents, ids, labels
+    ◄──────────────────────────────────────  {start, stop}
+    advance `count` over the contiguous
+    prefix of finished shards
+    clear `pending`, add the source record
+
+An interrupted encode leaves the store readable at its last ``count``; running the same
+command again resumes from there (shards past ``count`` are rewritten whole).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from distributed import Client
+
+from latentbatch.checkpoint import ModelInfo, read_info
+from latentbatch.cluster import (
+    Progress,
+    cached_model,
+    connect,
+    gpu_resources,
+    map_bounded,
+    register_model,
+)
+from latentbatch.datasets import Geometry, ImageSource, RowsRef, open_source
+from latentbatch.ids import validate_ids
+from latentbatch.quality import to_unit
+from latentbatch.storage import StorageOptions, filesystem
+from latentbatch.store import (
+    LatentStore,
+    Layout,
+    StoreError,
+    create_store,
+    open_store,
+    shard_ranges,
+)
+
+ProgressCallback = Callable[[Progress], None]
+ENCODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One encode task: store rows ``[start, stop)``; the first ``keep`` rows are already
+    committed and are re-read from the store; the rest come from ``rows``."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    model_id: str
+    start: int
+    stop: int
+    keep: int
+    rows: RowsRef
+    ids: tuple[str, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    store: str
+    model_id: str
+    source: str
+    rows: tuple[int, int]
+    encoded: int
+    seconds: float
+    resumed: bool = False
+    skipped: bool = False
+    shards: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), ENCODE_BATCH):
+            batch = to_unit(torch.from_numpy(images[i : i + ENCODE_BATCH])).to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                latents = encoder(batch)
+            out.append(latents.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def encode_shard(job: ShardJob) -> dict[str, int]:
+    """Worker side: encode one shard's images and write the whole shard."""
+    model, device = cached_model(job.model_id)
+    store = open_store(job.store_url, job.storage_options, writable=True)
+    latents = encode_images(model.encoder, job.rows.read(), device)
+    ids = list(job.ids)
+    labels = np.asarray(job.labels, np.int32)
+    if job.keep:
+        latents = np.concatenate([store.read_latents(job.start, job.start + job.keep), latents])
+        ids = store.read_ids(job.start, job.start + job.keep) + ids
+        labels = np.concatenate([store.read_labels(job.start, job.start + job.keep), labels])
+    store.write_rows(job.start, latents, ids, labels)
+    return {"start": job.start + job.keep, "stop": job.stop}
+
+
+def _prepare(
+    store_url: str,
+    info: ModelInfo,
+    source: ImageSource,
+    append: bool,
+    layout: Layout | None,
+    storage_options: StorageOptions | None,
+) -> tuple[LatentStore, int, bool] | None:
+    """Open or create the store; return it, the store row of source row 0, and whether
+    this resumes an interrupted encode. None when the source is already encoded."""
+    fs, path = filesystem(store_url, storage_options)
+    if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+        store = create_store(
+            store_url, info, len(source), layout=layout, storage_options=storage_options
+        )
+        return store, 0, False
+    store = open_store(store_url, storage_options, writable=True)
+    if store.model_id != info.model_id:
+        raise StoreError(
+            f"{store_url} holds latents of model {store.model_id[:12]}, not of {info.model_id[:12]}; "
+            "encode into another store"
+        )
+    pending = store.pending
+    if pending is not None:
+        if pending["source"] != source.spec or pending["stop"] - pending["start"] != len(source):
+            raise StoreError(
+                f"{store_url} has an unfinished encode of {pending['source']} "
+                f"(rows {pending['start']}-{pending['stop']}); re-run that encode to finish it first"
+            )
+        return store, int(pending["start"]), True
+    if not append:
+        if any(s["spec"] == source.spec for s in store.meta["sources"]):
+            return None
+        raise StoreError(f"{store_url} already exists; pass --append to add {source.spec} to it")
+    existing = set(store.read_ids(0, store.count))
+    clash = [i for i in source.ids if i in existing]
+    if clash:
+        raise StoreError(
+            f"{len(clash)} ids of {source.spec} are already in {store_url} (e.g. {clash[0]!r}); "
+            "ids must be unique in a store"
+        )
+    return store, store.count, False
+
+
+def encode(
+    model_dir: Path,
+    source_spec: str,
+    store_url: str,
+    *,
+    append: bool = False,
+    limit: int | None = None,
+    layout: Layout | None = None,
+    storage_options: StorageOptions | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> EncodeResult:
+    """Encode every image of a source into a store (see the module docstring)."""
+    info = read_info(model_dir)
+    geometry = Geometry(info.config.image_size, info.config.channels)
+    source = open_source(source_spec, geometry, limit)
+    validate_ids(source.ids)
+    started = time.perf_counter()
+    prepared = _prepare(store_url, info, source, append, layout, storage_options)
+    if prepared is None:
+        return EncodeResult(store_url, info.model_id, source.spec, (0, 0), 0, 0.0, skipped=True)
+    store, base, resumed = prepared
+    stop = base + len(source)
+    labels = source.labels if source.labels is not None else np.full(len(source), -1, np.int32)
+    store.write_meta(
+        pending={
+            "source": source.spec,
+            "description": source.description,
+            "start": base,
+            "stop": stop,
+        }
+    )
+    store.resize(stop)
+    first_new = store.count
+    jobs = []
+    for a, b in shard_ranges(first_new - first_new % store.shard_rows, stop, store.shard_rows):
+        keep = max(0, first_new - a)
+        s0, s1 = a + keep - base, b - base
+        jobs.append(
+            ShardJob(
+                store_url,
+                dict(storage_options or {}),
+                info.model_id,
+                a,
+                b,
+                keep,
+                source.ref(s0, s1),
+                source.ids[s0:s1],
+                tuple(int(v) for v in labels[s0:s1]),
+            )
+        )
+    finished: dict[int, int] = {}
+
+    def commit(result: dict[str, int], progress: Progress) -> None:
+        finished[result["start"]] = result["stop"]
+        count = store.count
+        while count in finished:
+            count = finished.pop(count)
+        if count != store.count:
+            store.write_meta(count=count)
+        if on_progress is not None:
+            on_progress(progress)
+
+    def run(c: Client) -> None:
+        register_model(c, info)
+        slots = 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
+        map_bounded(
+            c,
+            encode_shard,
+            jobs,
+            items=lambda j: j.stop - j.start - j.keep,
+            max_in_flight=slots,
+            resources=gpu_resources(c),
+            on_result=commit,
+        )
+
+    if client is not None:
+        run(client)
+    else:
+        with connect(scheduler, workers) as c:
+            run(c)
+    sources = [
+        *store.meta["sources"],
+        {"spec": source.spec, "description": source.description, "rows": [base, stop]},
+    ]
+    store.write_meta(
+        count=stop,
+        pending=None,
+        sources=sources,
+        labels=bool(store.meta.get("labels")) or source.labels is not None,
+    )
+    return EncodeResult(
+        store_url,
+        info.model_id,
+        source.spec,
+        (base, stop),
+        stop - first_new,
+        time.perf_counter() - started,
+        resumed=resumed,
+        shards=len(jobs),
+    )

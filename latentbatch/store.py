@@ -1,0 +1,313 @@
+"""Latent stores, format 1: a Zarr v3 group.
+
+::
+
+    STORE/                       group; attributes["latentbatch"] = metadata below
+      latents  [N, C, h, w]      float16 (default), dims (sample, channel, y, x)
+      ids      [N]               strings, unique, safe file names
+      labels   [N]               int32, -1 = unknown (always present; all -1 without labels)
+
+Arrays are chunked and sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a
+flipped byte fails loudly. Metadata: ``format``, ``uuid``, ``created``, ``model_id``,
+``model`` (architecture), ``latent`` (dtype, shape), ``image`` (height, width, mode),
+``sources`` (spec, description, rows), ``layout`` (shard_rows, chunk_rows), ``labels``
+(whether any are known), ``pending`` (an unfinished encode) and the committed ``count``.
+
+Commit protocol: writers write whole shards, one writer per shard; the client then
+advances ``count`` with a single write of the group metadata. Readers trust rows
+``< count`` only; rows past it (capacity) may be half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from latentbatch.checkpoint import ModelInfo
+from latentbatch.config import ModelConfig
+from latentbatch.errors import LatentbatchError
+from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
+
+FORMAT_VERSION = 1
+ATTRS = "latentbatch"
+DEFAULT_SHARD_ROWS = 1024
+DEFAULT_CHUNK_ROWS = 128
+LATENT_DTYPES = ("float16", "float32")
+
+
+class StoreError(LatentbatchError):
+    """A path is not a valid latent store, or an operation does not fit the store."""
+
+
+def _codecs() -> list[Any]:
+    return [ZstdCodec(level=3), Crc32cCodec()]
+
+
+def shard_ranges(start: int, stop: int, shard_rows: int) -> list[tuple[int, int]]:
+    """Split rows ``[start, stop)`` at multiples of ``shard_rows``."""
+    if shard_rows < 1:
+        raise ValueError("shard_rows must be positive")
+    out = []
+    row = start
+    while row < stop:
+        end = min(stop, (row // shard_rows + 1) * shard_rows)
+        out.append((row, end))
+        row = end
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a new store is chunked: rows per shard (one object) and per inner chunk."""
+
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    latent_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1 or self.shard_rows < 1 or self.shard_rows % self.chunk_rows:
+            raise StoreError(
+                f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
+                f"({self.chunk_rows})"
+            )
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise StoreError(
+                f"latent dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype}"
+            )
+
+
+class LatentStore:
+    """An opened latent store. Use :func:`open_store` or :func:`create_store`."""
+
+    def __init__(self, url: str, group: zarr.Group, storage_options: StorageOptions | None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.group = group
+        self.meta: dict[str, Any] = dict(group.attrs[ATTRS])  # type: ignore[arg-type]
+        self.latents: zarr.Array = group["latents"]  # type: ignore[assignment]
+        self.ids: zarr.Array = group["ids"]  # type: ignore[assignment]
+        self.labels: zarr.Array = group["labels"]  # type: ignore[assignment]
+
+    # metadata --------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        """Committed rows: the only rows a reader may trust."""
+        return int(self.meta["count"])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta["model_id"])
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.meta["model"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latents.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.meta["layout"]["shard_rows"])
+
+    @property
+    def uuid(self) -> str:
+        return str(self.meta["uuid"])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.meta.get("labels"))
+
+    @property
+    def pending(self) -> dict[str, Any] | None:
+        return self.meta.get("pending")
+
+    def shards(self, stop: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges of the committed rows (or up to ``stop``), one per store shard."""
+        return shard_ranges(0, self.count if stop is None else stop, self.shard_rows)
+
+    # reading ---------------------------------------------------------------------------
+    def _check_rows(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.count:
+            raise StoreError(
+                f"rows [{start}, {stop}) are outside the {self.count} committed rows of {self.url}"
+            )
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        self._check_rows(start, stop)
+        return np.asarray(self.latents[start:stop])
+
+    def read_ids(self, start: int, stop: int) -> list[str]:
+        self._check_rows(start, stop)
+        return [str(i) for i in np.asarray(self.ids[start:stop]).tolist()]
+
+    def read_labels(self, start: int, stop: int) -> np.ndarray:
+        self._check_rows(start, stop)
+        return np.asarray(self.labels[start:stop], dtype=np.int32)
+
+    # writing ---------------------------------------------------------------------------
+    def write_meta(self, **updates: Any) -> None:
+        """Update metadata with one write of the group's metadata object."""
+        self.meta = {**self.meta, **updates}
+        self.group.attrs[ATTRS] = self.meta
+
+    def resize(self, capacity: int) -> None:
+        """Grow (or shrink to no less than ``count``) every array's row count."""
+        if capacity < self.count:
+            raise StoreError(f"cannot shrink {self.url} below its {self.count} committed rows")
+        for array in (self.latents, self.ids, self.labels):
+            array.resize((capacity, *array.shape[1:]))
+
+    def write_rows(
+        self, start: int, latents: np.ndarray, ids: list[str], labels: np.ndarray
+    ) -> None:
+        """Write rows ``[start, start + n)`` of every array (a whole shard, by one writer)."""
+        stop = start + len(latents)
+        if not len(latents) == len(ids) == len(labels):
+            raise StoreError("latents, ids and labels must have the same number of rows")
+        if stop > self.capacity:
+            raise StoreError(f"rows [{start}, {stop}) are past the capacity {self.capacity}")
+        self.latents[start:stop] = latents.astype(self.latents.dtype, copy=False)
+        self.ids[start:stop] = np.asarray(ids, dtype=object).astype(str)
+        self.labels[start:stop] = labels.astype(np.int32, copy=False)
+
+    def bytes_on_disk(self) -> dict[str, int]:
+        """Bytes stored per array, and in total."""
+        fs, root = filesystem(self.url, self.storage_options)
+        sizes = {name: int(fs.du(join(root, name))) for name in ("latents", "ids", "labels")}
+        sizes["total"] = int(fs.du(root))
+        return sizes
+
+    def written_rows(self) -> int:
+        """Rows covered by shard objects that exist (committed or not)."""
+        fs, root = filesystem(self.url, self.storage_options)
+        prefix = join(root, "latents", "c")
+        if not fs.exists(prefix):
+            return 0
+        indices = [int(p.rstrip("/").split("/")[-4]) for p in fs.find(prefix)]
+        if not indices:
+            return 0
+        return min(self.capacity, (max(indices) + 1) * self.shard_rows)
+
+
+def _open_group(url: str, storage_options: StorageOptions | None, mode: str) -> zarr.Group:
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise StoreError(f"{url} does not exist; create it with `latentbatch encode`")
+    try:
+        group = zarr.open_group(url, mode=mode, storage_options=zarr_options(url, storage_options))  # type: ignore[arg-type]
+    except Exception as exc:
+        raise StoreError(f"{url} is not a latent store: it is not a Zarr v3 group ({exc})") from exc
+    if group.metadata.zarr_format != 3:
+        raise StoreError(
+            f"{url} is a Zarr v{group.metadata.zarr_format} group; latent stores are Zarr v3"
+        )
+    return group
+
+
+def _validate(url: str, group: zarr.Group) -> None:
+    meta = group.attrs.get(ATTRS)
+    if not isinstance(meta, Mapping):
+        raise StoreError(f"{url} is a Zarr group but not a latent store (no '{ATTRS}' attributes)")
+    version = meta.get("format")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{url} has store format version {version!r}; this latentbatch reads format "
+            f"{FORMAT_VERSION} only (upgrade latentbatch, or re-encode the images)"
+        )
+    missing = [
+        k for k in ("count", "model_id", "model", "latent", "layout", "uuid") if k not in meta
+    ]
+    if missing:
+        raise StoreError(
+            f"{url} lacks store metadata {missing}; it is damaged or not a latent store"
+        )
+    for name in ("latents", "ids", "labels"):
+        if name not in group:
+            raise StoreError(f"{url} lacks the '{name}' array; it is damaged or not a latent store")
+    latents = group["latents"]
+    rows = {latents.shape[0], group["ids"].shape[0], group["labels"].shape[0]}  # type: ignore[union-attr]
+    if len(rows) != 1:
+        raise StoreError(f"{url} has arrays of different lengths {sorted(rows)}; it is damaged")
+    if not 0 <= int(meta["count"]) <= latents.shape[0]:  # type: ignore[union-attr]
+        raise StoreError(f"{url} claims {meta['count']} rows but holds {latents.shape[0]}")  # type: ignore[union-attr]
+    if list(latents.shape[1:]) != list(meta["latent"]["shape"]):  # type: ignore[union-attr]
+        raise StoreError(
+            f"{url} latents have shape {latents.shape[1:]}, metadata says {meta['latent']['shape']}"
+        )  # type: ignore[union-attr]
+
+
+def open_store(
+    url: str, storage_options: StorageOptions | None = None, *, writable: bool = False
+) -> LatentStore:
+    """Open and validate a latent store; errors say what is wrong."""
+    group = _open_group(url, storage_options, "r+" if writable else "r")
+    _validate(url, group)
+    return LatentStore(url, group, storage_options)
+
+
+def create_store(
+    url: str,
+    model: ModelInfo,
+    capacity: int,
+    *,
+    layout: Layout | None = None,
+    storage_options: StorageOptions | None = None,
+) -> LatentStore:
+    """Create an empty store for latents of ``model`` with room for ``capacity`` rows."""
+    layout = layout or Layout()
+    fs, path = filesystem(url, storage_options)
+    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        raise StoreError(f"{url} already exists; open it, or add to it with --append")
+    config = model.config
+    group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))  # type: ignore[arg-type]
+    shape = config.latent_shape
+    common = {"compressors": _codecs(), "overwrite": True}
+    group.create_array(
+        "latents",
+        shape=(capacity, *shape),
+        dtype=layout.latent_dtype,
+        chunks=(layout.chunk_rows, *shape),
+        shards=(layout.shard_rows, *shape),
+        dimension_names=("sample", "channel", "y", "x"),
+        fill_value=0,
+        **common,
+    )
+    for name, dtype, fill in (("ids", str, ""), ("labels", "int32", -1)):
+        group.create_array(
+            name,
+            shape=(capacity,),
+            dtype=dtype,
+            chunks=(layout.chunk_rows,),
+            shards=(layout.shard_rows,),
+            dimension_names=("sample",),
+            fill_value=fill,
+            **common,
+        )
+    meta = {
+        "format": FORMAT_VERSION,
+        "uuid": uuid.uuid4().hex,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model_id": model.model_id,
+        "model": config.to_dict(),
+        "latent": {"dtype": layout.latent_dtype, "shape": list(shape)},
+        "image": {"height": config.image_size, "width": config.image_size, "mode": config.mode},
+        "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        "sources": [],
+        "labels": False,
+        "pending": None,
+        "count": 0,
+    }
+    group.attrs[ATTRS] = meta
+    return LatentStore(url, group, storage_options)
