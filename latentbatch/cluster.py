@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -118,8 +119,8 @@ class ModelPlugin(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         device = worker_device(worker)
-        if device.type == "cpu":
-            torch.set_num_threads(1)  # one task thread per worker process: no oversubscription
+        if device.type == "cpu" and multiprocessing.parent_process() is not None:
+            torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription
         install_model(self.config, self.weights, self.model_id, device)
 
     def teardown(self, worker: Worker) -> None:

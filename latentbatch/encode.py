@@ -136,15 +136,16 @@ def _prepare(
     store = open_store(store_url, storage_options, writable=True)
     if store.model_id != info.model_id:
         raise StoreError(
-            f"{store_url} holds latents of model {store.model_id[:12]}, not of {info.model_id[:12]}; "
-            "encode into another store"
+            f"{store_url} holds latents of model {store.model_id[:12]}, not of "
+            f"{info.model_id[:12]}; encode into another store"
         )
     pending = store.pending
     if pending is not None:
         if pending["source"] != source.spec or pending["stop"] - pending["start"] != len(source):
             raise StoreError(
                 f"{store_url} has an unfinished encode of {pending['source']} "
-                f"(rows {pending['start']}-{pending['stop']}); re-run that encode to finish it first"
+                f"(rows {pending['start']}-{pending['stop']}); re-run that encode to finish it "
+                "first"
             )
         return store, int(pending["start"]), True
     if not append:

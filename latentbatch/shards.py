@@ -285,3 +285,43 @@ def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
                 fs.rm(path, recursive=True)
                 removed += 1
     return removed
+
+
+def read_output(
+    out_url: str, options: StorageOptions | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Ids and ``uint8 (N, H, W, C)`` images of a finished decode.
+
+    Shards come in row order; inside a tar shard members keep row order, inside a png
+    shard files come sorted by name; zarr output takes its ids from the store.
+    """
+    manifest = read_manifest(out_url, options)
+    if manifest is None:
+        raise OutputError(f"{out_url} has no {MANIFEST}; the decode is not finished")
+    fs, root = filesystem(out_url, options)
+    fmt = manifest["output_format"]
+    if fmt == "zarr":
+        url = join(out_url, ZARR_NAME)
+        images = np.asarray(
+            zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))[:]
+        )
+        from latentbatch.store import open_store  # the ids live in the store
+
+        store = open_store(manifest["store"]["url"], options)
+        return store.read_ids(0, len(images)), images
+    ids, arrays = [], []
+    for shard in manifest["shards"]:
+        path = join(root, shard["path"])
+        if fmt == "tar":
+            with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle) as tar:
+                members = [
+                    (m.name, tar.extractfile(m).read()) for m in tar if m.name.endswith(".png")
+                ]  # type: ignore[union-attr]
+        else:
+            names = sorted(fs.ls(path, detail=False))
+            members = [(n.rsplit("/", 1)[-1], fs.cat_file(n)) for n in names]
+        for name, data in members:
+            ids.append(name.removesuffix(".png"))
+            image = np.asarray(Image.open(io.BytesIO(data)))
+            arrays.append(image[..., None] if image.ndim == 2 else image)
+    return ids, np.stack(arrays)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import Client, LocalCluster
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -16,6 +18,65 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def seed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seed preset trained for 2 epochs on mnist5k (a few seconds)."""
+    from latentbatch.config import TrainConfig, preset_config
+    from latentbatch.train import train
+
+    out = tmp_path_factory.mktemp("models") / "seed-mnist5k"
+    return train(preset_config("seed"), TrainConfig("mnist5k", 2), out, progress=False).model_dir
+
+
+@pytest.fixture(scope="session")
+def other_seed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another seed-preset model (different seed, so a different model id)."""
+    from latentbatch.config import TrainConfig, preset_config
+    from latentbatch.train import train
+
+    out = tmp_path_factory.mktemp("models") / "seed-other"
+    config = TrainConfig("mnist5k", 1, seed=5, limit=200)
+    return train(preset_config("seed"), config, out, progress=False).model_dir
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    """One in-process Dask cluster (threads) for the session."""
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="session")
+def process_client() -> Iterator[Client]:
+    """A Dask cluster of two worker processes on loopback for the session."""
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="session")
+def mnist_store(tmp_path_factory: pytest.TempPathFactory, seed_model: Path, client: Client) -> Path:
+    """mnist5k encoded with ``seed_model`` in shards of 1,024 rows (read-only for tests)."""
+    from latentbatch.encode import encode
+
+    url = tmp_path_factory.mktemp("stores") / "mnist5k.zarr"
+    encode(seed_model, "mnist5k", str(url), client=client)
+    return url
 
 
 @pytest.fixture(scope="session")

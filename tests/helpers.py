@@ -36,3 +36,19 @@ def train_tiny(out: Path, epochs: int = 2, seed: int = 0, **overrides: object) -
         source="synthetic:96", epochs=epochs, seed=seed, batch_size=16, val_fraction=0.25
     )
     return train(tiny_model_config(), train_config, out, progress=False, **overrides)  # type: ignore[arg-type]
+
+
+def sha256s(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden ones included), by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def mtimes(folder: Path, pattern: str = "shard-*") -> dict[str, int]:
+    """Modification times (ns) of the shards in ``folder``."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from distributed import Client
+
+from latentbatch.checkpoint import load_model
+from latentbatch.datasets import open_source
+from latentbatch.decode import ModelMismatchError, NonFiniteLatentsError, decode, decode_latents
+from latentbatch.encode import encode
+from latentbatch.ids import InvalidIdError
+from latentbatch.quality import psnr, to_unit
+from latentbatch.shards import OutputError, read_output
+from latentbatch.store import ATTRS, Layout, StoreError, open_store
+from tests.helpers import mtimes, sha256s
+
+
+@pytest.fixture(scope="module")
+def mnist_tar(
+    tmp_path_factory: pytest.TempPathFactory, seed_model: Path, mnist_store: Path, client: Client
+) -> Path:
+    out = tmp_path_factory.mktemp("decoded") / "tar"
+    decode(seed_model, str(mnist_store), str(out), client=client)
+    return out
+
+
+def test_round_trip_is_exact_and_costs_under_a_fifth_of_a_db(
+    mnist_tar: Path, mnist_store: Path, seed_model: Path
+) -> None:
+    manifest = json.loads((mnist_tar / "manifest.json").read_text())
+    assert manifest["count"] == 5000
+    assert [s["stop"] - s["start"] for s in manifest["shards"]] == [1024] * 4 + [904]
+    ids, images = read_output(str(mnist_tar))
+    source = open_source("mnist5k")
+    assert ids == list(source.ids)  # every id exactly once, in row order
+
+    store = open_store(str(mnist_store))
+    decoder, _ = load_model(seed_model, "decoder")
+    direct = decode_latents(decoder, store.read_latents(0, 5000), torch.device("cpu"))
+    np.testing.assert_array_equal(images, direct)
+
+    originals = to_unit(torch.from_numpy(source.read(0, 5000)))
+    model, _ = load_model(seed_model)
+    with torch.inference_mode():
+        float_psnr = psnr(originals, model(originals))
+    pipeline_psnr = psnr(originals, to_unit(torch.from_numpy(images)))
+    assert abs(float_psnr - pipeline_psnr) < 0.2
+
+
+def test_tar_layout_is_webdataset(mnist_tar: Path) -> None:
+    import webdataset as wds
+
+    shard = mnist_tar / "shard-000004.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert members[0].name == "mnist5k-04096.png"
+    assert members[1].name == "mnist5k-04096.json"
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+        (0, 0, 0, "", "", 0o644)
+    }
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert len(samples) == 904
+    assert samples[0]["__key__"] == "mnist5k-04096"
+    assert json.loads(samples[0]["json"]) == {"label": 8, "row": 4096}
+    assert samples[0]["png"].startswith(b"\x89PNG")
+
+
+def test_zarr_and_png_outputs_hold_the_same_pixels(
+    tmp_path: Path, mnist_tar: Path, mnist_store: Path, seed_model: Path, client: Client
+) -> None:
+    _, tar_images = read_output(str(mnist_tar))
+    for fmt in ("zarr", "png"):
+        out = tmp_path / fmt
+        decode(seed_model, str(mnist_store), str(out), fmt=fmt, client=client)
+        ids, images = read_output(str(out))
+        assert len(ids) == 5000
+        np.testing.assert_array_equal(images, tar_images)
+    array = zarr.open_array(str(tmp_path / "zarr" / "images.zarr"))
+    assert array.shape == (5000, 28, 28, 1)
+    assert array.dtype == np.uint8
+    assert array.shards == (1024, 28, 28, 1)
+    assert (
+        sorted(p.name for p in (tmp_path / "png" / "shard-000001").iterdir())[0]
+        == "mnist5k-01024.png"
+    )
+
+
+def test_rerun_skips_finished_shards_and_redoes_torn_ones(
+    tmp_path: Path, mnist_tar: Path, mnist_store: Path, seed_model: Path, client: Client
+) -> None:
+    out = Path(shutil.copytree(mnist_tar, tmp_path / "out"))
+    before = sha256s(out)
+    again = decode(seed_model, str(mnist_store), str(out), client=client)
+    assert again.shards_written == ()
+    assert again.decoded == 0
+    assert sha256s(out) == before
+
+    torn = out / "shard-000002.tar"
+    torn.write_bytes(torn.read_bytes()[:5000])
+    (out / "shard-000004.tar").unlink()
+    (out / ".shard-000001.tar.0123.tmp").write_bytes(b"left by a killed writer")
+    (out / "manifest.json").unlink()
+    stamps = mtimes(out)
+    result = decode(seed_model, str(mnist_store), str(out), client=client)
+    assert result.shards_written == (2, 4)
+    assert result.shards_skipped == (0, 1, 3)
+    assert sha256s(out) == before
+    after = mtimes(out)
+    assert all(
+        after[n] == stamps[n] for n in ("shard-000000.tar", "shard-000001.tar", "shard-000003.tar")
+    )
+
+
+def _copy_store(mnist_store: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(mnist_store, tmp_path / "store.zarr"))
+
+
+def _protected_output(tmp_path: Path, mnist_tar: Path) -> tuple[Path, dict[str, str]]:
+    out = Path(shutil.copytree(mnist_tar, tmp_path / "out"))
+    return out, sha256s(out)
+
+
+def test_model_mismatch_is_refused_naming_both_ids(
+    tmp_path: Path,
+    mnist_store: Path,
+    mnist_tar: Path,
+    seed_model: Path,
+    other_seed_model: Path,
+    client: Client,
+) -> None:
+    out, before = _protected_output(tmp_path, mnist_tar)
+    theirs = open_store(str(mnist_store)).model_id
+    from latentbatch.checkpoint import model_id
+
+    ours = model_id(other_seed_model)
+    with pytest.raises(ModelMismatchError, match=f"{theirs}.*{ours}.*--allow-model-mismatch"):
+        decode(other_seed_model, str(mnist_store), str(out), client=client)
+    assert sha256s(out) == before
+    with pytest.raises(OutputError, match="decode by model"):  # out belongs to the right model
+        decode(
+            other_seed_model, str(mnist_store), str(out), allow_model_mismatch=True, client=client
+        )
+    forced = decode(
+        other_seed_model,
+        str(mnist_store),
+        str(tmp_path / "forced"),
+        allow_model_mismatch=True,
+        client=client,
+    )
+    assert forced.manifest["model_id"] == ours
+    assert sha256s(out) == before
+
+
+def test_bad_stores_are_refused_and_outputs_kept(
+    tmp_path: Path,
+    mnist_store: Path,
+    mnist_tar: Path,
+    seed_model: Path,
+    tiny_model: Path,
+    client: Client,
+) -> None:
+    out, before = _protected_output(tmp_path, mnist_tar)
+    with pytest.raises(StoreError, match="does not exist"):
+        decode(seed_model, str(tmp_path / "nowhere"), str(out), client=client)
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "a.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a latent store"):
+        decode(seed_model, str(tmp_path / "notastore"), str(out), client=client)
+    store = _copy_store(mnist_store, tmp_path)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 2}
+    with pytest.raises(StoreError, match="format version 2"):
+        decode(seed_model, str(store), str(out), client=client)
+    with pytest.raises(StoreError, match=r"shape \(64, 7, 7\).*takes \(2, 4, 4\)"):
+        decode(tiny_model, str(mnist_store), str(out), allow_model_mismatch=True, client=client)
+    assert sha256s(out) == before
+
+
+def test_output_of_another_store_is_refused(
+    tmp_path: Path, mnist_store: Path, mnist_tar: Path, seed_model: Path, client: Client
+) -> None:
+    out, before = _protected_output(tmp_path, mnist_tar)
+    other = str(tmp_path / "other.zarr")
+    encode(seed_model, "synthetic:50", other, client=client)
+    with pytest.raises(OutputError, match="holds the decode of another store"):
+        decode(seed_model, other, str(out), client=client)
+    assert sha256s(out) == before
+
+
+def test_nan_latents_are_refused_naming_rows(
+    tmp_path: Path, seed_model: Path, client: Client
+) -> None:
+    url = str(tmp_path / "nan.zarr")
+    encode(seed_model, "synthetic:40", url, layout=Layout(16, 8), client=client)
+    store = open_store(url, writable=True)
+    latents = store.latents[16:32]
+    latents[3, 0, 0, 0] = np.nan
+    latents[7, 1, 2, 3] = np.inf
+    store.latents[16:32] = latents
+    with pytest.raises(
+        NonFiniteLatentsError, match=r"rows 19 \(synthetic-0000019\), 23 \(synthetic-0000023\)"
+    ):
+        decode(seed_model, url, str(tmp_path / "out"), client=client)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unsafe_ids_are_refused_before_anything_is_written(
+    tmp_path: Path, seed_model: Path, client: Client
+) -> None:
+    url = str(tmp_path / "ids.zarr")
+    encode(seed_model, "synthetic:20", url, layout=Layout(8, 4), client=client)
+    store = open_store(url, writable=True)
+    store.ids[5] = "../x"
+    with pytest.raises(InvalidIdError, match="'../x' is not a safe file name"):
+        decode(seed_model, url, str(tmp_path / "out"), client=client)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given
+from hypothesis import strategies as st
+
+from latentbatch.checkpoint import read_info
+from latentbatch.store import ATTRS, Layout, StoreError, create_store, open_store, shard_ranges
+
+
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 700))
+def test_shard_ranges_tile_the_rows_at_shard_boundaries(a: int, n: int, size: int) -> None:
+    ranges = shard_ranges(a, a + n, size)
+    rows = [r for s, e in ranges for r in range(s, e)]
+    assert rows == list(range(a, a + n))
+    for s, e in ranges:
+        assert s < e
+        assert s // size == (e - 1) // size  # never crosses a shard
+        assert e % size == 0 or e == a + n
+
+
+def _store(tmp_path: Path, tiny_model: Path, capacity: int = 10) -> Path:
+    url = tmp_path / "s.zarr"
+    create_store(str(url), read_info(tiny_model), capacity, layout=Layout(4, 2))
+    return url
+
+
+def test_create_write_read_commit(tmp_path: Path, tiny_model: Path) -> None:
+    url = _store(tmp_path, tiny_model)
+    store = open_store(str(url), writable=True)
+    assert (store.count, store.capacity, store.latent_shape) == (0, 10, (2, 4, 4))
+    latents = np.random.default_rng(0).normal(size=(4, 2, 4, 4)).astype(np.float32)
+    store.write_rows(0, latents, ["a", "b", "c", "d"], np.array([1, 2, 3, -1]))
+    with pytest.raises(StoreError, match="outside the 0 committed rows"):
+        store.read_latents(0, 1)
+    store.write_meta(count=4)
+    again = open_store(str(url))
+    assert again.count == 4
+    np.testing.assert_array_equal(again.read_latents(0, 4), latents.astype(np.float16))
+    assert again.read_ids(1, 3) == ["b", "c"]
+    assert again.read_labels(0, 4).tolist() == [1, 2, 3, -1]
+    assert again.shards() == [(0, 4)]
+    assert again.written_rows() == 4
+
+
+def test_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
+    url = _store(tmp_path, tiny_model)
+    meta = json.loads((url / "latents" / "zarr.json").read_text())
+    assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
+    assert meta["data_type"] == "float16"
+    sharding = meta["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["chunk_shape"] == [2, 2, 4, 4]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 2, 4, 4]
+    names = [c["name"] for c in sharding["configuration"]["codecs"]]
+    assert names == ["bytes", "zstd", "crc32c"]
+    attrs = json.loads((url / "zarr.json").read_text())["attributes"][ATTRS]
+    assert attrs["format"] == 1
+    assert attrs["model_id"] == read_info(tiny_model).model_id
+    assert attrs["image"] == {"height": 16, "width": 16, "mode": "L"}
+    assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4]}
+
+
+def test_flipped_byte_fails_loudly(tmp_path: Path, tiny_model: Path) -> None:
+    url = _store(tmp_path, tiny_model)
+    store = open_store(str(url), writable=True)
+    store.write_rows(0, np.ones((4, 2, 4, 4), np.float32), list("abcd"), np.zeros(4))
+    store.write_meta(count=4)
+    shard = url / "latents" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        open_store(str(url)).read_latents(0, 4)
+
+
+def test_resize_cannot_drop_committed_rows(tmp_path: Path, tiny_model: Path) -> None:
+    store = open_store(str(_store(tmp_path, tiny_model)), writable=True)
+    store.write_meta(count=3)
+    store.resize(20)
+    assert open_store(store.url).capacity == 20
+    with pytest.raises(StoreError, match="below its 3 committed rows"):
+        store.resize(2)
+
+
+def test_refusals_say_what_is_wrong(tmp_path: Path, tiny_model: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(str(tmp_path / "missing.zarr"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("hi")
+    with pytest.raises(StoreError, match="not a latent store"):
+        open_store(str(tmp_path / "plain"))
+    zarr.open_group(str(tmp_path / "bare.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a latent store \\(no 'latentbatch' attributes\\)"):
+        open_store(str(tmp_path / "bare.zarr"))
+    url = _store(tmp_path, tiny_model)
+    with pytest.raises(StoreError, match="already exists"):
+        create_store(str(url), read_info(tiny_model), 4)
+    group = zarr.open_group(str(url), mode="r+")
+    group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 99}
+    with pytest.raises(StoreError, match="format version 99; this latentbatch reads format 1"):
+        open_store(str(url))
+
+
+def test_missing_array_is_named(tmp_path: Path, tiny_model: Path) -> None:
+    url = _store(tmp_path, tiny_model)
+    import shutil
+
+    shutil.rmtree(url / "labels")
+    with pytest.raises(StoreError, match="lacks the 'labels' array"):
+        open_store(str(url))
+
+
+def test_layout_validation() -> None:
+    with pytest.raises(StoreError, match="multiple of chunk_rows"):
+        Layout(shard_rows=10, chunk_rows=3)
+    with pytest.raises(StoreError, match="latent dtype"):
+        Layout(latent_dtype="int8")
