@@ -14,7 +14,7 @@ from latentbatch.encode import encode, encode_images
 from latentbatch.store import Layout, StoreError, open_store
 
 
-class Interrupt(Exception):
+class InterruptError(Exception):
     pass
 
 
@@ -80,9 +80,9 @@ def test_interrupted_encode_resumes_to_the_same_store(
     def stop_after_three(progress: Progress) -> None:
         seen.append(progress)
         if progress.done_tasks == 3:
-            raise Interrupt
+            raise InterruptError
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(InterruptError):
         encode(
             tiny_model,
             "synthetic:100",
@@ -112,7 +112,7 @@ def test_interrupted_encode_resumes_to_the_same_store(
 def test_store_of_another_model_is_refused(
     mnist_store: Path, other_seed_model: Path, client: Client
 ) -> None:
-    with pytest.raises(StoreError, match="holds latents of model .* not of"):
+    with pytest.raises(StoreError, match=r"holds latents of model .* not of"):
         encode(other_seed_model, "digits", str(mnist_store), append=True, client=client)
 
 

@@ -75,7 +75,7 @@ def test_flipped_byte_fails_loudly(tmp_path: Path, tiny_model: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="(?i)checksum|crc"):
+    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
         open_store(str(url)).read_latents(0, 4)
 
 

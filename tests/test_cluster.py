@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from latentbatch.checkpoint import read_info
+from latentbatch.cluster import (
+    ClusterError,
+    ModelPlugin,
+    cached_model,
+    connect,
+    gpu_resources,
+    map_bounded,
+    register_model,
+)
+
+
+def _interval(seconds: float) -> tuple[float, float]:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return start, time.monotonic()
+
+
+def _fail(x: int) -> int:
+    if x == 2:
+        raise ValueError("bad input 2")
+    return x
+
+
+def _build_count(model_id: str) -> tuple[int, int]:
+    model, _ = cached_model(model_id)
+    return os.getpid(), id(model)
+
+
+def test_map_bounded_keeps_the_window(client: Client) -> None:
+    seen = []
+    results = map_bounded(
+        client,
+        _interval,
+        [0.05 + i * 1e-6 for i in range(6)],
+        items=lambda _: 10,
+        max_in_flight=1,
+        on_result=lambda r, p: seen.append(p),
+    )
+    spans = sorted(results)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
+    assert [p.done_items for p in seen] == [10, 20, 30, 40, 50, 60]
+    assert seen[-1].total_items == 60
+    assert seen[-1].rate > 0
+    assert seen[-1].eta == 0
+
+
+def test_map_bounded_raises_the_first_task_error(client: Client) -> None:
+    with pytest.raises(ValueError, match="bad input 2"):
+        map_bounded(client, _fail, [1, 2, 3], items=lambda _: 1, max_in_flight=3)
+
+
+def test_model_plugin_loads_once_per_worker_process(
+    process_client: Client, tiny_model: Path
+) -> None:
+    info = read_info(tiny_model)
+    register_model(process_client, info)
+    register_model(process_client, info)  # registering again is harmless
+    seen = process_client.gather(
+        [process_client.submit(_build_count, info.model_id, pure=False) for _ in range(8)]
+    )
+    by_pid: dict[int, set[int]] = {}
+    for pid, model in seen:
+        by_pid.setdefault(pid, set()).add(model)
+    assert all(len(models) == 1 for models in by_pid.values())
+    loaded = process_client.run(lambda: sorted(__import__("latentbatch.cluster").cluster._MODELS))
+    assert all(info.model_id in ids for ids in loaded.values())
+    assert len(loaded) == 2
+
+
+def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
+    plugin = ModelPlugin(read_info(tiny_model))
+    plugin.model_id = "0" * 64
+    with pytest.raises(ClusterError, match="expected 000000000000"):
+        plugin.setup(None)  # type: ignore[arg-type]
+
+
+def test_cached_model_without_plugin_says_so() -> None:
+    with pytest.raises(ClusterError, match="register ModelPlugin"):
+        cached_model("f" * 64)
+
+
+def test_cpu_cluster_asks_for_no_gpu(client: Client) -> None:
+    assert gpu_resources(client) is None
+
+
+def test_gpu_workers_are_detected() -> None:
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, dashboard_address=":0", resources={"GPU": 1}
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        assert gpu_resources(c) == {"GPU": 1}
+
+
+def test_connect_uses_an_address_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        with connect(cluster.scheduler_address) as c:
+            assert c.scheduler.address == cluster.scheduler_address
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)
+        with connect() as c:
+            assert c.scheduler.address == cluster.scheduler_address
+
+
+def test_connect_names_an_unreachable_scheduler() -> None:
+    with (
+        pytest.raises(
+            ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"
+        ),
+        connect("tcp://127.0.0.1:9"),
+    ):
+        pass
+
+
+def test_embedded_cluster_has_one_worker_per_core() -> None:
+    with connect(workers=None) as c:
+        workers = c.scheduler_info(n_workers=-1)["workers"].values()
+        assert len(workers) == (os.cpu_count() or 1)
+        assert {w["nthreads"] for w in workers} == {1}

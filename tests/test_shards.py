@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from latentbatch.shards import (
+    ShardRecord,
+    build_tar,
+    encode_png,
+    read_records,
+    remove_temporaries,
+    write_png_shard,
+    write_record,
+    write_tar_shard,
+)
+
+
+def test_png_is_deterministic_and_lossless() -> None:
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    data = encode_png(image)
+    assert data == encode_png(image.copy())
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+    grey = encode_png(image[..., :1])
+    assert Image.open(io.BytesIO(grey)).mode == "L"
+
+
+def test_tar_bytes_depend_only_on_members() -> None:
+    members = [("a.png", b"1"), ("a.json", b"{}"), ("b" * 150 + ".png", b"22")]
+    first = build_tar(members)
+    assert first == build_tar(list(members))
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        assert tar.getnames() == [m[0] for m in members]
+
+
+def test_tar_shard_is_renamed_into_place(tmp_path: Path) -> None:
+    record = write_tar_shard(str(tmp_path), None, 3, 30, ["x", "y"], [b"p1", b"p2"], [4, -1])
+    assert record == ShardRecord(3, "shard-000003.tar", 30, 32, record.bytes, record.sha256)
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-000003.tar"]
+    with tarfile.open(tmp_path / "shard-000003.tar") as tar:
+        assert tar.getnames() == ["x.png", "x.json", "y.png", "y.json"]
+        assert tar.extractfile("y.json").read() == b'{"label": -1, "row": 31}'  # type: ignore[union-attr]
+
+
+def test_png_shard_digest_ignores_write_order(tmp_path: Path) -> None:
+    a = write_png_shard(str(tmp_path / "a"), None, 0, 0, ["x", "y"], [b"1", b"2"])
+    b = write_png_shard(str(tmp_path / "b"), None, 0, 0, ["y", "x"], [b"2", b"1"])
+    assert a.sha256 == b.sha256
+    assert sorted(p.name for p in (tmp_path / "a" / "shard-000000").iterdir()) == ["x.png", "y.png"]
+
+
+def test_records_are_trusted_only_with_their_shard(tmp_path: Path) -> None:
+    identity = {"store_uuid": "u", "model_id": "m", "format": "tar"}
+    record = write_tar_shard(str(tmp_path), None, 0, 0, ["x"], [b"1"], None)
+    write_record(str(tmp_path), None, record, identity)
+    assert read_records(str(tmp_path), None, identity) == {0: record}
+    assert read_records(str(tmp_path), None, {**identity, "model_id": "other"}) == {}
+    (tmp_path / record.path).write_bytes(b"torn")
+    assert read_records(str(tmp_path), None, identity) == {}
+
+
+def test_remove_temporaries(tmp_path: Path) -> None:
+    (tmp_path / ".shard-000000.tar.abc.tmp").write_bytes(b"")
+    (tmp_path / ".shard-000001.abc.tmp").mkdir()
+    (tmp_path / "shard-000002.tar").write_bytes(b"keep")
+    assert remove_temporaries(str(tmp_path), None) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-000002.tar"]
