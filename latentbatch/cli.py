@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from latentbatch import checkpoint
+from latentbatch.cluster import Progress as TaskProgress
 from latentbatch.config import LOSSES, PRESETS, ModelConfig, TrainConfig, preset_config
 from latentbatch.datasets import SOURCES, native_geometry
+from latentbatch.decode import decode
+from latentbatch.encode import encode
 from latentbatch.errors import LatentbatchError
+from latentbatch.pipeline import run_pipeline
+from latentbatch.shards import FORMATS
+from latentbatch.storage import parse_options
+from latentbatch.store import Layout, open_store
 from latentbatch.train import TrainResult, train
 
 app = typer.Typer(
@@ -32,12 +42,49 @@ models_app = typer.Typer(help="List and show model directories.", no_args_is_hel
 app.add_typer(models_app, name="models")
 
 
-def _console() -> Console:
+def _console(stderr: bool = False) -> Console:
     """A console sized to the terminal (or $COLUMNS) at the time of the call."""
-    return Console()
+    return Console(stderr=stderr)
 
 
 DEFAULT_MODELS = Path("models")
+
+
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Dask scheduler address \\[default: $DASK_SCHEDULER_ADDRESS, else a local cluster]."
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Workers of the local cluster \\[default: one per core or GPU]."),
+]
+StorageOption = Annotated[
+    list[str] | None,
+    typer.Option("--storage-option", help="KEY=VALUE for s3fs (repeatable), e.g. endpoint_url=..."),
+]
+
+
+@contextmanager
+def _task_progress(label: str, enabled: bool) -> Iterator[Callable[[TaskProgress], None]]:
+    """A progress bar (images, images/s, ETA) fed by engine progress callbacks."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7.0f} img/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not enabled, console=_console(stderr=True)) as bar:
+        task = bar.add_task(label, total=None, rate=0.0)
+
+        def update(progress: TaskProgress) -> None:
+            bar.update(
+                task, completed=progress.done_items, total=progress.total_items, rate=progress.rate
+            )
+
+        yield update
 
 
 def _emit_json(payload: Any) -> None:
@@ -198,20 +245,224 @@ def models_show(
         )
 
 
+@app.command("encode")
+def encode_command(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    data: Annotated[str, typer.Option(help=f"Image source: {', '.join(SOURCES)}.")],
+    store: Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")],
+    append: Annotated[
+        bool, typer.Option(help="Add to an existing store of the same model.")
+    ] = False,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per shard (new stores).")] = 1024,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1, help="Rows per inner chunk (new stores).")
+    ] = 128,
+    latent_dtype: Annotated[str, typer.Option(help="float16 or float32 (new stores).")] = "float16",
+    storage_option: StorageOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Encode a data source into a latent store (one Dask task per store shard)."""
+    with _task_progress("encoding", progress and not as_json) as update:
+        result = encode(
+            model,
+            data,
+            store,
+            append=append,
+            limit=limit,
+            layout=Layout(shard_rows, chunk_rows, latent_dtype),
+            storage_options=parse_options(storage_option or []),
+            scheduler=scheduler,
+            workers=workers,
+            on_progress=update,
+        )
+    payload = {
+        **result.__dict__,
+        "rows": list(result.rows),
+        "images_per_second": result.images_per_second,
+    }
+    if as_json:
+        _emit_json(payload)
+    elif result.skipped:
+        _console().print(f"{data} is already in {store}; nothing to do")
+    else:
+        verb = "resumed" if result.resumed else "encoded"
+        _console().print(
+            f"{verb} {result.encoded} images of {data} into {store} "
+            f"rows {result.rows[0]}-{result.rows[1]} in {result.seconds:.1f} s "
+            f"({result.images_per_second:.0f} images/s)"
+        )
+
+
+@app.command("decode")
+def decode_command(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    store: Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")],
+    out: Annotated[str, typer.Option(help="Output folder: a local path or s3:// URL.")],
+    output_format: Annotated[
+        str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")
+    ] = "tar",
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    allow_model_mismatch: Annotated[
+        bool, typer.Option(help="Decode a store made by another model (same latent shape).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Latents per decoder call.")] = 256,
+    storage_option: StorageOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Decode a latent store into image shards (one Dask task per output shard)."""
+    with _task_progress("decoding", progress and not as_json) as update:
+        result = decode(
+            model,
+            store,
+            out,
+            fmt=output_format,  # type: ignore[arg-type]
+            allow_model_mismatch=allow_model_mismatch,
+            storage_options=parse_options(storage_option or []),
+            scheduler=scheduler,
+            workers=workers,
+            batch_size=batch_size,
+            on_progress=update,
+        )
+    payload = {
+        "out": result.out,
+        "count": result.count,
+        "decoded": result.decoded,
+        "shards_written": list(result.shards_written),
+        "shards_skipped": list(result.shards_skipped),
+        "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+        "model_id": result.manifest["model_id"],
+    }
+    if as_json:
+        _emit_json(payload)
+        return
+    _console().print(
+        f"decoded {result.decoded} of {result.count} images into {out} "
+        f"({len(result.shards_written)} shards written, {len(result.shards_skipped)} already done) "
+        f"in {result.seconds:.1f} s ({result.images_per_second:.0f} images/s)"
+    )
+
+
+def _inspect(store_url: str, options: dict[str, Any]) -> dict[str, Any]:
+    store = open_store(store_url, options)
+    sizes = store.bytes_on_disk()
+    meta = store.meta
+    pixels = store.count * meta["image"]["height"] * meta["image"]["width"]
+    return {
+        "store": store_url,
+        "format": meta["format"],
+        "uuid": store.uuid,
+        "created": meta["created"],
+        "count": store.count,
+        "written_rows": store.written_rows(),
+        "capacity": store.capacity,
+        "pending": store.pending,
+        "latent_shape": list(store.latent_shape),
+        "latent_dtype": str(store.latents.dtype),
+        "chunk_rows": meta["layout"]["chunk_rows"],
+        "shard_rows": meta["layout"]["shard_rows"],
+        "shards": len(store.shards()),
+        "model_id": store.model_id,
+        "model": meta["model"],
+        "image": meta["image"],
+        "labels": store.has_labels,
+        "sources": meta["sources"],
+        "bytes": sizes,
+        "bits_per_pixel": 8 * sizes["latents"] / pixels if pixels else None,
+    }
+
+
+@app.command("inspect")
+def inspect_command(
+    store: Annotated[str, typer.Argument(help="Latent store: a local path or s3:// URL.")],
+    storage_option: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a latent store: rows, shapes, chunking, model, bytes and bits per pixel."""
+    report = _inspect(store, parse_options(storage_option or []))
+    if as_json:
+        _emit_json(report)
+        return
+    console = _console()
+    bpp = report["bits_per_pixel"]
+    rows_text = (
+        f"{report['count']} committed, {report['written_rows']} written, "
+        f"capacity {report['capacity']}"
+    )
+    chunking = (
+        f"{report['chunk_rows']} rows per chunk, {report['shard_rows']} per shard, "
+        f"{report['shards']} shards"
+    )
+    sources = ", ".join(
+        f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
+    )
+    rows = [
+        ("store", report["store"]),
+        ("rows", rows_text),
+        ("pending", report["pending"] or "none"),
+        ("latents", f"{'x'.join(map(str, report['latent_shape']))} {report['latent_dtype']}"),
+        ("chunking", chunking),
+        ("model", f"{report['model_id']} ({report['model']['preset']})"),
+        (
+            "images",
+            f"{report['image']['height']}x{report['image']['width']} {report['image']['mode']}",
+        ),
+        ("labels", "yes" if report["labels"] else "no"),
+        ("sources", sources or "none"),
+        ("on disk", f"{report['bytes']['total']:,} bytes (latents {report['bytes']['latents']:,})"),
+        ("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"),
+    ]
+    for key, value in rows:
+        console.print(f"{key:>10}  {value}", highlight=False)
+
+
 @app.command("demo")
 def demo_command(
+    workdir: Annotated[Path, typer.Option(help="Where the store and decoded shards go.")] = Path(
+        "out/demo"
+    ),
     models: Annotated[Path, typer.Option(help="Where model directories go.")] = DEFAULT_MODELS,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """The main job on embedded defaults: train (or reuse) the seed model on mnist5k."""
-    result = train(
-        preset_config("seed"),
-        TrainConfig("mnist5k", epochs, seed=0),
-        models / "seed-mnist5k",
-        progress=progress,
+    """The main job on embedded defaults: train (or reuse) the seed model on mnist5k,
+    encode all 5,000 images, decode them to tar shards on a local Dask cluster."""
+    with _task_progress("decoding", progress and not as_json) as update:
+        result = run_pipeline(
+            workdir,
+            models=models,
+            epochs=epochs,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress and not as_json,
+            on_decode_progress=update,
+        )
+    summary = result.summary()
+    if as_json:
+        _emit_json(summary)
+        return
+    _report_training(result.training)
+    console = _console()
+    console.print(
+        f"[bold]store[/]   {result.store} ({result.encoding.encoded} images encoded this run)"
     )
-    _report_training(result)
+    console.print(f"[bold]decoded[/] {result.out} ({result.decoding.count} images, manifest.json)")
+    table = Table("measure", "value", title="Reconstruction summary")
+    table.add_row("images decoded", f"{result.decoding.decoded}")
+    table.add_row("decode throughput", f"{result.decoding.images_per_second:.0f} images/s")
+    table.add_row("PSNR, decoded tar shards", f"{result.quality.pipeline_psnr:.3f} dB")
+    table.add_row("PSNR, float32 in memory", f"{result.quality.float32_psnr:.3f} dB")
+    table.add_row("cost of float16 + 8-bit", f"{result.quality.cost_db:.3f} dB")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
