@@ -1,0 +1,117 @@
+"""Real servers on loopback for tests: started here, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a process we started (and its process group) by PID."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+
+
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a server in its own process group, logging to ``log``."""
+    handle = log.open("wb")
+    return subprocess.Popen(
+        args,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for(check, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not come up in {timeout} s")
+
+
+@contextmanager
+def dask_cluster(
+    folder: Path, workers: int = 2
+) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, from the CLI."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(BIN / "dask")
+    scheduler = start(
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            ":0",
+        ],
+        folder / "scheduler.log",
+    )
+    processes = [scheduler]
+    try:
+        for i in range(workers):
+            args = [dask, "worker", address, "--nworkers", "1", "--nthreads", "1"]
+            args += ["--host", "127.0.0.1", "--dashboard-address", ":0", "--name", f"w{i}"]
+            processes.append(start(args, folder / f"worker-{i}.log"))
+
+        def ready() -> bool:
+            with Client(address, timeout="2s") as c:
+                return len(c.scheduler_info(n_workers=-1)["workers"]) == workers
+
+        wait_for(ready, f"dask cluster at {address}")
+        yield address, processes
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+@contextmanager
+def moto_server(folder: Path) -> Iterator[str]:
+    """An S3 endpoint (moto) on 127.0.0.1; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], folder / "moto.log"
+    )
+    try:
+        wait_for(lambda: urllib.request.urlopen(url, timeout=1).status == 200, "moto server")
+        yield url
+    finally:
+        stop(process)

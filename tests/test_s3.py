@@ -1,0 +1,99 @@
+"""Stores and outputs on an S3 endpoint (moto on 127.0.0.1) behave like local ones."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import s3fs
+from distributed import Client
+
+from latentbatch.cli import main
+from latentbatch.decode import decode
+from latentbatch.encode import encode
+from latentbatch.shards import read_output
+from latentbatch.store import Layout, StoreError, open_store
+from tests.servers import moto_server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        s3fs.S3FileSystem(**options).mkdir("latentbatch")
+        yield options
+
+
+def test_encode_and_decode_on_s3_match_local(
+    tmp_path: Path, tiny_model: Path, client: Client, s3: dict[str, Any]
+) -> None:
+    layout = Layout(16, 8)
+    local_store, local_out = str(tmp_path / "s.zarr"), str(tmp_path / "out")
+    encode(tiny_model, "synthetic:50", local_store, layout=layout, client=client)
+    decode(tiny_model, local_store, local_out, client=client)
+
+    remote_store, remote_out = "s3://latentbatch/stores/s.zarr", "s3://latentbatch/outputs/s"
+    encode(
+        tiny_model, "synthetic:50", remote_store, layout=layout, storage_options=s3, client=client
+    )
+    store = open_store(remote_store, s3)
+    assert store.count == 50
+    np.testing.assert_array_equal(
+        store.read_latents(0, 50), open_store(local_store).read_latents(0, 50)
+    )
+    assert store.written_rows() == 50
+    assert store.bytes_on_disk()["latents"] > 0
+
+    result = decode(tiny_model, remote_store, remote_out, storage_options=s3, client=client)
+    assert result.decoded == 50
+    local_manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    fs = s3fs.S3FileSystem(**s3)
+    remote_manifest = json.loads(fs.cat_file("latentbatch/outputs/s/manifest.json"))
+    assert [s["sha256"] for s in remote_manifest["shards"]] == [
+        s["sha256"] for s in local_manifest["shards"]
+    ]
+    ids, images = read_output(remote_out, s3)
+    local_ids, local_images = read_output(local_out)
+    assert ids == local_ids
+    np.testing.assert_array_equal(images, local_images)
+
+    again = decode(tiny_model, remote_store, remote_out, storage_options=s3, client=client)
+    assert again.shards_written == ()
+
+
+def test_missing_remote_store_is_named(s3: dict[str, Any]) -> None:
+    with pytest.raises(StoreError, match=r"s3://latentbatch/nothing\.zarr does not exist"):
+        open_store("s3://latentbatch/nothing.zarr", s3)
+
+
+def test_cli_on_s3(
+    tmp_path: Path, tiny_model: Path, s3: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts = [f"--storage-option=endpoint_url={s3['endpoint_url']}", "--storage-option=key=testing"]
+    opts += ["--storage-option=secret=testing"]
+    store = "s3://latentbatch/cli/digits.zarr"
+    common = ["--no-progress", "--json", "--workers", "1"]
+    argv = [
+        "encode",
+        "--model",
+        str(tiny_model),
+        "--data",
+        "digits",
+        "--limit",
+        "40",
+        "--store",
+        store,
+    ]
+    assert main([*argv, *opts, *common]) == 0
+    assert json.loads(capsys.readouterr().out)["encoded"] == 40
+    assert main(["inspect", store, *opts, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 40
+    assert report["bits_per_pixel"] > 0
+    argv = ["decode", "--model", str(tiny_model), "--store", store, "--out", "s3://latentbatch/cli/out"]
+    assert main([*argv, "--format", "png", *opts, *common]) == 0
+    assert json.loads(capsys.readouterr().out)["decoded"] == 40
