@@ -68,7 +68,8 @@ StorageOption = Annotated[
 
 @contextmanager
 def _task_progress(label: str, enabled: bool) -> Iterator[Callable[[TaskProgress], None]]:
-    """A progress bar (images, images/s, ETA) fed by engine progress callbacks."""
+    """A progress bar (images, images/s, ETA) fed by engine progress callbacks; it appears
+    with the first finished task, so errors before any work print nothing else."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -76,15 +77,21 @@ def _task_progress(label: str, enabled: bool) -> Iterator[Callable[[TaskProgress
         TextColumn("{task.fields[rate]:>7.0f} img/s"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not enabled, console=_console(stderr=True)) as bar:
-        task = bar.add_task(label, total=None, rate=0.0)
+    bar = Progress(*columns, disable=not enabled, console=_console(stderr=True))
+    task = bar.add_task(label, total=None, rate=0.0)
 
-        def update(progress: TaskProgress) -> None:
-            bar.update(
-                task, completed=progress.done_items, total=progress.total_items, rate=progress.rate
-            )
+    def update(progress: TaskProgress) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(
+            task, completed=progress.done_items, total=progress.total_items, rate=progress.rate
+        )
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _emit_json(payload: Any) -> None:

@@ -13,7 +13,8 @@ from tests.helpers import train_tiny
 
 @pytest.mark.parametrize(
     "argv", [["--help"], ["train", "--help"], ["models", "--help"], ["models", "list", "--help"],
-             ["models", "show", "--help"], ["demo", "--help"]]
+             ["models", "show", "--help"], ["demo", "--help"], ["encode", "--help"],
+             ["decode", "--help"], ["inspect", "--help"]]
 )  # fmt: skip
 def test_help_on_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0
@@ -91,11 +92,71 @@ def test_installed_entry_point_runs(tmp_path: Path) -> None:
     )
 
 
-def test_demo_trains_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", "--models", str(tmp_path), "--epochs", "1", "--no-progress"]
+def test_demo_runs_the_chain_then_reuses_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--models", str(tmp_path / "models"), "--workdir", str(tmp_path / "work")]
+    argv += ["--epochs", "1", "--workers", "1", "--no-progress", "--json"]
     assert main(argv) == 0
-    first = capsys.readouterr().out
-    assert "trained model" in first and "reconstructions" in first
-    assert (tmp_path / "seed-mnist5k" / "curves.png").is_file()
-    assert main(argv) == 0
-    assert "reused model" in capsys.readouterr().out
+    first = json.loads(capsys.readouterr().out)
+    assert first["images"] == first["decoded"] == first["encoded"] == 5000
+    assert abs(first["psnr_cost_db"]) < 0.2
+    assert first["decode_images_per_second"] > 0
+    assert (tmp_path / "models" / "seed-mnist5k" / "curves.png").is_file()
+    assert (tmp_path / "work" / "mnist5k-seed-decoded" / "manifest.json").is_file()
+    assert main([*argv[:-1]]) == 0
+    out = capsys.readouterr().out
+    assert "reused model" in out
+    assert "PSNR, decoded tar shards" in out
+
+
+def _engine_cli(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    store, out = str(tmp_path / "s.zarr"), str(tmp_path / "out")
+    common = ["--workers", "1", "--no-progress"]
+    argv = ["encode", "--model", str(model), "--data", "synthetic:40", "--store", store]
+    assert main([*argv, "--shard-rows", "16", "--chunk-rows", "8", *common]) == 0
+    assert "encoded 40 images" in capsys.readouterr().out
+    assert main([*argv, *common]) == 0
+    assert "already in" in capsys.readouterr().out
+    assert main(["decode", "--model", str(model), "--store", store, "--out", out, *common]) == 0
+    assert "decoded 40 of 40 images" in capsys.readouterr().out
+    assert main(["inspect", store, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_encode_decode_inspect(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _engine_cli(tmp_path, tiny_model, capsys)
+    assert report["count"] == report["written_rows"] == 40
+    assert report["shard_rows"] == 16
+    assert report["shards"] == 3
+    assert report["latent_shape"] == [2, 4, 4]
+    assert report["latent_dtype"] == "float16"
+    assert report["pending"] is None
+    assert report["bits_per_pixel"] == pytest.approx(
+        8 * report["bytes"]["latents"] / (40 * 16 * 16)
+    )
+    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "40 committed, 40 written" in text
+    assert "bits/pixel" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "/nonexistent.zarr"], "error: /nonexistent.zarr does not exist"),
+        (["encode", "--model", "/nonexistent", "--data", "digits", "--store", "x"], "error: model"),
+        (["decode", "--model", "/nonexistent", "--store", "x", "--out", "y"], "error: model"),
+        (
+            ["encode", "--model", "m", "--data", "d", "--store", "s", "--storage-option", "x"],
+            "error: ",
+        ),
+    ],
+)
+def test_engine_commands_refuse_bad_input(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 1
+    assert capsys.readouterr().err.startswith(message)

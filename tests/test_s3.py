@@ -94,6 +94,14 @@ def test_cli_on_s3(
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 40
     assert report["bits_per_pixel"] > 0
-    argv = ["decode", "--model", str(tiny_model), "--store", store, "--out", "s3://latentbatch/cli/out"]
+    argv = [
+        "decode",
+        "--model",
+        str(tiny_model),
+        "--store",
+        store,
+        "--out",
+        "s3://latentbatch/cli/out",
+    ]
     assert main([*argv, "--format", "png", *opts, *common]) == 0
     assert json.loads(capsys.readouterr().out)["decoded"] == 40
