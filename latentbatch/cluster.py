@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import multiprocessing
@@ -48,13 +49,15 @@ def default_workers() -> int:
 
 
 @contextmanager
-def connect(scheduler: str | None = None, workers: int | None = None) -> Iterator[Client]:
+def connect(
+    scheduler: str | None = None, workers: int | None = None, timeout: str = "20s"
+) -> Iterator[Client]:
     """A client of the cluster at ``scheduler`` (or $DASK_SCHEDULER_ADDRESS), else of a new
     local cluster with ``workers`` processes, closed on exit."""
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     if address:
         try:
-            client = Client(address, timeout="20s")
+            client = Client(address, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
         with client:
@@ -98,6 +101,26 @@ def worker_device(worker: Worker | None) -> torch.device:
     return torch.device("cuda") if has_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_THRESHOLD = 64 * 2**20
+
+
+def tune_malloc() -> bool:
+    """Undo the Dask nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` for tensor work (glibc only).
+
+    With it, every large tensor of a decode batch is mmap'ed and trimmed afresh, which
+    doubles the CPU time of a decode task; 64 MiB thresholds keep the arenas reused.
+    Returns whether the thresholds were set.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim = libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
+    mmap = libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
+    return bool(trim and mmap)
+
+
 def build_model(config: dict[str, Any], weights: bytes, model_id: str) -> Autoencoder:
     """An eval-mode autoencoder from safetensors bytes, checked against ``model_id``."""
     digest = hashlib.sha256(weights).hexdigest()
@@ -118,6 +141,7 @@ class ModelPlugin(WorkerPlugin):
         self.name = f"latentbatch-model-{info.model_id[:16]}"
 
     def setup(self, worker: Worker) -> None:
+        tune_malloc()
         device = worker_device(worker)
         if device.type == "cpu" and multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription

@@ -17,6 +17,7 @@ from latentbatch.cluster import (
     gpu_resources,
     map_bounded,
     register_model,
+    tune_malloc,
 )
 
 
@@ -118,9 +119,13 @@ def test_connect_names_an_unreachable_scheduler() -> None:
         pytest.raises(
             ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"
         ),
-        connect("tcp://127.0.0.1:9"),
+        connect("tcp://127.0.0.1:9", timeout="2s"),
     ):
         pass
+
+
+def test_tune_malloc_sets_glibc_thresholds() -> None:
+    assert tune_malloc() is True
 
 
 def test_embedded_cluster_has_one_worker_per_core() -> None:
