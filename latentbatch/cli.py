@@ -317,7 +317,10 @@ def decode_command(
     allow_model_mismatch: Annotated[
         bool, typer.Option(help="Decode a store made by another model (same latent shape).")
     ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Latents per decoder call.")] = 256,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Latents per decoder call \\[default: 256 on CPU, 4096 on GPU]."),
+    ] = None,
     storage_option: StorageOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

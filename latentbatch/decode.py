@@ -68,6 +68,15 @@ from latentbatch.storage import StorageOptions, is_remote
 from latentbatch.store import StoreError, open_store
 
 DECODE_BATCH = 256
+CUDA_DECODE_BATCH = 4096
+
+
+def batch_for(device: torch.device) -> int:
+    """Latents per decoder call when none is asked for: small on CPU (cache-friendly),
+    large on a GPU (to fill it)."""
+    return CUDA_DECODE_BATCH if device.type == "cuda" else DECODE_BATCH
+
+
 ProgressCallback = Callable[[Progress], None]
 
 
@@ -93,7 +102,7 @@ class DecodeJob:
     out_options: dict[str, Any]
     fmt: Format
     identity: dict[str, Any]
-    batch_size: int = DECODE_BATCH
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         if encode_pngs:
             pngs.extend(_png_pool().submit(encode_png, image) for image in batch)
 
-    images = decode_latents(model.decoder, latents, device, job.batch_size, queue_pngs)
+    batch_size = job.batch_size or batch_for(device)
+    images = decode_latents(model.decoder, latents, device, batch_size, queue_pngs)
     if job.fmt == "zarr":
         record = write_zarr_shard(job.out_url, job.out_options, job.index, job.start, images)
     else:
@@ -202,7 +212,7 @@ def decode(
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
-    batch_size: int = DECODE_BATCH,
+    batch_size: int | None = None,
     max_in_flight: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> DecodeResult:
@@ -302,7 +312,10 @@ def decode(
         "store": source,
         "model_id": info.model_id,
         "output_format": fmt,
-        "format_settings": {"png_compress_level": PNG_COMPRESS_LEVEL, "batch_size": batch_size},
+        "format_settings": {
+            "png_compress_level": PNG_COMPRESS_LEVEL,
+            "batch_size": batch_size or "auto",
+        },
         "count": store.count,
         "shards": [records[i].to_dict() for i in sorted(records)],
     }

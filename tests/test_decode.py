@@ -221,3 +221,22 @@ def test_unsafe_ids_are_refused_before_anything_is_written(
     with pytest.raises(InvalidIdError, match=r"'\.\./x' is not a safe file name"):
         decode(seed_model, url, str(tmp_path / "out"), client=client)
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
+    mnist_store: Path, seed_model: Path
+) -> None:
+    decoder, _ = load_model(seed_model, "decoder")
+    latents = open_store(str(mnist_store)).read_latents(0, 700)
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(1)
+        one_thread = decode_latents(decoder, latents, cpu, batch_size=256)
+        small_batches = decode_latents(decoder, latents, cpu, batch_size=33)
+        torch.set_num_threads(2)
+        two_threads = decode_latents(decoder, latents, cpu, batch_size=256)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one_thread, small_batches)
+    np.testing.assert_array_equal(one_thread, two_threads)

@@ -1,0 +1,52 @@
+"""Decoding on CUDA. Skipped without a CUDA device (see conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentbatch.checkpoint import load_model
+from latentbatch.cluster import connect, gpu_resources
+from latentbatch.decode import decode, decode_latents
+from latentbatch.shards import read_output
+from latentbatch.store import open_store
+
+pytestmark = pytest.mark.gpu
+
+# float16 autocast against float32: pixels may differ by rounding, never by more than this
+MAX_PIXEL_DIFFERENCE = 3
+MEAN_PIXEL_DIFFERENCE = 0.05
+
+
+def test_cuda_decode_matches_cpu_within_tolerance(mnist_store: Path, seed_model: Path) -> None:
+    latents = open_store(str(mnist_store)).read_latents(0, 2048)
+    cpu_decoder, _ = load_model(seed_model, "decoder")
+    gpu_decoder, _ = load_model(seed_model, "decoder", "cuda")
+    cpu = decode_latents(cpu_decoder, latents, torch.device("cpu")).astype(int)
+    gpu = decode_latents(gpu_decoder, latents, torch.device("cuda")).astype(int)
+    difference = np.abs(cpu - gpu)
+    assert difference.max() <= MAX_PIXEL_DIFFERENCE
+    assert difference.mean() <= MEAN_PIXEL_DIFFERENCE
+
+
+def test_embedded_cluster_puts_decode_on_gpu_workers(
+    tmp_path: Path, mnist_store: Path, seed_model: Path
+) -> None:
+    with connect() as client:
+        assert gpu_resources(client) == {"GPU": 1}
+        decode(seed_model, str(mnist_store), str(tmp_path / "out"), client=client)
+        devices = client.run(
+            lambda: sorted(
+                str(d) for _, d in __import__("latentbatch.cluster").cluster._MODELS.values()
+            )
+        )
+    assert all(d == ["cuda"] for d in devices.values())
+    _, images = read_output(str(tmp_path / "out"))
+    cpu_decoder, _ = load_model(seed_model, "decoder")
+    cpu = decode_latents(
+        cpu_decoder, open_store(str(mnist_store)).read_latents(0, 5000), torch.device("cpu")
+    )
+    assert np.abs(images.astype(int) - cpu.astype(int)).max() <= MAX_PIXEL_DIFFERENCE
