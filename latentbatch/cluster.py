@@ -128,7 +128,7 @@ def build_model(config: dict[str, Any], weights: bytes, model_id: str) -> Autoen
         raise ClusterError(f"model bytes have id {digest[:12]}, expected {model_id[:12]}")
     model = Autoencoder(ModelConfig.from_dict(config))
     model.load_state_dict(load_safetensors(weights))
-    return model.eval()
+    return model.to(memory_format=torch.channels_last).eval()
 
 
 class ModelPlugin(WorkerPlugin):

@@ -93,7 +93,6 @@ class EncodeResult:
 def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
     """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches."""
     out = []
-    encoder = encoder.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for i in range(0, len(images), ENCODE_BATCH):
             batch = to_unit(torch.from_numpy(images[i : i + ENCODE_BATCH])).to(device)

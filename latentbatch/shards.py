@@ -288,9 +288,9 @@ def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
 
 
 def read_output(
-    out_url: str, options: StorageOptions | None = None
+    out_url: str, options: StorageOptions | None = None, limit: int | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """Ids and ``uint8 (N, H, W, C)`` images of a finished decode.
+    """Ids and ``uint8 (N, H, W, C)`` images of a finished decode (the first ``limit``).
 
     Shards come in row order; inside a tar shard members keep row order, inside a png
     shard files come sorted by name; zarr output takes its ids from the store.
@@ -302,15 +302,16 @@ def read_output(
     fmt = manifest["output_format"]
     if fmt == "zarr":
         url = join(out_url, ZARR_NAME)
-        images = np.asarray(
-            zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))[:]
-        )
+        array = zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))
+        images = np.asarray(array[: array.shape[0] if limit is None else limit])
         from latentbatch.store import open_store  # the ids live in the store
 
         store = open_store(manifest["store"]["url"], options)
         return store.read_ids(0, len(images)), images
     ids, arrays = [], []
     for shard in manifest["shards"]:
+        if limit is not None and len(ids) >= limit:
+            break
         path = join(root, shard["path"])
         if fmt == "tar":
             with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle) as tar:
@@ -324,4 +325,4 @@ def read_output(
             ids.append(name.removesuffix(".png"))
             image = np.asarray(Image.open(io.BytesIO(data)))
             arrays.append(image[..., None] if image.ndim == 2 else image)
-    return ids, np.stack(arrays)
+    return ids[:limit], np.stack(arrays[:limit])

@@ -24,7 +24,10 @@ def test_round_trip_gives_the_same_outputs(tiny_model: Path) -> None:
     weights = checkpoint.read_tensors(tiny_model / checkpoint.WEIGHTS)
     fresh = Autoencoder(info.config)
     fresh.load_state_dict(weights)
-    x = torch.rand(3, *info.config.image_shape)
+    fresh = fresh.to(memory_format=torch.channels_last)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(3, *info.config.image_shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), fresh.eval()(x), rtol=0, atol=0)
 

@@ -1,0 +1,104 @@
+"""decode-latents: a latent store → image shards; leaves progress, a summary and a preview."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from latentbatch.decode import DecodeResult, decode
+from latentbatch.orchestration import (
+    ProgressReporter,
+    preview_artifact,
+    retry_transient,
+    summary_artifact,
+)
+from latentbatch.shards import read_output
+
+PREVIEW = 16
+
+
+@task(
+    name="decode",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def decode_task(
+    model_dir: str,
+    store: str,
+    out: str,
+    output_format: str,
+    scheduler: str | None,
+    workers: int | None,
+    allow_model_mismatch: bool,
+) -> DecodeResult:
+    progress = ProgressReporter("decode-progress", f"Decoding {store} into {out}")
+    return decode(
+        Path(model_dir),
+        store,
+        out,
+        fmt=output_format,  # type: ignore[arg-type]
+        scheduler=scheduler,
+        workers=workers,
+        allow_model_mismatch=allow_model_mismatch,
+        on_progress=progress,
+    )
+
+
+def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
+    return {
+        "store": store,
+        "out": result.out,
+        "images": result.count,
+        "decoded": result.decoded,
+        "shards_written": len(result.shards_written),
+        "shards_skipped": len(result.shards_skipped),
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_per_second, 1),
+        "model_id": result.manifest["model_id"],
+    }
+
+
+@flow(name="decode-latents", log_prints=True)
+def decode_latents(
+    model_dir: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
+    store: Annotated[
+        str, Field(description="Latent store: local path or s3:// URL")
+    ] = "out/stores/mnist5k.zarr",
+    out: Annotated[
+        str, Field(description="Output folder: local path or s3:// URL")
+    ] = "out/decoded/mnist5k",
+    output_format: Annotated[
+        Literal["tar", "zarr", "png"], Field(description="Shard format")
+    ] = "tar",
+    scheduler: Annotated[
+        str | None, Field(description="Dask scheduler address (empty: local cluster)")
+    ] = None,
+    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+    allow_model_mismatch: Annotated[
+        bool, Field(description="Decode a store of another model")
+    ] = False,
+) -> dict[str, object]:
+    result = decode_task(
+        model_dir, store, out, output_format, scheduler, workers, allow_model_mismatch
+    )
+    summary = decode_summary(result, store)
+    summary_artifact("decode-summary", "Decode summary", [summary])
+    ids, images = read_output(out, limit=PREVIEW)
+    preview_artifact(
+        "decode-preview",
+        "Decoded images",
+        [images[: PREVIEW // 2], images[PREVIEW // 2 :]],
+        f"First {len(ids)} images of {out}: {', '.join(ids[:4])}, ...",
+    )
+    print(f"decoded {result.decoded} of {result.count} images into {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    decode_latents()

@@ -1,0 +1,59 @@
+"""train-autoencoder: train (or resume) a model; leaves a summary, reconstructions, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from latentbatch.config import TrainConfig, preset_config
+from latentbatch.datasets import native_geometry
+from latentbatch.orchestration import picture_artifact, summary_artifact
+from latentbatch.train import TrainResult, train
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> TrainResult:
+    geometry = native_geometry(data)
+    config = preset_config(preset, geometry.channels, geometry.size)
+    return train(config, TrainConfig(data, epochs, seed), Path(out), progress=False)
+
+
+@flow(name="train-autoencoder", log_prints=True)
+def train_autoencoder(
+    data: Annotated[
+        str, Field(description="mnist5k, digits, photos, synthetic[:N] or folder:PATH")
+    ] = "mnist5k",
+    preset: Annotated[
+        Literal["seed", "compact"], Field(description="Architecture preset")
+    ] = "seed",
+    epochs: Annotated[int, Field(ge=1, description="Total epochs (a finished run is reused)")] = 10,
+    seed: Annotated[int, Field(description="Seed of split, weights and batch order")] = 0,
+    out: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
+) -> dict[str, object]:
+    result = train_task(data, preset, epochs, seed, out)
+    final = result.final
+    summary = {
+        "model_dir": str(result.model_dir),
+        "model_id": result.model_id,
+        "epochs": int(final["epoch"]),
+        "val_psnr_db": round(final["val_psnr"], 3),
+        "val_ssim": round(final["val_ssim"], 4),
+        "reused": result.reused,
+    }
+    summary_artifact("train-summary", "Training summary", [summary])
+    picture_artifact(
+        "train-reconstructions",
+        "Validation originals (top) and reconstructions (bottom)",
+        result.reconstructions,
+    )
+    picture_artifact("train-curves", "Loss and validation PSNR/SSIM per epoch", result.curves)
+    print(f"model {result.model_id[:12]} in {result.model_dir}: {final['val_psnr']:.2f} dB")
+    return summary
+
+
+if __name__ == "__main__":
+    train_autoencoder()

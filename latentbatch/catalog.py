@@ -1,0 +1,130 @@
+"""Find latent stores under a root and tell whether their decoded output is current.
+
+Used by ``latentbatch stores ROOT`` and by the nightly bulk decode. A store's output in
+a bulk decode lives at the same relative path under the output root, without ``.zarr``:
+``ROOT/a/b.zarr`` → ``OUT_ROOT/a/b``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from latentbatch.checkpoint import CONFIG, read_info
+from latentbatch.errors import LatentbatchError
+from latentbatch.shards import read_manifest
+from latentbatch.storage import StorageOptions, filesystem, is_remote, join
+from latentbatch.store import ATTRS, FORMAT_VERSION
+
+Status = Literal["missing", "stale", "complete", "foreign"]
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """A store found under a root: where it is and what its metadata says."""
+
+    url: str
+    relative: str
+    meta: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return int(self.meta.get("count", 0))
+
+    @property
+    def uuid(self) -> str:
+        return str(self.meta.get("uuid", ""))
+
+
+def _url(fs_path: str, root_url: str, root_path: str) -> str:
+    if not is_remote(root_url):
+        return fs_path
+    scheme = root_url.split("://", 1)[0]
+    return f"{scheme}://{fs_path}" if not fs_path.startswith(f"{scheme}://") else fs_path
+
+
+def find_stores(root: str, options: StorageOptions | None = None) -> list[StoreEntry]:
+    """Every latent store (a Zarr group with latentbatch attributes) under ``root``,
+    sorted by path. Folders inside a store are not searched."""
+    fs, root_path = filesystem(root, options)
+    if not fs.isdir(root_path):
+        return []
+    found: list[StoreEntry] = []
+    for folder, dirs, files in fs.walk(root_path, topdown=True):
+        if "zarr.json" not in files:
+            continue
+        try:
+            meta = json.loads(fs.cat_file(join(folder, "zarr.json")))
+        except (OSError, ValueError):
+            continue
+        if meta.get("node_type") != "group":
+            continue
+        attrs = meta.get("attributes", {}).get(ATTRS)
+        if isinstance(attrs, dict) and attrs.get("format") is not None:
+            relative = folder[len(root_path.rstrip("/")) :].strip("/")
+            found.append(StoreEntry(_url(folder, root, root_path), relative, attrs))
+            dirs.clear()
+    return sorted(found, key=lambda e: e.relative)
+
+
+def output_url(entry: StoreEntry, out_root: str) -> str:
+    """Where a bulk decode puts ``entry``'s output."""
+    return join(out_root, entry.relative.removesuffix(".zarr") or "store")
+
+
+def output_status(entry: StoreEntry, out_url: str, options: StorageOptions | None = None) -> Status:
+    """``missing`` (no manifest), ``foreign`` (another store's), ``stale`` (the store has
+    grown or its model changed since) or ``complete``."""
+    manifest = read_manifest(out_url, options)
+    if manifest is None:
+        return "missing"
+    if manifest.get("store", {}).get("uuid") != entry.uuid:
+        return "foreign"
+    if manifest.get("count") != entry.count or manifest.get("model_id") != entry.meta.get(
+        "model_id"
+    ):
+        return "stale"
+    return "complete"
+
+
+def readable(entry: StoreEntry) -> bool:
+    """Whether this latentbatch reads the store's format."""
+    return entry.meta.get("format") == FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class BulkItem:
+    """One store of a bulk decode: where its output goes and what state it is in."""
+
+    entry: StoreEntry
+    out: str
+    status: Status
+
+    @property
+    def needs_decode(self) -> bool:
+        return self.status in ("missing", "stale")
+
+
+def plan_bulk(root: str, out_root: str, options: StorageOptions | None = None) -> list[BulkItem]:
+    """Every store under ``root`` with the state of its output under ``out_root``."""
+    items = []
+    for entry in find_stores(root, options):
+        out = output_url(entry, out_root)
+        items.append(BulkItem(entry, out, output_status(entry, out, options)))
+    return items
+
+
+def models_by_id(models_root: Path) -> dict[str, Path]:
+    """Model directories under ``models_root`` keyed by model id (unreadable ones left out)."""
+    found: dict[str, Path] = {}
+    if not Path(models_root).is_dir():
+        return found
+    for config in sorted(Path(models_root).rglob(CONFIG)):
+        try:
+            info = read_info(config.parent)
+        except LatentbatchError:
+            continue
+        found.setdefault(info.model_id, info.path)
+    return found

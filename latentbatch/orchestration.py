@@ -1,0 +1,110 @@
+"""Prefect helpers for the flows: artifacts, retry rules, offline settings.
+
+The only library module that imports Prefect; flows in ``flows/`` stay thin and call
+the library for everything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from prefect import Task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from latentbatch.cluster import ClusterError, Progress
+from latentbatch.errors import LatentbatchError
+from latentbatch.figures import image_grid
+
+PREVIEW_MAX_BYTES = 60_000
+
+
+def offline_defaults(scratch: Path) -> None:
+    """Keep Prefect's state under ``scratch`` and every connection on this machine."""
+    os.environ.setdefault("PREFECT_HOME", str(scratch / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying might succeed: I/O and connection trouble, not bad input."""
+    if isinstance(error, ClusterError):
+        return True
+    if isinstance(error, LatentbatchError):
+        return False
+    return isinstance(error, OSError | TimeoutError | ConnectionError)
+
+
+def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """``retry_condition_fn`` for tasks: retry transient failures only."""
+    try:
+        state.result()
+    except BaseException as error:
+        return is_transient(error)
+    return False
+
+
+def png_data_url(picture: Image.Image, max_bytes: int = PREVIEW_MAX_BYTES) -> str:
+    """A ``data:image/png;base64,...`` URL, halving the picture until it fits."""
+    while True:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", optimize=True)
+        data = buffer.getvalue()
+        if len(data) <= max_bytes or picture.width < 64:
+            return "data:image/png;base64," + base64.b64encode(data).decode()
+        picture = picture.resize(
+            (picture.width // 2, picture.height // 2), Image.Resampling.LANCZOS
+        )
+
+
+def preview_artifact(
+    key: str, title: str, rows: Sequence[np.ndarray], caption: str, scale: int = 2
+) -> str:
+    """A markdown artifact showing rows of ``uint8 (n, H, W, C)`` images; returns its id."""
+    picture = image_grid(rows, scale=scale)
+    markdown = f"### {title}\n\n![{title}]({png_data_url(picture)})\n\n{caption}\n"
+    return str(create_markdown_artifact(markdown=markdown, key=key, description=title))
+
+
+def picture_artifact(key: str, title: str, path: Path, caption: str = "") -> str:
+    """A markdown artifact showing a PNG file (shrunk to fit); returns its id."""
+    with Image.open(path) as picture:
+        url = png_data_url(picture.convert("RGB"))
+    markdown = f"### {title}\n\n![{title}]({url})\n\n{caption}\n"
+    return str(create_markdown_artifact(markdown=markdown, key=key, description=title))
+
+
+def summary_artifact(key: str, title: str, rows: list[dict[str, Any]]) -> str:
+    """A table artifact; returns its id."""
+    return str(create_table_artifact(table=rows, key=key, description=title))
+
+
+class ProgressReporter:
+    """A progress artifact updated from engine progress callbacks (at most once a second)."""
+
+    def __init__(self, key: str, description: str, min_interval: float = 1.0) -> None:
+        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        self._min_interval = min_interval
+        self._last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        finished = progress.done_tasks == progress.total_tasks
+        if finished or now - self._last >= self._min_interval:
+            percent = 100.0 * progress.done_items / max(1, progress.total_items)
+            update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
+            self._last = now
