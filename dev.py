@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up latentbatch in ./.venv and run its main job or its tests.
 
-    python3 dev.py demo [ARGS]   install (data extra), then `latentbatch demo ARGS`
+    python3 dev.py demo          install (data extra), then run the reconstruction-pipeline
+                                 flow (python -m flows.pipeline) on embedded defaults
     python3 dev.py test [ARGS]   install (dev extra), then ruff check + format --check, pytest ARGS
 
 Needs only python3 (3.11+). Installs use constraints.txt, which pins the CPU torch wheel.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import os
 import time
@@ -84,6 +85,8 @@ def connect(
         except ImportError:
             pass
     with cluster_type(**kwargs) as cluster, Client(cluster) as client:
+        # the embedded cluster's start/stop chatter is noise next to our progress output
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         yield client
 
 

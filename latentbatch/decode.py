@@ -288,6 +288,8 @@ def decode(
             on_progress(progress)
 
     def run(c: Client) -> None:
+        nonlocal started
+        started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info)
         slots = max_in_flight or 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
         map_bounded(

@@ -233,11 +233,18 @@ def _validate(url: str, group: zarr.Group) -> None:
         raise StoreError(
             f"{url} lacks store metadata {missing}; it is damaged or not a latent store"
         )
+    arrays = {}
     for name in ("latents", "ids", "labels"):
-        if name not in group:
-            raise StoreError(f"{url} lacks the '{name}' array; it is damaged or not a latent store")
-    latents = group["latents"]
-    rows = {latents.shape[0], group["ids"].shape[0], group["labels"].shape[0]}  # type: ignore[union-attr]
+        try:
+            arrays[name] = group[name]
+        except KeyError:
+            raise StoreError(
+                f"{url} lacks the '{name}' array; it is damaged or not a latent store"
+            ) from None
+        except Exception as exc:
+            raise StoreError(f"{url} has a damaged '{name}' array: {exc}") from exc
+    latents = arrays["latents"]
+    rows = {a.shape[0] for a in arrays.values()}  # type: ignore[union-attr]
     if len(rows) != 1:
         raise StoreError(f"{url} has arrays of different lengths {sorted(rows)}; it is damaged")
     if not 0 <= int(meta["count"]) <= latents.shape[0]:  # type: ignore[union-attr]

@@ -1,0 +1,102 @@
+"""nightly-bulk-decode: decode every store under a root whose output is missing or stale.
+
+A store that fails does not stop the others; the run then ends Failed and names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
+from pydantic import Field
+
+from flows.decode import decode_summary
+from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
+from latentbatch.cluster import connect
+from latentbatch.decode import decode
+from latentbatch.orchestration import ProgressReporter, retry_transient, summary_artifact
+from latentbatch.store import open_store
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(root: str, out_root: str) -> list[BulkItem]:
+    return plan_bulk(root, out_root)
+
+
+@task(
+    name="decode-store",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="decode {item.entry.relative}",
+)
+def decode_store(
+    item: BulkItem, models: dict[str, Path], fmt: str, client: Any
+) -> dict[str, object]:
+    model_id = open_store(item.entry.url).model_id  # validates the store
+    if model_id not in models:
+        raise LookupError(f"no model with id {model_id[:12]} under the models root")
+    progress = ProgressReporter("nightly-progress", f"Decoding {item.entry.url}")
+    result = decode(
+        models[model_id], item.entry.url, item.out, fmt=fmt, client=client, on_progress=progress
+    )  # type: ignore[arg-type]
+    return decode_summary(result, item.entry.url)
+
+
+@flow(name="nightly-bulk-decode", log_prints=True)
+def nightly_bulk_decode(
+    root: Annotated[
+        str, Field(description="Folder or s3:// prefix to scan for latent stores")
+    ] = "out/stores",
+    out_root: Annotated[
+        str, Field(description="Outputs go to OUT_ROOT/<store path without .zarr>")
+    ] = "out/decoded",
+    models_root: Annotated[
+        str, Field(description="Folder of model directories, matched by model id")
+    ] = "models",
+    output_format: Annotated[
+        Literal["tar", "zarr", "png"], Field(description="Shard format")
+    ] = "tar",
+    scheduler: Annotated[
+        str | None, Field(description="Dask scheduler address (empty: local cluster)")
+    ] = None,
+    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+) -> State[Any]:
+    items = plan_task(root, out_root)
+    models = models_by_id(Path(models_root))
+    report: list[dict[str, object]] = []
+    failed: list[str] = []
+    todo = [i for i in items if i.needs_decode]
+    with connect(scheduler, workers) as client:
+        for item in items:
+            row: dict[str, object] = {
+                "store": item.entry.url,
+                "out": item.out,
+                "before": item.status,
+            }
+            if not item.needs_decode:
+                row |= {"action": "skipped", "detail": f"output is {item.status}"}
+            else:
+                state = decode_store(item, models, output_format, client, return_state=True)
+                if state.is_completed():
+                    summary = state.result()
+                    row |= {"action": "decoded", "detail": f"{summary['decoded']} images"}
+                else:
+                    failed.append(item.entry.url)
+                    row |= {"action": "failed", "detail": str(state.message)[:300]}
+            report.append(row)
+            print(f"{row['action']:>8} {item.entry.url}: {row['detail']}")
+    summary_artifact(
+        "nightly-summary", f"Nightly bulk decode of {root}", report or [{"store": "none found"}]
+    )
+    if failed:
+        return Failed(message=f"{len(failed)} of {len(items)} stores failed: {', '.join(failed)}")
+    return Completed(message=f"{len(todo)} decoded, {len(items) - len(todo)} skipped")
+
+
+if __name__ == "__main__":
+    nightly_bulk_decode()

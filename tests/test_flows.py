@@ -1,0 +1,186 @@
+"""Every flow against a real Prefect API (a temporary server), artifacts read back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from distributed import Client
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.decode import decode_latents
+from flows.encode import encode_images
+from flows.nightly import nightly_bulk_decode
+from flows.pipeline import reconstruction_pipeline
+from flows.train import train_autoencoder
+from latentbatch.decode import decode
+from latentbatch.encode import encode
+from latentbatch.store import Layout
+from tests.helpers import sha256s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+async def _artifacts(flow_run_id: UUID) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def artifacts(state: Any) -> dict[str, Any]:
+    """Artifacts of a flow run (and of its tasks), by key."""
+    found = asyncio.run(_artifacts(state.state_details.flow_run_id))
+    return {a.key: a for a in found if a.key}
+
+
+def _image_bytes(markdown: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    start = markdown.index(prefix) + len(prefix)
+    return base64.b64decode(markdown[start : markdown.index(")", start)])
+
+
+def _check_preview(artifact: Any) -> None:
+    assert artifact.type == "markdown"
+    png = _image_bytes(artifact.data)
+    assert png.startswith(b"\x89PNG")
+    assert len(png) <= 60_000
+
+
+def test_train_flow(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    state = train_autoencoder("digits", "compact", 1, 0, str(out), return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["epochs"] == 1
+    assert (out / "model.safetensors").is_file()
+    found = artifacts(state)
+    assert {"train-summary", "train-reconstructions", "train-curves"} <= set(found)
+    assert found["train-summary"].type == "table"
+    assert summary["model_id"] in found["train-summary"].data
+    _check_preview(found["train-reconstructions"])
+    _check_preview(found["train-curves"])
+
+
+def test_encode_and_decode_flows(tmp_path: Path, tiny_model: Path, client: Client) -> None:
+    store, out = str(tmp_path / "s.zarr"), str(tmp_path / "out")
+    address = client.scheduler.address
+    state = encode_images(
+        str(tiny_model), "synthetic:60", store, False, address, None, return_state=True
+    )
+    assert state.is_completed()
+    assert state.result()["images"] == 60
+    found = artifacts(state)
+    assert found["encode-progress"].type == "progress"
+    assert float(found["encode-progress"].data) == 100.0
+    assert found["encode-summary"].type == "table"
+    _check_preview(found["encode-preview"])
+
+    state = decode_latents(
+        str(tiny_model), store, out, "png", address, None, False, return_state=True
+    )
+    assert state.is_completed()
+    assert state.result()["decoded"] == 60
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    found = artifacts(state)
+    assert float(found["decode-progress"].data) == 100.0
+    assert (
+        '"decoded": 60' in found["decode-summary"].data.replace("'", '"')
+        or "60" in found["decode-summary"].data
+    )
+    _check_preview(found["decode-preview"])
+
+
+async def _task_runs(flow_run_id: UUID) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def test_bad_input_fails_once_without_retries(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    missing = tmp_path / "none.zarr"
+    state = decode_latents(
+        str(tiny_model), str(missing), str(tmp_path / "o"), "tar", client.scheduler.address, None,
+        False, return_state=True,
+    )  # fmt: skip
+    assert state.is_failed()
+    assert f"StoreError: {missing} does not exist" in str(state.message)
+    runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+    assert [(r.state_name, r.run_count) for r in runs] == [("Failed", 1)]
+
+
+def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
+    shutil.copytree(tiny_model, models / "tiny")
+    layout = Layout(16, 8)
+    for name in ("done", "grown", "corrupt"):
+        encode(tiny_model, "synthetic:30", str(root / f"{name}.zarr"), layout=layout, client=client)
+        decode(tiny_model, str(root / f"{name}.zarr"), str(out_root / name), client=client)
+    encode(tiny_model, "digits", str(root / "grown.zarr"), append=True, limit=10, client=client)
+    shutil.rmtree(out_root / "corrupt")
+    (root / "corrupt.zarr" / "latents" / "zarr.json").write_text("{ not json")
+    done_before = sha256s(out_root / "done")
+
+    state = nightly_bulk_decode(
+        str(root),
+        str(out_root),
+        str(models),
+        "tar",
+        client.scheduler.address,
+        None,
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert str(root / "corrupt.zarr") in str(state.message)
+    assert sha256s(out_root / "done") == done_before
+    manifest = json.loads((out_root / "grown" / "manifest.json").read_text())
+    assert manifest["count"] == 40
+    report = artifacts(state)["nightly-summary"].data
+    assert "skipped" in report
+    assert "decoded" in report
+    assert "failed" in report
+    assert "damaged" in report
+
+
+def test_pipeline_flow(tmp_path: Path, client: Client) -> None:
+    state = reconstruction_pipeline(
+        "digits",
+        "seed",
+        1,
+        0,
+        str(tmp_path / "work"),
+        client.scheduler.address,
+        None,
+        return_state=True,
+    )
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["images"] == 1797
+    assert abs(summary["psnr_cost_db"]) < 0.2
+    found = artifacts(state)
+    assert {"pipeline-summary", "pipeline-preview"} <= set(found)
+    _check_preview(found["pipeline-preview"])
+    assert (tmp_path / "work" / "digits-seed-decoded" / "manifest.json").is_file()
