@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from latentbatch import checkpoint
+from latentbatch import checkpoint, stack
 from latentbatch.cluster import Progress as TaskProgress
 from latentbatch.config import LOSSES, PRESETS, ModelConfig, TrainConfig, preset_config
 from latentbatch.datasets import SOURCES, native_geometry
@@ -473,6 +473,58 @@ def demo_command(
     table.add_row("PSNR, float32 in memory", f"{result.quality.float32_psnr:.3f} dB")
     table.add_row("cost of float16 + 8-bit", f"{result.quality.cost_db:.3f} dB")
     console.print(table)
+
+
+stack_app = typer.Typer(help="A local Prefect + Dask stack on 127.0.0.1.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+StackHome = Annotated[Path, typer.Option(help="Folder of PIDs, logs and addresses.")]
+
+
+@stack_app.command("up")
+def stack_up(
+    home: StackHome = stack.DEFAULT_HOME,
+    project: Annotated[
+        Path, typer.Option(help="Repository root (holds deploy/prefect.yaml).")
+    ] = Path(),
+    workers: Annotated[int, typer.Option(min=1, help="Dask worker processes.")] = 2,
+    port: Annotated[int, typer.Option(help="Preferred Prefect server port.")] = 4200,
+) -> None:
+    """Start a Prefect server, worker and deployments and a Dask cluster on 127.0.0.1."""
+    info = stack.up(home, project, workers, port)
+    console = _console()
+    console.print(f"Prefect UI      {info.ui_url}", highlight=False)
+    console.print(f"Prefect API     {info.api_url}", highlight=False)
+    console.print(f"Dask scheduler  {info.scheduler}", highlight=False)
+    console.print(f"Dask dashboard  {info.dashboard}", highlight=False)
+    console.print(f"PIDs and logs   {info.home}", highlight=False)
+    console.print(f"use it:         set -a; . {info.home / 'stack.env'}; set +a", highlight=False)
+
+
+@stack_app.command("down")
+def stack_down(home: StackHome = stack.DEFAULT_HOME) -> None:
+    """Stop exactly the processes that `stack up` started."""
+    stopped = stack.down(home)
+    _console().print(
+        f"stopped {', '.join(stopped) if stopped else 'nothing (no stack was running)'}"
+    )
+
+
+@stack_app.command("status")
+def stack_status(
+    home: StackHome = stack.DEFAULT_HOME,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Tell which stack processes run and whether the server answers."""
+    report = stack.status(home)
+    if as_json:
+        _emit_json(report)
+        return
+    console = _console()
+    for name, pid in report["processes"].items():  # type: ignore[union-attr]
+        console.print(
+            f"{name:>16}  {'running, pid ' + str(pid) if pid else 'stopped'}", highlight=False
+        )
+    console.print(f"{'server':>16}  {'healthy' if report['server_healthy'] else 'not answering'}")
 
 
 def main(argv: list[str] | None = None) -> int:
