@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -46,6 +48,30 @@ def ensure_env(extra: str) -> None:
     stamp.write_text(key)
 
 
+def ensure_chromium() -> None:
+    """Debian's Chromium for the browser tests (installed when we are root, else they skip)."""
+    if Path("/usr/bin/chromium").exists():
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("note: /usr/bin/chromium is missing; the browser test will be skipped", flush=True)
+        return
+    _run("apt-get", "update", "-qq")
+    _run("apt-get", "install", "-y", "-qq", "chromium")
+
+
+def stack_env() -> dict[str, str]:
+    """Addresses of a running `latentbatch stack` (empty when none answers)."""
+    path = SCRATCH / "stack" / "stack.env"
+    if not path.is_file():
+        return {}
+    env = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    try:
+        with urllib.request.urlopen(f"{env.get('PREFECT_API_URL')}/health", timeout=2):
+            return env
+    except (OSError, ValueError):
+        return {}
+
+
 def offline_env() -> dict[str, str]:
     """Environment for every command: Prefect state in .scratch, no telemetry."""
     env = dict(os.environ)
@@ -66,10 +92,14 @@ def main(argv: list[str]) -> int:
     env = offline_env()
     if command == "demo":
         ensure_env("data")
-        return subprocess.run(
-            [str(BIN / "latentbatch"), "demo", *rest], cwd=ROOT, env=env
-        ).returncode
+        stack = stack_env()
+        if stack:
+            print(f"using the running stack: {stack['PREFECT_UI_URL']}", flush=True)
+            env.update(stack)
+        demo = [str(BIN / "python"), "-m", "flows.pipeline", *rest]
+        return subprocess.run(demo, cwd=ROOT, env=env).returncode
     ensure_env("dev")
+    ensure_chromium()
     for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
         print("+", " ".join(check), flush=True)
         code = subprocess.run([str(BIN / check[0]), *check[1:]], cwd=ROOT, env=env).returncode

@@ -18,7 +18,7 @@ from pydantic import Field
 from flows.decode import decode_latents
 from flows.encode import encode_images
 from flows.train import train_autoencoder
-from latentbatch.checkpoint import read_info
+from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS, read_info
 from latentbatch.datasets import Geometry, open_source
 from latentbatch.orchestration import preview_artifact, summary_artifact
 from latentbatch.pipeline import Quality, measure_quality
@@ -95,8 +95,11 @@ def main() -> None:
     ui = os.environ.get("PREFECT_UI_URL")
     if ui:
         print(f"  {ui.rstrip('/')}/runs/flow-run/{summary['flow_run_id']}")
-    for key in ("model_dir", "store", "out"):
-        print(f"  {key:<10} {summary[key]}")
+    model_dir = Path(str(summary["model_dir"]))
+    print(f"  model      {model_dir} (model.safetensors, config.json)")
+    print(f"  pictures   {model_dir / RECONSTRUCTIONS}, {model_dir / CURVES}")
+    print(f"  store      {summary['store']}")
+    print(f"  decoded    {summary['out']} (tar shards, manifest.json)")
     print("\nsummary")
     for key, value in summary.items():
         if key not in ("model_dir", "store", "out", "flow_run_id"):

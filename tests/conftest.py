@@ -3,12 +3,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from distributed import Client, LocalCluster
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -77,6 +79,22 @@ def mnist_store(tmp_path_factory: pytest.TempPathFactory, seed_model: Path, clie
     url = tmp_path_factory.mktemp("stores") / "mnist5k.zarr"
     encode(seed_model, "mnist5k", str(url), client=client)
     return url
+
+
+@pytest.fixture(scope="session")
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``latentbatch stack up`` on 127.0.0.1 for the session; the test API points at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from latentbatch import stack
+
+    home = tmp_path_factory.mktemp("stack")
+    info = stack.up(home, ROOT, workers=1, port=stack.free_port())
+    try:
+        with temporary_settings({PREFECT_API_URL: info.api_url}):
+            yield info
+    finally:
+        stack.down(home)
 
 
 @pytest.fixture(scope="session")

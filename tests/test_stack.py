@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +13,13 @@ import pytest
 from distributed import Client
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from latentbatch import stack
 from latentbatch.encode import encode
 from latentbatch.store import Layout
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
-    home = tmp_path_factory.mktemp("stack")
-    info = stack.up(home, ROOT, workers=1, port=stack.free_port())
-    try:
-        with temporary_settings({PREFECT_API_URL: info.api_url}):
-            yield info
-    finally:
-        stack.down(home)
 
 
 def _prefect(info: stack.StackInfo, *args: str) -> str:
