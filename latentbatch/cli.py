@@ -13,18 +13,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from latentbatch import checkpoint, stack
+from latentbatch import catalog, checkpoint, query, stack
 from latentbatch.cluster import Progress as TaskProgress
 from latentbatch.config import LOSSES, PRESETS, ModelConfig, TrainConfig, preset_config
 from latentbatch.datasets import SOURCES, native_geometry
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.errors import LatentbatchError
+from latentbatch.figures import image_grid
 from latentbatch.pipeline import run_pipeline
 from latentbatch.shards import FORMATS
 from latentbatch.storage import parse_options
@@ -473,6 +475,175 @@ def demo_command(
     table.add_row("PSNR, float32 in memory", f"{result.quality.float32_psnr:.3f} dB")
     table.add_row("cost of float16 + 8-bit", f"{result.quality.cost_db:.3f} dB")
     console.print(table)
+
+
+@app.command("stores")
+def stores_command(
+    root: Annotated[str, typer.Argument(help="Folder or s3:// prefix to search.")],
+    outputs: Annotated[
+        str | None, typer.Option(help="Output root of bulk decodes, to report each store's output.")
+    ] = None,
+    storage_option: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every latent store under ROOT: rows, latents, model, created, bytes, output."""
+    options = parse_options(storage_option or [])
+    rows = []
+    for entry in catalog.find_stores(root, options):
+        store = open_store(entry.url, options)
+        status = None
+        if outputs is not None:
+            status = catalog.output_status(entry, catalog.output_url(entry, outputs), options)
+        rows.append(
+            {
+                "store": entry.url,
+                "count": store.count,
+                "latent_shape": list(store.latent_shape),
+                "latent_dtype": str(store.latents.dtype),
+                "model_id": store.model_id,
+                "created": store.meta["created"],
+                "bytes": store.bytes_on_disk()["total"],
+                "output": status,
+            }
+        )
+    if as_json:
+        _emit_json({"root": root, "stores": rows})
+        return
+    table = Table("store", "rows", "latents", "model", "created", "bytes", "output")
+    for row in rows:
+        table.add_row(
+            row["store"],
+            str(row["count"]),
+            "x".join(map(str, row["latent_shape"])) + f" {row['latent_dtype']}",
+            row["model_id"][:12],
+            row["created"],
+            f"{row['bytes']:,}",
+            row["output"] or "-",
+        )
+    _console().print(table)
+
+
+@app.command("query")
+def query_command(
+    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Latent store.")],
+    ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
+    rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
+    label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="Predicate such as 'label >= 5' or 'row < 100'.")
+    ] = None,
+    near: Annotated[str | None, typer.Option(help="Nearest neighbours of this id.")] = None,
+    near_image: Annotated[
+        Path | None, typer.Option(help="Nearest neighbours of this image (needs --model).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    metric: Annotated[str, typer.Option(help="l2 or cosine.")] = "l2",
+    model: Annotated[
+        Path | None,
+        typer.Option(help="The store's model directory (for --near-image, --decode, --grid)."),
+    ] = None,
+    decode_to: Annotated[
+        str | None, typer.Option("--decode", help="Decode the result into this folder.")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="tar, zarr or png for --decode.")
+    ] = "tar",
+    grid: Annotated[
+        Path | None, typer.Option(help="Write a preview grid PNG of the result.")
+    ] = None,
+    storage_option: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Select rows of a store, or find nearest neighbours, without decoding the store."""
+    options = parse_options(storage_option or [])
+    store = open_store(store_url, options)
+    if (decode_to or grid or near_image) and model is None:
+        raise LatentbatchError(
+            "--near-image, --decode and --grid need --model (the store's model directory)"
+        )
+    selected = query.select(
+        store,
+        ids=ids.split(",") if ids else None,
+        rows=[query.parse_rows(r) for r in rows] if rows else None,
+        label=label,
+        where=where or (),
+    )
+    neighbours = None
+    query_latent = None
+    if near is not None or near_image is not None:
+        if near is not None:
+            row = int(query.select(store, ids=[near])[0])
+            query_latent, exclude = query.read_rows(store, np.array([row]))[0], [row]
+        else:
+            query_latent, exclude = query.encode_image(model, store, near_image), []  # type: ignore[arg-type]
+        neighbours = query.nearest(store, query_latent, k, metric, exclude)  # type: ignore[arg-type]
+        selected = np.array([n.row for n in neighbours])
+    all_ids = store.read_ids(0, store.count)
+    labels = store.read_labels(0, store.count) if store.has_labels else None
+    result = [
+        {
+            "row": int(r),
+            "id": all_ids[r],
+            **({"label": int(labels[r])} if labels is not None else {}),
+        }
+        for r in selected
+    ]
+    if neighbours is not None:
+        for entry, neighbour in zip(result, neighbours, strict=True):
+            entry["distance"] = neighbour.distance
+    if decode_to is not None:
+        query.decode_selection(model, store, selected, decode_to, output_format)  # type: ignore[arg-type]
+    if grid is not None and len(selected):
+        images = query.decode_rows(model, store, selected[:32])  # type: ignore[arg-type]
+        grid_rows = [images[i : i + 8] for i in range(0, len(images), 8)]
+        if query_latent is not None:
+            head = query.decode_in_process(model, query_latent[None])  # type: ignore[arg-type]
+            grid_rows = [np.concatenate([head, images[:10]])]
+        image_grid(grid_rows, scale=max(1, 64 // images.shape[1])).save(grid)
+    if as_json:
+        _emit_json({"store": store_url, "count": len(result), "results": result})
+        return
+    table = Table(
+        "row",
+        "id",
+        *(["label"] if labels is not None else []),
+        *(["distance"] if neighbours else []),
+    )
+    for entry in result[:200]:
+        cells = [str(entry["row"]), entry["id"]]
+        if labels is not None:
+            cells.append(str(entry["label"]))
+        if neighbours:
+            cells.append(f"{entry['distance']:.4f}")
+        table.add_row(*cells)
+    console = _console()
+    console.print(table)
+    console.print(f"{len(result)} rows" + (" (first 200 shown)" if len(result) > 200 else ""))
+
+
+@app.command("stats")
+def stats_command(
+    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Latent store.")],
+    save: Annotated[
+        bool, typer.Option(help="Store the statistics in the store's attributes.")
+    ] = False,
+    storage_option: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per-channel mean, std, min and max of the committed latents, and 1/std scaling."""
+    store = open_store(store_url, parse_options(storage_option or []), writable=save)
+    stats = query.statistics(store, save=save)
+    if as_json:
+        _emit_json(stats.to_dict())
+        return
+    table = Table("channel", "mean", "std", "min", "max", title=f"{stats.count} latents")
+    for c, values in enumerate(zip(stats.mean, stats.std, stats.min, stats.max, strict=True)):
+        table.add_row(str(c), *(f"{v:.5f}" for v in values))
+    console = _console()
+    console.print(table)
+    console.print(
+        f"scaling factor (1 / std) {stats.scaling_factor:.5f}" + (" (saved)" if save else "")
+    )
 
 
 stack_app = typer.Typer(help="A local Prefect + Dask stack on 127.0.0.1.", no_args_is_help=True)

@@ -284,7 +284,7 @@ class SyntheticSource(ImageSource):
         return np.stack([self._draw(i) for i in range(start, stop)])
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+def open_image(path: Path, max_pixels: int) -> Image.Image:
     """Open and fully decode ``path``; raise ``ValueError`` naming what is wrong."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -333,7 +333,7 @@ class FolderSource(ImageSource):
             if limit is not None and len(good) >= limit:
                 break
             try:
-                _open_checked(path, max_pixels).close()
+                open_image(path, max_pixels).close()
             except ValueError as exc:
                 if on_error == "fail":
                     raise DataError(f"image file {path}: {exc}") from exc
@@ -379,7 +379,7 @@ def _read_files(
     out = []
     for path in files:
         try:
-            image = _open_checked(Path(path), max_pixels)
+            image = open_image(Path(path), max_pixels)
         except ValueError as exc:
             raise DataError(
                 f"image file {path} changed since the folder was opened: {exc}"

@@ -95,7 +95,7 @@ def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.de
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), ENCODE_BATCH):
-            batch = to_unit(torch.from_numpy(images[i : i + ENCODE_BATCH])).to(device)
+            batch = to_unit(torch.from_numpy(np.array(images[i : i + ENCODE_BATCH]))).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 latents = encoder(batch)
@@ -256,7 +256,7 @@ def encode(
         count=stop,
         pending=None,
         sources=sources,
-        labels=bool(store.meta.get("labels")) or source.labels is not None,
+        labels=bool(store.meta.get("labels")) or bool((labels >= 0).any()),
     )
     return EncodeResult(
         store_url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,28 @@ def _screenshots() -> Path:
     return folder
 
 
-def _artifact(api_url: str, key: str) -> dict[str, Any]:
-    """The newest artifact with ``key``, straight from the server's REST API."""
-    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
-    response = httpx.post(f"{api_url}/artifacts/filter", json=body, timeout=10)
-    found = response.raise_for_status().json()
-    assert found, f"no artifact {key}"
-    return found[0]
+def _api(api_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    if body is None:
+        response = httpx.get(f"{api_url}{path}", timeout=10)
+    else:
+        response = httpx.post(f"{api_url}{path}", json=body, timeout=10)
+    return response.raise_for_status().json()
+
+
+def _finished_run(api_url: str, run_id: str, timeout: float = 240) -> dict[str, Any]:
+    """Poll the REST API until the flow run is in a final state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _api(api_url, f"/flow_runs/{run_id}")
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def _artifacts(api_url: str, run_id: str) -> dict[str, Any]:
+    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    return {a["key"]: a for a in _api(api_url, "/artifacts/filter", body) if a["key"]}
 
 
 def _field(page: Any, label: str, tag: str = "textarea") -> Any:
@@ -68,21 +84,35 @@ def test_decode_started_from_the_ui_form(
         expect(deployment).to_be_visible(timeout=30_000)
         page.screenshot(path=shots / "deployments.png")
 
+        page.get_by_role("link", name="nightly-bulk-decode", exact=True).first.click()
+        expect(page.get_by_text("At 02:00 AM every day").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "nightly-schedule.png")
+        page.goto(f"{running_stack.ui_url}/deployments")
+        deployment = page.get_by_role("link", name="decode-latents", exact=True).first
+
         deployment.click()
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
         _field(page, "Run Name", "input").fill(run_name)
+        expect(_field(page, "model_dir ")).to_have_value("models/seed-mnist5k", timeout=30_000)
         for name, value in (("model_dir ", tiny_model), ("store ", store), ("out ", out)):
             _field(page, name).fill(str(value))
+            expect(_field(page, name)).to_have_value(str(value))
         page.get_by_role("button", name="Submit").click()
         run_link = page.get_by_role("link", name=run_name).first
         expect(run_link).to_be_visible(timeout=30_000)
         run_link.click()
-        expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=240_000)
+        page.wait_for_url("**/runs/flow-run/*")
+        run_id = page.url.split("/runs/flow-run/")[1].split("?")[0]
+        run = _finished_run(running_stack.api_url, run_id)
+        assert run["state_type"] == "COMPLETED", run["state"]
+        assert run["parameters"]["out"] == str(out)
+        page.reload()
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
         page.screenshot(path=shots / "run.png", full_page=True)
 
-        preview = _artifact(running_stack.api_url, "decode-preview")
-        page.goto(f"{running_stack.ui_url}/artifacts/artifact/{preview['id']}")
+        found = _artifacts(running_stack.api_url, run_id)
+        page.goto(f"{running_stack.ui_url}/artifacts/artifact/{found['decode-preview']['id']}")
         image = page.locator("img[src^='data:image/png;base64,']").first
         expect(image).to_be_visible(timeout=30_000)
         assert image.evaluate("img => img.naturalWidth") > 0
@@ -94,5 +124,5 @@ def test_decode_started_from_the_ui_form(
     assert sorted(p.name for p in out.glob("shard-*.tar")) == [
         f"shard-00000{i}.tar" for i in range(3)
     ]
-    summary = _artifact(running_stack.api_url, "decode-summary")
-    assert json.loads(summary["data"])[0]["out"] == str(out)
+    assert json.loads(found["decode-summary"]["data"])[0]["out"] == str(out)
+    assert float(found["decode-progress"]["data"]) == 100.0

@@ -1,0 +1,152 @@
+"""`latentbatch stores`, `query` and `stats` through main(argv), locally and on S3, and
+the store read by other Zarr v3 readers (xarray, tensorstore)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client
+from PIL import Image
+
+from latentbatch.cli import main
+from latentbatch.datasets import open_source
+from latentbatch.encode import encode
+from latentbatch.store import Layout, open_store
+
+
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_query_commands(
+    tmp_path: Path, mnist_store: Path, seed_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(mnist_store)
+    got = _json(["query", store, "--ids", "mnist5k-00010,mnist5k-00002"], capsys)
+    assert [r["row"] for r in got["results"]] == [2, 10]
+    assert got["results"][0] == {"row": 2, "id": "mnist5k-00002", "label": 0}
+    got = _json(["query", store, "--rows", "4990:", "--where", "label == 9"], capsys)
+    assert got["count"] == 10
+    assert _json(["query", store, "--label", "4", "--rows", "0:100"], capsys)["count"] == 0
+
+    near = _json(
+        ["query", store, "--near", "mnist5k-00600", "-k", "5", "--metric", "cosine"], capsys
+    )
+    assert len(near["results"]) == 5
+    assert all(r["row"] != 600 for r in near["results"])
+    assert [r["distance"] for r in near["results"]] == sorted(
+        r["distance"] for r in near["results"]
+    )
+
+    digit = Image.fromarray(open_source("mnist5k").read(600, 601)[0, :, :, 0]).resize((56, 56))
+    digit.convert("RGB").save(tmp_path / "digit.png")  # other size and mode: converted
+    argv = ["query", store, "--near-image", str(tmp_path / "digit.png"), "--model", str(seed_model)]
+    argv += ["--grid", str(tmp_path / "grid.png")]
+    by_image = _json(argv, capsys)
+    assert by_image["results"][0]["id"] == "mnist5k-00600"
+    assert Image.open(tmp_path / "grid.png").width > 11 * 28
+
+    argv = ["query", store, "--label", "3", "--rows", "1500:1520", "--model", str(seed_model)]
+    assert main([*argv, "--decode", str(tmp_path / "sel"), "--format", "png"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert manifest["count"] == len(list((tmp_path / "sel" / "shard-000000").iterdir())) > 0
+
+    stats = _json(["stats", store], capsys)
+    assert len(stats["mean"]) == 64
+    assert stats["scaling_factor"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ids", "mnist5k-00001,ghost"], "error: 1 ids are not in"),
+        (["--where", "label ~ 3"], "error: predicate 'label ~ 3' is not FIELD OP INTEGER"),
+        (["--near", "mnist5k-00001", "-k", "6000"], "error: -k must be between 1 and 4999"),
+        (["--rows", "12"], "error: row range '12' is not I:J"),
+        (["--grid", "x.png"], "error: --near-image, --decode and --grid need --model"),
+    ],
+)
+def test_bad_queries(
+    mnist_store: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["query", str(mnist_store), *argv]) == 1
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_stores_catalog(
+    tmp_path: Path,
+    tiny_model: Path,
+    client: Client,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    for name in ("a.zarr", "deep/b.zarr"):
+        encode(
+            tiny_model,
+            "synthetic:20",
+            str(tmp_path / "root" / name),
+            layout=Layout(8, 4),
+            client=client,
+        )
+    got = _json(["stores", str(tmp_path / "root"), "--outputs", str(tmp_path / "out")], capsys)
+    assert [Path(s["store"]).relative_to(tmp_path / "root").as_posix() for s in got["stores"]] == [
+        "a.zarr",
+        "deep/b.zarr",
+    ]
+    assert {s["count"] for s in got["stores"]} == {20}
+    assert {s["output"] for s in got["stores"]} == {"missing"}
+    assert main(["stores", str(tmp_path / "root")]) == 0
+    assert "a.zarr" in capsys.readouterr().out
+
+
+def test_other_zarr_readers_see_the_same_latents(mnist_store: Path) -> None:
+    import tensorstore as ts
+    import xarray as xr
+
+    expected = open_store(str(mnist_store)).read_latents(0, 5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = xr.open_zarr(str(mnist_store), consolidated=False, zarr_format=3)
+    assert dataset["latents"].dims == ("sample", "channel", "y", "x")
+    np.testing.assert_array_equal(dataset["latents"].values, expected)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(mnist_store / "latents")}}
+    array = ts.open(spec, read=True).result()
+    np.testing.assert_array_equal(array[0:5000].read().result(), expected)
+
+
+@pytest.mark.slow
+def test_query_commands_on_s3(
+    tmp_path: Path, mnist_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import s3fs
+
+    from tests.servers import moto_server
+
+    with moto_server(tmp_path) as endpoint:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+        fs.mkdir("queries")
+        fs.put(str(mnist_store), "queries/root/m.zarr", recursive=True)
+        opts = [f"--storage-option=endpoint_url={endpoint}", "--storage-option=key=testing"]
+        opts += ["--storage-option=secret=testing"]
+        remote = "s3://queries/root/m.zarr"
+        for argv in (
+            ["query", "{}", "--ids", "mnist5k-00010,mnist5k-00002"],
+            ["query", "{}", "--near", "mnist5k-00600", "-k", "5"],
+            ["stats", "{}"],
+        ):
+            local = _json([a.format(str(mnist_store)) for a in argv], capsys)
+            there = _json([a.format(remote) for a in argv] + opts, capsys)
+            assert (there.pop("store", remote), local.pop("store", str(mnist_store))) == (
+                remote,
+                str(mnist_store),
+            )
+            assert there == local
+        listed = _json(["stores", "s3://queries/root", *opts], capsys)
+        assert [s["store"] for s in listed["stores"]] == [remote]
