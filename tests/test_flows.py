@@ -26,6 +26,7 @@ from flows.decode import decode_latents
 from flows.encode import encode_images
 from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
+from flows.query import query_latents
 from flows.train import train_autoencoder
 from latentbatch.decode import decode
 from latentbatch.encode import encode
@@ -184,3 +185,20 @@ def test_pipeline_flow(tmp_path: Path, client: Client) -> None:
     assert {"pipeline-summary", "pipeline-preview"} <= set(found)
     _check_preview(found["pipeline-preview"])
     assert (tmp_path / "work" / "digits-seed-decoded" / "manifest.json").is_file()
+
+
+def test_query_flow(mnist_store: Path, seed_model: Path) -> None:
+    state = query_latents(
+        str(mnist_store), near="mnist5k-00600", k=5, metric="cosine", model_dir=str(seed_model),
+        return_state=True,
+    )  # fmt: skip
+    assert state.is_completed()
+    results = state.result()
+    assert len(results) == 5
+    assert all(r["row"] != 600 for r in results)
+    found = artifacts(state)
+    table = json.loads(found["query-results"].data)
+    assert [r["id"] for r in table] == [r["id"] for r in results]
+    _check_preview(found["query-preview"])
+    state = query_latents(str(mnist_store), rows="10:20", label=1, return_state=True)
+    assert state.result() == []
