@@ -48,15 +48,27 @@ def ensure_env(extra: str) -> None:
     stamp.write_text(key)
 
 
-def ensure_chromium() -> None:
-    """Debian's Chromium for the browser tests (installed when we are root, else they skip)."""
-    if Path("/usr/bin/chromium").exists():
+SYSTEM_PACKAGES = {
+    "chromium": ["/usr/bin/chromium"],
+    "postgresql": ["/usr/lib/postgresql/*/bin/initdb"],
+}
+
+
+def ensure_system_packages() -> None:
+    """Debian's Chromium and PostgreSQL for the browser and topology tests: installed when
+    missing and we are root; otherwise those tests skip."""
+    missing = [
+        name
+        for name, patterns in SYSTEM_PACKAGES.items()
+        if not any(Path("/").glob(p.lstrip("/")) for p in patterns)
+    ]
+    if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print("note: /usr/bin/chromium is missing; the browser test will be skipped", flush=True)
+        print(f"note: {', '.join(missing)} missing; the tests that need them will skip", flush=True)
         return
     _run("apt-get", "update", "-qq")
-    _run("apt-get", "install", "-y", "-qq", "chromium")
+    _run("apt-get", "install", "-y", "-qq", *missing)
 
 
 def stack_env() -> dict[str, str]:
@@ -99,7 +111,7 @@ def main(argv: list[str]) -> int:
         demo = [str(BIN / "python"), "-m", "flows.pipeline", *rest]
         return subprocess.run(demo, cwd=ROOT, env=env).returncode
     ensure_env("dev")
-    ensure_chromium()
+    ensure_system_packages()
     for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
         print("+", " ".join(check), flush=True)
         code = subprocess.run([str(BIN / check[0]), *check[1:]], cwd=ROOT, env=env).returncode

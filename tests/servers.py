@@ -115,3 +115,75 @@ def moto_server(folder: Path) -> Iterator[str]:
         yield url
     finally:
         stop(process)
+
+
+def postgres_binary(name: str) -> str:
+    """A PostgreSQL server binary: on PATH, or in Debian's /usr/lib/postgresql/*/bin."""
+    import shutil
+
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None
+    )
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: apt-get install postgresql")
+    return str(found)
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """Run a PostgreSQL binary as the postgres user when we are root (it refuses root)."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@contextmanager
+def postgres_server(folder: Path, password: str) -> Iterator[str]:
+    """A throw-away PostgreSQL on 127.0.0.1 whose superuser is ``prefect``; yields an
+    asyncpg SQLAlchemy URL. Its data lives in a fresh folder the postgres user can reach
+    (pytest's own temporary folders are private to root)."""
+    import shutil
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="latentbatch-pg-"))
+    data = home / "data"
+    pwfile = home / "pw"
+    pwfile.write_text(password)
+    if os.geteuid() == 0:
+        for path in (home, pwfile):
+            shutil.chown(path, "postgres")
+    initdb = postgres_binary("initdb")
+    init = [
+        initdb,
+        "-D",
+        str(data),
+        "-U",
+        "prefect",
+        "--pwfile",
+        str(pwfile),
+        "-A",
+        "scram-sha-256",
+    ]
+    subprocess.run(_as_postgres(init), check=True, capture_output=True)
+    port = free_port()
+    postgres = postgres_binary("postgres")
+    args = [postgres, "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(home)]
+    process = start(_as_postgres(args), folder / "postgres.log")
+    try:
+
+        def ready() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+
+        wait_for(ready, "postgres")
+        time.sleep(1)
+        yield f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/postgres"
+    finally:
+        stop(process)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def dask_env_ready(address: str, security: object, workers: int) -> bool:
+    """Whether the scheduler at ``address`` answers and has ``workers`` workers."""
+    from distributed import Client
+
+    with Client(address, security=security, timeout="3s") as client:
+        return len(client.scheduler_info(n_workers=-1)["workers"]) == workers
