@@ -16,7 +16,7 @@ from latentbatch.checkpoint import CONFIG, read_info
 from latentbatch.errors import LatentbatchError
 from latentbatch.shards import read_manifest
 from latentbatch.storage import StorageOptions, filesystem, is_remote, join
-from latentbatch.store import ATTRS, FORMAT_VERSION
+from latentbatch.store import ATTRS
 
 Status = Literal["missing", "stale", "complete", "foreign"]
 
@@ -87,11 +87,6 @@ def output_status(entry: StoreEntry, out_url: str, options: StorageOptions | Non
     ):
         return "stale"
     return "complete"
-
-
-def readable(entry: StoreEntry) -> bool:
-    """Whether this latentbatch reads the store's format."""
-    return entry.meta.get("format") == FORMAT_VERSION
 
 
 @dataclass(frozen=True)

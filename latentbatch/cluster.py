@@ -90,6 +90,18 @@ def connect(
         yield client
 
 
+@contextmanager
+def using(
+    client: Client | None, scheduler: str | None = None, workers: int | None = None
+) -> Iterator[Client]:
+    """``client`` when one is given (left open), else :func:`connect`'s."""
+    if client is not None:
+        yield client
+        return
+    with connect(scheduler, workers) as connected:
+        yield connected
+
+
 def gpu_resources(client: Client) -> dict[str, float] | None:
     """``{"GPU": 1}`` when any worker advertises a GPU, else None."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()

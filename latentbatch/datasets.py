@@ -359,10 +359,6 @@ class FolderSource(ImageSource):
             f"folder {root}: {len(good)} images, {len(skipped)} skipped, classes {list(classes)}"
         )
 
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return self._files
-
     def _read(self, start: int, stop: int) -> np.ndarray:
         files = tuple(map(str, self._files[start:stop]))
         return _read_files(files, self.geometry, self._max_pixels)

@@ -38,10 +38,10 @@ from latentbatch.checkpoint import read_info
 from latentbatch.cluster import (
     Progress,
     cached_model,
-    connect,
     gpu_resources,
     map_bounded,
     register_model,
+    using,
 )
 from latentbatch.errors import LatentbatchError
 from latentbatch.ids import validate_ids
@@ -303,11 +303,8 @@ def decode(
         )
 
     if jobs:
-        if client is not None:
-            run(client)
-        else:
-            with connect(scheduler, workers) as c:
-                run(c)
+        with using(client, scheduler, workers) as c:
+            run(c)
     remove_temporaries(out_url, out_options)
     records = {**done, **written}
     manifest = {

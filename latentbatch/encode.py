@@ -35,10 +35,10 @@ from latentbatch.checkpoint import ModelInfo, read_info
 from latentbatch.cluster import (
     Progress,
     cached_model,
-    connect,
     gpu_resources,
     map_bounded,
     register_model,
+    using,
 )
 from latentbatch.datasets import Geometry, ImageSource, RowsRef, open_source
 from latentbatch.ids import validate_ids
@@ -243,11 +243,8 @@ def encode(
             on_result=commit,
         )
 
-    if client is not None:
-        run(client)
-    else:
-        with connect(scheduler, workers) as c:
-            run(c)
+    with using(client, scheduler, workers) as c:
+        run(c)
     sources = [
         *store.meta["sources"],
         {"spec": source.spec, "description": source.description, "rows": [base, stop]},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +30,6 @@ from latentbatch.errors import LatentbatchError
 from latentbatch.figures import image_grid
 
 PREVIEW_MAX_BYTES = 60_000
-
-
-def offline_defaults(scratch: Path) -> None:
-    """Keep Prefect's state under ``scratch`` and every connection on this machine."""
-    os.environ.setdefault("PREFECT_HOME", str(scratch / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def is_transient(error: BaseException) -> bool:
