@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,7 +87,10 @@ def summary_artifact(key: str, title: str, rows: list[dict[str, Any]]) -> str:
 
 
 class ProgressReporter:
-    """A progress artifact updated from engine progress callbacks (at most once a second)."""
+    """A progress artifact updated from engine progress callbacks (at most once a second).
+
+    Updates are best effort: when the API cannot be reached the work goes on.
+    """
 
     def __init__(self, key: str, description: str, min_interval: float = 1.0) -> None:
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
@@ -98,5 +102,9 @@ class ProgressReporter:
         finished = progress.done_tasks == progress.total_tasks
         if finished or now - self._last >= self._min_interval:
             percent = 100.0 * progress.done_items / max(1, progress.total_items)
-            update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
+            try:
+                update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
+            except Exception as error:
+                # an API outage must not stop the work the progress is about
+                logging.getLogger(__name__).warning("progress artifact not updated: %s", error)
             self._last = now

@@ -5,14 +5,19 @@ talking TLS (one advertising GPU=1)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -128,6 +133,8 @@ class Topology:
     api_url: str
     scheduler: str
     certs: dict[str, Path]
+    folder: Path
+    restart_server: Callable[[], None]
 
     def security(self) -> Security:
         return Security(
@@ -138,12 +145,56 @@ class Topology:
         )
 
 
+def _dask_processes(scheduler: str, port: int, folder: Path, tls: dict[str, str]) -> list[Any]:
+    dask = str(BIN / "dask")
+    scheduler_args = [
+        dask,
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--protocol",
+        "tls",
+    ]
+    processes = [
+        start([*scheduler_args, "--dashboard-address", ":0"], folder / "scheduler.log", tls)
+    ]
+    for name, extra in (("cpu", []), ("gpu", ["--resources", "GPU=1"])):
+        args = [dask, "worker", scheduler, "--nthreads", "1", "--name", name, "--host", "127.0.0.1"]
+        args += ["--dashboard-address", ":0", *extra]
+        processes.append(start(args, folder / f"worker-{name}.log", tls))
+    return processes
+
+
+def _register(client_env: dict[str, str]) -> None:
+    prefect = str(BIN / "prefect")
+    env = {**os.environ, **client_env}
+    pool = [prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"]
+    subprocess.run(pool, env=env, check=True, capture_output=True)
+    deploy = [
+        prefect,
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        str(ROOT / "deploy" / "prefect.yaml"),
+    ]
+    subprocess.run(
+        deploy,
+        env={**env, "LATENTBATCH_ROOT": str(ROOT)},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     folder = tmp_path_factory.mktemp("topology")
     certs = make_certificates(folder / "certs")
     tls = dask_tls_env(certs)
-    processes = []
+    processes: list[Any] = []
     with postgres_server(folder / "pg", "pg-secret") as database:
         try:
             port, dask_port = free_port(), free_port()
@@ -155,96 +206,42 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
                 "PREFECT_API_DATABASE_CONNECTION_URL": database,
                 "PREFECT_SERVER_API_AUTH_STRING": AUTH,
             }
-            processes.append(
-                start(
-                    [
-                        str(BIN / "prefect"),
-                        "server",
-                        "start",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
-                    folder / "server.log",
-                    server_env,
-                )
-            )
-            dask = str(BIN / "dask")
-            processes.append(
-                start(
-                    [
-                        dask,
-                        "scheduler",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(dask_port),
-                        "--protocol",
-                        "tls",
-                        "--dashboard-address",
-                        ":0",
-                    ],
-                    folder / "scheduler.log",
-                    tls,
-                )
-            )
-            for name, extra in (("cpu", []), ("gpu", ["--resources", "GPU=1"])):
-                args = [
-                    dask,
-                    "worker",
-                    scheduler,
-                    "--nthreads",
-                    "1",
-                    "--name",
-                    name,
-                    "--host",
-                    "127.0.0.1",
-                    "--dashboard-address",
-                    ":0",
-                    *extra,
-                ]
-                processes.append(start(args, folder / f"worker-{name}.log", tls))
-            headers = {
-                "Authorization": "Basic " + __import__("base64").b64encode(AUTH.encode()).decode()
-            }
-            wait_for(
-                lambda: (
-                    httpx.get(f"{api_url}/health", headers=headers, timeout=2).status_code == 200
-                ),
-                "prefect server",
-                120,
-            )
+            server_args = [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+            processes.append(start(server_args, folder / "server.log", server_env))
+            headers = {"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
+
+            def healthy() -> bool:
+                return httpx.get(f"{api_url}/health", headers=headers, timeout=2).status_code == 200
+
+            def restart_server() -> None:
+                stop(processes[0])
+                processes[0] = start(server_args, folder / "server.log", server_env)
+                wait_for(healthy, "the restarted Prefect server", 120)
+
+            processes += _dask_processes(scheduler, dask_port, folder, tls)
+            wait_for(healthy, "the Prefect server", 120)
             client_env = {**env, **tls, "PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": AUTH}
-            prefect = str(BIN / "prefect")
-            subprocess.run(
-                [prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-                env={**os.environ, **client_env},
-                check=True,
-                capture_output=True,
-            )
-            subprocess.run(
-                [
-                    prefect,
-                    "--no-prompt",
-                    "deploy",
-                    "--all",
-                    "--prefect-file",
-                    str(ROOT / "deploy" / "prefect.yaml"),
-                ],
-                env={**os.environ, **client_env, "LATENTBATCH_ROOT": str(ROOT)},
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
-            processes.append(
-                start(
-                    [prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-                    folder / "prefect-worker.log",
-                    {**client_env, "DASK_SCHEDULER_ADDRESS": scheduler},
-                )
-            )
-            topo = Topology(api_url, scheduler, certs)
+            _register(client_env)
+            worker_args = [
+                str(BIN / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                WORK_POOL,
+                "--type",
+                "process",
+            ]
+            worker_env = {**client_env, "DASK_SCHEDULER_ADDRESS": scheduler}
+            processes.append(start(worker_args, folder / "prefect-worker.log", worker_env))
+            topo = Topology(api_url, scheduler, certs, folder, restart_server)
             wait_for(lambda: dask_env_ready(scheduler, topo.security(), 2), "dask cluster", 60)
             with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: AUTH}):
                 yield topo
@@ -308,3 +305,68 @@ def test_decode_deployment_runs_on_the_gpu_worker_only(
     counts = dict(executed.values())
     assert counts["gpu"] == 4
     assert counts["cpu"] == 0
+
+
+def _api(topology: Topology, path: str, body: dict[str, Any] | None = None) -> Any:
+    user, password = AUTH.split(":")
+    url = f"{topology.api_url}{path}"
+    if body is None:
+        response = httpx.get(url, auth=(user, password), timeout=10)
+    else:
+        response = httpx.post(url, json=body, auth=(user, password), timeout=10)
+    return response.raise_for_status().json()
+
+
+def _final_state(topology: Topology, run_id: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _api(topology, f"/flow_runs/{run_id}")["state_type"]
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return str(state)
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} still not finished after {timeout} s")
+
+
+def test_server_restart_during_a_nightly_run_loses_nothing(
+    topology: Topology, tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
+    shutil.copytree(tiny_model, models / "tiny")
+    encode(
+        tiny_model, "synthetic:3000", str(root / "big.zarr"), layout=Layout(16, 8), client=client
+    )
+    parameters = {"root": str(root), "out_root": str(out_root), "models_root": str(models)}
+    run = run_deployment(
+        "nightly-bulk-decode/nightly-bulk-decode", parameters=parameters, timeout=0
+    )
+    run_id = str(run.id)
+    records = out_root / "big" / ".records"
+    wait_for(lambda: len(list(records.glob("*.json"))) >= 10, "the first decoded shards", 180)
+
+    topology.restart_server()
+    recorded = sorted(p.stem for p in records.glob("*.json"))
+    stamps = {name: (out_root / "big" / f"{name}.tar").stat().st_mtime_ns for name in recorded}
+    first = _final_state(topology, run_id)
+    print(f"the run ended {first} after the restart; {len(recorded)} shards were recorded before")
+    assert _api(topology, f"/flow_runs/{run_id}")["id"] == run_id
+    logs = _api(topology, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+    messages = [entry["message"] for entry in logs]
+    assert any("submitted to infrastructure" in m for m in messages)  # written before the restart
+    assert any("Finished in state" in m for m in messages)  # written after it
+    artifacts = _api(
+        topology, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    )
+    assert "nightly-progress" in {a["key"] for a in artifacts}
+
+    env = {**os.environ, "PREFECT_API_URL": topology.api_url, "PREFECT_API_AUTH_STRING": AUTH}
+    env |= base_env(topology.folder)
+    retry = subprocess.run(
+        [str(BIN / "prefect"), "flow-run", "retry", run_id], env=env, capture_output=True, text=True
+    )
+    assert retry.returncode == 0, retry.stderr + retry.stdout
+    assert _final_state(topology, run_id) == "COMPLETED", first
+    manifest = json.loads((out_root / "big" / "manifest.json").read_text())
+    assert manifest["count"] == 3000
+    assert len(manifest["shards"]) == 188
+    for name, stamp in stamps.items():
+        assert (out_root / "big" / f"{name}.tar").stat().st_mtime_ns == stamp, f"{name} was redone"
