@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.params import ModelDir, OutputFormat, Scheduler, StoreUrl, Workers
 from latentbatch.decode import DecodeResult, decode
 from latentbatch.orchestration import (
     ProgressReporter,
@@ -66,20 +67,14 @@ def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
 
 @flow(name="decode-latents", log_prints=True)
 def decode_latents(
-    model_dir: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
-    store: Annotated[
-        str, Field(description="Latent store: local path or s3:// URL")
-    ] = "out/stores/mnist5k.zarr",
+    model_dir: ModelDir = "models/seed-mnist5k",
+    store: StoreUrl = "out/stores/mnist5k.zarr",
     out: Annotated[
         str, Field(description="Output folder: local path or s3:// URL")
     ] = "out/decoded/mnist5k",
-    output_format: Annotated[
-        Literal["tar", "zarr", "png"], Field(description="Shard format")
-    ] = "tar",
-    scheduler: Annotated[
-        str | None, Field(description="Dask scheduler address (empty: local cluster)")
-    ] = None,
-    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+    output_format: OutputFormat = "tar",
+    scheduler: Scheduler = None,
+    workers: Workers = None,
     allow_model_mismatch: Annotated[
         bool, Field(description="Decode a store of another model")
     ] = False,

@@ -10,6 +10,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.params import DataSource, ModelDir, Scheduler, StoreUrl, Workers
 from latentbatch.checkpoint import load_model
 from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import decode_latents
@@ -49,20 +50,14 @@ def encode_task(
 
 @flow(name="encode-images", log_prints=True)
 def encode_images(
-    model_dir: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
-    data: Annotated[
-        str, Field(description="mnist5k, digits, photos, synthetic[:N] or folder:PATH")
-    ] = "mnist5k",
-    store: Annotated[
-        str, Field(description="Latent store: local path or s3:// URL")
-    ] = "out/stores/mnist5k.zarr",
+    model_dir: ModelDir = "models/seed-mnist5k",
+    data: DataSource = "mnist5k",
+    store: StoreUrl = "out/stores/mnist5k.zarr",
     append: Annotated[
         bool, Field(description="Add to an existing store of the same model")
     ] = False,
-    scheduler: Annotated[
-        str | None, Field(description="Dask scheduler address (empty: local cluster)")
-    ] = None,
-    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
 ) -> dict[str, object]:
     result = encode_task(model_dir, data, store, append, scheduler, workers)
     summary = {

@@ -6,7 +6,7 @@ A store that fails does not stop the others; the run then ends Failed and names 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -14,6 +14,7 @@ from prefect.states import Completed, Failed, State
 from pydantic import Field
 
 from flows.decode import decode_summary
+from flows.params import OutputFormat, Scheduler, Workers
 from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
@@ -58,13 +59,9 @@ def nightly_bulk_decode(
     models_root: Annotated[
         str, Field(description="Folder of model directories, matched by model id")
     ] = "models",
-    output_format: Annotated[
-        Literal["tar", "zarr", "png"], Field(description="Shard format")
-    ] = "tar",
-    scheduler: Annotated[
-        str | None, Field(description="Dask scheduler address (empty: local cluster)")
-    ] = None,
-    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+    output_format: OutputFormat = "tar",
+    scheduler: Scheduler = None,
+    workers: Workers = None,
 ) -> State[Any]:
     items = plan_task(root, out_root)
     models = models_by_id(Path(models_root))

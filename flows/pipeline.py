@@ -17,6 +17,7 @@ from pydantic import Field
 
 from flows.decode import decode_latents
 from flows.encode import encode_images
+from flows.params import DataSource, Scheduler, Workers
 from flows.train import train_autoencoder
 from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS, read_info
 from latentbatch.datasets import Geometry, open_source
@@ -34,17 +35,15 @@ def quality_task(model_dir: str, data: str, out: str) -> Quality:
 
 @flow(name="reconstruction-pipeline", log_prints=True)
 def reconstruction_pipeline(
-    data: Annotated[str, Field(description="Image source")] = "mnist5k",
+    data: DataSource = "mnist5k",
     preset: Annotated[str, Field(description="seed or compact")] = "seed",
     epochs: Annotated[int, Field(ge=1, description="Training epochs")] = 10,
     seed: Annotated[int, Field(description="Training seed")] = 0,
     workdir: Annotated[
         str, Field(description="Where the model, store and output go")
     ] = "out/pipeline",
-    scheduler: Annotated[
-        str | None, Field(description="Dask scheduler address (empty: local cluster)")
-    ] = None,
-    workers: Annotated[int | None, Field(ge=1, description="Workers of the local cluster")] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
 ) -> dict[str, object]:
     model_dir = f"{workdir}/models/{preset}-{data}"
     store = f"{workdir}/{data}-{preset}.zarr"

@@ -11,6 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.params import StoreUrl
 from latentbatch import query
 from latentbatch.orchestration import preview_artifact, summary_artifact
 from latentbatch.store import open_store
@@ -53,7 +54,7 @@ def query_task(
 
 @flow(name="query-latents", log_prints=True)
 def query_latents(
-    store: Annotated[str, Field(description="Latent store")] = "out/stores/mnist5k.zarr",
+    store: StoreUrl = "out/stores/mnist5k.zarr",
     ids: Annotated[list[str] | None, Field(description="Select these ids")] = None,
     rows: Annotated[str | None, Field(description="Row range I:J")] = None,
     label: Annotated[int | None, Field(description="Only rows with this label")] = None,

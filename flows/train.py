@@ -9,6 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.params import DataSource
 from latentbatch.config import TrainConfig, preset_config
 from latentbatch.datasets import native_geometry
 from latentbatch.orchestration import picture_artifact, summary_artifact
@@ -24,9 +25,7 @@ def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> Trai
 
 @flow(name="train-autoencoder", log_prints=True)
 def train_autoencoder(
-    data: Annotated[
-        str, Field(description="mnist5k, digits, photos, synthetic[:N] or folder:PATH")
-    ] = "mnist5k",
+    data: DataSource = "mnist5k",
     preset: Annotated[
         Literal["seed", "compact"], Field(description="Architecture preset")
     ] = "seed",
