@@ -118,15 +118,38 @@ class _Launcher:
         self.save()
         return process.pid
 
-    def run(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
-        log = self.logs / f"{name}.log"
-        with log.open("ab") as handle:
-            done = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        if done.returncode:
-            raise StackError(f"{' '.join(args[:3])} ... failed (exit {done.returncode}); see {log}")
-
     def save(self) -> None:
         (self.home / "pids.json").write_text(json.dumps(self.pids, indent=2))
+
+
+def _run_logged(
+    name: str, args: list[str], env: dict[str, str], logs: Path, cwd: Path | None = None
+) -> None:
+    log = logs / f"{name}.log"
+    with log.open("ab") as handle:
+        done = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    if done.returncode:
+        raise StackError(f"{' '.join(args[:3])} ... failed (exit {done.returncode}); see {log}")
+
+
+def register_deployments(project: Path, client_env: dict[str, str], logs: Path) -> None:
+    """Create the process work pool and register ``deploy/prefect.yaml`` against the API
+    that ``client_env`` points at (logs in ``logs/work-pool.log`` and ``logs/deploy.log``)."""
+    prefect = str(BIN / "prefect")
+    logs.mkdir(parents=True, exist_ok=True)
+    pool = [prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"]
+    _run_logged("work-pool", pool, client_env, logs)
+    deploy = [
+        prefect,
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        str(project / "deploy" / "prefect.yaml"),
+    ]
+    _run_logged(
+        "deploy", deploy, {**client_env, "LATENTBATCH_ROOT": str(project)}, logs, cwd=project
+    )
 
 
 def up(
@@ -202,32 +225,7 @@ def up(
             )
         _wait(lambda: _healthy(api_url), "the Prefect server", launcher.logs / "prefect-server.log")
         client_env = {**env, "PREFECT_API_URL": api_url}
-        launcher.run(
-            "work-pool",
-            [
-                str(BIN / "prefect"),
-                "work-pool",
-                "create",
-                WORK_POOL,
-                "--type",
-                "process",
-                "--overwrite",
-            ],
-            client_env,
-        )
-        launcher.run(
-            "deploy",
-            [
-                str(BIN / "prefect"),
-                "--no-prompt",
-                "deploy",
-                "--all",
-                "--prefect-file",
-                str(prefect_file),
-            ],
-            {**client_env, "LATENTBATCH_ROOT": str(project)},
-            cwd=project,
-        )
+        register_deployments(project, client_env, launcher.logs)
         launcher.start(
             "prefect-worker",
             [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],

@@ -32,7 +32,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from latentbatch.encode import encode
-from latentbatch.stack import WORK_POOL, base_env
+from latentbatch.stack import WORK_POOL, base_env, register_deployments
 from latentbatch.store import Layout
 from tests.conftest import ROOT
 from tests.servers import (
@@ -167,28 +167,6 @@ def _dask_processes(scheduler: str, port: int, folder: Path, tls: dict[str, str]
     return processes
 
 
-def _register(client_env: dict[str, str]) -> None:
-    prefect = str(BIN / "prefect")
-    env = {**os.environ, **client_env}
-    pool = [prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"]
-    subprocess.run(pool, env=env, check=True, capture_output=True)
-    deploy = [
-        prefect,
-        "--no-prompt",
-        "deploy",
-        "--all",
-        "--prefect-file",
-        str(ROOT / "deploy" / "prefect.yaml"),
-    ]
-    subprocess.run(
-        deploy,
-        env={**env, "LATENTBATCH_ROOT": str(ROOT)},
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     folder = tmp_path_factory.mktemp("topology")
@@ -229,7 +207,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
             processes += _dask_processes(scheduler, dask_port, folder, tls)
             wait_for(healthy, "the Prefect server", 120)
             client_env = {**env, **tls, "PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": AUTH}
-            _register(client_env)
+            register_deployments(ROOT, {**os.environ, **client_env}, folder / "logs")
             worker_args = [
                 str(BIN / "prefect"),
                 "worker",
