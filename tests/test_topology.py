@@ -327,10 +327,15 @@ def test_server_restart_during_a_nightly_run_loses_nothing(
     first = _final_state(topology, run_id)
     print(f"the run ended {first} after the restart; {len(recorded)} shards were recorded before")
     assert _api(topology, f"/flow_runs/{run_id}")["id"] == run_id
-    logs = _api(topology, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
-    messages = [entry["message"] for entry in logs]
-    assert any("submitted to infrastructure" in m for m in messages)  # written before the restart
-    assert any("Finished in state" in m for m in messages)  # written after it
+
+    def messages() -> list[str]:
+        logs = _api(topology, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+        return [entry["message"] for entry in logs]
+
+    # the flow process ships its last log lines a moment after its final state
+    wait_for(lambda: any("Finished in state" in m for m in messages()), "the final log lines", 60)
+    assert any("submitted to infrastructure" in m for m in messages())  # written before the restart
+    assert any("Finished in state" in m for m in messages())  # written after it
     artifacts = _api(
         topology, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
     )
