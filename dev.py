@@ -3,7 +3,8 @@
 
     python3 dev.py demo          install (data extra), then run the reconstruction-pipeline
                                  flow (python -m flows.pipeline) on embedded defaults
-    python3 dev.py test [ARGS]   install (dev extra), then ruff check + format --check, pytest ARGS
+    python3 dev.py test [ARGS]   install (dev extra), then ruff check + format --check, mypy
+                                 (strict, on latentbatch/ and flows/), pytest ARGS
 
 Needs only python3 (3.11+). Installs use constraints.txt, which pins the CPU torch wheel.
 Re-running skips the install while pyproject.toml and constraints.txt are unchanged.
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> int:
         return subprocess.run(demo, cwd=ROOT, env=env).returncode
     ensure_env("dev")
     ensure_system_packages()
-    for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+    for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]):
         print("+", " ".join(check), flush=True)
         code = subprocess.run([str(BIN / check[0]), *check[1:]], cwd=ROOT, env=env).returncode
         if code:

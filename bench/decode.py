@@ -1,23 +1,32 @@
 #!/usr/bin/env python3
 """Decode throughput: bare torch loops against the full pipeline, measured in one run.
 
-    python bench/decode.py [--count 20000] [--workers 2] [--model DIR] [--workdir DIR]
+    python bench/decode.py [--count 20000] [--workers 1 2] [--device auto|cpu|cuda]
+                           [--min-seconds S] [--json] [--model DIR] [--workdir DIR]
 
 Rows of the table, all on the same model and the same latents:
 
   bare decode          one process, latents in memory, decoder only (no I/O, no PNG)
   bare decode + PNG    the same loop, PNG-encoding every image in a 2-thread pool
   pipeline, N workers  Zarr store → Dask (N worker processes) → decode → PNG → tar shards
+  fp32 matmul          a 4096² float32 matrix product on the same device: the yardstick
+                       for the decoder's GFLOP/s
 
 The latents are mnist5k encoded by the model, tiled to --count rows. Without --model a
 seed model is trained for one epoch (a few seconds). Each pipeline run happens in a child
-process so that its peak RSS is the client's alone; cluster start-up is not timed.
+process so that its peak RSS is the client's alone; cluster start-up is not timed. The
+pipeline's workers decode on CUDA when the machine has it (the embedded cluster's rule).
+``--min-seconds`` repeats the bare loops until they have run that long (to keep a fast
+GPU busy long enough to measure). ``--json`` prints the numbers as one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -32,11 +41,13 @@ import torch
 from latentbatch.checkpoint import load_model, read_info
 from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.decode import DECODE_BATCH, _png_pool, decode, decode_latents
+from latentbatch.decode import _png_pool, batch_for, decode, decode_latents
 from latentbatch.encode import encode
 from latentbatch.shards import encode_png
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
+
+MATMUL_SIZE = 4096
 
 
 def build_store(model_dir: Path, workdir: Path, count: int) -> Path:
@@ -51,7 +62,10 @@ def build_store(model_dir: Path, workdir: Path, count: int) -> Path:
     source = open_store(str(base))
     latents = source.read_latents(0, source.count)
     labels = source.read_labels(0, source.count)
-    store = create_store(str(path), read_info(model_dir), count, layout=Layout())
+    info = read_info(model_dir)
+    store = create_store(
+        str(path), model_id=info.model_id, config=info.config, capacity=count, layout=Layout()
+    )
     for a, b in shard_ranges(0, count, store.shard_rows):
         rows = np.arange(a, b) % len(latents)
         store.write_rows(a, latents[rows], [f"bench-{i:08d}" for i in range(a, b)], labels[rows])
@@ -61,22 +75,68 @@ def build_store(model_dir: Path, workdir: Path, count: int) -> Path:
     return path
 
 
-def bare(model_dir: Path, store: Path, device: torch.device, png: bool) -> float:
-    """Images/s of a single-process loop over latents held in memory."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare(
+    model_dir: Path, store: Path, device: torch.device, png: bool, min_seconds: float = 0.0
+) -> float:
+    """Images/s of a single-process loop over latents held in memory (repeated until it
+    has run ``min_seconds``)."""
     decoder, _ = load_model(model_dir, "decoder", device)
     data = open_store(str(store))
     latents = data.read_latents(0, data.count)
+    batch = batch_for(device)
     futures: list = []
 
-    def queue(batch: np.ndarray) -> None:
-        futures.extend(_png_pool().submit(encode_png, image) for image in batch)
+    def queue(images: np.ndarray) -> None:
+        futures.extend(_png_pool().submit(encode_png, image) for image in images)
 
-    decode_latents(decoder, latents[:DECODE_BATCH], device)  # warm-up
+    decode_latents(decoder, latents[:batch], device, batch)  # warm-up
+    _synchronize(device)
     started = time.perf_counter()
-    decode_latents(decoder, latents, device, DECODE_BATCH, queue if png else None)
-    for future in futures:
-        future.result()
-    return len(latents) / (time.perf_counter() - started)
+    images = 0
+    while images == 0 or time.perf_counter() - started < min_seconds:
+        decode_latents(decoder, latents, device, batch, queue if png else None)
+        for future in futures:
+            future.result()
+        futures.clear()
+        images += len(latents)
+    _synchronize(device)
+    return images / (time.perf_counter() - started)
+
+
+def decoder_flops(model_dir: Path) -> float:
+    """Multiply-adds × 2 of one image through the decoder's convolutions."""
+    decoder, info = load_model(model_dir, "decoder")
+    side = info.config.latent_shape[1]
+    total = 0.0
+    for layer in decoder:
+        if isinstance(layer, torch.nn.Conv2d):
+            kernel = layer.kernel_size[0] * layer.kernel_size[1]
+            total += 2.0 * layer.in_channels * layer.out_channels * kernel * side * side
+        elif isinstance(layer, torch.nn.Upsample):
+            side *= 2
+    return total
+
+
+def matmul_gflops(device: torch.device, seconds: float = 1.0) -> float:
+    """fp32 GFLOP/s of a 4096² matrix product on ``device`` (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.rand(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.rand(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    a @ b  # warm-up
+    _synchronize(device)
+    started, runs = time.perf_counter(), 0
+    while runs == 0 or time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+        if runs % 8 == 0:
+            _synchronize(device)
+    _synchronize(device)
+    return 2.0 * MATMUL_SIZE**3 * runs / (time.perf_counter() - started) / 1e9
 
 
 def pipeline_child(model_dir: Path, store: Path, out: Path, workers: int) -> None:
@@ -122,6 +182,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--pipeline-only", action="store_true", help="skip the bare loops")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--min-seconds", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -137,18 +200,50 @@ def main() -> None:
         model_dir = workdir / "seed-mnist5k"
         train(preset_config("seed"), TrainConfig("mnist5k", 1), model_dir, progress=False)
     store = build_store(model_dir, workdir, args.count)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     rows: list[tuple[str, float, str]] = []
+    numbers: dict[str, object] = {
+        "count": args.count,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+    }
     decode_only = with_png = None
     if not args.pipeline_only:
-        decode_only = bare(model_dir, store, device, png=False)
-        with_png = bare(model_dir, store, device, png=True)
-        rows.append(
-            (f"bare decode ({device.type}, {torch.get_num_threads()} threads)", decode_only, "")
-        )
+        decode_only = bare(model_dir, store, device, False, args.min_seconds)
+        with_png = bare(model_dir, store, device, True, args.min_seconds)
+        flops = decoder_flops(model_dir)
+        matmul = matmul_gflops(device)
+        numbers |= {
+            "bare_decode": decode_only,
+            "bare_decode_encode": with_png,
+            "decoder_gflops": decode_only * flops / 1e9,
+            "matmul_gflops": matmul,
+            "decoder_mflop_per_image": flops / 1e6,
+        }
+        threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "batch 4096"
+        rows.append((f"bare decode ({device.type}, {threads})", decode_only, ""))
         rows.append(("bare decode + PNG (one process)", with_png, ""))
+        rows.append(
+            (
+                f"decoder GFLOP/s ({flops / 1e6:.1f} MFLOP per image)",
+                decode_only * flops / 1e9,
+                f"{decode_only * flops / 1e9 / matmul:.2f}x fp32 matmul",
+            )
+        )
+        rows.append((f"fp32 matmul {MATMUL_SIZE}² GFLOP/s", matmul, ""))
     for workers in args.workers:
         run = pipeline(model_dir, store, workdir / f"out-{workers}", workers)
+        numbers[f"pipeline_{workers}"] = run["rate"]
+        numbers[f"pipeline_{workers}_client_peak_rss_mib"] = run["peak_rss_mib"]
+        if decode_only:
+            numbers[f"pipeline_{workers}_over_bare_decode"] = run["rate"] / decode_only
         ratios = ""
         if decode_only and with_png:
             ratios = f"{run['rate'] / with_png:.2f}x bare+PNG, "
@@ -157,7 +252,12 @@ def main() -> None:
         name = f"pipeline, {workers} worker{plural} (client peak RSS {run['peak_rss_mib']:.0f} MiB)"
         rows.append((name, run["rate"], ratios))
     model_id = read_info(model_dir).short_id
-    print(f"\nlatentbatch decode benchmark: {args.count} images, model {model_id}")
+    numbers["model_id"] = model_id
+    if args.json:
+        print(json.dumps(numbers, indent=2, sort_keys=True))
+        return
+    device_name = numbers["device"]
+    print(f"\nlatentbatch decode benchmark: {args.count} images, model {model_id}, {device_name}")
     print(f"{'stage':<58} {'images/s':>10}  ratio")
     print("-" * 100)
     for name, rate, ratio in rows:

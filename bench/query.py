@@ -44,7 +44,14 @@ def build(workdir: Path, count: int) -> Path:
     if not (model_dir / "model.safetensors").exists():
         torch.manual_seed(0)
         save_model(model_dir, Autoencoder(preset_config("compact")), {})
-    store = create_store(str(path), read_info(model_dir), count, layout=Layout(8192, 1024))
+    info = read_info(model_dir)
+    store = create_store(
+        str(path),
+        model_id=info.model_id,
+        config=info.config,
+        capacity=count,
+        layout=Layout(8192, 1024),
+    )
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     for a, b in shard_ranges(0, count, store.shard_rows):

@@ -17,7 +17,7 @@ from latentbatch.orchestration import (
     retry_transient,
     summary_artifact,
 )
-from latentbatch.shards import read_output
+from latentbatch.shards import Format, read_output
 
 PREVIEW = 16
 
@@ -33,7 +33,7 @@ def decode_task(
     model_dir: str,
     store: str,
     out: str,
-    output_format: str,
+    output_format: Format,
     scheduler: str | None,
     workers: int | None,
     allow_model_mismatch: bool,
@@ -43,7 +43,7 @@ def decode_task(
         Path(model_dir),
         store,
         out,
-        fmt=output_format,  # type: ignore[arg-type]
+        fmt=output_format,
         scheduler=scheduler,
         workers=workers,
         allow_model_mismatch=allow_model_mismatch,
@@ -61,7 +61,7 @@ def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
         "shards_skipped": len(result.shards_skipped),
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 1),
-        "model_id": result.manifest["model_id"],
+        "model_id": result.manifest.model_id,
     }
 
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.params import DataSource, ModelDir, Scheduler, StoreUrl, Workers
-from latentbatch.checkpoint import load_model
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.decode import decode_latents
 from latentbatch.encode import EncodeResult, encode
 from latentbatch.orchestration import (
     ProgressReporter,
@@ -21,7 +17,7 @@ from latentbatch.orchestration import (
     retry_transient,
     summary_artifact,
 )
-from latentbatch.store import open_store
+from latentbatch.pipeline import encode_preview
 
 PREVIEW = 8
 
@@ -72,17 +68,10 @@ def encode_images(
         "already_encoded": result.skipped,
     }
     summary_artifact("encode-summary", "Encode summary", [summary])
-    model, info = load_model(Path(model_dir))
-    opened = open_store(store)
-    source = open_source(
-        data, Geometry(info.config.image_size, info.config.channels), limit=PREVIEW
-    )
-    start = result.rows[0] if not result.skipped else 0
-    latents = opened.read_latents(start, start + PREVIEW)
     preview_artifact(
         "encode-preview",
         "Originals (top) and their stored latents decoded (bottom)",
-        [source.read(0, PREVIEW), decode_latents(model.decoder, latents, torch.device("cpu"))],
+        encode_preview(Path(model_dir), data, store, PREVIEW),
         f"First {PREVIEW} images of {data} in {store}.",
     )
     print(f"encoded {result.encoded} images of {data} into {store}")

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed, State
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Failed
 from pydantic import Field
 
 from flows.decode import decode_summary
@@ -19,6 +20,7 @@ from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
 from latentbatch.orchestration import ProgressReporter, retry_transient, summary_artifact
+from latentbatch.shards import Format
 from latentbatch.store import open_store
 
 
@@ -36,7 +38,7 @@ def plan_task(root: str, out_root: str) -> list[BulkItem]:
     task_run_name="decode {item.entry.relative}",
 )
 def decode_store(
-    item: BulkItem, models: dict[str, Path], fmt: str, client: Any
+    item: BulkItem, models: dict[str, Path], fmt: Format, client: Any
 ) -> dict[str, object]:
     model_id = open_store(item.entry.url).model_id  # validates the store
     if model_id not in models:
@@ -44,7 +46,7 @@ def decode_store(
     progress = ProgressReporter("nightly-progress", f"Decoding {item.entry.url}")
     result = decode(
         models[model_id], item.entry.url, item.out, fmt=fmt, client=client, on_progress=progress
-    )  # type: ignore[arg-type]
+    )
     return decode_summary(result, item.entry.url)
 
 

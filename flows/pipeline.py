@@ -1,7 +1,8 @@
-"""reconstruction-pipeline: train (or reuse), encode, decode: the end-to-end demo.
+"""reconstruction-pipeline: train (or reuse), encode, decode, measure: the main job.
 
 Run it directly (``python -m flows.pipeline``) for the main job: it prints the flow run's
-id, the output locations and the summary table.
+id, the output locations and the summary table. The chain itself is
+:func:`latentbatch.pipeline.run_pipeline`, the same one ``latentbatch demo`` runs.
 """
 
 from __future__ import annotations
@@ -12,25 +13,43 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext
 from pydantic import Field
 
-from flows.decode import decode_latents
-from flows.encode import encode_images
 from flows.params import DataSource, Scheduler, Workers
-from flows.train import train_autoencoder
-from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS, read_info
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.orchestration import preview_artifact, summary_artifact
-from latentbatch.pipeline import Quality, measure_quality
-from latentbatch.shards import read_output
+from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
+from latentbatch.orchestration import (
+    ProgressReporter,
+    picture_artifact,
+    preview_artifact,
+    summary_artifact,
+)
+from latentbatch.pipeline import PipelineResult, output_preview, run_pipeline
 
 PREVIEW = 8
 
 
-@task(name="measure-quality", cache_policy=NO_CACHE)
-def quality_task(model_dir: str, data: str, out: str) -> Quality:
-    return measure_quality(Path(model_dir), data, out)
+@task(name="run-pipeline", cache_policy=NO_CACHE)
+def pipeline_task(
+    data: str,
+    preset: str,
+    epochs: int,
+    seed: int,
+    workdir: str,
+    scheduler: str | None,
+    workers: int | None,
+) -> PipelineResult:
+    return run_pipeline(
+        Path(workdir),
+        source=data,
+        preset=preset,
+        epochs=epochs,
+        seed=seed,
+        scheduler=scheduler,
+        workers=workers,
+        progress=False,
+        on_decode_progress=ProgressReporter("pipeline-progress", f"Decoding {data}"),
+    )
 
 
 @flow(name="reconstruction-pipeline", log_prints=True)
@@ -45,46 +64,24 @@ def reconstruction_pipeline(
     scheduler: Scheduler = None,
     workers: Workers = None,
 ) -> dict[str, object]:
-    model_dir = f"{workdir}/models/{preset}-{data}"
-    store = f"{workdir}/{data}-{preset}.zarr"
-    out = f"{workdir}/{data}-{preset}-decoded"
-    trained = train_autoencoder(data, preset, epochs, seed, model_dir)  # type: ignore[arg-type]
-    encoded = encode_images(model_dir, data, store, False, scheduler, workers)
-    decoded = decode_latents(
-        model_dir, store, out, "tar", scheduler, workers, False, return_state=True
-    )
-    if not decoded.is_completed():
-        raise RuntimeError(f"decode-latents ended {decoded.name}: {decoded.message}")
-    decoded_summary = decoded.result()
-    quality = quality_task(model_dir, data, out)
-    summary = {
-        "model_id": trained["model_id"],
-        "val_psnr_db": trained["val_psnr_db"],
-        "images": decoded_summary["images"],
-        "encoded_this_run": encoded["images"],
-        "decode_images_per_second": decoded_summary["images_per_second"],
-        "psnr_decoded_db": round(quality.pipeline_psnr, 3),
-        "psnr_float32_db": round(quality.float32_psnr, 3),
-        "psnr_cost_db": round(quality.cost_db, 3),
-        "model_dir": model_dir,
-        "store": store,
-        "out": out,
-    }
+    result = pipeline_task(data, preset, epochs, seed, workdir, scheduler, workers)
+    summary = result.summary()
     summary_artifact("pipeline-summary", "Reconstruction pipeline summary", [summary])
-    info = read_info(Path(model_dir))
-    source = open_source(
-        data, Geometry(info.config.image_size, info.config.channels), limit=PREVIEW
+    picture_artifact(
+        "pipeline-reconstructions",
+        "Validation originals (top) and reconstructions (bottom)",
+        result.training.reconstructions,
     )
-    _, decoded_images = read_output(out, limit=PREVIEW)
     preview_artifact(
         "pipeline-preview",
         "Originals (top) and decoded reconstructions (bottom)",
-        [source.read(0, PREVIEW), decoded_images],
+        output_preview(result.training.model_dir, data, result.out, PREVIEW),
         f"{PREVIEW} images of {data} after train → encode → decode.",
     )
-    run = get_run_context()
-    get_run_logger().info("flow run %s finished: %s", run.flow_run.id, summary)  # type: ignore[union-attr]
-    return {**summary, "flow_run_id": str(run.flow_run.id)}  # type: ignore[union-attr]
+    run = FlowRunContext.get()
+    run_id = str(run.flow_run.id) if run is not None and run.flow_run is not None else ""
+    get_run_logger().info("flow run %s finished: %s", run_id, summary)
+    return {**summary, "flow_run_id": run_id}
 
 
 def main() -> None:
@@ -102,7 +99,8 @@ def main() -> None:
     print("\nsummary")
     for key, value in summary.items():
         if key not in ("model_dir", "store", "out", "flow_run_id"):
-            print(f"  {key:<26} {value}")
+            shown = f"{value:.3f}" if isinstance(value, float) else value
+            print(f"  {key:<26} {shown}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ of the results and a preview grid."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
@@ -14,6 +13,7 @@ from pydantic import Field
 from flows.params import StoreUrl
 from latentbatch import query
 from latentbatch.orchestration import preview_artifact, summary_artifact
+from latentbatch.pipeline import selection_preview
 from latentbatch.store import open_store
 
 PREVIEW = 16
@@ -28,28 +28,17 @@ def query_task(
     where: list[str],
     near: str | None,
     k: int,
-    metric: str,
-) -> list[dict[str, object]]:
+    metric: query.Metric,
+) -> list[dict[str, Any]]:
     store = open_store(store_url)
+    if near:
+        latent, row = query.latent_of(store, near)
+        found = query.nearest(store, latent, k, metric, exclude=[row])
+        results = query.result_rows(store, [n.row for n in found], found)
+        return [{**r, "distance": round(r["distance"], 5)} for r in results]
     ranges = [query.parse_rows(rows)] if rows else None
     selected = query.select(store, ids=ids, rows=ranges, label=label, where=where)
-    distances: list[float] | None = None
-    if near:
-        row = int(query.select(store, ids=[near])[0])
-        latent = query.read_rows(store, np.array([row]))[0]
-        found = query.nearest(store, latent, k, metric, exclude=[row])  # type: ignore[arg-type]
-        selected, distances = np.array([n.row for n in found]), [n.distance for n in found]
-    all_ids = store.read_ids(0, store.count)
-    labels = store.read_labels(0, store.count) if store.has_labels else None
-    results: list[dict[str, object]] = []
-    for i, r in enumerate(selected):
-        entry: dict[str, object] = {"row": int(r), "id": all_ids[r]}
-        if labels is not None:
-            entry["label"] = int(labels[r])
-        if distances is not None:
-            entry["distance"] = round(distances[i], 5)
-        results.append(entry)
-    return results
+    return query.result_rows(store, selected)
 
 
 @flow(name="query-latents", log_prints=True)
@@ -70,14 +59,12 @@ def query_latents(
     summary_artifact("query-results", f"Query of {store}", results[:1000] or [{"result": "empty"}])
     if model_dir and results:
         opened = open_store(store)
-        images = query.decode_rows(
-            Path(model_dir), opened, np.array([r["row"] for r in results[:PREVIEW]])
-        )
+        shown = [int(r["row"]) for r in results[:PREVIEW]]
         preview_artifact(
             "query-preview",
             "Query results",
-            [images[i : i + 8] for i in range(0, len(images), 8)],
-            f"First {len(images)} of {len(results)} results.",
+            selection_preview(Path(model_dir), opened, shown),
+            f"First {len(shown)} of {len(results)} results.",
         )
     print(f"{len(results)} rows")
     return results

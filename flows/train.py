@@ -10,16 +10,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.params import DataSource
-from latentbatch.config import TrainConfig, preset_config
-from latentbatch.datasets import native_geometry
+from latentbatch.config import TrainConfig
 from latentbatch.orchestration import picture_artifact, summary_artifact
-from latentbatch.train import TrainResult, train
+from latentbatch.train import TrainResult, model_config_for, train
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> TrainResult:
-    geometry = native_geometry(data)
-    config = preset_config(preset, geometry.channels, geometry.size)
+    config = model_config_for(preset, data)
     return train(config, TrainConfig(data, epochs, seed), Path(out), progress=False)
 
 

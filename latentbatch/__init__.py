@@ -1,5 +1,122 @@
-"""latentbatch: encode images into sharded Zarr v3 latent stores and decode them at scale."""
+"""latentbatch: encode images into sharded Zarr v3 latent stores and decode them at scale.
+
+The public API is the names in ``__all__``; every other module-level name is private by
+convention. Names are imported on first use, so ``import latentbatch`` is cheap and
+opening or querying a store never imports torch::
+
+    import latentbatch as lb
+
+    model = lb.train_model(lb.preset_config("seed"), lb.TrainConfig("mnist5k", epochs=10),
+                           "models/seed-mnist5k").model_dir
+    lb.encode_source(model, "mnist5k", "stores/mnist5k.zarr")
+    store = lb.open_store("stores/mnist5k.zarr")
+    rows = lb.select(store, label=3)
+    near = lb.nearest(store, lb.read_rows(store, rows[:1])[0], k=10)
+    lb.decode_store(model, "stores/mnist5k.zarr", "decoded/mnist5k")
+
+``train_model``, ``encode_source`` and ``decode_store`` are ``latentbatch.train.train``,
+``latentbatch.encode.encode`` and ``latentbatch.decode.decode``: the package cannot call
+them ``train``, ``encode`` and ``decode``, the names of the modules that hold them.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name → (module that owns it, its name there)
+_RENAMED = {
+    "train_model": ("train", "train"),
+    "encode_source": ("encode", "encode"),
+    "decode_store": ("decode", "decode"),
+}
+# public name → module that owns it
+_EXPORTS = {
+    "LatentbatchError": "errors",
+    "ModelConfig": "config",
+    "TrainConfig": "config",
+    "preset_config": "config",
+    "TrainResult": "train",
+    "load_model": "checkpoint",
+    "read_info": "checkpoint",
+    "ModelInfo": "checkpoint",
+    "LatentStore": "store",
+    "Layout": "store",
+    "open_store": "store",
+    "create_store": "store",
+    "EncodeResult": "encode",
+    "decode_selection": "decode",
+    "DecodeResult": "decode",
+    "Manifest": "manifest",
+    "read_manifest": "manifest",
+    "read_output": "shards",
+    "select": "query",
+    "read_rows": "query",
+    "nearest": "query",
+    "statistics": "query",
+    "to_xarray": "query",
+    "connect": "cluster",
+    "run_pipeline": "pipeline",
+}
+__all__ = [
+    "DecodeResult",
+    "EncodeResult",
+    "LatentStore",
+    "LatentbatchError",
+    "Layout",
+    "Manifest",
+    "ModelConfig",
+    "ModelInfo",
+    "TrainConfig",
+    "TrainResult",
+    "connect",
+    "create_store",
+    "decode_selection",
+    "decode_store",
+    "encode_source",
+    "load_model",
+    "nearest",
+    "open_store",
+    "preset_config",
+    "read_info",
+    "read_manifest",
+    "read_output",
+    "read_rows",
+    "run_pipeline",
+    "select",
+    "statistics",
+    "to_xarray",
+    "train_model",
+]
+
+if TYPE_CHECKING:
+    from latentbatch.checkpoint import ModelInfo, load_model, read_info
+    from latentbatch.cluster import connect
+    from latentbatch.config import ModelConfig, TrainConfig, preset_config
+    from latentbatch.decode import DecodeResult, decode_selection
+    from latentbatch.decode import decode as decode_store
+    from latentbatch.encode import EncodeResult
+    from latentbatch.encode import encode as encode_source
+    from latentbatch.errors import LatentbatchError
+    from latentbatch.manifest import Manifest, read_manifest
+    from latentbatch.pipeline import run_pipeline
+    from latentbatch.query import nearest, read_rows, select, statistics, to_xarray
+    from latentbatch.shards import read_output
+    from latentbatch.store import LatentStore, Layout, create_store, open_store
+    from latentbatch.train import TrainResult
+    from latentbatch.train import train as train_model
+
+
+def __getattr__(name: str) -> Any:
+    module, attribute = _RENAMED.get(name, (_EXPORTS.get(name, ""), name))
+    if not module:
+        raise AttributeError(f"module 'latentbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"latentbatch.{module}"), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]

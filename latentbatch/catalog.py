@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from latentbatch.checkpoint import CONFIG, read_info
-from latentbatch.errors import LatentbatchError
-from latentbatch.shards import read_manifest
+from latentbatch.checkpoint import find_models
+from latentbatch.manifest import read_manifest
 from latentbatch.storage import StorageOptions, filesystem, is_remote, join
-from latentbatch.store import ATTRS
+from latentbatch.store import ATTRS, open_store
 
 Status = Literal["missing", "stale", "complete", "foreign"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoreEntry:
     """A store found under a root: where it is and what its metadata says."""
 
@@ -64,7 +63,9 @@ def find_stores(root: str, options: StorageOptions | None = None) -> list[StoreE
         attrs = meta.get("attributes", {}).get(ATTRS)
         if isinstance(attrs, dict) and attrs.get("format") is not None:
             relative = folder[len(root_path.rstrip("/")) :].strip("/")
-            found.append(StoreEntry(_url(folder, root, root_path), relative, attrs))
+            found.append(
+                StoreEntry(url=_url(folder, root, root_path), relative=relative, meta=attrs)
+            )
             dirs.clear()
     return sorted(found, key=lambda e: e.relative)
 
@@ -80,16 +81,14 @@ def output_status(entry: StoreEntry, out_url: str, options: StorageOptions | Non
     manifest = read_manifest(out_url, options)
     if manifest is None:
         return "missing"
-    if manifest.get("store", {}).get("uuid") != entry.uuid:
+    if manifest.store.uuid != entry.uuid:
         return "foreign"
-    if manifest.get("count") != entry.count or manifest.get("model_id") != entry.meta.get(
-        "model_id"
-    ):
+    if manifest.count != entry.count or manifest.model_id != entry.meta.get("model_id"):
         return "stale"
     return "complete"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BulkItem:
     """One store of a bulk decode: where its output goes and what state it is in."""
 
@@ -107,19 +106,40 @@ def plan_bulk(root: str, out_root: str, options: StorageOptions | None = None) -
     items = []
     for entry in find_stores(root, options):
         out = output_url(entry, out_root)
-        items.append(BulkItem(entry, out, output_status(entry, out, options)))
+        items.append(BulkItem(entry=entry, out=out, status=output_status(entry, out, options)))
     return items
+
+
+def describe_stores(
+    root: str, outputs: str | None = None, options: StorageOptions | None = None
+) -> list[dict[str, Any]]:
+    """One row per store under ``root`` (what ``latentbatch stores`` shows): rows, latent
+    shape and dtype, model id, creation time, bytes, and with ``outputs`` the status of
+    its bulk-decode output under that root."""
+    rows = []
+    for entry in find_stores(root, options):
+        store = open_store(entry.url, options)
+        status = None
+        if outputs is not None:
+            status = output_status(entry, output_url(entry, outputs), options)
+        rows.append(
+            {
+                "store": entry.url,
+                "count": store.count,
+                "latent_shape": list(store.latent_shape),
+                "latent_dtype": str(store.latents.dtype),
+                "model_id": store.model_id,
+                "created": store.meta["created"],
+                "bytes": store.bytes_on_disk()["total"],
+                "output": status,
+            }
+        )
+    return rows
 
 
 def models_by_id(models_root: Path) -> dict[str, Path]:
     """Model directories under ``models_root`` keyed by model id (unreadable ones left out)."""
     found: dict[str, Path] = {}
-    if not Path(models_root).is_dir():
-        return found
-    for config in sorted(Path(models_root).rglob(CONFIG)):
-        try:
-            info = read_info(config.parent)
-        except LatentbatchError:
-            continue
+    for info in find_models(models_root).models:
         found.setdefault(info.model_id, info.path)
     return found

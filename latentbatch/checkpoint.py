@@ -15,6 +15,7 @@ names or shapes do not fit ``config.json`` is refused with a message listing the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,13 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 
 from latentbatch.config import ModelConfig
-from latentbatch.errors import CheckpointError, ConfigError
-from latentbatch.files import atomic_write_bytes, atomic_write_json, sha256_file
+from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
 from latentbatch.model import Autoencoder, Decoder, Encoder
+from latentbatch.storage import sha256_file, write_bytes, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -38,7 +40,7 @@ FORMAT = 1
 NORMALISATION = {"pixels": "uint8 / 255 -> [0, 1]", "output": "sigmoid in [0, 1]"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What ``config.json`` says about a model directory, plus its id."""
 
@@ -80,7 +82,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (byte-identical for identical tensors)."""
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+    write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def model_id(directory: Path) -> str:
@@ -109,7 +111,7 @@ def save_model(directory: Path, model: Autoencoder, meta: dict[str, Any]) -> str
         "normalisation": NORMALISATION,
         "model_id": new_id,
     }
-    atomic_write_json(directory / CONFIG, payload)
+    write_json(directory / CONFIG, payload)
     return new_id
 
 
@@ -137,11 +139,51 @@ def read_info(directory: Path) -> ModelInfo:
             f"{directory / WEIGHTS} (id {actual[:12]}) is not the file {CONFIG} was written for "
             f"(id {str(recorded)[:12]}); restore the weights or retrain"
         )
-    return ModelInfo(directory, actual, config, meta)
+    return ModelInfo(path=directory, model_id=actual, config=config, meta=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelListing:
+    """The model directories found under a folder, and the ones that could not be read."""
+
+    models: tuple[ModelInfo, ...]
+    broken: tuple[tuple[Path, str], ...]
+
+
+def find_models(root: Path) -> ModelListing:
+    """Every model directory (a folder with ``config.json``) under ``root``, sorted by path;
+    unreadable ones are listed with the reason."""
+    models: list[ModelInfo] = []
+    broken: list[tuple[Path, str]] = []
+    if Path(root).is_dir():
+        for config_path in sorted(Path(root).rglob(CONFIG)):
+            try:
+                models.append(read_info(config_path.parent))
+            except LatentbatchError as exc:
+                broken.append((config_path.parent, str(exc)))
+    return ModelListing(models=tuple(models), broken=tuple(broken))
+
+
+def summary(info: ModelInfo) -> dict[str, Any]:
+    """The facts ``latentbatch models`` shows: path, id, preset, geometry, latent shape,
+    data source, epochs and the last validation PSNR/SSIM."""
+    history = info.meta.get("training", {}).get("history", [])
+    final = history[-1] if history else {}
+    return {
+        "path": str(info.path),
+        "model_id": info.model_id,
+        "preset": info.config.preset,
+        "image": f"{info.config.image_size}x{info.config.image_size}x{info.config.channels}",
+        "latent": list(info.config.latent_shape),
+        "source": info.meta.get("source", {}).get("spec"),
+        "epochs": len(history),
+        "val_psnr": final.get("val_psnr"),
+        "val_ssim": final.get("val_ssim"),
+    }
 
 
 def _check_fit(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str
 ) -> None:
     problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
@@ -157,25 +199,52 @@ def _check_fit(
         raise CheckpointError(f"weights in {where} do not fit its {CONFIG}: {shown}")
 
 
-def load_model(
-    directory: Path,
-    part: Literal["autoencoder", "encoder", "decoder"] = "autoencoder",
-    device: str | torch.device = "cpu",
-) -> tuple[torch.nn.Module, ModelInfo]:
-    """Load a model (or only its encoder or decoder) in eval mode, and its info.
+Part = Literal["autoencoder", "encoder", "decoder"]
 
-    Weights are channels-last, which about doubles CPU convolution and up-sampling speed.
-    """
-    info = read_info(directory)
-    tensors = read_tensors(Path(directory) / WEIGHTS)
-    full = Autoencoder(info.config)
-    _check_fit(full.state_dict(), tensors, Path(directory) / WEIGHTS)
+
+def build_model(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], part: Part, where: str
+) -> torch.nn.Module:
+    """The ``part`` of the autoencoder ``config`` describes, with weights from ``tensors``
+    (checked against the architecture first), in eval mode and channels-last, which about
+    doubles CPU convolution and up-sampling speed."""
+    full = Autoencoder(config)
+    _check_fit(full.state_dict(), tensors, where)
     module: torch.nn.Module
     if part == "autoencoder":
         module, state = full, tensors
     else:
-        module = Encoder(info.config) if part == "encoder" else Decoder(info.config)
+        module = Encoder(config) if part == "encoder" else Decoder(config)
         prefix = f"{part}."
         state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     module.load_state_dict(state)
-    return module.to(device, memory_format=torch.channels_last).eval(), info
+    # torch's stubs for Module.to omit memory_format, which it accepts
+    return module.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload,no-any-return]
+
+
+def load_model(
+    directory: Path, part: Part = "autoencoder", device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """Load a model directory's model (or only its encoder or decoder), and its info."""
+    info = read_info(directory)
+    tensors = read_tensors(Path(directory) / WEIGHTS)
+    module = build_model(info.config, tensors, part, str(Path(directory) / WEIGHTS))
+    return module.to(device), info
+
+
+def load_model_bytes(
+    weights: bytes, config: ModelConfig, expected_id: str, part: Part = "autoencoder"
+) -> torch.nn.Module:
+    """Like :func:`load_model`, from the bytes of a ``model.safetensors`` file whose sha256
+    must be ``expected_id`` (what a worker receives instead of a path)."""
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != expected_id:
+        raise CheckpointError(
+            f"model bytes have id {digest[:12]}, expected {expected_id[:12]}; "
+            "the model directory changed while it was being sent: run again"
+        )
+    try:
+        tensors = load_safetensors(weights)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"model {expected_id[:12]} is not a safetensors file") from exc
+    return build_model(config, tensors, part, f"model {expected_id[:12]}")

@@ -21,17 +21,17 @@ from rich.table import Table
 
 from latentbatch import catalog, checkpoint, query, stack
 from latentbatch.cluster import Progress as TaskProgress
-from latentbatch.config import LOSSES, PRESETS, ModelConfig, TrainConfig, preset_config
-from latentbatch.datasets import SOURCES, native_geometry
-from latentbatch.decode import decode
-from latentbatch.encode import encode
+from latentbatch.config import LOSSES, PRESETS, TrainConfig
+from latentbatch.datasets import SOURCES
+from latentbatch.decode import decode, decode_selection
+from latentbatch.encode import encode, encode_file
 from latentbatch.errors import LatentbatchError
-from latentbatch.figures import image_grid
-from latentbatch.pipeline import run_pipeline
-from latentbatch.shards import FORMATS
+from latentbatch.figures import image_grid, save_picture
+from latentbatch.pipeline import run_pipeline, selection_preview
+from latentbatch.shards import FORMATS, check_format
 from latentbatch.storage import parse_options
 from latentbatch.store import Layout, open_store
-from latentbatch.train import TrainResult, train
+from latentbatch.train import TrainResult, default_model_dir, model_config_for, train
 
 app = typer.Typer(
     name="latentbatch",
@@ -66,6 +66,13 @@ StorageOption = Annotated[
     list[str] | None,
     typer.Option("--storage-option", help="KEY=VALUE for s3fs (repeatable), e.g. endpoint_url=..."),
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
+StoreArgument = Annotated[
+    str, typer.Argument(metavar="STORE", help="Latent store: a local path or s3:// URL.")
+]
+StoreOption = Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")]
+ModelOption = Annotated[Path, typer.Option(help="Model directory.")]
 
 
 @contextmanager
@@ -98,18 +105,6 @@ def _task_progress(label: str, enabled: bool) -> Iterator[Callable[[TaskProgress
 
 def _emit_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, sort_keys=True))
-
-
-def _model_config(
-    preset: str, data: str, image_size: int | None, channels: int | None, latent: int | None
-) -> ModelConfig:
-    native = native_geometry(data)
-    config = preset_config(preset, channels or native.channels, image_size or native.size)
-    if latent is not None:
-        config = ModelConfig(
-            config.preset, config.channels, config.image_size, config.widths, latent
-        )
-    return config
 
 
 def _report_training(result: TrainResult) -> None:
@@ -150,47 +145,22 @@ def train_command(
         int | None, typer.Option(help="Override the preset's latent channels.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue a compatible run found in --out.")] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Train an autoencoder and write a model directory with pictures of what it learned."""
-    model_config = _model_config(preset, data, image_size, channels, latent_channels)
+    model_config = model_config_for(
+        preset, data, image_size=image_size, channels=channels, latent_channels=latent_channels
+    )
     train_config = TrainConfig(data, epochs, seed, batch_size, lr, loss, limit=limit)
-    if out is None:
-        name = data.removeprefix("folder:").rstrip("/").replace("/", "-").replace(":", "-")
-        out = DEFAULT_MODELS / f"{preset}-{name}"
+    out = out or default_model_dir(preset, data)
     result = train(
         model_config, train_config, out, resume=resume, progress=progress and not as_json
     )
     if as_json:
-        _emit_json(
-            {
-                "model_dir": str(result.model_dir),
-                "model_id": result.model_id,
-                "reused": result.reused,
-                "history": list(result.history),
-                "reconstructions": str(result.reconstructions),
-                "curves": str(result.curves),
-            }
-        )
+        _emit_json(result.to_dict())
     else:
         _report_training(result)
-
-
-def _model_summary(info: checkpoint.ModelInfo) -> dict[str, Any]:
-    history = info.meta.get("training", {}).get("history", [])
-    final = history[-1] if history else {}
-    return {
-        "path": str(info.path),
-        "model_id": info.model_id,
-        "preset": info.config.preset,
-        "image": f"{info.config.image_size}x{info.config.image_size}x{info.config.channels}",
-        "latent": list(info.config.latent_shape),
-        "source": info.meta.get("source", {}).get("spec"),
-        "epochs": len(history),
-        "val_psnr": final.get("val_psnr"),
-        "val_ssim": final.get("val_ssim"),
-    }
 
 
 @models_app.command("list")
@@ -198,17 +168,14 @@ def models_list(
     root: Annotated[
         Path, typer.Argument(help="Folder to search for model directories.")
     ] = DEFAULT_MODELS,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List the model directories under ROOT."""
     if not root.is_dir():
         raise LatentbatchError(f"{root} is not a folder; train a model first (latentbatch train)")
-    rows, broken = [], []
-    for config_path in sorted(root.rglob(checkpoint.CONFIG)):
-        try:
-            rows.append(_model_summary(checkpoint.read_info(config_path.parent)))
-        except LatentbatchError as exc:
-            broken.append({"path": str(config_path.parent), "error": str(exc)})
+    listing = checkpoint.find_models(root)
+    rows = [checkpoint.summary(info) for info in listing.models]
+    broken = [{"path": str(path), "error": error} for path, error in listing.broken]
     if as_json:
         _emit_json({"models": rows, "broken": broken})
         return
@@ -243,9 +210,8 @@ def models_show(
     if as_json:
         _emit_json({**info.meta, "model_id": info.model_id, "path": str(info.path)})
         return
-    summary = _model_summary(info)
     console = _console()
-    for key, value in summary.items():
+    for key, value in checkpoint.summary(info).items():
         console.print(f"{key:>10}  {value}")
     for row in info.meta.get("training", {}).get("history", []):
         console.print(
@@ -256,9 +222,9 @@ def models_show(
 
 @app.command("encode")
 def encode_command(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: ModelOption,
     data: Annotated[str, typer.Option(help=f"Image source: {', '.join(SOURCES)}.")],
-    store: Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")],
+    store: StoreOption,
     append: Annotated[
         bool, typer.Option(help="Add to an existing store of the same model.")
     ] = False,
@@ -271,8 +237,8 @@ def encode_command(
     ] = 128,
     latent_dtype: Annotated[str, typer.Option(help="float16 or float32 (new stores).")] = "float16",
     storage_option: StorageOption = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Encode a data source into a latent store (one Dask task per store shard)."""
     with _task_progress("encoding", progress and not as_json) as update:
@@ -283,18 +249,13 @@ def encode_command(
             append=append,
             limit=limit,
             layout=Layout(shard_rows, chunk_rows, latent_dtype),
-            storage_options=parse_options(storage_option or []),
+            storage_options=parse_options(storage_option),
             scheduler=scheduler,
             workers=workers,
             on_progress=update,
         )
-    payload = {
-        **result.__dict__,
-        "rows": list(result.rows),
-        "images_per_second": result.images_per_second,
-    }
     if as_json:
-        _emit_json(payload)
+        _emit_json(result.to_dict())
     elif result.skipped:
         _console().print(f"{data} is already in {store}; nothing to do")
     else:
@@ -308,8 +269,8 @@ def encode_command(
 
 @app.command("decode")
 def decode_command(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
-    store: Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")],
+    model: ModelOption,
+    store: StoreOption,
     out: Annotated[str, typer.Option(help="Output folder: a local path or s3:// URL.")],
     output_format: Annotated[
         str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")
@@ -324,8 +285,8 @@ def decode_command(
         typer.Option(min=1, help="Latents per decoder call \\[default: 256 on CPU, 4096 on GPU]."),
     ] = None,
     storage_option: StorageOption = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Decode a latent store into image shards (one Dask task per output shard)."""
     with _task_progress("decoding", progress and not as_json) as update:
@@ -333,26 +294,16 @@ def decode_command(
             model,
             store,
             out,
-            fmt=output_format,  # type: ignore[arg-type]
+            fmt=check_format(output_format),
             allow_model_mismatch=allow_model_mismatch,
-            storage_options=parse_options(storage_option or []),
+            storage_options=parse_options(storage_option),
             scheduler=scheduler,
             workers=workers,
             batch_size=batch_size,
             on_progress=update,
         )
-    payload = {
-        "out": result.out,
-        "count": result.count,
-        "decoded": result.decoded,
-        "shards_written": list(result.shards_written),
-        "shards_skipped": list(result.shards_skipped),
-        "seconds": result.seconds,
-        "images_per_second": result.images_per_second,
-        "model_id": result.manifest["model_id"],
-    }
     if as_json:
-        _emit_json(payload)
+        _emit_json(result.to_dict())
         return
     _console().print(
         f"decoded {result.decoded} of {result.count} images into {out} "
@@ -361,43 +312,14 @@ def decode_command(
     )
 
 
-def _inspect(store_url: str, options: dict[str, Any]) -> dict[str, Any]:
-    store = open_store(store_url, options)
-    sizes = store.bytes_on_disk()
-    meta = store.meta
-    pixels = store.count * meta["image"]["height"] * meta["image"]["width"]
-    return {
-        "store": store_url,
-        "format": meta["format"],
-        "uuid": store.uuid,
-        "created": meta["created"],
-        "count": store.count,
-        "written_rows": store.written_rows(),
-        "capacity": store.capacity,
-        "pending": store.pending,
-        "latent_shape": list(store.latent_shape),
-        "latent_dtype": str(store.latents.dtype),
-        "chunk_rows": meta["layout"]["chunk_rows"],
-        "shard_rows": meta["layout"]["shard_rows"],
-        "shards": len(store.shards()),
-        "model_id": store.model_id,
-        "model": meta["model"],
-        "image": meta["image"],
-        "labels": store.has_labels,
-        "sources": meta["sources"],
-        "bytes": sizes,
-        "bits_per_pixel": 8 * sizes["latents"] / pixels if pixels else None,
-    }
-
-
 @app.command("inspect")
 def inspect_command(
-    store: Annotated[str, typer.Argument(help="Latent store: a local path or s3:// URL.")],
+    store: StoreArgument,
     storage_option: StorageOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show a latent store: rows, shapes, chunking, model, bytes and bits per pixel."""
-    report = _inspect(store, parse_options(storage_option or []))
+    report = open_store(store, parse_options(storage_option)).report()
     if as_json:
         _emit_json(report)
         return
@@ -439,7 +361,9 @@ def demo_command(
     workdir: Annotated[Path, typer.Option(help="Where the store and decoded shards go.")] = Path(
         "out/demo"
     ),
-    models: Annotated[Path, typer.Option(help="Where model directories go.")] = DEFAULT_MODELS,
+    models: Annotated[
+        Path | None, typer.Option(help="Where model directories go \\[default: WORKDIR/models].")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
@@ -484,28 +408,10 @@ def stores_command(
         str | None, typer.Option(help="Output root of bulk decodes, to report each store's output.")
     ] = None,
     storage_option: StorageOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List every latent store under ROOT: rows, latents, model, created, bytes, output."""
-    options = parse_options(storage_option or [])
-    rows = []
-    for entry in catalog.find_stores(root, options):
-        store = open_store(entry.url, options)
-        status = None
-        if outputs is not None:
-            status = catalog.output_status(entry, catalog.output_url(entry, outputs), options)
-        rows.append(
-            {
-                "store": entry.url,
-                "count": store.count,
-                "latent_shape": list(store.latent_shape),
-                "latent_dtype": str(store.latents.dtype),
-                "model_id": store.model_id,
-                "created": store.meta["created"],
-                "bytes": store.bytes_on_disk()["total"],
-                "output": status,
-            }
-        )
+    rows = catalog.describe_stores(root, outputs, parse_options(storage_option))
     if as_json:
         _emit_json({"root": root, "stores": rows})
         return
@@ -525,7 +431,7 @@ def stores_command(
 
 @app.command("query")
 def query_command(
-    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Latent store.")],
+    store_url: StoreArgument,
     ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
     rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
     label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
@@ -552,11 +458,10 @@ def query_command(
         Path | None, typer.Option(help="Write a preview grid PNG of the result.")
     ] = None,
     storage_option: StorageOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Select rows of a store, or find nearest neighbours, without decoding the store."""
-    options = parse_options(storage_option or [])
-    store = open_store(store_url, options)
+    store = open_store(store_url, parse_options(storage_option))
     if (decode_to or grid or near_image) and model is None:
         raise LatentbatchError(
             "--near-image, --decode and --grid need --model (the store's model directory)"
@@ -570,48 +475,33 @@ def query_command(
     )
     neighbours = None
     query_latent = None
-    if near is not None or near_image is not None:
-        if near is not None:
-            row = int(query.select(store, ids=[near])[0])
-            query_latent, exclude = query.read_rows(store, np.array([row]))[0], [row]
-        else:
-            query_latent, exclude = query.encode_image(model, store, near_image), []  # type: ignore[arg-type]
-        neighbours = query.nearest(store, query_latent, k, metric, exclude)  # type: ignore[arg-type]
+    exclude: list[int] = []
+    if near is not None:
+        query_latent, row = query.latent_of(store, near)
+        exclude = [row]
+    elif near_image is not None and model is not None:
+        query_latent = encode_file(model, near_image, store.model_id)
+    if query_latent is not None:
+        neighbours = query.nearest(store, query_latent, k, query.check_metric(metric), exclude)
         selected = np.array([n.row for n in neighbours])
-    all_ids = store.read_ids(0, store.count)
-    labels = store.read_labels(0, store.count) if store.has_labels else None
-    result = [
-        {
-            "row": int(r),
-            "id": all_ids[r],
-            **({"label": int(labels[r])} if labels is not None else {}),
-        }
-        for r in selected
-    ]
-    if neighbours is not None:
-        for entry, neighbour in zip(result, neighbours, strict=True):
-            entry["distance"] = neighbour.distance
-    if decode_to is not None:
-        query.decode_selection(model, store, selected, decode_to, output_format)  # type: ignore[arg-type]
-    if grid is not None and len(selected):
-        images = query.decode_rows(model, store, selected[:32])  # type: ignore[arg-type]
-        grid_rows = [images[i : i + 8] for i in range(0, len(images), 8)]
-        if query_latent is not None:
-            head = query.decode_in_process(model, query_latent[None])  # type: ignore[arg-type]
-            grid_rows = [np.concatenate([head, images[:10]])]
-        image_grid(grid_rows, scale=max(1, 64 // images.shape[1])).save(grid)
+    result = query.result_rows(store, selected, neighbours)
+    if decode_to is not None and model is not None:
+        decode_selection(model, store, selected, decode_to, check_format(output_format))
+    if grid is not None and model is not None and len(selected):
+        pictures = selection_preview(model, store, selected, query_latent)
+        save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
     if as_json:
         _emit_json({"store": store_url, "count": len(result), "results": result})
         return
     table = Table(
         "row",
         "id",
-        *(["label"] if labels is not None else []),
+        *(["label"] if store.has_labels else []),
         *(["distance"] if neighbours else []),
     )
     for entry in result[:200]:
         cells = [str(entry["row"]), entry["id"]]
-        if labels is not None:
+        if store.has_labels:
             cells.append(str(entry["label"]))
         if neighbours:
             cells.append(f"{entry['distance']:.4f}")
@@ -623,15 +513,15 @@ def query_command(
 
 @app.command("stats")
 def stats_command(
-    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Latent store.")],
+    store_url: StoreArgument,
     save: Annotated[
         bool, typer.Option(help="Store the statistics in the store's attributes.")
     ] = False,
     storage_option: StorageOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Per-channel mean, std, min and max of the committed latents, and 1/std scaling."""
-    store = open_store(store_url, parse_options(storage_option or []), writable=save)
+    store = open_store(store_url, parse_options(storage_option), writable=save)
     stats = query.statistics(store, save=save)
     if as_json:
         _emit_json(stats.to_dict())
@@ -683,7 +573,7 @@ def stack_down(home: StackHome = stack.DEFAULT_HOME) -> None:
 @stack_app.command("status")
 def stack_status(
     home: StackHome = stack.DEFAULT_HOME,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Tell which stack processes run and whether the server answers."""
     report = stack.status(home)
@@ -691,7 +581,7 @@ def stack_status(
         _emit_json(report)
         return
     console = _console()
-    for name, pid in report["processes"].items():  # type: ignore[union-attr]
+    for name, pid in report["processes"].items():
         console.print(
             f"{name:>16}  {'running, pid ' + str(pid) if pid else 'stopped'}", highlight=False
         )
@@ -709,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except typer.TyperException as exc:
-        exc.show()  # type: ignore[attr-defined]
+    except typer.TyperException as exc:  # usage errors: typer's click prints them itself
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
         return int(getattr(exc, "exit_code", 2))
     return result if isinstance(result, int) else 0
 

@@ -1,20 +1,19 @@
-"""Dask: connect to a cluster or start one, and hold a model once per worker process.
+"""Dask from the client's side: connect to a cluster or start one, ask for resources, and
+keep a bounded number of tasks in flight.
 
 - :func:`connect`: with no address (and no ``DASK_SCHEDULER_ADDRESS``) start a
   ``LocalCluster`` sized to the machine, one single-threaded worker process per core (per
   GPU when CUDA is present, each advertising ``GPU=1``); with an address, use that cluster.
-- :class:`ModelPlugin`: a ``WorkerPlugin`` carrying a model's safetensors bytes; every
-  worker (including ones that join or restart later) builds the model once in ``setup``
-  and keeps it in a per-process cache keyed by model id. Tasks only carry the id.
+- :func:`gpu_resources`: ask for ``GPU=1`` whenever any worker has it.
+- :func:`map_bounded`: a window of tasks over many specs, with progress.
+
+What each worker process holds (the model, its device) is :mod:`latentbatch.workers`'.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import itertools
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,17 +23,11 @@ from typing import Any, TypeVar
 
 import torch
 from dask.base import tokenize
-from distributed import Client, LocalCluster, Worker, as_completed
-from distributed.diagnostics.plugin import WorkerPlugin
-from safetensors.torch import load as load_safetensors
+from distributed import Client, LocalCluster, as_completed
 
-from latentbatch.checkpoint import WEIGHTS, ModelInfo
-from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
-from latentbatch.model import Autoencoder
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
-_MODELS: dict[str, tuple[Autoencoder, torch.device]] = {}
 R = TypeVar("R")
 
 
@@ -110,86 +103,7 @@ def gpu_resources(client: Client) -> dict[str, float] | None:
     return None
 
 
-def worker_device(worker: Worker | None) -> torch.device:
-    """``cuda`` on a worker that advertises ``GPU`` and sees a device, else ``cpu``."""
-    has_gpu = worker is not None and worker.state.total_resources.get("GPU", 0) >= 1
-    return torch.device("cuda") if has_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_THRESHOLD = 64 * 2**20
-
-
-def tune_malloc() -> bool:
-    """Undo the Dask nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` for tensor work (glibc only).
-
-    With it, every large tensor of a decode batch is mmap'ed and trimmed afresh, which
-    doubles the CPU time of a decode task; 64 MiB thresholds keep the arenas reused.
-    Returns whether the thresholds were set.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    trim = libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
-    mmap = libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
-    return bool(trim and mmap)
-
-
-def build_model(config: dict[str, Any], weights: bytes, model_id: str) -> Autoencoder:
-    """An eval-mode autoencoder from safetensors bytes, checked against ``model_id``."""
-    digest = hashlib.sha256(weights).hexdigest()
-    if digest != model_id:
-        raise ClusterError(f"model bytes have id {digest[:12]}, expected {model_id[:12]}")
-    model = Autoencoder(ModelConfig.from_dict(config))
-    model.load_state_dict(load_safetensors(weights))
-    return model.to(memory_format=torch.channels_last).eval()
-
-
-class ModelPlugin(WorkerPlugin):
-    """Loads one model into every worker process, once."""
-
-    def __init__(self, info: ModelInfo) -> None:
-        self.model_id = info.model_id
-        self.config = info.config.to_dict()
-        self.weights = (info.path / WEIGHTS).read_bytes()
-        self.name = f"latentbatch-model-{info.model_id[:16]}"
-
-    def setup(self, worker: Worker) -> None:
-        tune_malloc()
-        device = worker_device(worker)
-        if device.type == "cpu" and multiprocessing.parent_process() is not None:
-            torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription
-        install_model(self.config, self.weights, self.model_id, device)
-
-    def teardown(self, worker: Worker) -> None:
-        _MODELS.pop(self.model_id, None)
-
-
-def install_model(
-    config: dict[str, Any], weights: bytes, model_id: str, device: torch.device
-) -> None:
-    """Build a model into this process's cache (what the plugin does on each worker)."""
-    if model_id not in _MODELS:
-        _MODELS[model_id] = (build_model(config, weights, model_id).to(device), device)
-
-
-def cached_model(model_id: str) -> tuple[Autoencoder, torch.device]:
-    """The model this worker process loaded for ``model_id``."""
-    try:
-        return _MODELS[model_id]
-    except KeyError:
-        raise ClusterError(
-            f"model {model_id[:12]} is not loaded in this process; register ModelPlugin first"
-        ) from None
-
-
-def register_model(client: Client, info: ModelInfo) -> None:
-    """Install the model on every current and future worker of ``client``'s cluster."""
-    client.register_plugin(ModelPlugin(info))
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Progress:
     """Where a run of tasks stands."""
 
@@ -234,7 +148,7 @@ def map_bounded(
     def submit(spec: Any) -> Any:
         key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}"
         future = client.submit(fn, spec, key=key, resources=resources, pure=False)
-        future_items[future.key] = items(spec)
+        future_items[str(future.key)] = items(spec)
         return future
 
     future_items: dict[str, int] = {}
@@ -243,17 +157,17 @@ def map_bounded(
         for future in window:
             result = future.result()
             results.append(result)
-            done_items += future_items.pop(future.key)
+            done_items += future_items.pop(str(future.key))
             nxt = next(queue, None)
             if nxt is not None:
                 window.add(submit(nxt))
             if on_result is not None:
                 progress = Progress(
-                    done_items,
-                    total_items,
-                    len(results),
-                    total_tasks,
-                    time.perf_counter() - started,
+                    done_items=done_items,
+                    total_items=total_items,
+                    done_tasks=len(results),
+                    total_tasks=total_tasks,
+                    seconds=time.perf_counter() - started,
                 )
                 on_result(result, progress)
     except BaseException:

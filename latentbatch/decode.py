@@ -18,6 +18,9 @@
     remove temporaries; write manifest.json last
 
 Output shards follow store shards, so the bytes do not depend on the number of workers.
+
+:func:`decode_selection` decodes chosen rows in this process (``latentbatch query
+--decode``) with the same checks, the same shard writers and the same manifest.
 """
 
 from __future__ import annotations
@@ -34,38 +37,32 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import read_info
-from latentbatch.cluster import (
-    Progress,
-    cached_model,
-    gpu_resources,
-    map_bounded,
-    register_model,
-    using,
-)
-from latentbatch.errors import LatentbatchError
+from latentbatch.checkpoint import ModelInfo, load_model, read_info
+from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
+from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
-from latentbatch.quality import to_uint8
-from latentbatch.shards import (
-    FORMATS,
-    MANIFEST_FORMAT,
-    PNG_COMPRESS_LEVEL,
-    Format,
-    OutputError,
+from latentbatch.manifest import (
+    Manifest,
     ShardRecord,
-    create_zarr_output,
-    encode_png,
+    StoreRef,
     read_manifest,
     read_records,
-    remove_temporaries,
     write_manifest,
-    write_png_shard,
     write_record,
-    write_tar_shard,
-    write_zarr_shard,
+)
+from latentbatch.model import to_uint8
+from latentbatch.shards import (
+    PNG_COMPRESS_LEVEL,
+    Format,
+    check_format,
+    create_zarr_output,
+    encode_png,
+    remove_temporaries,
+    write_shard,
 )
 from latentbatch.storage import StorageOptions, is_remote
-from latentbatch.store import StoreError, open_store
+from latentbatch.store import LatentStore, Rows, StoreError, open_store
+from latentbatch.workers import cached_model, register_model
 
 DECODE_BATCH = 256
 CUDA_DECODE_BATCH = 4096
@@ -88,7 +85,7 @@ class NonFiniteLatentsError(LatentbatchError):
     """Latents hold NaN or Inf."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeJob:
     """One decode task: store rows ``[start, stop)`` → output shard ``index``."""
 
@@ -105,10 +102,10 @@ class DecodeJob:
     batch_size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeResult:
     out: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     count: int
     decoded: int
     shards_written: tuple[int, ...]
@@ -118,6 +115,19 @@ class DecodeResult:
     @property
     def images_per_second(self) -> float:
         return self.decoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``latentbatch decode --json``)."""
+        return {
+            "out": self.out,
+            "count": self.count,
+            "decoded": self.decoded,
+            "shards_written": list(self.shards_written),
+            "shards_skipped": list(self.shards_skipped),
+            "seconds": self.seconds,
+            "images_per_second": self.images_per_second,
+            "model_id": self.manifest.model_id,
+        }
 
 
 @cache
@@ -160,19 +170,24 @@ def nonfinite_rows(latents: np.ndarray, start: int) -> list[int]:
     return [start + int(i) for i in np.flatnonzero(bad)]
 
 
+def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], where: str) -> None:
+    bad = nonfinite_rows(latents, 0)
+    if bad:
+        shown = ", ".join(f"{rows[i]} ({ids[i]})" for i in bad[:5])
+        raise NonFiniteLatentsError(
+            f"{len(bad)} latents in {where} hold NaN or Inf: rows {shown}"
+            f"{' ...' if len(bad) > 5 else ''}; re-encode those images"
+        )
+
+
 def decode_shard(job: DecodeJob) -> dict[str, Any]:
     """Worker side: decode one shard and write it; return its record."""
-    model, device = cached_model(job.model_id)
+    decoder, device = cached_model(job.model_id, "decoder")
     store = open_store(job.store_url, job.storage_options)
     latents = store.read_latents(job.start, job.stop)
     ids = store.read_ids(job.start, job.stop)
-    bad = nonfinite_rows(latents, job.start)
-    if bad:
-        shown = ", ".join(f"{r} ({ids[r - job.start]})" for r in bad[:5])
-        raise NonFiniteLatentsError(
-            f"{len(bad)} latents in rows [{job.start}, {job.stop}) of {job.store_url} hold NaN or "
-            f"Inf: rows {shown}{' ...' if len(bad) > 5 else ''}; re-encode those images"
-        )
+    where = f"rows [{job.start}, {job.stop}) of {job.store_url}"
+    _refuse_nonfinite(latents, list(range(job.start, job.stop)), ids, where)
     pngs: list[Any] = []
     encode_pngs = job.fmt != "zarr"
 
@@ -181,20 +196,36 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
             pngs.extend(_png_pool().submit(encode_png, image) for image in batch)
 
     batch_size = job.batch_size or batch_for(device)
-    images = decode_latents(model.decoder, latents, device, batch_size, queue_pngs)
-    if job.fmt == "zarr":
-        record = write_zarr_shard(job.out_url, job.out_options, job.index, job.start, images)
-    else:
-        data = [f.result() for f in pngs]
-        if job.fmt == "tar":
-            labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
-            record = write_tar_shard(
-                job.out_url, job.out_options, job.index, job.start, ids, data, labels
-            )
-        else:
-            record = write_png_shard(job.out_url, job.out_options, job.index, job.start, ids, data)
+    images = decode_latents(decoder, latents, device, batch_size, queue_pngs)
+    labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
+    record = write_shard(
+        job.out_url,
+        job.out_options,
+        job.fmt,
+        index=job.index,
+        start=job.start,
+        ids=ids,
+        images=images,
+        pngs=[f.result() for f in pngs] if encode_pngs else None,
+        labels=labels,
+    )
     write_record(job.out_url, job.out_options, record, job.identity)
     return record.to_dict()
+
+
+def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool = False) -> None:
+    """Refuse to decode ``store`` with a model that did not make it (unless allowed) or
+    whose decoder does not take its latents."""
+    if store.model_id != info.model_id and not allow_model_mismatch:
+        raise ModelMismatchError(
+            f"{store.url} was encoded by model {store.model_id} but the model given is "
+            f"{info.model_id}; pass --allow-model-mismatch to decode anyway"
+        )
+    if store.latent_shape != info.config.latent_shape:
+        raise StoreError(
+            f"{store.url} holds latents of shape {store.latent_shape} (C, h, w) but the decoder "
+            f"of {info.path} takes {info.config.latent_shape}; use the model that made the store"
+        )
 
 
 def _absolute(url: str) -> str:
@@ -218,39 +249,28 @@ def decode(
     on_progress: ProgressCallback | None = None,
 ) -> DecodeResult:
     """Decode the committed rows of a store into ``out_url`` (see the module docstring)."""
-    if fmt not in FORMATS:
-        raise OutputError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fmt = check_format(fmt)
     out_options = storage_options if out_options is None else out_options
     info = read_info(model_dir)
     store = open_store(store_url, storage_options)
-    if store.model_id != info.model_id and not allow_model_mismatch:
-        raise ModelMismatchError(
-            f"{store_url} was encoded by model {store.model_id} but the model given is "
-            f"{info.model_id}; pass --allow-model-mismatch to decode anyway"
-        )
-    if store.latent_shape != info.config.latent_shape:
-        raise StoreError(
-            f"{store_url} holds latents of shape {store.latent_shape} (C, h, w) but the decoder "
-            f"of {model_dir} takes {info.config.latent_shape}; use the model that made the store"
-        )
+    check_model(store, info, allow_model_mismatch)
     if store.count == 0:
         raise StoreError(f"{store_url} has no committed rows to decode")
     validate_ids(store.read_ids(0, store.count))
 
-    source = {"url": _absolute(store_url), "uuid": store.uuid, "count": store.count}
+    source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
     identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt}
-    manifest = read_manifest(out_url, out_options)
-    if manifest is not None:
-        theirs = manifest.get("store", {})
-        if theirs.get("uuid") != store.uuid:
+    earlier = read_manifest(out_url, out_options)
+    if earlier is not None:
+        if earlier.store.uuid != store.uuid:
             raise OutputError(
-                f"{out_url} holds the decode of another store ({theirs.get('url')}); "
+                f"{out_url} holds the decode of another store ({earlier.store.url}); "
                 "choose another --out or remove that output"
             )
-        if manifest.get("model_id") != info.model_id or manifest.get("output_format") != fmt:
+        if earlier.model_id != info.model_id or earlier.output_format != fmt:
             raise OutputError(
-                f"{out_url} holds a {manifest.get('output_format')} decode by model "
-                f"{str(manifest.get('model_id'))[:12]}; choose another --out"
+                f"{out_url} holds a {earlier.output_format} decode by model "
+                f"{earlier.model_id[:12]}; choose another --out"
             )
     started = time.perf_counter()
     ranges = store.shards()
@@ -265,17 +285,17 @@ def decode(
         )
     jobs = [
         DecodeJob(
-            store_url,
-            dict(storage_options or {}),
-            info.model_id,
-            index,
-            a,
-            b,
-            out_url,
-            dict(out_options or {}),
-            fmt,
-            identity,
-            batch_size,
+            store_url=store_url,
+            storage_options=dict(storage_options or {}),
+            model_id=info.model_id,
+            index=index,
+            start=a,
+            stop=b,
+            out_url=out_url,
+            out_options=dict(out_options or {}),
+            fmt=fmt,
+            identity=identity,
+            batch_size=batch_size,
         )
         for index, (a, b) in enumerate(ranges)
         if index not in done
@@ -290,7 +310,7 @@ def decode(
     def run(c: Client) -> None:
         nonlocal started
         started = time.perf_counter()  # throughput counts from a ready cluster
-        register_model(c, info)
+        register_model(c, info, "decoder")
         slots = max_in_flight or 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
         map_bounded(
             c,
@@ -307,26 +327,79 @@ def decode(
             run(c)
     remove_temporaries(out_url, out_options)
     records = {**done, **written}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "store": source,
-        "model_id": info.model_id,
-        "output_format": fmt,
-        "format_settings": {
+    manifest = Manifest(
+        store=source,
+        model_id=info.model_id,
+        output_format=fmt,
+        format_settings={
             "png_compress_level": PNG_COMPRESS_LEVEL,
             "batch_size": batch_size or "auto",
         },
-        "count": store.count,
-        "shards": [records[i].to_dict() for i in sorted(records)],
-    }
-    write_manifest(out_url, out_options, manifest)
-    decoded = sum(r.count for r in written.values())
-    return DecodeResult(
-        out_url,
-        manifest,
-        store.count,
-        decoded,
-        tuple(sorted(written)),
-        tuple(sorted(done)),
-        time.perf_counter() - started,
+        count=store.count,
+        shards=tuple(records[i] for i in sorted(records)),
     )
+    write_manifest(out_url, out_options, manifest)
+    return DecodeResult(
+        out=out_url,
+        manifest=manifest,
+        count=store.count,
+        decoded=sum(r.count for r in written.values()),
+        shards_written=tuple(sorted(written)),
+        shards_skipped=tuple(sorted(done)),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def decode_in_process(model_dir: Path, latents: np.ndarray) -> np.ndarray:
+    """Decode latents ``(n, C, h, w)`` in this process on the CPU: ``uint8 (n, H, W, C)``."""
+    decoder, _ = load_model(model_dir, "decoder")
+    return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
+
+
+def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
+    """Decode chosen committed rows of a store in this process, with the engine's checks
+    (the store's model, safe ids, finite latents): ``uint8 (n, H, W, C)``."""
+    if len(rows) == 0:
+        raise StoreError("the selection is empty; there is nothing to decode")
+    check_model(store, read_info(model_dir))
+    rows = [int(r) for r in rows]
+    ids = validate_ids(store.read_ids_at(rows))
+    latents = store.read_latents_at(rows)
+    _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
+    return decode_in_process(model_dir, latents)
+
+
+def decode_selection(
+    model_dir: Path, store: LatentStore, rows: Rows, out: str, fmt: str = "tar"
+) -> Manifest:
+    """Decode chosen rows into ``out`` as one shard (tar, png or zarr) plus a manifest
+    that lists them, with :func:`decode_rows`' checks and :func:`decode`'s writers."""
+    fmt = check_format(fmt)
+    options = store.storage_options
+    if read_manifest(out, options) is not None:
+        raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
+    images = decode_rows(model_dir, store, rows)
+    rows = [int(r) for r in rows]
+    if fmt == "zarr":
+        create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
+    labels = store.read_labels_at(rows).tolist() if store.has_labels else None
+    record = write_shard(
+        out,
+        options,
+        fmt,
+        index=0,
+        start=0,
+        ids=store.read_ids_at(rows),
+        images=images,
+        labels=labels,
+    )
+    manifest = Manifest(
+        store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
+        model_id=read_info(model_dir).model_id,
+        output_format=fmt,
+        count=len(rows),
+        selection=tuple(rows),
+        shards=(record,),
+    )
+    write_manifest(out, options, manifest)
+    return manifest

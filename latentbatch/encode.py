@@ -17,10 +17,13 @@
 
 An interrupted encode leaves the store readable at its last ``count``; running the same
 command again resumes from there (shards past ``count`` are rewritten whole).
+
+:func:`encode_file` encodes one image file in this process (``query --near-image``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,18 +34,20 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import ModelInfo, read_info
-from latentbatch.cluster import (
-    Progress,
-    cached_model,
-    gpu_resources,
-    map_bounded,
-    register_model,
-    using,
+from latentbatch.checkpoint import ModelInfo, load_model, read_info
+from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
+from latentbatch.datasets import (
+    MAX_PIXELS,
+    Geometry,
+    ImageSource,
+    RowsRef,
+    conform,
+    open_image,
+    open_source,
 )
-from latentbatch.datasets import Geometry, ImageSource, RowsRef, open_source
+from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
-from latentbatch.quality import to_unit
+from latentbatch.model import to_unit
 from latentbatch.storage import StorageOptions, filesystem
 from latentbatch.store import (
     LatentStore,
@@ -52,12 +57,13 @@ from latentbatch.store import (
     open_store,
     shard_ranges,
 )
+from latentbatch.workers import cached_model, register_model
 
 ProgressCallback = Callable[[Progress], None]
 ENCODE_BATCH = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """One encode task: store rows ``[start, stop)``; the first ``keep`` rows are already
     committed and are re-read from the store; the rest come from ``rows``."""
@@ -73,7 +79,7 @@ class ShardJob:
     labels: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncodeResult:
     store: str
     model_id: str
@@ -88,6 +94,14 @@ class EncodeResult:
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``latentbatch encode --json``)."""
+        return {
+            **dataclasses.asdict(self),
+            "rows": list(self.rows),
+            "images_per_second": self.images_per_second,
+        }
 
 
 def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
@@ -105,9 +119,9 @@ def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.de
 
 def encode_shard(job: ShardJob) -> dict[str, int]:
     """Worker side: encode one shard's images and write the whole shard."""
-    model, device = cached_model(job.model_id)
+    encoder, device = cached_model(job.model_id, "encoder")
     store = open_store(job.store_url, job.storage_options, writable=True)
-    latents = encode_images(model.encoder, job.rows.read(), device)
+    latents = encode_images(encoder, job.rows.read(), device)
     ids = list(job.ids)
     labels = np.asarray(job.labels, np.int32)
     if job.keep:
@@ -131,7 +145,12 @@ def _prepare(
     fs, path = filesystem(store_url, storage_options)
     if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
         store = create_store(
-            store_url, info, len(source), layout=layout, storage_options=storage_options
+            store_url,
+            model_id=info.model_id,
+            config=info.config,
+            capacity=len(source),
+            layout=layout,
+            storage_options=storage_options,
         )
         return store, 0, False
     store = open_store(store_url, storage_options, writable=True)
@@ -185,7 +204,15 @@ def encode(
     started = time.perf_counter()
     prepared = _prepare(store_url, info, source, append, layout, storage_options)
     if prepared is None:
-        return EncodeResult(store_url, info.model_id, source.spec, (0, 0), 0, 0.0, skipped=True)
+        return EncodeResult(
+            store=store_url,
+            model_id=info.model_id,
+            source=source.spec,
+            rows=(0, 0),
+            encoded=0,
+            seconds=0.0,
+            skipped=True,
+        )
     store, base, resumed = prepared
     stop = base + len(source)
     labels = source.labels if source.labels is not None else np.full(len(source), -1, np.int32)
@@ -205,15 +232,15 @@ def encode(
         s0, s1 = a + keep - base, b - base
         jobs.append(
             ShardJob(
-                store_url,
-                dict(storage_options or {}),
-                info.model_id,
-                a,
-                b,
-                keep,
-                source.ref(s0, s1),
-                source.ids[s0:s1],
-                tuple(int(v) for v in labels[s0:s1]),
+                store_url=store_url,
+                storage_options=dict(storage_options or {}),
+                model_id=info.model_id,
+                start=a,
+                stop=b,
+                keep=keep,
+                rows=source.ref(s0, s1),
+                ids=source.ids[s0:s1],
+                labels=tuple(int(v) for v in labels[s0:s1]),
             )
         )
     finished: dict[int, int] = {}
@@ -231,7 +258,7 @@ def encode(
     def run(c: Client) -> None:
         nonlocal started
         started = time.perf_counter()  # throughput counts from a ready cluster
-        register_model(c, info)
+        register_model(c, info, "encoder")
         slots = 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
         map_bounded(
             c,
@@ -256,12 +283,34 @@ def encode(
         labels=bool(store.meta.get("labels")) or bool((labels >= 0).any()),
     )
     return EncodeResult(
-        store_url,
-        info.model_id,
-        source.spec,
-        (base, stop),
-        stop - first_new,
-        time.perf_counter() - started,
+        store=store_url,
+        model_id=info.model_id,
+        source=source.spec,
+        rows=(base, stop),
+        encoded=stop - first_new,
+        seconds=time.perf_counter() - started,
         resumed=resumed,
         shards=len(jobs),
     )
+
+
+def encode_file(model_dir: Path, path: Path, expected_model_id: str | None = None) -> np.ndarray:
+    """Encode one image file in this process: a float32 latent ``(C, h, w)``.
+
+    The image is made to fit the model by the conversion rule of
+    :mod:`latentbatch.datasets` (any size or mode). With ``expected_model_id`` (a store's),
+    a model that did not make that store is refused.
+    """
+    encoder, info = load_model(model_dir, "encoder")
+    if expected_model_id is not None and info.model_id != expected_model_id:
+        raise StoreError(
+            f"{model_dir} is model {info.model_id[:12]} but the store holds latents of "
+            f"{expected_model_id[:12]}; pass the model that made the store"
+        )
+    try:
+        image = open_image(Path(path), MAX_PIXELS)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    pixels = conform(image, Geometry(info.config.image_size, info.config.channels))
+    latents: np.ndarray = encode_images(encoder, pixels[None], torch.device("cpu"))[0]
+    return latents

@@ -21,3 +21,7 @@ class DataError(LatentbatchError):
 
 class CheckpointError(LatentbatchError):
     """A model directory is missing, corrupt, or does not fit its config."""
+
+
+class OutputError(LatentbatchError):
+    """An output location cannot take this decode, or does not hold a finished one."""

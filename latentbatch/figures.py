@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
+
+from latentbatch.storage import write_bytes
 
 
 def image_grid(rows: Sequence[np.ndarray], scale: int = 1, gap: int = 2) -> Image.Image:
@@ -29,6 +32,13 @@ def image_grid(rows: Sequence[np.ndarray], scale: int = 1, gap: int = 2) -> Imag
             (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
         )
     return picture
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    """Write a picture as PNG, atomically."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
 
 
 def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray) -> Image.Image:
@@ -53,7 +63,6 @@ def save_training_curves(history: Sequence[dict[str, float]], path: Path) -> Non
     ssim_axes.set_ylabel("SSIM")
     for axes in (loss_axes, psnr_axes):
         axes.grid(alpha=0.3)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", metadata={"Software": None})
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    write_bytes(path, buffer.getvalue())

@@ -16,6 +16,10 @@ layer (``padding='same'`` convolutions, 2x2 max-pooling, nearest up-sampling)::
 
 Encoder and decoder are separate modules: decoding is the product's hot path, and a
 decode worker loads only the decoder.
+
+The pixel contract of both directions lives here too: :func:`to_unit` turns stored
+``uint8 (N, H, W, C)`` pixels into the model's ``float (N, C, H, W)`` input in [0, 1], and
+:func:`to_uint8` turns the model's output back, rounding to nearest.
 """
 
 from __future__ import annotations
@@ -67,9 +71,25 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(images))
+        latents: torch.Tensor = self.encoder(images)
+        reconstructions: torch.Tensor = self.decoder(latents)
+        return reconstructions
 
 
 def parameter_count(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """``uint8 (N, H, W, C)`` → ``float32 (N, C, H, W)`` in [0, 1]."""
+    unit = images.permute(0, 3, 1, 2).float()
+    unit.div_(255)
+    return unit
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``float (N, C, H, W)`` in [0, 1] → ``uint8 (N, H, W, C)``, rounded to nearest."""
+    return (
+        images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    )

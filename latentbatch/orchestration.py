@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 from PIL import Image
@@ -23,8 +24,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.client.schemas.objects import State, TaskRun
 
 from latentbatch.cluster import ClusterError, Progress
 from latentbatch.errors import LatentbatchError
@@ -93,7 +93,10 @@ class ProgressReporter:
     """
 
     def __init__(self, key: str, description: str, min_interval: float = 1.0) -> None:
-        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        if not isinstance(artifact_id, UUID):  # a coroutine only inside an event loop
+            raise TypeError("ProgressReporter must be created in synchronous code")
+        self.artifact_id = artifact_id
         self._min_interval = min_interval
         self._last = 0.0
 

@@ -20,15 +20,3 @@ def ssim(reference: torch.Tensor, test: torch.Tensor) -> float:
         reference.float(), test.float(), data_range=1.0, win_size=window, size_average=True
     )
     return float(value)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """``uint8 (N, H, W, C)`` → ``float32 (N, C, H, W)`` in [0, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(255)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``float (N, C, H, W)`` in [0, 1] → ``uint8 (N, H, W, C)``, rounded to nearest."""
-    return (
-        images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    )

@@ -17,15 +17,16 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import dask
 import dask.array as da
 import numpy as np
+import xarray as xr
+from dask.base import compute
+from dask.delayed import delayed
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.store import LatentStore
+from latentbatch.store import LatentStore, Rows
 
 Metric = Literal["l2", "cosine"]
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
@@ -65,10 +66,20 @@ def parse_predicate(text: str) -> tuple[str, Callable[[Any, Any], Any], int]:
     return match[1], _OPS[match[2]], int(match[3])
 
 
+def check_metric(metric: str) -> Metric:
+    """``metric`` if it is one of the distances :func:`nearest` knows."""
+    if metric == "l2":
+        return "l2"
+    if metric == "cosine":
+        return "cosine"
+    raise QueryError(f"unknown metric {metric!r}; use l2 or cosine")
+
+
 def _committed(store: LatentStore) -> da.Array:
     """The committed latents as a Dask array with one block per store shard."""
-    array = da.from_zarr(store.latents, chunks=(store.shard_rows, *store.latent_shape))
-    return array[: store.count]
+    array: da.Array = da.from_zarr(store.latents, chunks=(store.shard_rows, *store.latent_shape))
+    committed: da.Array = array[: store.count]
+    return committed
 
 
 def select(
@@ -109,28 +120,23 @@ def select(
     return np.flatnonzero(keep)
 
 
-def read_rows(store: LatentStore, rows: np.ndarray) -> np.ndarray:
+def read_rows(store: LatentStore, rows: Rows) -> np.ndarray:
     """Latents of the given rows (any order), as float32."""
-    if len(rows) == 0:
-        return np.zeros((0, *store.latent_shape), np.float32)
-    return np.asarray(store.latents.get_orthogonal_selection((rows,)), dtype=np.float32)
+    return store.read_latents_at(rows).astype(np.float32)
 
 
-def to_xarray(store: LatentStore, rows: np.ndarray) -> Any:
+def to_xarray(store: LatentStore, rows: np.ndarray) -> xr.DataArray:
     """Selected latents as an ``xarray.DataArray`` (dims sample, channel, y, x)."""
-    import xarray as xr
-
-    ids = store.read_ids(0, store.count)
     return xr.DataArray(
         read_rows(store, rows),
         dims=("sample", "channel", "y", "x"),
-        coords={"sample": [ids[r] for r in rows], "row": ("sample", rows)},
+        coords={"sample": store.read_ids_at(rows), "row": ("sample", rows)},
         name="latents",
         attrs={"store": store.url, "model_id": store.model_id},
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Statistics:
     """Per-channel statistics of the committed latents."""
 
@@ -156,24 +162,24 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
         raise QueryError(f"{store.url} has no committed rows")
     latents = _committed(store).astype(np.float64)
     axes = (0, 2, 3)
-    mean, std, low, high, overall = dask.compute(
+    mean, std, low, high, overall = compute(
         latents.mean(axis=axes), latents.std(axis=axes), latents.min(axis=axes),
         latents.max(axis=axes), latents.std(),
     )  # fmt: skip
     result = Statistics(
-        store.count,
-        [float(v) for v in mean],
-        [float(v) for v in std],
-        [float(v) for v in low],
-        [float(v) for v in high],
-        float(overall),
+        count=store.count,
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        min=[float(v) for v in low],
+        max=[float(v) for v in high],
+        overall_std=float(overall),
     )
     if save:
         store.write_meta(stats=result.to_dict())
     return result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Neighbour:
     row: int
     id: str
@@ -205,8 +211,7 @@ def nearest(
     exclude: Sequence[int] = (),
 ) -> list[Neighbour]:
     """The ``k`` committed rows nearest to ``query`` (a latent), nearest first; ties by row."""
-    if metric not in ("l2", "cosine"):
-        raise QueryError(f"unknown metric {metric!r}; use l2 or cosine")
+    metric = check_metric(metric)
     if query.shape != store.latent_shape:
         raise QueryError(
             f"query latent has shape {query.shape}, the store holds {store.latent_shape}"
@@ -221,104 +226,38 @@ def nearest(
     latents = _committed(store)
     offsets = np.cumsum((0, *latents.chunks[0][:-1]))
     parts = [
-        dask.delayed(_block_top_k)(block, flat_query, want, metric, int(offset))
+        delayed(_block_top_k)(block, flat_query, want, metric, int(offset))
         for block, offset in zip(latents.to_delayed().ravel(), offsets, strict=True)
     ]
-    candidates = np.concatenate(dask.compute(*parts))
+    candidates = np.concatenate(compute(*parts))
     order = np.lexsort((candidates[:, 1], candidates[:, 0]))
     excluded = set(exclude)
     chosen = [(float(d), int(r)) for d, r in candidates[order] if int(r) not in excluded][:k]
-    ids = store.ids.get_orthogonal_selection((np.array([r for _, r in chosen]),))
-    return [
-        Neighbour(r, str(i), d) for (d, r), i in zip(chosen, np.asarray(ids).tolist(), strict=True)
-    ]
+    ids = store.read_ids_at([r for _, r in chosen])
+    return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
 
 
-def encode_image(model_dir: Path, store: LatentStore, path: Path) -> np.ndarray:
-    """Encode one image file with the store's model (the conversion rule of
-    :mod:`latentbatch.datasets` makes it fit the model's size and mode)."""
-    import torch
-    from PIL import Image
-
-    from latentbatch.checkpoint import load_model
-    from latentbatch.datasets import MAX_PIXELS, Geometry, conform, open_image
-    from latentbatch.encode import encode_images
-
-    encoder, info = load_model(model_dir, "encoder")
-    if info.model_id != store.model_id:
-        raise QueryError(
-            f"{model_dir} is model {info.model_id[:12]} but {store.url} holds latents of "
-            f"{store.model_id[:12]}; pass the model that made the store"
-        )
-    try:
-        image: Image.Image = open_image(Path(path), MAX_PIXELS)
-    except ValueError as exc:
-        raise QueryError(f"--near-image {path}: {exc}") from exc
-    pixels = conform(image, Geometry(info.config.image_size, info.config.channels))
-    return encode_images(encoder, pixels[None], torch.device("cpu"))[0]
+def latent_of(store: LatentStore, sample_id: str) -> tuple[np.ndarray, int]:
+    """The latent (float32) of the row holding ``sample_id``, and that row: the query of a
+    nearest-neighbour search by id, which leaves the row itself out."""
+    row = int(select(store, ids=[sample_id])[0])
+    return read_rows(store, [row])[0], row
 
 
-def decode_rows(model_dir: Path, store: LatentStore, rows: np.ndarray) -> np.ndarray:
-    """Decode selected rows in this process: ``uint8 (n, H, W, C)``."""
-    if len(rows) == 0:
-        raise QueryError("the selection is empty; there is nothing to decode")
-    return decode_in_process(model_dir, read_rows(store, rows))
-
-
-def decode_selection(
-    model_dir: Path, store: LatentStore, rows: np.ndarray, out: str, fmt: str
-) -> dict[str, Any]:
-    """Decode just the selected rows into ``out`` as one shard (tar, png or zarr) plus a
-    manifest that lists the rows; returns the manifest."""
-    from latentbatch.checkpoint import read_info
-    from latentbatch.shards import (
-        FORMATS,
-        create_zarr_output,
-        encode_png,
-        read_manifest,
-        write_manifest,
-        write_png_shard,
-        write_tar_shard,
-        write_zarr_shard,
-    )
-
-    if fmt not in FORMATS:
-        raise QueryError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if read_manifest(out, store.storage_options) is not None:
-        raise QueryError(f"{out} already holds a decode; choose another folder for the selection")
-    images = decode_rows(model_dir, store, rows)
-    all_ids = store.read_ids(0, store.count)
-    ids = [all_ids[r] for r in rows]
-    options = store.storage_options
-    if fmt == "zarr":
-        create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
-        record = write_zarr_shard(out, options, 0, 0, images)
-    else:
-        pngs = [encode_png(image) for image in images]
-        if fmt == "tar":
-            labels = store.read_labels(0, store.count)[rows].tolist() if store.has_labels else None
-            record = write_tar_shard(out, options, 0, 0, ids, pngs, labels)
-        else:
-            record = write_png_shard(out, options, 0, 0, ids, pngs)
-    manifest = {
-        "format": 1,
-        "store": {"url": store.url, "uuid": store.uuid, "count": store.count},
-        "model_id": read_info(model_dir).model_id,
-        "output_format": fmt,
-        "count": len(rows),
-        "selection": [int(r) for r in rows],
-        "shards": [record.to_dict()],
-    }
-    write_manifest(out, options, manifest)
-    return manifest
-
-
-def decode_in_process(model_dir: Path, latents: np.ndarray) -> np.ndarray:
-    """Decode latents ``(n, C, h, w)`` in this process: ``uint8 (n, H, W, C)``."""
-    import torch
-
-    from latentbatch.checkpoint import load_model
-    from latentbatch.decode import decode_latents
-
-    decoder, _ = load_model(model_dir, "decoder")
-    return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
+def result_rows(
+    store: LatentStore, rows: Rows, neighbours: Sequence[Neighbour] | None = None
+) -> list[dict[str, Any]]:
+    """One dict per row of a query's answer: ``row``, ``id``, ``label`` (when the store
+    has labels) and ``distance`` (for neighbours), in the given order."""
+    rows = [int(r) for r in rows]
+    ids = store.read_ids_at(rows)
+    labels = store.read_labels_at(rows).tolist() if store.has_labels else None
+    results: list[dict[str, Any]] = []
+    for i, (row, sample_id) in enumerate(zip(rows, ids, strict=True)):
+        entry: dict[str, Any] = {"row": row, "id": sample_id}
+        if labels is not None:
+            entry["label"] = int(labels[i])
+        if neighbours is not None:
+            entry["distance"] = neighbours[i].distance
+        results.append(entry)
+    return results

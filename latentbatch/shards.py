@@ -1,4 +1,4 @@
-"""Output shards of a decode, their per-shard records and the manifest.
+"""Output shards of a decode: the three formats and their writers.
 
 ::
 
@@ -6,13 +6,12 @@
       shard-000000.tar           tar: WebDataset layout, ID.png (+ ID.json) per image
       shard-000000/              png: a folder of ID.png per shard
       images.zarr/               zarr: uint8 [N, H, W, C], sharded like the store
-      .records/shard-000000.json one record per finished shard (written after the shard)
-      manifest.json              written last, atomically: store, model id, every shard
 
-Every shard is built completely, written under a temporary name and renamed into place
-(object stores: one PUT of the whole object). Tar members have fixed metadata (mtime 0,
-uid/gid 0, no user names, mode 0644) and PNGs are encoded with fixed settings, so two runs
-on the same inputs give byte-identical shards.
+Every shard is built completely and written with :mod:`latentbatch.storage`'s atomic
+writes (object stores: one PUT of the whole object). Tar members have fixed metadata
+(mtime 0, uid/gid 0, no user names, mode 0644) and PNGs are encoded with fixed settings,
+so two runs on the same inputs give byte-identical shards. Records and the manifest are
+:mod:`latentbatch.manifest`'s.
 """
 
 from __future__ import annotations
@@ -21,52 +20,38 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import zarr
 from PIL import Image
 
-from latentbatch.errors import LatentbatchError
-from latentbatch.storage import StorageOptions, filesystem, is_remote, join, zarr_options
+from latentbatch.errors import OutputError
+from latentbatch.manifest import MANIFEST, RECORDS, ShardRecord, read_manifest
+from latentbatch.storage import (
+    StorageOptions,
+    filesystem,
+    is_temporary,
+    join,
+    write_bytes,
+    write_folder,
+    zarr_options,
+)
+from latentbatch.store import open_store
 
 Format = Literal["tar", "zarr", "png"]
 FORMATS: tuple[Format, ...] = ("tar", "zarr", "png")
-MANIFEST = "manifest.json"
-RECORDS = ".records"
 ZARR_NAME = "images.zarr"
 PNG_COMPRESS_LEVEL = 6
-MANIFEST_FORMAT = 1
 
 
-class OutputError(LatentbatchError):
-    """An output location cannot take this decode."""
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What one finished output shard holds."""
-
-    index: int
-    path: str
-    start: int
-    stop: int
-    bytes: int
-    sha256: str
-
-    @property
-    def count(self) -> int:
-        return self.stop - self.start
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "count": self.count}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShardRecord:
-        return cls(**{k: data[k] for k in ("index", "path", "start", "stop", "bytes", "sha256")})
+def check_format(fmt: str) -> Format:
+    """``fmt`` if it is an output format, else an :class:`OutputError` naming the choices."""
+    for known in FORMATS:
+        if fmt == known:
+            return known
+    raise OutputError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def shard_name(index: int, fmt: Format) -> str:
@@ -104,17 +89,10 @@ def _sidecar(row: int, label: int) -> bytes:
     return json.dumps({"label": label, "row": row}, sort_keys=True).encode()
 
 
-def _put_atomic(out_url: str, options: StorageOptions | None, name: str, data: bytes) -> None:
-    fs, root = filesystem(out_url, options)
-    final = join(root, name)
-    if is_remote(out_url):
-        fs.pipe_file(final, data)  # one PUT: the object appears whole or not at all
-        return
-    folder, _, base = final.rpartition("/")
-    tmp = join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
-    fs.makedirs(folder, exist_ok=True)
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, final)
+def _record(index: int, name: str, start: int, count: int, size: int, sha256: str) -> ShardRecord:
+    return ShardRecord(
+        index=index, path=name, start=start, stop=start + count, bytes=size, sha256=sha256
+    )
 
 
 def write_tar_shard(
@@ -133,10 +111,8 @@ def write_tar_shard(
             members.append((f"{sample_id}.json", _sidecar(start + offset, int(labels[offset]))))
     data = build_tar(members)
     name = shard_name(index, "tar")
-    _put_atomic(out_url, options, name, data)
-    return ShardRecord(
-        index, name, start, start + len(ids), len(data), hashlib.sha256(data).hexdigest()
-    )
+    write_bytes(join(out_url, name), data, options)
+    return _record(index, name, start, len(ids), len(data), hashlib.sha256(data).hexdigest())
 
 
 def _folder_digest(files: Sequence[tuple[str, bytes]]) -> str:
@@ -154,23 +130,11 @@ def write_png_shard(
 ) -> ShardRecord:
     """A folder ``shard-NNNNNN/`` of ``ID.png``; its sha256 is over the sorted
     ``name NUL sha256(file)`` listing."""
-    fs, root = filesystem(out_url, options)
     name = shard_name(index, "png")
     files = [(f"{i}.png", png) for i, png in zip(ids, pngs, strict=True)]
-    final = join(root, name)
-    if is_remote(out_url):
-        for file_name, data in files:
-            fs.pipe_file(join(final, file_name), data)
-    else:
-        tmp = join(root, f".{name}.{uuid.uuid4().hex}.tmp")
-        fs.makedirs(tmp, exist_ok=True)
-        for file_name, data in files:
-            fs.pipe_file(join(tmp, file_name), data)
-        if fs.exists(final):
-            fs.rm(final, recursive=True)
-        fs.mv(tmp, final, recursive=True)
+    write_folder(join(out_url, name), files, options)
     size = sum(len(d) for _, d in files)
-    return ShardRecord(index, name, start, start + len(ids), size, _folder_digest(files))
+    return _record(index, name, start, len(ids), size, _folder_digest(files))
 
 
 def create_zarr_output(
@@ -212,62 +176,7 @@ def write_zarr_shard(
     name = shard_name(index, "zarr")
     fs, root = filesystem(out_url, options)
     data = fs.cat_file(join(root, name))
-    return ShardRecord(
-        index, name, start, start + len(images), len(data), hashlib.sha256(data).hexdigest()
-    )
-
-
-def write_record(
-    out_url: str, options: StorageOptions | None, record: ShardRecord, identity: dict[str, Any]
-) -> None:
-    """Record a finished shard (after the shard itself is in place)."""
-    payload = json.dumps({**record.to_dict(), **identity}, indent=1, sort_keys=True).encode()
-    _put_atomic(out_url, options, f"{RECORDS}/shard-{record.index:06d}.json", payload)
-
-
-def read_records(
-    out_url: str, options: StorageOptions | None, identity: dict[str, Any]
-) -> dict[int, ShardRecord]:
-    """Records of finished shards that belong to ``identity`` and whose file is present
-    with the recorded size."""
-    fs, root = filesystem(out_url, options)
-    folder = join(root, RECORDS)
-    if not fs.exists(folder):
-        return {}
-    found: dict[int, ShardRecord] = {}
-    for path in fs.ls(folder, detail=False):
-        if not path.endswith(".json") or "/." in path[len(folder) :]:
-            continue
-        try:
-            data = json.loads(fs.cat_file(path))
-            record = ShardRecord.from_dict(data)
-        except (ValueError, KeyError, TypeError):
-            continue
-        if any(data.get(k) != v for k, v in identity.items()):
-            continue
-        target = join(root, record.path)
-        if not fs.exists(target):
-            continue
-        size = fs.du(target) if fs.isdir(target) else fs.size(target)
-        if size == record.bytes:
-            found[record.index] = record
-    return found
-
-
-def read_manifest(out_url: str, options: StorageOptions | None) -> dict[str, Any] | None:
-    fs, root = filesystem(out_url, options)
-    path = join(root, MANIFEST)
-    if not fs.exists(path):
-        return None
-    try:
-        return json.loads(fs.cat_file(path))
-    except ValueError as exc:
-        raise OutputError(f"{path} is not valid JSON; move it away or delete it") from exc
-
-
-def write_manifest(out_url: str, options: StorageOptions | None, manifest: dict[str, Any]) -> None:
-    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    _put_atomic(out_url, options, MANIFEST, data)
+    return _record(index, name, start, len(images), len(data), hashlib.sha256(data).hexdigest())
 
 
 def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
@@ -280,11 +189,46 @@ def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
         if not fs.exists(folder):
             continue
         for path in fs.ls(folder, detail=False):
-            base = path.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(".") and base.endswith(".tmp"):
+            if is_temporary(path.rstrip("/").rsplit("/", 1)[-1]):
                 fs.rm(path, recursive=True)
                 removed += 1
     return removed
+
+
+def write_shard(
+    out_url: str,
+    options: StorageOptions | None,
+    fmt: Format,
+    *,
+    index: int,
+    start: int,
+    ids: Sequence[str],
+    images: np.ndarray,
+    pngs: Sequence[bytes] | None = None,
+    labels: Sequence[int] | None = None,
+) -> ShardRecord:
+    """Write output shard ``index`` (store rows from ``start``) in format ``fmt``.
+
+    ``pngs``, when given, are the images already encoded (the decode engine encodes
+    them while the next batch decodes); ``labels`` go into tar sidecars.
+    """
+    if fmt == "zarr":
+        return write_zarr_shard(out_url, options, index, start, images)
+    encoded = [encode_png(image) for image in images] if pngs is None else pngs
+    if fmt == "tar":
+        return write_tar_shard(out_url, options, index, start, ids, encoded, labels)
+    return write_png_shard(out_url, options, index, start, ids, encoded)
+
+
+def _tar_pngs(data: bytes) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of the PNG members of a tar, in member order."""
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            handle = tar.extractfile(member)
+            if member.name.endswith(".png") and handle is not None:
+                members.append((member.name, handle.read()))
+    return members
 
 
 def read_output(
@@ -299,25 +243,21 @@ def read_output(
     if manifest is None:
         raise OutputError(f"{out_url} has no {MANIFEST}; the decode is not finished")
     fs, root = filesystem(out_url, options)
-    fmt = manifest["output_format"]
-    if fmt == "zarr":
+    if manifest.output_format == "zarr":
         url = join(out_url, ZARR_NAME)
         array = zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))
         images = np.asarray(array[: array.shape[0] if limit is None else limit])
-        from latentbatch.store import open_store  # the ids live in the store
-
-        store = open_store(manifest["store"]["url"], options)
-        return store.read_ids(0, len(images)), images
-    ids, arrays = [], []
-    for shard in manifest["shards"]:
+        store = open_store(manifest.store.url, options)
+        rows = manifest.selection or range(len(images))
+        return store.read_ids_at([int(r) for r in rows][: len(images)]), images
+    ids: list[str] = []
+    arrays: list[np.ndarray] = []
+    for shard in manifest.shards:
         if limit is not None and len(ids) >= limit:
             break
-        path = join(root, shard["path"])
-        if fmt == "tar":
-            with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle) as tar:
-                members = [
-                    (m.name, tar.extractfile(m).read()) for m in tar if m.name.endswith(".png")
-                ]  # type: ignore[union-attr]
+        path = join(root, shard.path)
+        if manifest.output_format == "tar":
+            members = _tar_pngs(fs.cat_file(path))
         else:
             names = sorted(fs.ls(path, detail=False))
             members = [(n.rsplit("/", 1)[-1], fs.cat_file(n)) for n in names]

@@ -24,8 +24,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -85,12 +87,12 @@ def read_env(home: Path = DEFAULT_HOME) -> dict[str, str]:
 def _healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except OSError:
         return False
 
 
-def _wait(check, what: str, log: Path, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], bool], what: str, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -262,7 +264,7 @@ def running(home: Path = DEFAULT_HOME) -> bool:
     return any(p is not None for p in _processes(home.resolve()).values())
 
 
-def status(home: Path = DEFAULT_HOME) -> dict[str, object]:
+def status(home: Path = DEFAULT_HOME) -> dict[str, Any]:
     """Which stack processes run, and whether the server answers."""
     home = home.resolve()
     env = read_env(home)
@@ -271,7 +273,7 @@ def status(home: Path = DEFAULT_HOME) -> dict[str, object]:
     return {
         "home": str(home),
         "processes": processes,
-        "server_healthy": bool(api) and _healthy(api),  # type: ignore[arg-type]
+        "server_healthy": api is not None and _healthy(api),
         **{k.lower(): v for k, v in env.items()},
     }
 

@@ -1,14 +1,24 @@
-"""Locations: local paths and ``s3://`` URLs, through fsspec.
+"""Where bytes go: local paths and ``s3://`` URLs through fsspec, and the one atomic write.
 
 S3 endpoint and keys come from the usual AWS environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) or from storage
 options (``--storage-option endpoint_url=http://127.0.0.1:9000``), passed to s3fs.
+
+Every file latentbatch writes whole (weights, configs, pictures, shards, records,
+manifests) goes through :func:`write_bytes`: on a local disk a temporary file beside the
+target (``.NAME.*.tmp``), flushed, fsynced and renamed into place; on an object store one
+PUT of the whole object. A reader sees the old content or the new, never a torn file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterable, Mapping
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -17,16 +27,19 @@ from fsspec import AbstractFileSystem
 from latentbatch.errors import ConfigError
 
 StorageOptions = Mapping[str, Any]
+TEMPORARY_SUFFIX = ".tmp"
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+def is_remote(url: str | Path) -> bool:
+    """Whether ``url`` names an object store (anything with a scheme but ``file://``)."""
+    text = str(url)
+    return "://" in text and not text.startswith("file://")
 
 
-def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
+def parse_options(pairs: Iterable[str] | None) -> dict[str, Any]:
     """``["key=value", ...]`` → dict; ``true``/``false`` and integers are converted."""
     options: dict[str, Any] = {}
-    for pair in pairs:
+    for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"storage option {pair!r} is not KEY=VALUE")
@@ -51,11 +64,11 @@ def _s3_defaults(options: StorageOptions) -> dict[str, Any]:
 
 def filesystem(url: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """The fsspec filesystem of ``url`` and the path inside it."""
-    options = dict(options or {})
+    merged = dict(options or {})
     if url.startswith("s3://"):
-        options = _s3_defaults(options)
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    return fs, path
+        merged = _s3_defaults(merged)
+    fs, path = fsspec.core.url_to_fs(url, **merged)
+    return fs, str(path)
 
 
 def zarr_options(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -68,3 +81,76 @@ def zarr_options(url: str, options: StorageOptions | None) -> dict[str, Any] | N
 def join(url: str, *names: str) -> str:
     """Join names onto a path or URL with ``/``."""
     return "/".join([url.rstrip("/"), *names])
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is a leftover of an interrupted :func:`write_bytes`
+    or :func:`write_folder`."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(url: str | Path, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write ``data`` to a local path or object URL atomically (see the module docstring)."""
+    if is_remote(url):
+        fs, path = filesystem(str(url), options)
+        fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        return
+    _write_local(Path(str(url).removeprefix("file://")), data)
+
+
+def json_bytes(payload: Any, indent: int = 2) -> bytes:
+    """``payload`` as key-sorted JSON with a final newline: the form of every JSON file
+    latentbatch writes (so equal payloads give equal bytes)."""
+    return (json.dumps(payload, indent=indent, sort_keys=True) + "\n").encode()
+
+
+def write_json(
+    url: str | Path, payload: Any, options: StorageOptions | None = None, indent: int = 2
+) -> None:
+    """Write ``payload`` as JSON (:func:`json_bytes`), atomically."""
+    write_bytes(url, json_bytes(payload, indent), options)
+
+
+def write_folder(
+    url: str, files: Sequence[tuple[str, bytes]], options: StorageOptions | None = None
+) -> None:
+    """Write a folder of ``(name, data)`` files. Locally the folder is built under a
+    temporary name and renamed into place, replacing an older one; on an object store
+    each file is one PUT (there are no folders to rename)."""
+    fs, final = filesystem(url, options)
+    if is_remote(url):
+        for name, data in files:
+            fs.pipe_file(join(final, name), data)
+        return
+    parent, _, base = final.rstrip("/").rpartition("/")
+    tmp = join(parent, f".{base}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+    fs.makedirs(tmp, exist_ok=True)
+    for name, data in files:
+        (Path(tmp) / name).write_bytes(data)  # the rename below is what makes it atomic
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.mv(tmp, final, recursive=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from latentbatch.checkpoint import ModelInfo
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
@@ -42,11 +42,15 @@ DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
 
 
+Rows = Sequence[int] | npt.NDArray[np.integer[Any]]
+"""Row numbers of a store, as a list or an integer array (what a selection returns)."""
+
+
 class StoreError(LatentbatchError):
     """A path is not a valid latent store, or an operation does not fit the store."""
 
 
-def _codecs() -> list[Any]:
+def _codecs() -> list[ZstdCodec | Crc32cCodec]:
     return [ZstdCodec(level=3), Crc32cCodec()]
 
 
@@ -90,10 +94,10 @@ class LatentStore:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.group = group
-        self.meta: dict[str, Any] = dict(group.attrs[ATTRS])  # type: ignore[arg-type]
-        self.latents: zarr.Array = group["latents"]  # type: ignore[assignment]
-        self.ids: zarr.Array = group["ids"]  # type: ignore[assignment]
-        self.labels: zarr.Array = group["labels"]  # type: ignore[assignment]
+        self.meta: dict[str, Any] = _metadata(url, group)
+        self.latents = _array(url, group, "latents")
+        self.ids = _array(url, group, "ids")
+        self.labels = _array(url, group, "labels")
 
     # metadata --------------------------------------------------------------------------
     @property
@@ -115,7 +119,8 @@ class LatentStore:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.latents.shape[1:])  # type: ignore[return-value]
+        channels, height, width = self.latents.shape[1:]
+        return (channels, height, width)
 
     @property
     def shard_rows(self) -> int:
@@ -156,6 +161,36 @@ class LatentStore:
         self._check_rows(start, stop)
         return np.asarray(self.labels[start:stop], dtype=np.int32)
 
+    def _check_selection(self, rows: Rows) -> np.ndarray:
+        selection = np.asarray(rows, dtype=np.int64)
+        if len(selection) and not (selection.min() >= 0 and selection.max() < self.count):
+            raise StoreError(
+                f"rows {rows} are outside the {self.count} committed rows of {self.url}"
+            )
+        return selection
+
+    def read_ids_at(self, rows: Rows) -> list[str]:
+        """Ids of the given committed rows, in the given order."""
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return []
+        found = np.asarray(self.ids.get_orthogonal_selection((selection,)))
+        return [str(i) for i in found.tolist()]
+
+    def read_latents_at(self, rows: Rows) -> np.ndarray:
+        """Latents of the given committed rows, in the given order."""
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return np.zeros((0, *self.latent_shape), self.latents.dtype)
+        return np.asarray(self.latents.get_orthogonal_selection((selection,)))
+
+    def read_labels_at(self, rows: Rows) -> np.ndarray:
+        """Labels of the given committed rows, in the given order."""
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return np.zeros(0, np.int32)
+        return np.asarray(self.labels.get_orthogonal_selection((selection,)), dtype=np.int32)
+
     # writing ---------------------------------------------------------------------------
     def write_meta(self, **updates: Any) -> None:
         """Update metadata with one write of the group's metadata object."""
@@ -189,6 +224,35 @@ class LatentStore:
         sizes["total"] = int(fs.du(root))
         return sizes
 
+    def report(self) -> dict[str, Any]:
+        """Everything ``latentbatch inspect`` shows: rows, layout, model, bytes, bits per
+        pixel (the latents' bytes on disk over the committed images' pixels)."""
+        sizes = self.bytes_on_disk()
+        meta = self.meta
+        pixels = self.count * meta["image"]["height"] * meta["image"]["width"]
+        return {
+            "store": self.url,
+            "format": meta["format"],
+            "uuid": self.uuid,
+            "created": meta["created"],
+            "count": self.count,
+            "written_rows": self.written_rows(),
+            "capacity": self.capacity,
+            "pending": self.pending,
+            "latent_shape": list(self.latent_shape),
+            "latent_dtype": str(self.latents.dtype),
+            "chunk_rows": meta["layout"]["chunk_rows"],
+            "shard_rows": meta["layout"]["shard_rows"],
+            "shards": len(self.shards()),
+            "model_id": self.model_id,
+            "model": meta["model"],
+            "image": meta["image"],
+            "labels": self.has_labels,
+            "sources": meta["sources"],
+            "bytes": sizes,
+            "bits_per_pixel": 8 * sizes["latents"] / pixels if pixels else None,
+        }
+
     def written_rows(self) -> int:
         """Rows covered by shard objects that exist (committed or not)."""
         fs, root = filesystem(self.url, self.storage_options)
@@ -201,12 +265,14 @@ class LatentStore:
         return min(self.capacity, (max(indices) + 1) * self.shard_rows)
 
 
-def _open_group(url: str, storage_options: StorageOptions | None, mode: str) -> zarr.Group:
+def _open_group(
+    url: str, storage_options: StorageOptions | None, mode: Literal["r", "r+"]
+) -> zarr.Group:
     fs, path = filesystem(url, storage_options)
     if not fs.exists(path):
         raise StoreError(f"{url} does not exist; create it with `latentbatch encode`")
     try:
-        group = zarr.open_group(url, mode=mode, storage_options=zarr_options(url, storage_options))  # type: ignore[arg-type]
+        group = zarr.open_group(url, mode=mode, storage_options=zarr_options(url, storage_options))
     except Exception as exc:
         raise StoreError(f"{url} is not a latent store: it is not a Zarr v3 group ({exc})") from exc
     if group.metadata.zarr_format != 3:
@@ -216,10 +282,29 @@ def _open_group(url: str, storage_options: StorageOptions | None, mode: str) -> 
     return group
 
 
-def _validate(url: str, group: zarr.Group) -> None:
+def _metadata(url: str, group: zarr.Group) -> dict[str, Any]:
     meta = group.attrs.get(ATTRS)
     if not isinstance(meta, Mapping):
         raise StoreError(f"{url} is a Zarr group but not a latent store (no '{ATTRS}' attributes)")
+    return dict(meta)
+
+
+def _array(url: str, group: zarr.Group, name: str) -> zarr.Array[Any]:
+    try:
+        array = group[name]
+    except KeyError:
+        raise StoreError(
+            f"{url} lacks the '{name}' array; it is damaged or not a latent store"
+        ) from None
+    except Exception as exc:
+        raise StoreError(f"{url} has a damaged '{name}' array: {exc}") from exc
+    if not isinstance(array, zarr.Array):
+        raise StoreError(f"{url}/{name} is a group, not an array; it is damaged")
+    return array
+
+
+def _validate(url: str, group: zarr.Group) -> None:
+    meta = _metadata(url, group)
     version = meta.get("format")
     if version != FORMAT_VERSION:
         raise StoreError(
@@ -233,26 +318,17 @@ def _validate(url: str, group: zarr.Group) -> None:
         raise StoreError(
             f"{url} lacks store metadata {missing}; it is damaged or not a latent store"
         )
-    arrays = {}
-    for name in ("latents", "ids", "labels"):
-        try:
-            arrays[name] = group[name]
-        except KeyError:
-            raise StoreError(
-                f"{url} lacks the '{name}' array; it is damaged or not a latent store"
-            ) from None
-        except Exception as exc:
-            raise StoreError(f"{url} has a damaged '{name}' array: {exc}") from exc
-    latents = arrays["latents"]
-    rows = {a.shape[0] for a in arrays.values()}  # type: ignore[union-attr]
+    arrays = [_array(url, group, name) for name in ("latents", "ids", "labels")]
+    latents = arrays[0]
+    rows = {a.shape[0] for a in arrays}
     if len(rows) != 1:
         raise StoreError(f"{url} has arrays of different lengths {sorted(rows)}; it is damaged")
-    if not 0 <= int(meta["count"]) <= latents.shape[0]:  # type: ignore[union-attr]
-        raise StoreError(f"{url} claims {meta['count']} rows but holds {latents.shape[0]}")  # type: ignore[union-attr]
-    if list(latents.shape[1:]) != list(meta["latent"]["shape"]):  # type: ignore[union-attr]
+    if not 0 <= int(meta["count"]) <= latents.shape[0]:
+        raise StoreError(f"{url} claims {meta['count']} rows but holds {latents.shape[0]}")
+    if list(latents.shape[1:]) != list(meta["latent"]["shape"]):
         raise StoreError(
             f"{url} latents have shape {latents.shape[1:]}, metadata says {meta['latent']['shape']}"
-        )  # type: ignore[union-attr]
+        )
 
 
 def open_store(
@@ -266,21 +342,21 @@ def open_store(
 
 def create_store(
     url: str,
-    model: ModelInfo,
-    capacity: int,
     *,
+    model_id: str,
+    config: ModelConfig,
+    capacity: int,
     layout: Layout | None = None,
     storage_options: StorageOptions | None = None,
 ) -> LatentStore:
-    """Create an empty store for latents of ``model`` with room for ``capacity`` rows."""
+    """Create an empty store with room for ``capacity`` latents of the model ``model_id``
+    whose architecture is ``config``."""
     layout = layout or Layout()
     fs, path = filesystem(url, storage_options)
     if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
-    config = model.config
-    group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))  # type: ignore[arg-type]
+    group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))
     shape = config.latent_shape
-    common = {"compressors": _codecs(), "overwrite": True}
     group.create_array(
         "latents",
         shape=(capacity, *shape),
@@ -289,7 +365,8 @@ def create_store(
         shards=(layout.shard_rows, *shape),
         dimension_names=("sample", "channel", "y", "x"),
         fill_value=0,
-        **common,
+        compressors=_codecs(),
+        overwrite=True,
     )
     for name, dtype, fill in (("ids", str, ""), ("labels", "int32", -1)):
         group.create_array(
@@ -300,13 +377,14 @@ def create_store(
             shards=(layout.shard_rows,),
             dimension_names=("sample",),
             fill_value=fill,
-            **common,
+            compressors=_codecs(),
+            overwrite=True,
         )
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "uuid": uuid.uuid4().hex,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model_id": model.model_id,
+        "model_id": model_id,
         "model": config.to_dict(),
         "latent": {"dtype": layout.latent_dtype, "shape": list(shape)},
         "image": {"height": config.image_size, "width": config.image_size, "mode": config.mode},

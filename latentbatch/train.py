@@ -8,6 +8,7 @@ two runs with the same seed on the same machine give the same model id.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -22,18 +23,18 @@ from torch import nn
 
 import latentbatch
 from latentbatch import checkpoint
-from latentbatch.config import ModelConfig, TrainConfig
-from latentbatch.datasets import Geometry, open_source
+from latentbatch.config import ModelConfig, TrainConfig, preset_config
+from latentbatch.datasets import Geometry, native_geometry, open_source
 from latentbatch.errors import CheckpointError, ConfigError
-from latentbatch.figures import reconstruction_grid, save_training_curves
-from latentbatch.model import Autoencoder
-from latentbatch.quality import psnr, ssim, to_uint8, to_unit
+from latentbatch.figures import reconstruction_grid, save_picture, save_training_curves
+from latentbatch.model import Autoencoder, to_uint8, to_unit
+from latentbatch.quality import psnr, ssim
 
 EpochCallback = Callable[[dict[str, float]], None]
 _EVAL_BATCH = 512
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainResult:
     """What a training run left behind."""
 
@@ -53,6 +54,39 @@ class TrainResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``latentbatch train --json``)."""
+        return {
+            "model_dir": str(self.model_dir),
+            "model_id": self.model_id,
+            "reused": self.reused,
+            "history": list(self.history),
+            "reconstructions": str(self.reconstructions),
+            "curves": str(self.curves),
+        }
+
+
+def model_config_for(
+    preset: str,
+    source: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    latent_channels: int | None = None,
+) -> ModelConfig:
+    """The ``preset`` architecture at the source's native geometry, or at the given one."""
+    native = native_geometry(source)
+    config = preset_config(preset, channels or native.channels, image_size or native.size)
+    if latent_channels is None:
+        return config
+    return dataclasses.replace(config, latent_channels=latent_channels)
+
+
+def default_model_dir(preset: str, source: str, models: Path = Path("models")) -> Path:
+    """``models/PRESET-SOURCE`` (a folder source's path flattened into the name)."""
+    name = source.removeprefix("folder:").rstrip("/").replace("/", "-").replace(":", "-")
+    return Path(models) / f"{preset}-{name}"
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +203,9 @@ def train(
             or not (out / checkpoint.CURVES).is_file()
         ):
             _save_pictures(out, model, val_images, history)
-        return TrainResult(out, checkpoint.model_id(out), tuple(history), reused=True)
+        return TrainResult(
+            model_dir=out, model_id=checkpoint.model_id(out), history=tuple(history), reused=True
+        )
 
     loss_fn = _loss_fn(train_config.loss)
     batches = -(-len(train_rows) // train_config.batch_size)
@@ -228,7 +264,9 @@ def train(
                 on_epoch(metrics)
 
     _save_pictures(out, model, val_images, history)
-    return TrainResult(out, checkpoint.model_id(out), tuple(history), reused=False)
+    return TrainResult(
+        model_dir=out, model_id=checkpoint.model_id(out), history=tuple(history), reused=False
+    )
 
 
 @torch.inference_mode()
@@ -238,7 +276,5 @@ def _save_pictures(
     model.eval()
     sample = val_images[:8]
     grid = reconstruction_grid(to_uint8(sample).numpy(), to_uint8(model(sample)).numpy())
-    tmp = out / f".{checkpoint.RECONSTRUCTIONS}.tmp"
-    grid.save(tmp, format="PNG")
-    tmp.replace(out / checkpoint.RECONSTRUCTIONS)
+    save_picture(grid, out / checkpoint.RECONSTRUCTIONS)
     save_training_curves(history, out / checkpoint.CURVES)

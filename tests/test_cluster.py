@@ -3,22 +3,11 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
 
-from latentbatch.checkpoint import read_info
-from latentbatch.cluster import (
-    ClusterError,
-    ModelPlugin,
-    cached_model,
-    connect,
-    gpu_resources,
-    map_bounded,
-    register_model,
-    tune_malloc,
-)
+from latentbatch.cluster import ClusterError, connect, gpu_resources, map_bounded
 
 
 def _interval(seconds: float) -> tuple[float, float]:
@@ -31,11 +20,6 @@ def _fail(x: int) -> int:
     if x == 2:
         raise ValueError("bad input 2")
     return x
-
-
-def _build_count(model_id: str) -> tuple[int, int]:
-    model, _ = cached_model(model_id)
-    return os.getpid(), id(model)
 
 
 def test_map_bounded_keeps_the_window(client: Client) -> None:
@@ -59,36 +43,6 @@ def test_map_bounded_keeps_the_window(client: Client) -> None:
 def test_map_bounded_raises_the_first_task_error(client: Client) -> None:
     with pytest.raises(ValueError, match="bad input 2"):
         map_bounded(client, _fail, [1, 2, 3], items=lambda _: 1, max_in_flight=3)
-
-
-def test_model_plugin_loads_once_per_worker_process(
-    process_client: Client, tiny_model: Path
-) -> None:
-    info = read_info(tiny_model)
-    register_model(process_client, info)
-    register_model(process_client, info)  # registering again is harmless
-    seen = process_client.gather(
-        [process_client.submit(_build_count, info.model_id, pure=False) for _ in range(8)]
-    )
-    by_pid: dict[int, set[int]] = {}
-    for pid, model in seen:
-        by_pid.setdefault(pid, set()).add(model)
-    assert all(len(models) == 1 for models in by_pid.values())
-    loaded = process_client.run(lambda: sorted(__import__("latentbatch.cluster").cluster._MODELS))
-    assert all(info.model_id in ids for ids in loaded.values())
-    assert len(loaded) == 2
-
-
-def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
-    plugin = ModelPlugin(read_info(tiny_model))
-    plugin.model_id = "0" * 64
-    with pytest.raises(ClusterError, match="expected 000000000000"):
-        plugin.setup(None)  # type: ignore[arg-type]
-
-
-def test_cached_model_without_plugin_says_so() -> None:
-    with pytest.raises(ClusterError, match="register ModelPlugin"):
-        cached_model("f" * 64)
 
 
 def test_cpu_cluster_asks_for_no_gpu(client: Client) -> None:
@@ -122,10 +76,6 @@ def test_connect_names_an_unreachable_scheduler() -> None:
         connect("tcp://127.0.0.1:9", timeout="2s"),
     ):
         pass
-
-
-def test_tune_malloc_sets_glibc_thresholds() -> None:
-    assert tune_malloc() is True
 
 
 def test_embedded_cluster_has_one_worker_per_core() -> None:

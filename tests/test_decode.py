@@ -16,7 +16,8 @@ from latentbatch.datasets import open_source
 from latentbatch.decode import ModelMismatchError, NonFiniteLatentsError, decode, decode_latents
 from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
-from latentbatch.quality import psnr, to_unit
+from latentbatch.model import to_unit
+from latentbatch.quality import psnr
 from latentbatch.shards import OutputError, read_output
 from latentbatch.store import ATTRS, Layout, StoreError, open_store
 from tests.helpers import mtimes, sha256s
@@ -154,7 +155,7 @@ def test_model_mismatch_is_refused_naming_both_ids(
         allow_model_mismatch=True,
         client=client,
     )
-    assert forced.manifest["model_id"] == ours
+    assert forced.manifest.model_id == ours
     assert sha256s(out) == before
 
 

@@ -13,6 +13,8 @@ from latentbatch.cluster import connect, gpu_resources
 from latentbatch.decode import decode, decode_latents
 from latentbatch.shards import read_output
 from latentbatch.store import open_store
+from latentbatch.workers import loaded_models
+from tests.helpers import sha256s
 
 pytestmark = pytest.mark.gpu
 
@@ -38,15 +40,28 @@ def test_embedded_cluster_puts_decode_on_gpu_workers(
     with connect() as client:
         assert gpu_resources(client) == {"GPU": 1}
         decode(seed_model, str(mnist_store), str(tmp_path / "out"), client=client)
-        devices = client.run(
-            lambda: sorted(
-                str(d) for _, d in __import__("latentbatch.cluster").cluster._MODELS.values()
-            )
-        )
-    assert all(d == ["cuda"] for d in devices.values())
+        loaded = client.run(loaded_models)
+    assert loaded
+    assert all([device for _, _, device in models] == ["cuda"] for models in loaded.values())
     _, images = read_output(str(tmp_path / "out"))
     cpu_decoder, _ = load_model(seed_model, "decoder")
     cpu = decode_latents(
         cpu_decoder, open_store(str(mnist_store)).read_latents(0, 5000), torch.device("cpu")
     )
     assert np.abs(images.astype(int) - cpu.astype(int)).max() <= MAX_PIXEL_DIFFERENCE
+
+
+def test_cuda_decode_is_byte_identical_across_runs(
+    tmp_path: Path, mnist_store: Path, seed_model: Path
+) -> None:
+    with connect() as client:
+        for name in ("first", "second"):
+            decode(seed_model, str(mnist_store), str(tmp_path / name), client=client)
+    assert sha256s(tmp_path / "first") == sha256s(tmp_path / "second")
+
+
+def test_embedded_cluster_has_one_worker_per_gpu() -> None:
+    with connect() as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert len(workers) == torch.cuda.device_count()
+        assert all(w["resources"].get("GPU") == 1 for w in workers)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from latentbatch.config import ModelConfig, preset_config
-from latentbatch.model import Autoencoder, Decoder, Encoder, parameter_count
+from latentbatch.model import Autoencoder, Decoder, Encoder, parameter_count, to_uint8, to_unit
 
 
 @pytest.mark.parametrize("preset", ["seed", "compact"])
@@ -56,3 +56,9 @@ def test_encoder_and_decoder_stand_alone() -> None:
     assert latents.shape == (1, 6, 4, 4)
     assert decoder(latents).shape == (1, 3, 32, 32)
     assert parameter_count(encoder) > 0 and parameter_count(decoder) > 0
+
+
+def test_uint8_round_trip() -> None:
+    images = torch.randint(0, 256, (3, 5, 5, 3), dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_unit(images)), images)
+    assert to_uint8(torch.tensor([[[[0.4999 / 255, 1.5]]]])).flatten().tolist() == [0, 255]

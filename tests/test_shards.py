@@ -5,15 +5,16 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from latentbatch.errors import OutputError
+from latentbatch.manifest import ShardRecord
 from latentbatch.shards import (
-    ShardRecord,
     build_tar,
+    check_format,
     encode_png,
-    read_records,
     remove_temporaries,
     write_png_shard,
-    write_record,
     write_tar_shard,
 )
 
@@ -39,7 +40,14 @@ def test_tar_bytes_depend_only_on_members() -> None:
 
 def test_tar_shard_is_renamed_into_place(tmp_path: Path) -> None:
     record = write_tar_shard(str(tmp_path), None, 3, 30, ["x", "y"], [b"p1", b"p2"], [4, -1])
-    assert record == ShardRecord(3, "shard-000003.tar", 30, 32, record.bytes, record.sha256)
+    assert record == ShardRecord(
+        index=3,
+        path="shard-000003.tar",
+        start=30,
+        stop=32,
+        bytes=record.bytes,
+        sha256=record.sha256,
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["shard-000003.tar"]
     with tarfile.open(tmp_path / "shard-000003.tar") as tar:
         assert tar.getnames() == ["x.png", "x.json", "y.png", "y.json"]
@@ -53,19 +61,17 @@ def test_png_shard_digest_ignores_write_order(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a" / "shard-000000").iterdir()) == ["x.png", "y.png"]
 
 
-def test_records_are_trusted_only_with_their_shard(tmp_path: Path) -> None:
-    identity = {"store_uuid": "u", "model_id": "m", "format": "tar"}
-    record = write_tar_shard(str(tmp_path), None, 0, 0, ["x"], [b"1"], None)
-    write_record(str(tmp_path), None, record, identity)
-    assert read_records(str(tmp_path), None, identity) == {0: record}
-    assert read_records(str(tmp_path), None, {**identity, "model_id": "other"}) == {}
-    (tmp_path / record.path).write_bytes(b"torn")
-    assert read_records(str(tmp_path), None, identity) == {}
-
-
 def test_remove_temporaries(tmp_path: Path) -> None:
     (tmp_path / ".shard-000000.tar.abc.tmp").write_bytes(b"")
     (tmp_path / ".shard-000001.abc.tmp").mkdir()
     (tmp_path / "shard-000002.tar").write_bytes(b"keep")
     assert remove_temporaries(str(tmp_path), None) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["shard-000002.tar"]
+
+
+def test_unknown_format_is_named() -> None:
+    assert check_format("png") == "png"
+    with pytest.raises(
+        OutputError, match="unknown output format 'gif'; choose one of tar, zarr, png"
+    ):
+        check_format("gif")

@@ -26,7 +26,10 @@ def test_shard_ranges_tile_the_rows_at_shard_boundaries(a: int, n: int, size: in
 
 def _store(tmp_path: Path, tiny_model: Path, capacity: int = 10) -> Path:
     url = tmp_path / "s.zarr"
-    create_store(str(url), read_info(tiny_model), capacity, layout=Layout(4, 2))
+    info = read_info(tiny_model)
+    create_store(
+        str(url), model_id=info.model_id, config=info.config, capacity=capacity, layout=Layout(4, 2)
+    )
     return url
 
 
@@ -100,7 +103,7 @@ def test_refusals_say_what_is_wrong(tmp_path: Path, tiny_model: Path) -> None:
         open_store(str(tmp_path / "bare.zarr"))
     url = _store(tmp_path, tiny_model)
     with pytest.raises(StoreError, match="already exists"):
-        create_store(str(url), read_info(tiny_model), 4)
+        create_store(str(url), model_id="0" * 64, config=read_info(tiny_model).config, capacity=4)
     group = zarr.open_group(str(url), mode="r+")
     group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 99}
     with pytest.raises(StoreError, match="format version 99; this latentbatch reads format 1"):

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with a CUDA device from the repository root:
+#
+#   bash bench/gpu_check.sh          results in $OUT (default .scratch/gpu-check)
+#
+# 1. installs the wheels in .whl/ (if any) into /tmp/site: the GPU machine has torch but
+#    not dask, zarr and the rest, and cannot download them (see README, "GPU");
+# 2. runs the `gpu` tests (CUDA decode vs CPU, byte-identical CUDA runs, one worker per
+#    GPU in the embedded cluster, decode tasks placed on the GPU worker);
+# 3. runs bench/decode.py on CUDA: bare decode, bare decode + PNG, and the pipeline with
+#    one worker per GPU, the bare loops repeated for at least MIN_SECONDS each;
+# 4. writes gpu-check.json: device, versions, test counts and the benchmark numbers.
+#
+# DEVICE=cpu COUNT=4000 MIN_SECONDS=0 bash bench/gpu_check.sh runs the same steps on a
+# machine without a GPU (the gpu tests then skip), to check the script itself.
+set -uo pipefail
+OUT="${OUT:-.scratch/gpu-check}"
+DEVICE="${DEVICE:-cuda}"
+COUNT="${COUNT:-100000}"
+MIN_SECONDS="${MIN_SECONDS:-20}"
+mkdir -p "$OUT"
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PYTHON="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" > /dev/null && [ -z "${NO_WHEELS:-}" ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+started=$(date +%s)
+timeout 300 "$PYTHON" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -rA \
+  --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $? in $(( $(date +%s) - started )) s"
+started=$(date +%s)
+timeout 300 "$PYTHON" bench/decode.py --device "$DEVICE" --count "$COUNT" --workers 1 \
+  --min-seconds "$MIN_SECONDS" --json --workdir /tmp/latentbatch-gpu-bench \
+  > "$OUT/bench.json" 2> "$OUT/bench.log"
+echo "bench: exit $? in $(( $(date +%s) - started )) s"
+
+"$PYTHON" - "$OUT" <<'PY'
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+out = Path(sys.argv[1])
+report = {}
+try:
+    report["benchmark"] = json.loads((out / "bench.json").read_text())
+except (OSError, ValueError) as exc:
+    report["benchmark"] = {"error": str(exc)}
+try:
+    suite = ET.parse(out / "gpu-tests.xml").getroot().find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    report["gpu_tests"] = counts
+except (OSError, ET.ParseError, AttributeError) as exc:
+    report["gpu_tests"] = {"error": str(exc)}
+text = json.dumps(report, indent=2, sort_keys=True)
+(out / "gpu-check.json").write_text(text + "\n")
+print(text)
+PY
+tail -5 "$OUT/gpu-tests.log"
+tail -5 "$OUT/bench.log"

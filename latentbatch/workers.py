@@ -1,0 +1,111 @@
+"""Per-worker-process state: the model each Dask worker holds, and how it runs torch.
+
+::
+
+    client                                     every worker process (now or joining later)
+    ──────                                     ───────────────────────────────────────────
+    register_model(client, info, "decoder")
+      └─ ModelPlugin(safetensors bytes,  ───►  setup(): tune malloc, pick the device,
+                     config, id, part)           one torch thread on a CPU worker,
+                                                 build only the part asked for (through
+                                                 checkpoint.load_model_bytes) into the
+                                                 cache keyed by (model id, part)
+    tasks carry only the model id      ───►   cached_model(model_id, part) → (module, device)
+
+The cache is per process, so a model is built once per worker however many tasks use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+from pathlib import Path
+
+import torch
+from distributed import Client, Worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from latentbatch.checkpoint import WEIGHTS, ModelInfo, Part, load_model_bytes
+from latentbatch.config import ModelConfig
+from latentbatch.errors import LatentbatchError
+
+_MODELS: dict[tuple[str, Part], tuple[torch.nn.Module, torch.device]] = {}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_THRESHOLD = 64 * 2**20
+
+
+class WorkerStateError(LatentbatchError):
+    """A task needs a model that this worker process has not loaded."""
+
+
+def worker_device(worker: Worker | None) -> torch.device:
+    """``cuda`` on a worker that advertises ``GPU`` and sees a device, else ``cpu``."""
+    has_gpu = worker is not None and worker.state.total_resources.get("GPU", 0) >= 1
+    return torch.device("cuda") if has_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def tune_malloc() -> bool:
+    """Undo the Dask nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` for tensor work (glibc only).
+
+    With it, every large tensor of a decode batch is mmap'ed and trimmed afresh, which
+    doubles the CPU time of a decode task; 64 MiB thresholds keep the arenas reused.
+    Returns whether the thresholds were set.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim = libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
+    mmap = libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
+    return bool(trim and mmap)
+
+
+def install_model(
+    weights: bytes, config: ModelConfig, model_id: str, part: Part, device: torch.device
+) -> None:
+    """Build a model part into this process's cache (what the plugin does on each worker)."""
+    if (model_id, part) not in _MODELS:
+        module = load_model_bytes(weights, config, model_id, part).to(device)
+        _MODELS[model_id, part] = (module, device)
+
+
+def cached_model(model_id: str, part: Part) -> tuple[torch.nn.Module, torch.device]:
+    """The model part this worker process loaded for ``model_id``, and its device."""
+    try:
+        return _MODELS[model_id, part]
+    except KeyError:
+        raise WorkerStateError(
+            f"the {part} of model {model_id[:12]} is not loaded in this process; "
+            "register it with latentbatch.workers.register_model first"
+        ) from None
+
+
+def loaded_models() -> list[tuple[str, str, str]]:
+    """``(model id, part, device)`` of every model part this process holds."""
+    return sorted((key[0], key[1], str(device)) for key, (_, device) in _MODELS.items())
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads one part of one model into every worker process, once."""
+
+    def __init__(self, info: ModelInfo, part: Part) -> None:
+        self.model_id = info.model_id
+        self.part: Part = part
+        self.config = info.config
+        self.weights = (Path(info.path) / WEIGHTS).read_bytes()
+        self.name = f"latentbatch-{part}-{info.model_id[:16]}"
+
+    def setup(self, worker: Worker) -> None:
+        tune_malloc()
+        device = worker_device(worker)
+        if device.type == "cpu" and multiprocessing.parent_process() is not None:
+            torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription
+        install_model(self.weights, self.config, self.model_id, self.part, device)
+
+    def teardown(self, worker: Worker) -> None:
+        _MODELS.pop((self.model_id, self.part), None)
+
+
+def register_model(client: Client, info: ModelInfo, part: Part) -> None:
+    """Install ``part`` of the model on every current and future worker of the cluster."""
+    client.register_plugin(ModelPlugin(info, part))

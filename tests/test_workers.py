@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import Client
+
+from latentbatch.checkpoint import read_info
+from latentbatch.errors import CheckpointError
+from latentbatch.model import Decoder, Encoder
+from latentbatch.workers import (
+    ModelPlugin,
+    WorkerStateError,
+    cached_model,
+    loaded_models,
+    register_model,
+    tune_malloc,
+    worker_device,
+)
+
+
+def _build_count(model_id: str) -> tuple[int, int, str]:
+    decoder, _ = cached_model(model_id, "decoder")
+    return os.getpid(), id(decoder), type(decoder).__name__
+
+
+def test_model_plugin_loads_the_decoder_once_per_worker_process(
+    process_client: Client, tiny_model: Path
+) -> None:
+    info = read_info(tiny_model)
+    register_model(process_client, info, "decoder")
+    register_model(process_client, info, "decoder")  # registering again is harmless
+    seen = process_client.gather(
+        [process_client.submit(_build_count, info.model_id, pure=False) for _ in range(8)]
+    )
+    by_pid: dict[int, set[int]] = {}
+    for pid, model, kind in seen:
+        by_pid.setdefault(pid, set()).add(model)
+        assert kind == "Decoder"  # only the part asked for, not the whole autoencoder
+    assert all(len(models) == 1 for models in by_pid.values())
+    loaded = process_client.run(loaded_models)
+    assert len(loaded) == 2
+    assert all((info.model_id, "decoder", "cpu") in models for models in loaded.values())
+    assert all((info.model_id, "encoder", "cpu") not in models for models in loaded.values())
+
+
+def test_plugin_builds_each_part_alone(tiny_model: Path) -> None:
+    info = read_info(tiny_model)
+    for part, kind in (("encoder", Encoder), ("decoder", Decoder)):
+        plugin = ModelPlugin(info, part)  # type: ignore[arg-type]
+        plugin.setup(None)  # type: ignore[arg-type]  # no worker: a CPU device
+        module, device = cached_model(info.model_id, part)  # type: ignore[arg-type]
+        assert isinstance(module, kind) and device == torch.device("cpu")
+        assert not module.training
+        plugin.teardown(None)  # type: ignore[arg-type]
+        with pytest.raises(WorkerStateError):
+            cached_model(info.model_id, part)  # type: ignore[arg-type]
+
+
+def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
+    plugin = ModelPlugin(read_info(tiny_model), "decoder")
+    plugin.model_id = "0" * 64
+    with pytest.raises(CheckpointError, match="expected 000000000000"):
+        plugin.setup(None)  # type: ignore[arg-type]
+
+
+def test_cached_model_without_plugin_says_so() -> None:
+    with pytest.raises(WorkerStateError, match=r"register it with latentbatch\.workers"):
+        cached_model("f" * 64, "decoder")
+
+
+def test_no_worker_means_cpu() -> None:
+    assert worker_device(None) == torch.device("cpu")
+
+
+def test_tune_malloc_sets_glibc_thresholds() -> None:
+    assert tune_malloc() is True
