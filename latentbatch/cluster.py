@@ -128,15 +128,18 @@ def map_bounded(
     specs: Iterable[Any],
     *,
     items: Callable[[Any], int],
-    max_in_flight: int,
+    max_in_flight: int | None = None,
     resources: dict[str, float] | None = None,
     on_result: Callable[[R, Progress], None] | None = None,
 ) -> list[R]:
-    """Run ``fn`` over ``specs`` with at most ``max_in_flight`` tasks submitted at once.
+    """Run ``fn`` over ``specs`` with at most ``max_in_flight`` tasks submitted at once
+    (default: two per worker, so each worker has its next task queued).
 
     Results are handed to ``on_result`` as they complete (with the progress so far) and
     returned in completion order. The first task error cancels the rest and is raised.
     """
+    if max_in_flight is None:
+        max_in_flight = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
     pending = list(specs)
     total_items = sum(items(s) for s in pending)
     total_tasks = len(pending)

@@ -311,13 +311,12 @@ def decode(
         nonlocal started
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "decoder")
-        slots = max_in_flight or 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
         map_bounded(
             c,
             decode_shard,
             jobs,
             items=lambda j: j.stop - j.start,
-            max_in_flight=slots,
+            max_in_flight=max_in_flight,
             resources=gpu_resources(c),
             on_result=collect,
         )

@@ -259,13 +259,11 @@ def encode(
         nonlocal started
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "encoder")
-        slots = 2 * max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
         map_bounded(
             c,
             encode_shard,
             jobs,
             items=lambda j: j.stop - j.start - j.keep,
-            max_in_flight=slots,
             resources=gpu_resources(c),
             on_result=commit,
         )
