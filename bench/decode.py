@@ -7,7 +7,10 @@
 Rows of the table, all on the same model and the same latents:
 
   bare decode          one process, latents in memory, decoder only (no I/O, no PNG)
-  bare decode + PNG    the same loop, PNG-encoding every image in a 2-thread pool
+  bare decode + PNG    the same loop, PNG-encoding every image on the decode workers'
+                       encoding threads (2 on a CPU, the host's cores per GPU on CUDA)
+  PNG encode           per image on one thread: Pillow (the reference) and the encoder
+                       the shards use; and encode-only images/s on those threads
   pipeline, N workers  Zarr store → Dask (N worker processes) → decode → PNG → tar shards
   fp32 matmul          a 4096² float32 matrix product on the same device: the yardstick
                        for the decoder's GFLOP/s
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -37,15 +41,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from latentbatch.checkpoint import load_model, read_info
 from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.decode import _png_pool, batch_for, decode, decode_latents
+from latentbatch.decode import PngEncoding, batch_for, decode, decode_latents
 from latentbatch.encode import encode
 from latentbatch.shards import encode_png
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
+from latentbatch.workers import encoder_threads
 
 MATMUL_SIZE = 4096
 
@@ -89,23 +95,51 @@ def bare(
     data = open_store(str(store))
     latents = data.read_latents(0, data.count)
     batch = batch_for(device)
-    futures: list = []
-
-    def queue(images: np.ndarray) -> None:
-        futures.extend(_png_pool().submit(encode_png, image) for image in images)
-
     decode_latents(decoder, latents[:batch], device, batch)  # warm-up
     _synchronize(device)
     started = time.perf_counter()
     images = 0
     while images == 0 or time.perf_counter() - started < min_seconds:
-        decode_latents(decoder, latents, device, batch, queue if png else None)
-        for future in futures:
-            future.result()
-        futures.clear()
+        encoding = PngEncoding(encoder_threads(device)) if png else None
+        decode_latents(decoder, latents, device, batch, encoding.add if encoding else None)
+        if encoding is not None:
+            encoding.result()
         images += len(latents)
     _synchronize(device)
     return images / (time.perf_counter() - started)
+
+
+def png_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str, float]:
+    """Microseconds per image on one thread for Pillow's PNG (the reference) and the
+    shards' encoder, and encode-only images/s on the decode workers' encoding threads."""
+    decoder, _ = load_model(model_dir, "decoder")
+    data = open_store(str(store))
+    images = decode_latents(
+        decoder, data.read_latents(0, min(data.count, 4096)), torch.device("cpu")
+    )
+
+    def pillow(image: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            buffer, format="PNG", compress_level=6
+        )
+        return buffer.getvalue()
+
+    costs = {}
+    for name, encode_one in (("pillow_png_us", pillow), ("png_us", encode_png)):
+        started = time.perf_counter()
+        for image in images:
+            encode_one(image)
+        costs[name] = (time.perf_counter() - started) / len(images) * 1e6
+    threads = encoder_threads(device)
+    encoding = PngEncoding(threads)
+    started = time.perf_counter()
+    for _ in range(4):
+        encoding.add(images)
+    encoding.result()
+    costs["encode_only"] = 4 * len(images) / (time.perf_counter() - started)
+    costs["encode_threads"] = threads
+    return costs
 
 
 def decoder_flops(model_dir: Path) -> float:
@@ -220,6 +254,8 @@ def main() -> None:
         with_png = bare(model_dir, store, device, True, args.min_seconds)
         flops = decoder_flops(model_dir)
         matmul = matmul_gflops(device)
+        costs = png_costs(model_dir, store, device)
+        numbers |= costs
         numbers |= {
             "bare_decode": decode_only,
             "bare_decode_encode": with_png,
@@ -227,9 +263,18 @@ def main() -> None:
             "matmul_gflops": matmul,
             "decoder_mflop_per_image": flops / 1e6,
         }
-        threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "batch 4096"
-        rows.append((f"bare decode ({device.type}, {threads})", decode_only, ""))
-        rows.append(("bare decode + PNG (one process)", with_png, ""))
+        how = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "batch 4096"
+        rows.append((f"bare decode ({device.type}, {how})", decode_only, ""))
+        threads = int(costs["encode_threads"])
+        rows.append((f"bare decode + PNG (one process, {threads} encoding threads)", with_png, ""))
+        rows.append(
+            (
+                f"PNG encode only ({threads} threads)",
+                costs["encode_only"],
+                f"{costs['png_us']:.1f} us/image on one thread, Pillow {costs['pillow_png_us']:.1f}"
+                f" ({costs['pillow_png_us'] / costs['png_us']:.1f}x)",
+            )
+        )
         rows.append(
             (
                 f"decoder GFLOP/s ({flops / 1e6:.1f} MFLOP per image)",

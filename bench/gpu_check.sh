@@ -48,6 +48,11 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 report = {}
+smi = (out / "nvidia-smi.txt").read_text() if (out / "nvidia-smi.txt").exists() else ""
+report["driver"] = next(
+    (line.split("Driver Version:")[1].split()[0] for line in smi.splitlines() if "Driver" in line),
+    None,
+)
 try:
     report["benchmark"] = json.loads((out / "bench.json").read_text())
 except (OSError, ValueError) as exc:

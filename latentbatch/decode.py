@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +52,17 @@ from latentbatch.manifest import (
 from latentbatch.model import to_uint8
 from latentbatch.shards import (
     PNG_COMPRESS_LEVEL,
+    PNG_ENCODER,
     Format,
     check_format,
     create_zarr_output,
-    encode_png,
+    encode_pngs,
     remove_temporaries,
     write_shard,
 )
 from latentbatch.storage import StorageOptions, is_remote
 from latentbatch.store import LatentStore, Rows, StoreError, open_store
-from latentbatch.workers import cached_model, register_model
+from latentbatch.workers import cached_model, encoder_threads, encoding_pool, register_model
 
 DECODE_BATCH = 256
 CUDA_DECODE_BATCH = 4096
@@ -130,9 +130,22 @@ class DecodeResult:
         }
 
 
-@cache
-def _png_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentbatch-png")
+class PngEncoding:
+    """PNG encoding of decoded batches on a thread pool while the next batch decodes:
+    each batch is cut into one chunk per thread (a future per chunk, not per image)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = encoding_pool(threads)
+        self._parts: list[Future[list[bytes]]] = []
+
+    def add(self, images: np.ndarray) -> None:
+        for chunk in np.array_split(images, min(self.threads, max(1, len(images)))):
+            self._parts.append(self._pool.submit(encode_pngs, chunk))
+
+    def result(self) -> list[bytes]:
+        """Every image's PNG, in the order the images were added."""
+        return [png for part in self._parts for png in part.result()]
 
 
 def decode_latents(
@@ -188,15 +201,11 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     ids = store.read_ids(job.start, job.stop)
     where = f"rows [{job.start}, {job.stop}) of {job.store_url}"
     _refuse_nonfinite(latents, list(range(job.start, job.stop)), ids, where)
-    pngs: list[Any] = []
-    encode_pngs = job.fmt != "zarr"
-
-    def queue_pngs(batch: np.ndarray) -> None:
-        if encode_pngs:
-            pngs.extend(_png_pool().submit(encode_png, image) for image in batch)
-
+    encoding = PngEncoding(encoder_threads(device)) if job.fmt != "zarr" else None
     batch_size = job.batch_size or batch_for(device)
-    images = decode_latents(decoder, latents, device, batch_size, queue_pngs)
+    images = decode_latents(
+        decoder, latents, device, batch_size, encoding.add if encoding is not None else None
+    )
     labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
     record = write_shard(
         job.out_url,
@@ -206,7 +215,7 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         start=job.start,
         ids=ids,
         images=images,
-        pngs=[f.result() for f in pngs] if encode_pngs else None,
+        pngs=encoding.result() if encoding is not None else None,
         labels=labels,
     )
     write_record(job.out_url, job.out_options, record, job.identity)
@@ -259,7 +268,12 @@ def decode(
     validate_ids(store.read_ids(0, store.count))
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
-    identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt}
+    identity = {
+        "store_uuid": store.uuid,
+        "model_id": info.model_id,
+        "format": fmt,
+        "png_encoder": PNG_ENCODER,
+    }
     earlier = read_manifest(out_url, out_options)
     if earlier is not None:
         if earlier.store.uuid != store.uuid:
@@ -332,6 +346,7 @@ def decode(
         output_format=fmt,
         format_settings={
             "png_compress_level": PNG_COMPRESS_LEVEL,
+            "png_encoder": PNG_ENCODER,
             "batch_size": batch_size or "auto",
         },
         count=store.count,

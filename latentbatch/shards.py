@@ -23,6 +23,7 @@ import tarfile
 from collections.abc import Sequence
 from typing import Literal
 
+import imagecodecs
 import numpy as np
 import zarr
 from PIL import Image
@@ -44,6 +45,7 @@ Format = Literal["tar", "zarr", "png"]
 FORMATS: tuple[Format, ...] = ("tar", "zarr", "png")
 ZARR_NAME = "images.zarr"
 PNG_COMPRESS_LEVEL = 6
+PNG_ENCODER = "imagecodecs-libpng"  # recorded with every shard: other bytes, other encoder
 
 
 def check_format(fmt: str) -> Format:
@@ -64,12 +66,16 @@ def shard_name(index: int, fmt: Format) -> str:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """``uint8 (H, W, C)`` → PNG bytes, deterministic."""
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-    )
-    return buffer.getvalue()
+    """``uint8 (H, W, C)`` → PNG bytes (grey for one channel, RGB for three),
+    deterministic. imagecodecs' libpng binding: about half Pillow's cost per small
+    image, and it runs without the GIL, so encoding threads scale."""
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(pixels), level=PNG_COMPRESS_LEVEL))
+
+
+def encode_pngs(images: np.ndarray) -> list[bytes]:
+    """:func:`encode_png` of every image of a batch ``uint8 (N, H, W, C)``."""
+    return [encode_png(image) for image in images]
 
 
 def build_tar(members: Sequence[tuple[str, bytes]]) -> bytes:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -58,6 +61,25 @@ def tune_malloc() -> bool:
     trim = libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
     mmap = libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
     return bool(trim and mmap)
+
+
+def encoder_threads(device: torch.device) -> int:
+    """Image-encoding threads of a decode worker. A CPU worker (one process per core)
+    uses 2, so that one thread encodes while the other decodes; a GPU worker uses the
+    host cores it owns (its CPU affinity, or the host's cores over its GPUs when it is
+    not pinned), so that encoding keeps pace with the GPU."""
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0))
+    if cores == os.cpu_count():
+        cores //= max(1, torch.cuda.device_count())
+    return max(2, cores)
+
+
+@cache
+def encoding_pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` image-encoding threads."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="latentbatch-encode")
 
 
 def install_model(

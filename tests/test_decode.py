@@ -13,12 +13,18 @@ from distributed import Client
 
 from latentbatch.checkpoint import load_model
 from latentbatch.datasets import open_source
-from latentbatch.decode import ModelMismatchError, NonFiniteLatentsError, decode, decode_latents
+from latentbatch.decode import (
+    ModelMismatchError,
+    NonFiniteLatentsError,
+    PngEncoding,
+    decode,
+    decode_latents,
+)
 from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
-from latentbatch.shards import OutputError, read_output
+from latentbatch.shards import OutputError, encode_pngs, read_output
 from latentbatch.store import ATTRS, Layout, StoreError, open_store
 from tests.helpers import mtimes, sha256s
 
@@ -241,3 +247,12 @@ def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(one_thread, small_batches)
     np.testing.assert_array_equal(one_thread, two_threads)
+
+
+def test_png_encoding_keeps_the_order_of_images_across_chunks() -> None:
+    images = np.random.default_rng(1).integers(0, 256, (11, 5, 4, 1), dtype=np.uint8)
+    encoding = PngEncoding(3)
+    encoding.add(images[:7])
+    encoding.add(images[7:])
+    encoding.add(images[:0])
+    assert encoding.result() == encode_pngs(images)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latentbatch.errors import OutputError
 from latentbatch.manifest import ShardRecord
@@ -13,6 +15,7 @@ from latentbatch.shards import (
     build_tar,
     check_format,
     encode_png,
+    encode_pngs,
     remove_temporaries,
     write_png_shard,
     write_tar_shard,
@@ -28,6 +31,31 @@ def test_png_is_deterministic_and_lossless() -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
     grey = encode_png(image[..., :1])
     assert Image.open(io.BytesIO(grey)).mode == "L"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 70),
+    width=st.integers(1, 70),
+    channels=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+    smooth=st.booleans(),
+)
+def test_png_of_every_mode_and_size_decodes_exactly_with_pillow(
+    height: int, width: int, channels: int, seed: int, smooth: bool
+) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if smooth:  # digit-like: large flat areas, which compress
+        image = (image > 200).astype(np.uint8) * 255
+    data = encode_png(image)
+    assert data == encode_png(image.copy())
+    decoded = np.asarray(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(decoded.reshape(image.shape), image)
+    assert Image.open(io.BytesIO(data)).mode == ("L" if channels == 1 else "RGB")
+    assert encode_pngs(image[None].repeat(2, axis=0)) == [data, data]
 
 
 def test_tar_bytes_depend_only_on_members() -> None:

@@ -14,6 +14,7 @@ from latentbatch.workers import (
     ModelPlugin,
     WorkerStateError,
     cached_model,
+    encoder_threads,
     loaded_models,
     register_model,
     tune_malloc,
@@ -77,3 +78,13 @@ def test_no_worker_means_cpu() -> None:
 
 def test_tune_malloc_sets_glibc_thresholds() -> None:
     assert tune_malloc() is True
+
+
+def test_encoder_threads_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert encoder_threads(torch.device("cpu")) == 2
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert encoder_threads(torch.device("cuda")) == max(2, cores)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert encoder_threads(torch.device("cuda")) == max(2, cores // 8)
