@@ -1,0 +1,318 @@
+"""The ``latentbatch`` command line.
+
+Every sub-command exits 0 on success and, on bad input, 1 with a one-line ``error: ...``
+on stderr. ``--json`` output is stable for scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from latentbatch import checkpoint
+from latentbatch.cli.common import (
+    JsonOption,
+    ModelOption,
+    ProgressOption,
+    SchedulerOption,
+    StorageOption,
+    StoreArgument,
+    StoreOption,
+    WorkersOption,
+    emit_json,
+    make_console,
+    task_progress,
+)
+from latentbatch.cli.models import models_app
+from latentbatch.cli.stack import stack_app
+from latentbatch.cli.stores import query_command, stats_command, stores_command
+from latentbatch.config import LOSSES, PRESETS, TrainConfig
+from latentbatch.datasets import SOURCES
+from latentbatch.decode import decode
+from latentbatch.encode import encode
+from latentbatch.errors import LatentbatchError
+from latentbatch.pipeline import run_pipeline
+from latentbatch.shards import FORMATS, check_format
+from latentbatch.storage import parse_options
+from latentbatch.store import Layout, open_store
+from latentbatch.train import TrainResult, default_model_dir, model_config_for, train
+
+app = typer.Typer(
+    name="latentbatch",
+    help="Encode images into sharded Zarr v3 latent stores and decode them at scale.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _report_training(result: TrainResult) -> None:
+    console = make_console()
+    final = result.final
+    verb = "reused" if result.reused else "trained"
+    console.print(f"[bold]{verb}[/] model {result.model_id[:12]} in {result.model_dir}")
+    console.print(
+        f"  epochs {int(final['epoch'])}, validation PSNR {final['val_psnr']:.2f} dB, "
+        f"SSIM {final['val_ssim']:.3f}"
+    )
+    console.print(f"  weights          {result.model_dir / checkpoint.WEIGHTS}")
+    console.print(f"  config           {result.model_dir / checkpoint.CONFIG}")
+    console.print(f"  reconstructions  {result.reconstructions}")
+    console.print(f"  curves           {result.curves}")
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[str, typer.Option(help=f"Image source: {', '.join(SOURCES)}.")] = "mnist5k",
+    preset: Annotated[str, typer.Option(help=f"Architecture: {' or '.join(PRESETS)}.")] = "seed",
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Total epochs (a resumed run continues).")
+    ] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initial weights and order.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Model directory \\[default: models/PRESET-DATA].")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=2, help="Use only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    loss: Annotated[str, typer.Option(help=f"Loss: {' or '.join(LOSSES)}.")] = "bce",
+    image_size: Annotated[
+        int | None, typer.Option(help="Side in pixels \\[default: the source's].")
+    ] = None,
+    channels: Annotated[int | None, typer.Option(help="1 or 3 \\[default: the source's].")] = None,
+    latent_channels: Annotated[
+        int | None, typer.Option(help="Override the preset's latent channels.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a compatible run found in --out.")] = True,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Train an autoencoder and write a model directory with pictures of what it learned."""
+    model_config = model_config_for(
+        preset, data, image_size=image_size, channels=channels, latent_channels=latent_channels
+    )
+    train_config = TrainConfig(data, epochs, seed, batch_size, lr, loss, limit=limit)
+    out = out or default_model_dir(preset, data)
+    result = train(
+        model_config, train_config, out, resume=resume, progress=progress and not as_json
+    )
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _report_training(result)
+
+
+@app.command("encode")
+def encode_command(
+    model: ModelOption,
+    data: Annotated[str, typer.Option(help=f"Image source: {', '.join(SOURCES)}.")],
+    store: StoreOption,
+    append: Annotated[
+        bool, typer.Option(help="Add to an existing store of the same model.")
+    ] = False,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per shard (new stores).")] = 1024,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1, help="Rows per inner chunk (new stores).")
+    ] = 128,
+    latent_dtype: Annotated[str, typer.Option(help="float16 or float32 (new stores).")] = "float16",
+    storage_option: StorageOption = None,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Encode a data source into a latent store (one Dask task per store shard)."""
+    with task_progress("encoding", progress and not as_json) as update:
+        result = encode(
+            model,
+            data,
+            store,
+            append=append,
+            limit=limit,
+            layout=Layout(shard_rows, chunk_rows, latent_dtype),
+            storage_options=parse_options(storage_option),
+            scheduler=scheduler,
+            workers=workers,
+            on_progress=update,
+        )
+    if as_json:
+        emit_json(result.to_dict())
+    elif result.skipped:
+        make_console().print(f"{data} is already in {store}; nothing to do")
+    else:
+        verb = "resumed" if result.resumed else "encoded"
+        make_console().print(
+            f"{verb} {result.encoded} images of {data} into {store} "
+            f"rows {result.rows[0]}-{result.rows[1]} in {result.seconds:.1f} s "
+            f"({result.images_per_second:.0f} images/s)"
+        )
+
+
+@app.command("decode")
+def decode_command(
+    model: ModelOption,
+    store: StoreOption,
+    out: Annotated[str, typer.Option(help="Output folder: a local path or s3:// URL.")],
+    output_format: Annotated[
+        str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")
+    ] = "tar",
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    allow_model_mismatch: Annotated[
+        bool, typer.Option(help="Decode a store made by another model (same latent shape).")
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Latents per decoder call \\[default: 256 on CPU, 4096 on GPU]."),
+    ] = None,
+    storage_option: StorageOption = None,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Decode a latent store into image shards (one Dask task per output shard)."""
+    with task_progress("decoding", progress and not as_json) as update:
+        result = decode(
+            model,
+            store,
+            out,
+            fmt=check_format(output_format),
+            allow_model_mismatch=allow_model_mismatch,
+            storage_options=parse_options(storage_option),
+            scheduler=scheduler,
+            workers=workers,
+            batch_size=batch_size,
+            on_progress=update,
+        )
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    make_console().print(
+        f"decoded {result.decoded} of {result.count} images into {out} "
+        f"({len(result.shards_written)} shards written, {len(result.shards_skipped)} already done) "
+        f"in {result.seconds:.1f} s ({result.images_per_second:.0f} images/s)"
+    )
+
+
+@app.command("inspect")
+def inspect_command(
+    store: StoreArgument,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a latent store: rows, shapes, chunking, model, bytes and bits per pixel."""
+    report = open_store(store, parse_options(storage_option)).report()
+    if as_json:
+        emit_json(report)
+        return
+    console = make_console()
+    bpp = report["bits_per_pixel"]
+    rows_text = (
+        f"{report['count']} committed, {report['written_rows']} written, "
+        f"capacity {report['capacity']}"
+    )
+    chunking = (
+        f"{report['chunk_rows']} rows per chunk, {report['shard_rows']} per shard, "
+        f"{report['shards']} shards"
+    )
+    sources = ", ".join(
+        f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
+    )
+    rows = [
+        ("store", report["store"]),
+        ("rows", rows_text),
+        ("pending", report["pending"] or "none"),
+        ("latents", f"{'x'.join(map(str, report['latent_shape']))} {report['latent_dtype']}"),
+        ("chunking", chunking),
+        ("model", f"{report['model_id']} ({report['model']['preset']})"),
+        (
+            "images",
+            f"{report['image']['height']}x{report['image']['width']} {report['image']['mode']}",
+        ),
+        ("labels", "yes" if report["labels"] else "no"),
+        ("sources", sources or "none"),
+        ("on disk", f"{report['bytes']['total']:,} bytes (latents {report['bytes']['latents']:,})"),
+        ("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"),
+    ]
+    for key, value in rows:
+        console.print(f"{key:>10}  {value}", highlight=False)
+
+
+@app.command("demo")
+def demo_command(
+    workdir: Annotated[Path, typer.Option(help="Where the store and decoded shards go.")] = Path(
+        "out/demo"
+    ),
+    models: Annotated[
+        Path | None, typer.Option(help="Where model directories go \\[default: WORKDIR/models].")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """The main job on embedded defaults: train (or reuse) the seed model on mnist5k,
+    encode all 5,000 images, decode them to tar shards on a local Dask cluster."""
+    with task_progress("decoding", progress and not as_json) as update:
+        result = run_pipeline(
+            workdir,
+            models=models,
+            epochs=epochs,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress and not as_json,
+            on_decode_progress=update,
+        )
+    summary = result.summary()
+    if as_json:
+        emit_json(summary)
+        return
+    _report_training(result.training)
+    console = make_console()
+    console.print(
+        f"[bold]store[/]   {result.store} ({result.encoding.encoded} images encoded this run)"
+    )
+    console.print(f"[bold]decoded[/] {result.out} ({result.decoding.count} images, manifest.json)")
+    table = Table("measure", "value", title="Reconstruction summary")
+    table.add_row("images decoded", f"{result.decoding.decoded}")
+    table.add_row("decode throughput", f"{result.decoding.images_per_second:.0f} images/s")
+    table.add_row("PSNR, decoded tar shards", f"{result.quality.pipeline_psnr:.3f} dB")
+    table.add_row("PSNR, float32 in memory", f"{result.quality.float32_psnr:.3f} dB")
+    table.add_row("cost of float16 + 8-bit", f"{result.quality.cost_db:.3f} dB")
+    console.print(table)
+
+
+# the sub-commands whose code lives in the package's other modules, in --help order
+app.command("stores")(stores_command)
+app.command("query")(query_command)
+app.command("stats")(stats_command)
+app.add_typer(models_app, name="models")
+app.add_typer(stack_app, name="stack")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="latentbatch", standalone_mode=False)
+    except LatentbatchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except typer.TyperException as exc:  # usage errors: typer's click prints them itself
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        return int(getattr(exc, "exit_code", 2))
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``latentbatch models list|show``: model directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from latentbatch import checkpoint
+from latentbatch.cli.common import (
+    DEFAULT_MODELS,
+    JsonOption,
+    emit_json,
+    make_console,
+)
+from latentbatch.errors import LatentbatchError
+
+models_app = typer.Typer(help="List and show model directories.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def models_list(
+    root: Annotated[
+        Path, typer.Argument(help="Folder to search for model directories.")
+    ] = DEFAULT_MODELS,
+    as_json: JsonOption = False,
+) -> None:
+    """List the model directories under ROOT."""
+    if not root.is_dir():
+        raise LatentbatchError(f"{root} is not a folder; train a model first (latentbatch train)")
+    listing = checkpoint.find_models(root)
+    rows = [checkpoint.summary(info) for info in listing.models]
+    broken = [{"path": str(path), "error": error} for path, error in listing.broken]
+    if as_json:
+        emit_json({"models": rows, "broken": broken})
+        return
+    console = make_console()
+    table = Table("path", "id", "preset", "image", "latent", "source", "epochs", "val PSNR")
+    for row in rows:
+        psnr = row["val_psnr"]
+        table.add_row(
+            row["path"],
+            row["model_id"][:12],
+            row["preset"],
+            row["image"],
+            "x".join(map(str, row["latent"])),
+            str(row["source"]),
+            str(row["epochs"]),
+            "-" if psnr is None else f"{psnr:.2f} dB",
+        )
+    console.print(table)
+    for entry in broken:
+        console.print(f"[red]unreadable[/] {entry['path']}: {entry['error']}")
+
+
+@models_app.command("show")
+def models_show(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole config.json and id.")
+    ] = False,
+) -> None:
+    """Show one model directory: id, architecture, data and metrics."""
+    info = checkpoint.read_info(model_dir)
+    if as_json:
+        emit_json({**info.meta, "model_id": info.model_id, "path": str(info.path)})
+        return
+    console = make_console()
+    for key, value in checkpoint.summary(info).items():
+        console.print(f"{key:>10}  {value}")
+    for row in info.meta.get("training", {}).get("history", []):
+        console.print(
+            f"     epoch {int(row['epoch']):>3}: loss {row['train_loss']:.4f}"
+            f"/{row['val_loss']:.4f}, PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}"
+        )

@@ -1,0 +1,159 @@
+"""``latentbatch stores``, ``query`` and ``stats``: questions about latent stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from latentbatch import catalog, query
+from latentbatch.cli.common import (
+    JsonOption,
+    StorageOption,
+    StoreArgument,
+    emit_json,
+    make_console,
+)
+from latentbatch.decode import decode_selection
+from latentbatch.encode import encode_file
+from latentbatch.errors import LatentbatchError
+from latentbatch.figures import image_grid, save_picture
+from latentbatch.pipeline import selection_preview
+from latentbatch.shards import check_format
+from latentbatch.storage import parse_options
+from latentbatch.store import open_store
+
+
+def stores_command(
+    root: Annotated[str, typer.Argument(help="Folder or s3:// prefix to search.")],
+    outputs: Annotated[
+        str | None, typer.Option(help="Output root of bulk decodes, to report each store's output.")
+    ] = None,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List every latent store under ROOT: rows, latents, model, created, bytes, output."""
+    rows = catalog.describe_stores(root, outputs, parse_options(storage_option))
+    if as_json:
+        emit_json({"root": root, "stores": rows})
+        return
+    table = Table("store", "rows", "latents", "model", "created", "bytes", "output")
+    for row in rows:
+        table.add_row(
+            row["store"],
+            str(row["count"]),
+            "x".join(map(str, row["latent_shape"])) + f" {row['latent_dtype']}",
+            row["model_id"][:12],
+            row["created"],
+            f"{row['bytes']:,}",
+            row["output"] or "-",
+        )
+    make_console().print(table)
+
+
+def query_command(
+    store_url: StoreArgument,
+    ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
+    rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
+    label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="Predicate such as 'label >= 5' or 'row < 100'.")
+    ] = None,
+    near: Annotated[str | None, typer.Option(help="Nearest neighbours of this id.")] = None,
+    near_image: Annotated[
+        Path | None, typer.Option(help="Nearest neighbours of this image (needs --model).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    metric: Annotated[str, typer.Option(help="l2 or cosine.")] = "l2",
+    model: Annotated[
+        Path | None,
+        typer.Option(help="The store's model directory (for --near-image, --decode, --grid)."),
+    ] = None,
+    decode_to: Annotated[
+        str | None, typer.Option("--decode", help="Decode the result into this folder.")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="tar, zarr or png for --decode.")
+    ] = "tar",
+    grid: Annotated[
+        Path | None, typer.Option(help="Write a preview grid PNG of the result.")
+    ] = None,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Select rows of a store, or find nearest neighbours, without decoding the store."""
+    store = open_store(store_url, parse_options(storage_option))
+    if (decode_to or grid or near_image) and model is None:
+        raise LatentbatchError(
+            "--near-image, --decode and --grid need --model (the store's model directory)"
+        )
+    selected = query.select(
+        store,
+        ids=ids.split(",") if ids else None,
+        rows=[query.parse_rows(r) for r in rows] if rows else None,
+        label=label,
+        where=where or (),
+    )
+    neighbours = None
+    query_latent = None
+    exclude: list[int] = []
+    if near is not None:
+        query_latent, row = query.latent_of(store, near)
+        exclude = [row]
+    elif near_image is not None and model is not None:
+        query_latent = encode_file(model, near_image, store.model_id)
+    if query_latent is not None:
+        neighbours = query.nearest(store, query_latent, k, query.check_metric(metric), exclude)
+        selected = np.array([n.row for n in neighbours])
+    result = query.result_rows(store, selected, neighbours)
+    if decode_to is not None and model is not None:
+        decode_selection(model, store, selected, decode_to, check_format(output_format))
+    if grid is not None and model is not None and len(selected):
+        pictures = selection_preview(model, store, selected, query_latent)
+        save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
+    if as_json:
+        emit_json({"store": store_url, "count": len(result), "results": result})
+        return
+    table = Table(
+        "row",
+        "id",
+        *(["label"] if store.has_labels else []),
+        *(["distance"] if neighbours else []),
+    )
+    for entry in result[:200]:
+        cells = [str(entry["row"]), entry["id"]]
+        if store.has_labels:
+            cells.append(str(entry["label"]))
+        if neighbours:
+            cells.append(f"{entry['distance']:.4f}")
+        table.add_row(*cells)
+    console = make_console()
+    console.print(table)
+    console.print(f"{len(result)} rows" + (" (first 200 shown)" if len(result) > 200 else ""))
+
+
+def stats_command(
+    store_url: StoreArgument,
+    save: Annotated[
+        bool, typer.Option(help="Store the statistics in the store's attributes.")
+    ] = False,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-channel mean, std, min and max of the committed latents, and 1/std scaling."""
+    store = open_store(store_url, parse_options(storage_option), writable=save)
+    stats = query.statistics(store, save=save)
+    if as_json:
+        emit_json(stats.to_dict())
+        return
+    table = Table("channel", "mean", "std", "min", "max", title=f"{stats.count} latents")
+    for c, values in enumerate(zip(stats.mean, stats.std, stats.min, stats.max, strict=True)):
+        table.add_row(str(c), *(f"{v:.5f}" for v in values))
+    console = make_console()
+    console.print(table)
+    console.print(
+        f"scaling factor (1 / std) {stats.scaling_factor:.5f}" + (" (saved)" if save else "")
+    )
