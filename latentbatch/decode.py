@@ -177,15 +177,10 @@ def decode_latents(
     return np.concatenate(out)
 
 
-def nonfinite_rows(latents: np.ndarray, start: int) -> list[int]:
-    """Global row numbers of latents holding NaN or Inf."""
-    bad = ~np.isfinite(latents.reshape(len(latents), -1)).all(axis=1)
-    return [start + int(i) for i in np.flatnonzero(bad)]
-
-
 def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], where: str) -> None:
-    bad = nonfinite_rows(latents, 0)
-    if bad:
+    """Refuse latents holding NaN or Inf, naming their rows and ids."""
+    bad = np.flatnonzero(~np.isfinite(latents.reshape(len(latents), -1)).all(axis=1))
+    if len(bad):
         shown = ", ".join(f"{rows[i]} ({ids[i]})" for i in bad[:5])
         raise NonFiniteLatentsError(
             f"{len(bad)} latents in {where} hold NaN or Inf: rows {shown}"
