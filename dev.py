@@ -57,11 +57,11 @@ SYSTEM_PACKAGES = {
 
 def ensure_system_packages() -> None:
     """Debian's Chromium and PostgreSQL for the browser and topology tests: installed when
-    missing and we are root; otherwise those tests skip."""
+    missing and we are root; otherwise those tests skip (and fail where CI is set)."""
     missing = [
         name
         for name, patterns in SYSTEM_PACKAGES.items()
-        if not any(Path("/").glob(p.lstrip("/")) for p in patterns)
+        if not any(any(Path("/").glob(p.lstrip("/"))) for p in patterns)
     ]
     if not missing:
         return

@@ -8,6 +8,7 @@ id, the output locations and the summary table. The chain itself is
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from pydantic import Field
 
 from flows.params import DataSource, Scheduler, Workers
 from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
+from latentbatch.cluster import VERBOSE_ENV
 from latentbatch.orchestration import (
     ProgressReporter,
     picture_artifact,
@@ -84,8 +86,11 @@ def reconstruction_pipeline(
     return {**summary, "flow_run_id": run_id}
 
 
-def main() -> None:
-    """The main job: run the flow on embedded defaults and print what it made."""
+def main(argv: list[str]) -> None:
+    """The main job: run the flow on embedded defaults and print what it made
+    (``-v``: Dask's INFO logs too)."""
+    if "-v" in argv or "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"
     summary = reconstruction_pipeline()
     print(f"\nflow run {summary['flow_run_id']} (reconstruction-pipeline)")
     ui = os.environ.get("PREFECT_UI_URL")
@@ -104,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

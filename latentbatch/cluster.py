@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import dask.config
 import torch
 from dask.base import tokenize
 from distributed import Client, LocalCluster, as_completed
@@ -28,6 +29,8 @@ from distributed import Client, LocalCluster, as_completed
 from latentbatch.errors import LatentbatchError
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+VERBOSE_ENV = "LATENTBATCH_VERBOSE"
+_LOG_LEVEL_ENV = "DASK_LOGGING__DISTRIBUTED"
 R = TypeVar("R")
 
 
@@ -68,6 +71,8 @@ def connect(
     }
     if gpu:
         kwargs["resources"] = {"GPU": 1}
+    if verbose():
+        kwargs["silence_logs"] = False  # LocalCluster's default is WARNING
     cluster_type: type[LocalCluster] = LocalCluster
     if gpu and torch.cuda.device_count() > 1:
         try:
@@ -77,10 +82,39 @@ def connect(
             kwargs.pop("n_workers")
         except ImportError:
             pass
-    with cluster_type(**kwargs) as cluster, Client(cluster) as client:
-        # the embedded cluster's start/stop chatter is noise next to our progress output
-        logging.getLogger("distributed").setLevel(logging.WARNING)
+    with _quiet_unless_verbose(), cluster_type(**kwargs) as cluster, Client(cluster) as client:
         yield client
+
+
+def verbose() -> bool:
+    """Whether INFO logs of Dask (and the engine) are wanted: ``$LATENTBATCH_VERBOSE``,
+    which ``latentbatch -v`` sets."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextmanager
+def _quiet_unless_verbose() -> Iterator[None]:
+    """The embedded cluster's start and stop chatter (about 90 INFO lines from the
+    scheduler, nannies and workers) is noise beside progress bars: below WARNING it is
+    dropped here and, through the nanny's spawn environment, in every worker process."""
+    if verbose():
+        yield
+        return
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    spawn = {f"distributed.nanny.pre-spawn-environ.{_LOG_LEVEL_ENV}": "warning"}
+    before = os.environ.get(_LOG_LEVEL_ENV)
+    try:
+        with dask.config.set(spawn):
+            yield
+    finally:
+        logger.setLevel(level)
+        # the nanny leaves its spawn environment in this process's os.environ
+        if before is None:
+            os.environ.pop(_LOG_LEVEL_ENV, None)
+        else:
+            os.environ[_LOG_LEVEL_ENV] = before
 
 
 @contextmanager

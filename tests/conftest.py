@@ -13,6 +13,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def needs(available: bool, what: str) -> pytest.MarkDecorator:
+    """A mark that skips the tests of a module whose prerequisite is missing, except where
+    ``CI`` is set: there ``python3 dev.py test`` has installed it, so its absence fails the
+    module's collection instead of turning into a skip that looks green."""
+    if not available and os.environ.get("CI"):
+        pytest.fail(
+            f"{what} is missing although CI is set; `python3 dev.py test` installs it as root",
+            pytrace=False,
+        )
+    return pytest.mark.skipif(not available, reason=f"needs {what}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

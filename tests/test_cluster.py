@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 
 import pytest
 from distributed import Client, LocalCluster
 
-from latentbatch.cluster import ClusterError, connect, gpu_resources, map_bounded
+from latentbatch.cluster import VERBOSE_ENV, ClusterError, connect, gpu_resources, map_bounded
 
 
 def _interval(seconds: float) -> tuple[float, float]:
@@ -83,3 +84,17 @@ def test_embedded_cluster_has_one_worker_per_core() -> None:
         workers = c.scheduler_info(n_workers=-1)["workers"].values()
         assert len(workers) == (os.cpu_count() or 1)
         assert {w["nthreads"] for w in workers} == {1}
+
+
+def _distributed_level() -> int:
+    return logging.getLogger("distributed").getEffectiveLevel()
+
+
+def test_embedded_cluster_is_quiet_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    with connect(workers=1) as c:
+        assert set(c.run(_distributed_level).values()) == {logging.WARNING}
+        assert _distributed_level() == logging.WARNING
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with connect(workers=1) as c:
+        assert set(c.run(_distributed_level).values()) == {logging.INFO}

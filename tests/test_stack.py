@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,17 @@ def test_decode_deployment_runs_on_the_stack(
     assert len(list(out.glob("shard-*/*.png"))) == 50
 
 
+FINAL = ("Completed", "Cancelled", "Failed", "Crashed")
+
+
+async def _state(run_id: Any) -> str:
+    async with get_client() as prefect:
+        return str((await prefect.read_flow_run(run_id)).state_name)
+
+
 async def _final_states(ids: list[Any], timeout: float = 180) -> list[str]:
     """Poll flow runs until each is in a final state."""
-    final = ("Completed", "Cancelled", "Failed", "Crashed")
+    final = FINAL
     async with get_client() as prefect:
         for _ in range(int(timeout)):
             states = [str((await prefect.read_flow_run(i)).state_name) for i in ids]
@@ -76,16 +86,57 @@ async def _final_states(ids: list[Any], timeout: float = 180) -> list[str]:
     raise TimeoutError(f"flow runs still {states} after {timeout} s")
 
 
+async def _wait_for_state(run_id: Any, wanted: str, timeout: float = 120) -> None:
+    async with get_client() as prefect:
+        for _ in range(int(timeout * 4)):
+            state = str((await prefect.read_flow_run(run_id)).state_name)
+            if state == wanted:
+                return
+            await asyncio.sleep(0.25)
+    raise TimeoutError(f"flow run {run_id} is {state}, not {wanted}, after {timeout} s")
+
+
+def _open_gate(gate: Path, run_id: Any, timeout: float = 60) -> None:
+    """Write to the FIFO that the run is blocked reading. A reader must be there for the
+    write to land (ENXIO while none is, EPIPE if it left): try until one took it, or the
+    run has ended without it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody reads it (yet)
+            if asyncio.run(_state(run_id)) in FINAL:
+                return
+            time.sleep(0.2)
+            continue
+        try:
+            os.write(fd, b"{}")
+            return
+        except BrokenPipeError:
+            time.sleep(0.2)
+        finally:
+            os.close(fd)
+    raise TimeoutError(f"nobody read {gate} in {timeout} s")
+
+
 def test_overlapping_nightly_runs_leave_one_running(
     running_stack: stack.StackInfo, tmp_path: Path
 ) -> None:
-    parameters = {"root": str(tmp_path / "none"), "out_root": str(tmp_path / "out")}
-    runs = [
-        run_deployment("nightly-bulk-decode/nightly-bulk-decode", parameters=parameters, timeout=0)
-        for _ in range(2)
-    ]
-    states = asyncio.run(_final_states([r.id for r in runs]))
-    assert sorted(states) == ["Cancelled", "Completed"]
+    # The first run's scan opens root/gate.zarr/zarr.json, a FIFO: it blocks there, still
+    # Running, until the test writes to the FIFO, so the second run surely overlaps it.
+    gate = tmp_path / "root" / "gate.zarr" / "zarr.json"
+    gate.parent.mkdir(parents=True)
+    os.mkfifo(gate)
+    parameters = {"root": str(tmp_path / "root"), "out_root": str(tmp_path / "out")}
+    name = "nightly-bulk-decode/nightly-bulk-decode"
+    first = run_deployment(name, parameters=parameters, timeout=0)
+    asyncio.run(_wait_for_state(first.id, "Running"))
+    second = run_deployment(name, parameters=parameters, timeout=0)
+    try:
+        asyncio.run(_wait_for_state(second.id, "Cancelled"))
+    finally:
+        _open_gate(gate, first.id)
+    assert asyncio.run(_final_states([first.id, second.id])) == ["Completed", "Cancelled"]
 
 
 def test_down_leaves_no_process_and_no_port(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from latentbatch.encode import encode
 from latentbatch.stack import WORK_POOL, base_env, register_deployments
 from latentbatch.store import Layout
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs
 from tests.servers import (
     dask_env_ready,
     free_port,
@@ -56,9 +56,7 @@ def _have_postgres() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not _have_postgres(), reason="needs PostgreSQL (apt-get install postgresql)"
-    ),
+    needs(_have_postgres(), "PostgreSQL (apt-get install postgresql)"),
 ]
 AUTH = "admin:correct-horse-battery"
 BIN = Path(sys.executable).parent

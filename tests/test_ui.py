@@ -15,7 +15,7 @@ from distributed import Client
 
 from latentbatch.encode import encode
 from latentbatch.store import Layout
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -24,9 +24,7 @@ ARGS = [
 ]  # fmt: skip
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
-    ),
+    needs(CHROMIUM.exists(), "Debian's chromium (apt-get install chromium)"),
 ]
 
 

@@ -6,6 +6,7 @@ on stderr. ``--json`` output is stable for scripts.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,7 @@ from latentbatch.cli.common import (
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
 from latentbatch.cli.stores import query_command, stats_command, stores_command
+from latentbatch.cluster import VERBOSE_ENV
 from latentbatch.config import LOSSES, PRESETS, TrainConfig
 from latentbatch.datasets import SOURCES
 from latentbatch.decode import decode
@@ -48,6 +50,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Dask's INFO logs too.")
+    ] = False,
+) -> None:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by the embedded cluster, inherited by workers
 
 
 def _report_training(result: TrainResult) -> None:
