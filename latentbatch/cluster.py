@@ -156,6 +156,22 @@ class Progress:
         return (self.total_items - self.done_items) / self.rate if self.rate > 0 else None
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A task's :class:`LatentbatchError`, returned instead of raised: bad input is the
+    caller's to report in a sentence, not a worker's to log as a failed computation
+    with a traceback."""
+
+    error: LatentbatchError
+
+
+def _refusing(fn: Callable[[Any], R], spec: Any) -> R | _Refused:
+    try:
+        return fn(spec)
+    except LatentbatchError as error:
+        return _Refused(error)
+
+
 def map_bounded(
     client: Client,
     fn: Callable[[Any], R],
@@ -170,7 +186,8 @@ def map_bounded(
     (default: two per worker, so each worker has its next task queued).
 
     Results are handed to ``on_result`` as they complete (with the progress so far) and
-    returned in completion order. The first task error cancels the rest and is raised.
+    returned in completion order. The first task error cancels the rest and is raised
+    here; a :class:`LatentbatchError` travels back as a value, so workers do not log it.
     """
     if max_in_flight is None:
         max_in_flight = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
@@ -184,7 +201,7 @@ def map_bounded(
 
     def submit(spec: Any) -> Any:
         key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}"
-        future = client.submit(fn, spec, key=key, resources=resources, pure=False)
+        future = client.submit(_refusing, fn, spec, key=key, resources=resources, pure=False)
         future_items[str(future.key)] = items(spec)
         return future
 
@@ -193,6 +210,8 @@ def map_bounded(
     try:
         for future in window:
             result = future.result()
+            if isinstance(result, _Refused):
+                raise result.error
             results.append(result)
             done_items += future_items.pop(str(future.key))
             nxt = next(queue, None)

@@ -226,15 +226,30 @@ def write_shard(
     return write_png_shard(out_url, options, index, start, ids, encoded)
 
 
-def _tar_pngs(data: bytes) -> list[tuple[str, bytes]]:
+def _tar_pngs(data: bytes, where: str) -> list[tuple[str, bytes]]:
     """``(name, bytes)`` of the PNG members of a tar, in member order."""
     members = []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            handle = tar.extractfile(member)
-            if member.name.endswith(".png") and handle is not None:
-                members.append((member.name, handle.read()))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                handle = tar.extractfile(member)
+                if member.name.endswith(".png") and handle is not None:
+                    members.append((member.name, handle.read()))
+    except (tarfile.TarError, EOFError) as exc:
+        raise OutputError(
+            f"{where} is not a whole tar shard ({exc}); run the decode again, which redoes it"
+        ) from None
     return members
+
+
+def _image(data: bytes, where: str) -> np.ndarray:
+    try:
+        image = np.asarray(Image.open(io.BytesIO(data)))
+    except OSError as exc:  # PIL's UnidentifiedImageError included
+        raise OutputError(
+            f"{where} is not a readable PNG ({exc}); run the decode again, which redoes it"
+        ) from None
+    return image[..., None] if image.ndim == 2 else image
 
 
 def read_output(
@@ -263,12 +278,11 @@ def read_output(
             break
         path = join(root, shard.path)
         if manifest.output_format == "tar":
-            members = _tar_pngs(fs.cat_file(path))
+            members = _tar_pngs(fs.cat_file(path), join(out_url, shard.path))
         else:
             names = sorted(fs.ls(path, detail=False))
             members = [(n.rsplit("/", 1)[-1], fs.cat_file(n)) for n in names]
         for name, data in members:
             ids.append(name.removesuffix(".png"))
-            image = np.asarray(Image.open(io.BytesIO(data)))
-            arrays.append(image[..., None] if image.ndim == 2 else image)
+            arrays.append(_image(data, f"{join(out_url, shard.path)}: {name}"))
     return ids[:limit], np.stack(arrays[:limit])

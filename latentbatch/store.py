@@ -87,6 +87,11 @@ class Layout:
             )
 
 
+def _where(rows: np.ndarray) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:5])
+    return f"rows {shown}{' ...' if len(rows) > 5 else ''}"
+
+
 class LatentStore:
     """An opened latent store. Use :func:`open_store` or :func:`create_store`."""
 
@@ -149,17 +154,33 @@ class LatentStore:
                 f"rows [{start}, {stop}) are outside the {self.count} committed rows of {self.url}"
             )
 
+    def _read(self, array: zarr.Array[Any], where: str, selection: Any) -> np.ndarray:
+        """``array[selection]``, with a damaged chunk (its checksum does not match, or it
+        does not decompress) reported as a :class:`StoreError` naming store, array, rows."""
+        try:
+            if isinstance(selection, slice):
+                return np.asarray(array[selection])
+            return np.asarray(array.get_orthogonal_selection((selection,)))
+        except ValueError as exc:
+            name = array.basename
+            raise StoreError(
+                f"{self.url}: the '{name}' array cannot be read at {where} ({exc}); "
+                "a chunk is damaged: restore the store from a copy or re-encode its images"
+            ) from None
+
     def read_latents(self, start: int, stop: int) -> np.ndarray:
         self._check_rows(start, stop)
-        return np.asarray(self.latents[start:stop])
+        return self._read(self.latents, f"rows [{start}, {stop})", slice(start, stop))
 
     def read_ids(self, start: int, stop: int) -> list[str]:
         self._check_rows(start, stop)
-        return [str(i) for i in np.asarray(self.ids[start:stop]).tolist()]
+        found = self._read(self.ids, f"rows [{start}, {stop})", slice(start, stop))
+        return [str(i) for i in found.tolist()]
 
     def read_labels(self, start: int, stop: int) -> np.ndarray:
         self._check_rows(start, stop)
-        return np.asarray(self.labels[start:stop], dtype=np.int32)
+        found = self._read(self.labels, f"rows [{start}, {stop})", slice(start, stop))
+        return found.astype(np.int32, copy=False)
 
     def _check_selection(self, rows: Rows) -> np.ndarray:
         selection = np.asarray(rows, dtype=np.int64)
@@ -174,7 +195,7 @@ class LatentStore:
         selection = self._check_selection(rows)
         if not len(selection):
             return []
-        found = np.asarray(self.ids.get_orthogonal_selection((selection,)))
+        found = self._read(self.ids, _where(selection), selection)
         return [str(i) for i in found.tolist()]
 
     def read_latents_at(self, rows: Rows) -> np.ndarray:
@@ -182,14 +203,14 @@ class LatentStore:
         selection = self._check_selection(rows)
         if not len(selection):
             return np.zeros((0, *self.latent_shape), self.latents.dtype)
-        return np.asarray(self.latents.get_orthogonal_selection((selection,)))
+        return self._read(self.latents, _where(selection), selection)
 
     def read_labels_at(self, rows: Rows) -> np.ndarray:
         """Labels of the given committed rows, in the given order."""
         selection = self._check_selection(rows)
         if not len(selection):
             return np.zeros(0, np.int32)
-        return np.asarray(self.labels.get_orthogonal_selection((selection,)), dtype=np.int32)
+        return self._read(self.labels, _where(selection), selection).astype(np.int32, copy=False)
 
     # writing ---------------------------------------------------------------------------
     def write_meta(self, **updates: Any) -> None:

@@ -9,6 +9,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from latentbatch.cluster import VERBOSE_ENV, ClusterError, connect, gpu_resources, map_bounded
+from latentbatch.errors import DataError
 
 
 def _interval(seconds: float) -> tuple[float, float]:
@@ -98,3 +99,24 @@ def test_embedded_cluster_is_quiet_unless_verbose(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(VERBOSE_ENV, "1")
     with connect(workers=1) as c:
         assert set(c.run(_distributed_level).values()) == {logging.INFO}
+
+
+def _refuse(x: int) -> int:
+    raise DataError(f"image {x} is not readable; fix the source")
+
+
+def _compute_failed(client: Client) -> int:
+    logs = client.get_worker_logs()
+    return sum("Compute Failed" in message for lines in logs.values() for _, message in lines)
+
+
+def test_bad_input_comes_back_as_its_error_without_worker_tracebacks(
+    process_client: Client,
+) -> None:
+    before = _compute_failed(process_client)
+    with pytest.raises(DataError, match="image 1 is not readable; fix the source"):
+        map_bounded(process_client, _refuse, [1], items=lambda _: 1)
+    assert _compute_failed(process_client) == before
+    with pytest.raises(ValueError, match="bad input 2"):  # a bug, by contrast, is logged
+        map_bounded(process_client, _fail, [2], items=lambda _: 1)
+    assert _compute_failed(process_client) == before + 1

@@ -69,17 +69,30 @@ def test_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4]}
 
 
-def test_flipped_byte_fails_loudly(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("array", ["latents", "ids", "labels"])
+def test_flipped_byte_is_named_with_store_array_and_rows(
+    tmp_path: Path, tiny_model: Path, array: str
+) -> None:
     url = _store(tmp_path, tiny_model)
     store = open_store(str(url), writable=True)
     store.write_rows(0, np.ones((4, 2, 4, 4), np.float32), list("abcd"), np.zeros(4))
     store.write_meta(count=4)
-    shard = url / "latents" / "c" / "0" / "0" / "0" / "0"
+    shard = next(p for p in sorted((url / array / "c").rglob("*")) if p.is_file())
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
-        open_store(str(url)).read_latents(0, 4)
+    opened = open_store(str(url))
+    read = {
+        "latents": lambda: opened.read_latents(0, 4),
+        "ids": lambda: opened.read_ids_at([2, 0]),
+        "labels": lambda: opened.read_labels(0, 4),
+    }[array]
+    with pytest.raises(StoreError) as caught:
+        read()
+    message = str(caught.value)
+    assert str(url) in message and f"'{array}' array" in message
+    assert "rows" in message and "checksum" in message.lower()
+    assert "restore the store" in message
 
 
 def test_resize_cannot_drop_committed_rows(tmp_path: Path, tiny_model: Path) -> None:

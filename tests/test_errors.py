@@ -1,0 +1,125 @@
+"""Bad inputs through the real command line: a sentence naming the thing, a non-zero exit,
+no traceback, and nothing already written changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from latentbatch.encode import encode
+from latentbatch.errors import OutputError
+from latentbatch.shards import read_output
+from latentbatch.store import Layout
+from tests.helpers import sha256s
+
+CLI = str(Path(sys.executable).with_name("latentbatch"))
+
+
+@pytest.fixture(scope="module")
+def decoded(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: Client
+) -> tuple[Path, Path]:
+    """A 40-row store of the tiny model and its tar decode."""
+    folder = tmp_path_factory.mktemp("errors")
+    store, out = folder / "s.zarr", folder / "out"
+    encode(tiny_model, "synthetic:40", str(store), layout=Layout(16, 8), client=client)
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    subprocess.run([CLI, *argv, "--workers", "1", "--no-progress"], check=True)
+    return store, out
+
+
+def _fails(argv: list[str], *named: str) -> str:
+    """Run the CLI; it must fail with one sentence naming ``named`` and no traceback."""
+    done = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "Compute Failed" not in done.stdout + done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, done.stderr
+    for thing in named:
+        assert thing in error[0]
+    return error[0]
+
+
+def test_foreign_or_malformed_manifest(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path
+) -> None:
+    store, _ = decoded
+    out = tmp_path / "out"
+    out.mkdir()
+    for text in ('{"format": 1, "store": "elsewhere"}', "{not json"):
+        (out / "manifest.json").write_text(text)
+        argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+        _fails([*argv, "--workers", "1"], str(out / "manifest.json"))
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.parametrize("array", ["latents", "ids", "labels"])
+def test_damaged_chunk(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, array: str
+) -> None:
+    store = Path(shutil.copytree(decoded[0], tmp_path / "s.zarr"))
+    shard = store / array / "c" / "1"
+    chunk = next(p for p in sorted(shard.rglob("*")) if p.is_file()) if shard.is_dir() else shard
+    data = bytearray(chunk.read_bytes())
+    data[12] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    message = _fails([*argv, "--workers", "1", "--no-progress"], str(store), f"'{array}' array")
+    # the client reads every id before it starts (rows [0, 40)); tasks read their shard
+    assert ("rows [0, 40)" if array == "ids" else "rows [16, 32)") in message
+    assert not list(out.glob("shard-000001*"))
+
+
+def test_damaged_store_metadata(tmp_path: Path, decoded: tuple[Path, Path]) -> None:
+    store = Path(shutil.copytree(decoded[0], tmp_path / "s.zarr"))
+    (store / "zarr.json").write_text("{ damaged")
+    _fails(["inspect", str(store)], str(store))
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_model_directory_without_a_good_config(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, damage: str
+) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    if damage == "missing":
+        (model / "config.json").unlink()
+    else:
+        (model / "config.json").write_text(json.dumps({"model": {"channels": 7}}))
+    store, out = decoded
+    before = sha256s(out)
+    argv = ["decode", "--model", str(model), "--store", str(store), "--out", str(out)]
+    _fails(argv, str(model))
+    assert sha256s(out) == before
+
+
+def test_truncated_tar_shard_is_redone(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path
+) -> None:
+    store = decoded[0]
+    out = Path(shutil.copytree(decoded[1], tmp_path / "out"))
+    before = sha256s(out)
+    shard = out / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    done = subprocess.run(
+        [CLI, *argv, "--workers", "1", "--no-progress"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 shards written, 2 already done" in " ".join(done.stdout.split())
+    assert sha256s(out) == before
+
+
+def test_reading_a_truncated_shard_names_it(tmp_path: Path, decoded: tuple[Path, Path]) -> None:
+    out = Path(shutil.copytree(decoded[1], tmp_path / "out"))
+    shard = out / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(OutputError, match=r"shard-000001\.tar.*run the decode again"):
+        read_output(str(out))
