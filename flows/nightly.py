@@ -1,6 +1,9 @@
 """nightly-bulk-decode: decode every store under a root whose output is missing or stale.
 
-A store that fails does not stop the others; the run then ends Failed and names it.
+A store that fails, is damaged, or whose output folder holds another store's decode does
+not stop the others; the run then ends Failed and names each. The report has a row per
+store: what was done, why, and for a decoded store its model id, shards written and
+skipped, seconds and images/s.
 """
 
 from __future__ import annotations
@@ -72,18 +75,23 @@ def nightly_bulk_decode(
     todo = [i for i in items if i.needs_decode]
     with connect(scheduler, workers) as client:
         for item in items:
-            row: dict[str, object] = {
-                "store": item.entry.url,
-                "out": item.out,
-                "before": item.status,
-            }
-            if not item.needs_decode:
+            row: dict[str, object] = {"store": item.entry.url, "out": item.out}
+            row |= {"before": item.status, **dict.fromkeys(NUMBERS)}
+            if item.status == "damaged":
+                failed.append(item.entry.url)
+                row |= {"action": "failed", "detail": f"store is damaged: {item.detail}"}
+            elif item.status == "foreign":
+                failed.append(item.entry.url)
+                reason = item.detail or "it holds the decode of another store"
+                row |= {"action": "failed", "detail": f"output not ours: {reason}"}
+            elif not item.needs_decode:
                 row |= {"action": "skipped", "detail": f"output is {item.status}"}
             else:
                 state = decode_store(item, models, output_format, client, return_state=True)
                 if state.is_completed():
                     summary = state.result()
                     row |= {"action": "decoded", "detail": f"{summary['decoded']} images"}
+                    row |= {key: summary[key] for key in NUMBERS}
                 else:
                     failed.append(item.entry.url)
                     row |= {"action": "failed", "detail": str(state.message)[:300]}
@@ -95,6 +103,10 @@ def nightly_bulk_decode(
     if failed:
         return Failed(message=f"{len(failed)} of {len(items)} stores failed: {', '.join(failed)}")
     return Completed(message=f"{len(todo)} decoded, {len(items) - len(todo)} skipped")
+
+
+# the numbers of a decoded store's row (decode_summary's); empty for the other rows
+NUMBERS = ("model_id", "shards_written", "shards_skipped", "seconds", "images_per_second")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from latentbatch.checkpoint import find_models
+from latentbatch.errors import LatentbatchError
 from latentbatch.manifest import read_manifest
 from latentbatch.storage import StorageOptions, filesystem, is_remote, join
 from latentbatch.store import ATTRS, open_store
 
-Status = Literal["missing", "stale", "complete", "foreign"]
+Status = Literal["missing", "stale", "complete", "foreign", "damaged"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,7 @@ class StoreEntry:
     url: str
     relative: str
     meta: dict[str, Any]
+    damage: str | None = None  # why a store-shaped folder cannot be opened as a store
 
     @property
     def count(self) -> int:
@@ -46,7 +48,8 @@ def _url(fs_path: str, root_url: str, root_path: str) -> str:
 
 def find_stores(root: str, options: StorageOptions | None = None) -> list[StoreEntry]:
     """Every latent store (a Zarr group with latentbatch attributes) under ``root``,
-    sorted by path. Folders inside a store are not searched."""
+    sorted by path. Folders inside a store are not searched. A folder whose ``zarr.json``
+    is damaged but which holds a ``latents`` array is listed with its ``damage``."""
     fs, root_path = filesystem(root, options)
     if not fs.isdir(root_path):
         return []
@@ -54,18 +57,25 @@ def find_stores(root: str, options: StorageOptions | None = None) -> list[StoreE
     for folder, dirs, files in fs.walk(root_path, topdown=True):
         if "zarr.json" not in files:
             continue
+        url = _url(folder, root, root_path)
+        relative = folder[len(root_path.rstrip("/")) :].strip("/")
         try:
             meta = json.loads(fs.cat_file(join(folder, "zarr.json")))
-        except (OSError, ValueError):
+        except OSError:
+            continue
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            if "latents" in dirs and fs.exists(join(folder, "latents", "zarr.json")):
+                damage = "its zarr.json is not a Zarr group's metadata (damaged)"
+                found.append(StoreEntry(url=url, relative=relative, meta={}, damage=damage))
+                dirs.clear()
             continue
         if meta.get("node_type") != "group":
             continue
         attrs = meta.get("attributes", {}).get(ATTRS)
         if isinstance(attrs, dict) and attrs.get("format") is not None:
-            relative = folder[len(root_path.rstrip("/")) :].strip("/")
-            found.append(
-                StoreEntry(url=_url(folder, root, root_path), relative=relative, meta=attrs)
-            )
+            found.append(StoreEntry(url=url, relative=relative, meta=attrs))
             dirs.clear()
     return sorted(found, key=lambda e: e.relative)
 
@@ -76,8 +86,11 @@ def output_url(entry: StoreEntry, out_root: str) -> str:
 
 
 def output_status(entry: StoreEntry, out_url: str, options: StorageOptions | None = None) -> Status:
-    """``missing`` (no manifest), ``foreign`` (another store's), ``stale`` (the store has
-    grown or its model changed since) or ``complete``."""
+    """``damaged`` (the store cannot be opened), ``missing`` (no manifest), ``foreign``
+    (another store's), ``stale`` (the store has grown or its model changed since) or
+    ``complete``."""
+    if entry.damage is not None:
+        return "damaged"
     manifest = read_manifest(out_url, options)
     if manifest is None:
         return "missing"
@@ -95,6 +108,7 @@ class BulkItem:
     entry: StoreEntry
     out: str
     status: Status
+    detail: str | None = None  # why a store is damaged or an output foreign, when known
 
     @property
     def needs_decode(self) -> bool:
@@ -106,7 +120,12 @@ def plan_bulk(root: str, out_root: str, options: StorageOptions | None = None) -
     items = []
     for entry in find_stores(root, options):
         out = output_url(entry, out_root)
-        items.append(BulkItem(entry=entry, out=out, status=output_status(entry, out, options)))
+        try:
+            status = output_status(entry, out, options)
+            detail = entry.damage
+        except LatentbatchError as exc:  # an output folder that is not ours
+            status, detail = "foreign", str(exc)
+        items.append(BulkItem(entry=entry, out=out, status=status, detail=detail))
     return items
 
 
@@ -115,13 +134,25 @@ def describe_stores(
 ) -> list[dict[str, Any]]:
     """One row per store under ``root`` (what ``latentbatch stores`` shows): rows, latent
     shape and dtype, model id, creation time, bytes, and with ``outputs`` the status of
-    its bulk-decode output under that root."""
-    rows = []
+    its bulk-decode output under that root. A store that cannot be opened gets a row
+    with only ``store`` and ``damaged`` (the reason), and the listing carries on."""
+    rows: list[dict[str, Any]] = []
     for entry in find_stores(root, options):
-        store = open_store(entry.url, options)
+        damage = entry.damage
+        if damage is None:
+            try:
+                store = open_store(entry.url, options)
+            except LatentbatchError as exc:
+                damage = str(exc)
+        if damage is not None:
+            rows.append({"store": entry.url, "damaged": damage})
+            continue
         status = None
         if outputs is not None:
-            status = output_status(entry, output_url(entry, outputs), options)
+            try:
+                status = output_status(entry, output_url(entry, outputs), options)
+            except LatentbatchError:
+                status = "damaged"
         rows.append(
             {
                 "store": entry.url,
@@ -132,6 +163,7 @@ def describe_stores(
                 "created": store.meta["created"],
                 "bytes": store.bytes_on_disk()["total"],
                 "output": status,
+                "damaged": None,
             }
         )
     return rows

@@ -6,7 +6,13 @@ from pathlib import Path
 import zarr
 from distributed import Client
 
-from latentbatch.catalog import find_stores, models_by_id, output_url, plan_bulk
+from latentbatch.catalog import (
+    describe_stores,
+    find_stores,
+    models_by_id,
+    output_url,
+    plan_bulk,
+)
 from latentbatch.checkpoint import model_id
 from latentbatch.decode import decode
 from latentbatch.encode import encode
@@ -50,3 +56,29 @@ def test_models_by_id(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "models" / "broken" / "config.json").write_text("{}")
     assert models_by_id(tmp_path / "models") == {model_id(tiny_model): tmp_path / "models" / "tiny"}
     assert models_by_id(tmp_path / "none") == {}
+
+
+def test_damaged_stores_are_listed_as_damaged(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    root, out_root = tmp_path / "stores", tmp_path / "decoded"
+    for name in ("a.zarr", "b.zarr", "c.zarr"):
+        encode(tiny_model, "synthetic:20", str(root / name), layout=Layout(16, 8), client=client)
+    (root / "a.zarr" / "zarr.json").write_text("{ damaged")  # the group's own metadata
+    (root / "b.zarr" / "latents" / "zarr.json").write_text("[]")  # an array's metadata
+    (out_root / "c").mkdir(parents=True)
+    (out_root / "c" / "manifest.json").write_text('{"format": 1, "store": "x"}')
+
+    assert [(e.relative, e.damage is not None) for e in find_stores(str(root))] == [
+        ("a.zarr", True),
+        ("b.zarr", False),
+        ("c.zarr", False),
+    ]
+    rows = describe_stores(str(root), str(out_root))
+    assert [r["store"] for r in rows] == [str(root / n) for n in ("a.zarr", "b.zarr", "c.zarr")]
+    assert "zarr.json" in rows[0]["damaged"]
+    assert "latents" in rows[1]["damaged"]
+    assert rows[2]["damaged"] is None and rows[2]["output"] == "damaged"
+    plan = plan_bulk(str(root), str(out_root))
+    assert [i.status for i in plan] == ["damaged", "missing", "foreign"]
+    assert "not a latentbatch manifest" in str(plan[2].detail)

@@ -4,6 +4,7 @@ no traceback, and nothing already written changed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,25 @@ def test_reading_a_truncated_shard_names_it(tmp_path: Path, decoded: tuple[Path,
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(OutputError, match=r"shard-000001\.tar.*run the decode again"):
         read_output(str(out))
+
+
+def test_stores_lists_a_damaged_store_and_carries_on(
+    tmp_path: Path, decoded: tuple[Path, Path]
+) -> None:
+    root = tmp_path / "root"
+    for name in ("a.zarr", "b.zarr"):
+        shutil.copytree(decoded[0], root / name)
+    (root / "a.zarr" / "zarr.json").write_text("{ damaged")
+    done = subprocess.run([CLI, "stores", str(root), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["stores"]
+    assert [Path(r["store"]).name for r in rows] == ["a.zarr", "b.zarr"]
+    assert "zarr.json" in rows[0]["damaged"] and rows[1]["damaged"] is None
+    assert rows[1]["count"] == 40
+    shown = subprocess.run(
+        [CLI, "stores", str(root)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert shown.returncode == 0 and "damaged" in shown.stdout

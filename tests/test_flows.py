@@ -28,6 +28,7 @@ from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
 from flows.query import query_latents
 from flows.train import train_autoencoder
+from latentbatch.checkpoint import model_id
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.store import Layout
@@ -137,12 +138,15 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
     shutil.copytree(tiny_model, models / "tiny")
     layout = Layout(16, 8)
-    for name in ("done", "grown", "corrupt"):
+    for name in ("done", "grown", "corrupt", "broken", "stolen"):
         encode(tiny_model, "synthetic:30", str(root / f"{name}.zarr"), layout=layout, client=client)
         decode(tiny_model, str(root / f"{name}.zarr"), str(out_root / name), client=client)
     encode(tiny_model, "digits", str(root / "grown.zarr"), append=True, limit=10, client=client)
     shutil.rmtree(out_root / "corrupt")
     (root / "corrupt.zarr" / "latents" / "zarr.json").write_text("{ not json")
+    (root / "broken.zarr" / "zarr.json").write_text("{ not json")  # the store's own metadata
+    shutil.rmtree(out_root / "stolen")
+    shutil.copytree(out_root / "done", out_root / "stolen")  # another store's decode
     done_before = sha256s(out_root / "done")
 
     state = nightly_bulk_decode(
@@ -155,15 +159,26 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
         return_state=True,
     )
     assert state.is_failed()
-    assert str(root / "corrupt.zarr") in str(state.message)
+    for name in ("corrupt", "broken", "stolen"):
+        assert str(root / f"{name}.zarr") in str(state.message)
+    assert "3 of 5 stores failed" in str(state.message)
     assert sha256s(out_root / "done") == done_before
     manifest = json.loads((out_root / "grown" / "manifest.json").read_text())
     assert manifest["count"] == 40
-    report = artifacts(state)["nightly-summary"].data
-    assert "skipped" in report
-    assert "decoded" in report
-    assert "failed" in report
-    assert "damaged" in report
+    rows = {Path(r["store"]).stem: r for r in json.loads(artifacts(state)["nightly-summary"].data)}
+    assert {name: r["action"] for name, r in rows.items()} == {
+        "broken": "failed",
+        "corrupt": "failed",
+        "done": "skipped",
+        "grown": "decoded",
+        "stolen": "failed",
+    }
+    assert "damaged" in rows["broken"]["detail"] and "damaged" in rows["corrupt"]["detail"]
+    assert "another store" in rows["stolen"]["detail"]
+    grown = rows["grown"]
+    assert grown["model_id"] == model_id(tiny_model)
+    assert grown["shards_written"] == 2 and grown["shards_skipped"] == 1
+    assert grown["seconds"] > 0 and grown["images_per_second"] > 0
 
 
 def test_pipeline_flow(tmp_path: Path, client: Client) -> None:

@@ -42,6 +42,9 @@ def stores_command(
         return
     table = Table("store", "rows", "latents", "model", "created", "bytes", "output")
     for row in rows:
+        if row["damaged"] is not None:
+            table.add_row(row["store"], f"[red]damaged[/]: {row['damaged']}")
+            continue
         table.add_row(
             row["store"],
             str(row["count"]),
