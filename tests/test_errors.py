@@ -16,7 +16,7 @@ from distributed import Client
 from latentbatch.encode import encode
 from latentbatch.errors import OutputError
 from latentbatch.shards import read_output
-from latentbatch.store import Layout
+from latentbatch.store import Layout, open_store
 from tests.helpers import sha256s
 
 CLI = str(Path(sys.executable).with_name("latentbatch"))
@@ -146,3 +146,44 @@ def test_stores_lists_a_damaged_store_and_carries_on(
         env={**os.environ, "COLUMNS": "300"},
     )
     assert shown.returncode == 0 and "damaged" in shown.stdout
+
+
+UNSAFE_IDS = ["../x", "a/../../x", "/tmp/abs", "nul\x00x"]
+
+
+@pytest.mark.parametrize("unsafe", UNSAFE_IDS)
+def test_unsafe_ids_write_nothing_outside_the_output(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, unsafe: str
+) -> None:
+    """A store holding an unsafe id (written by hand or another tool): decode and
+    query --decode/--grid refuse it by name and write nothing anywhere."""
+    store = Path(shutil.copytree(decoded[0], tmp_path / "work" / "s.zarr"))
+    opened = open_store(str(store), writable=True)
+    ids = opened.read_ids(0, 16)
+    ids[3] = unsafe
+    opened.write_rows(0, opened.read_latents(0, 16), ids, opened.read_labels(0, 16))
+    out = tmp_path / "work" / "out"
+    model = ["--model", str(tiny_model)]
+    before = sorted(p for p in tmp_path.rglob("*") if "s.zarr" not in p.parts)
+    _fails(["decode", *model, "--store", str(store), "--out", str(out), "--workers", "1"], "id")
+    query = ["query", str(store), "--rows", "0:8", *model]
+    _fails([*query, "--decode", str(out), "--format", "png"], "id")
+    _fails([*query, "--grid", str(tmp_path / "work" / "grid.png")], "id")
+    assert sorted(p for p in tmp_path.rglob("*") if "s.zarr" not in p.parts) == before
+    assert not Path("/tmp/abs.png").exists()
+
+
+def test_query_decode_refuses_a_store_of_another_model(
+    tmp_path: Path, decoded: tuple[Path, Path], other_tiny_model: Path
+) -> None:
+    store = decoded[0]
+    argv = ["query", str(store), "--rows", "0:4", "--model", str(other_tiny_model)]
+    _fails([*argv, "--decode", str(tmp_path / "out")], str(store), "was encoded by model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("models") / "other", seed=7).model_dir
