@@ -22,9 +22,19 @@ from flows.params import OutputFormat, Scheduler, Workers
 from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
-from latentbatch.orchestration import ProgressReporter, retry_transient, summary_artifact
+from latentbatch.orchestration import (
+    ProgressReporter,
+    preview_artifact,
+    retry_transient,
+    summary_artifact,
+)
+from latentbatch.pipeline import decoded_preview
 from latentbatch.shards import Format
 from latentbatch.store import open_store
+
+PREVIEW_STORES, PREVIEW_IMAGES = 3, 8
+# the numbers of a decoded store's row (decode_summary's); empty for the other rows
+NUMBERS = ("model_id", "shards_written", "shards_skipped", "seconds", "images_per_second")
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -72,6 +82,8 @@ def nightly_bulk_decode(
     models = models_by_id(Path(models_root))
     report: list[dict[str, object]] = []
     failed: list[str] = []
+    pictures: list[Any] = []
+    previewed: list[str] = []
     todo = [i for i in items if i.needs_decode]
     with connect(scheduler, workers) as client:
         for item in items:
@@ -92,6 +104,10 @@ def nightly_bulk_decode(
                     summary = state.result()
                     row |= {"action": "decoded", "detail": f"{summary['decoded']} images"}
                     row |= {key: summary[key] for key in NUMBERS}
+                    if len(previewed) < PREVIEW_STORES:
+                        model = models[str(summary["model_id"])]
+                        pictures += decoded_preview(model, item.out, PREVIEW_IMAGES)
+                        previewed.append(item.entry.relative)
                 else:
                     failed.append(item.entry.url)
                     row |= {"action": "failed", "detail": str(state.message)[:300]}
@@ -100,13 +116,18 @@ def nightly_bulk_decode(
     summary_artifact(
         "nightly-summary", f"Nightly bulk decode of {root}", report or [{"store": "none found"}]
     )
+    if pictures:
+        preview_artifact(
+            "nightly-preview",
+            "Tonight's decodes",
+            pictures,
+            f"First {PREVIEW_IMAGES} images of {', '.join(previewed)}: source images above "
+            "their decoded images where the source is known, decoded images alone otherwise.",
+            scale=max(1, 96 // pictures[0].shape[1]),
+        )
     if failed:
         return Failed(message=f"{len(failed)} of {len(items)} stores failed: {', '.join(failed)}")
     return Completed(message=f"{len(todo)} decoded, {len(items) - len(todo)} skipped")
-
-
-# the numbers of a decoded store's row (decode_summary's); empty for the other rows
-NUMBERS = ("model_id", "shards_written", "shards_skipped", "seconds", "images_per_second")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ and both lay a run out the same way (:func:`pipeline_paths`)::
       SOURCE-PRESET.zarr             the latent store
       SOURCE-PRESET-decoded/         tar shards + manifest.json
 
-:func:`encode_preview`, :func:`output_preview` and :func:`selection_preview` make the
+:func:`encode_preview`, :func:`output_preview`, :func:`decoded_preview` and
+:func:`selection_preview` make the
 pictures that the flows publish and ``latentbatch query --grid`` saves.
 """
 
@@ -29,6 +30,8 @@ from latentbatch.config import TrainConfig
 from latentbatch.datasets import Geometry, ImageSource, open_source
 from latentbatch.decode import DecodeResult, decode, decode_in_process, decode_rows
 from latentbatch.encode import EncodeResult, encode
+from latentbatch.errors import LatentbatchError
+from latentbatch.manifest import read_manifest
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
 from latentbatch.shards import read_output
@@ -88,6 +91,20 @@ def output_preview(model_dir: Path, source_spec: str, out_url: str, n: int = 8) 
     source images they came from (top)."""
     ids, decoded = read_output(out_url, limit=n)
     return [_originals(_source_for(model_dir, source_spec), ids), decoded]
+
+
+def decoded_preview(model_dir: Path, out_url: str, n: int = 8) -> list[np.ndarray]:
+    """Rows of a picture of any finished decode: its first ``n`` images (bottom) under the
+    source images they came from (top) when the store's first source still opens and
+    holds them; only the decoded row otherwise."""
+    ids, decoded = read_output(out_url, limit=n)
+    manifest = read_manifest(out_url)
+    sources = open_store(manifest.store.url).meta["sources"] if manifest is not None else []
+    try:
+        originals = _originals(_source_for(model_dir, sources[0]["spec"]), ids)
+    except (LatentbatchError, IndexError, KeyError):  # gone, moved, or not these ids
+        return [decoded]
+    return [originals, decoded]
 
 
 def encode_preview(

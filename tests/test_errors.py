@@ -187,3 +187,13 @@ def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("models") / "other", seed=7).model_dir
+
+
+def test_debug_shows_the_traceback_too(tmp_path: Path) -> None:
+    argv = ["inspect", str(tmp_path / "missing.zarr")]
+    plain = subprocess.run([CLI, *argv], capture_output=True, text=True)
+    debug = subprocess.run([CLI, "--debug", *argv], capture_output=True, text=True)
+    assert plain.returncode == debug.returncode == 1
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert plain.stderr.splitlines()[-1] == debug.stderr.splitlines()[-1]
+    assert "missing.zarr does not exist" in plain.stderr

@@ -175,6 +175,7 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     }
     assert "damaged" in rows["broken"]["detail"] and "damaged" in rows["corrupt"]["detail"]
     assert "another store" in rows["stolen"]["detail"]
+    _check_preview(artifacts(state)["nightly-preview"])
     grown = rows["grown"]
     assert grown["model_id"] == model_id(tiny_model)
     assert grown["shards_written"] == 2 and grown["shards_skipped"] == 1

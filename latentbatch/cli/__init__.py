@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -57,9 +58,13 @@ def _options(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Dask's INFO logs too.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error, too.")
+    ] = False,
 ) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by the embedded cluster, inherited by workers
+    # --debug is read by main(), which reports the errors
 
 
 def _report_training(result: TrainResult) -> None:
@@ -310,9 +315,12 @@ app.add_typer(stack_app, name="stack")
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     command = typer.main.get_command(app)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         result = command.main(args=argv, prog_name="latentbatch", standalone_mode=False)
     except LatentbatchError as exc:
+        if debug:
+            traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         return 1
     except typer.Abort:
