@@ -53,6 +53,18 @@ def _finished_run(api_url: str, run_id: str, timeout: float = 240) -> dict[str, 
     raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
 
 
+def _run_named(api_url: str, name: str, timeout: float = 60) -> str | None:
+    """The id of the flow run called ``name``, once the API has it (None after timeout)."""
+    body = {"flow_runs": {"name": {"any_": [name]}}}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _api(api_url, "/flow_runs/filter", body)
+        if found:
+            return str(found[0]["id"])
+        time.sleep(1)
+    return None
+
+
 def _artifacts(api_url: str, run_id: str) -> dict[str, Any]:
     body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
     return {a["key"]: a for a in _api(api_url, "/artifacts/filter", body) if a["key"]}
@@ -91,17 +103,21 @@ def test_decode_started_from_the_ui_form(
         deployment.click()
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
-        _field(page, "Run Name", "input").fill(run_name)
+        # the form fills its defaults in after it appears: wait for them, then fill ours
         expect(_field(page, "model_dir ")).to_have_value("models/seed-mnist5k", timeout=30_000)
         for name, value in (("model_dir ", tiny_model), ("store ", store), ("out ", out)):
             _field(page, name).fill(str(value))
             expect(_field(page, name)).to_have_value(str(value))
-        page.get_by_role("button", name="Submit").click()
-        run_link = page.get_by_role("link", name=run_name).first
-        expect(run_link).to_be_visible(timeout=30_000)
-        run_link.click()
-        page.wait_for_url("**/runs/flow-run/*")
-        run_id = page.url.split("/runs/flow-run/")[1].split("?")[0]
+        _field(page, "Run Name", "input").fill(run_name)
+        expect(_field(page, "Run Name", "input")).to_have_value(run_name)
+        submit = page.get_by_role("button", name="Submit")
+        expect(submit).to_be_enabled(timeout=30_000)
+        submit.click()
+        # the run is found through the API (the UI's toast with its link may come and go
+        # before a slow machine looks), then opened in the UI
+        run_id = _run_named(running_stack.api_url, run_name)
+        assert run_id is not None, f"submitting the form created no run named {run_name}"
+        page.goto(f"{running_stack.ui_url}/runs/flow-run/{run_id}")
         run = _finished_run(running_stack.api_url, run_id)
         assert run["state_type"] == "COMPLETED", run["state"]
         assert run["parameters"]["out"] == str(out)
