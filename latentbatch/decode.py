@@ -365,17 +365,27 @@ def decode_in_process(model_dir: Path, latents: np.ndarray) -> np.ndarray:
     return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
 
 
-def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
-    """Decode chosen committed rows of a store in this process, with the engine's checks
-    (the store's model, safe ids, finite latents): ``uint8 (n, H, W, C)``."""
+def _decode_selected(
+    model_dir: Path, store: LatentStore, rows: list[int]
+) -> tuple[np.ndarray, list[str], ModelInfo]:
+    """Images, ids and model info of chosen rows, decoded with the engine's checks; the
+    model is read and hashed once."""
     if len(rows) == 0:
         raise StoreError("the selection is empty; there is nothing to decode")
-    check_model(store, read_info(model_dir))
-    rows = [int(r) for r in rows]
+    decoder, info = load_model(model_dir, "decoder")
+    check_model(store, info)
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
     _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
-    return decode_in_process(model_dir, latents)
+    images = decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
+    return images, ids, info
+
+
+def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
+    """Decode chosen committed rows of a store in this process, with the engine's checks
+    (the store's model, safe ids, finite latents): ``uint8 (n, H, W, C)``."""
+    images, _, _ = _decode_selected(model_dir, store, [int(r) for r in rows])
+    return images
 
 
 def decode_selection(
@@ -387,8 +397,8 @@ def decode_selection(
     options = store.storage_options
     if read_manifest(out, options) is not None:
         raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
-    images = decode_rows(model_dir, store, rows)
     rows = [int(r) for r in rows]
+    images, ids, info = _decode_selected(model_dir, store, rows)
     if fmt == "zarr":
         create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
     labels = store.read_labels_at(rows).tolist() if store.has_labels else None
@@ -398,13 +408,13 @@ def decode_selection(
         fmt,
         index=0,
         start=0,
-        ids=store.read_ids_at(rows),
+        ids=ids,
         images=images,
         labels=labels,
     )
     manifest = Manifest(
         store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
-        model_id=read_info(model_dir).model_id,
+        model_id=info.model_id,
         output_format=fmt,
         count=len(rows),
         selection=tuple(rows),

@@ -269,8 +269,9 @@ def read_output(
         array = zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))
         images = np.asarray(array[: array.shape[0] if limit is None else limit])
         store = open_store(manifest.store.url, options)
-        rows = manifest.selection or range(len(images))
-        return store.read_ids_at([int(r) for r in rows][: len(images)]), images
+        if manifest.selection is not None:
+            return store.read_ids_at(manifest.selection[: len(images)]), images
+        return store.read_ids(0, len(images)), images
     ids: list[str] = []
     arrays: list[np.ndarray] = []
     for shard in manifest.shards:
