@@ -9,8 +9,9 @@ Rows of the table, all on the same model and the same latents:
   bare decode          one process, latents in memory, decoder only (no I/O, no PNG)
   bare decode + PNG    the same loop, PNG-encoding every image on the decode workers'
                        encoding threads (2 on a CPU, the host's cores per GPU on CUDA)
-  PNG encode           per image on one thread: Pillow (the reference) and the encoder
-                       the shards use; and encode-only images/s on those threads
+  encode only          per codec (png, webp, jpeg at quality 90): images/s on those
+                       threads and µs per image on one thread; for PNG also Pillow's
+                       ``Image.save(format="PNG")``, the reference
   pipeline, N workers  Zarr store → Dask (N worker processes) → decode → PNG → tar shards
   fp32 matmul          a 4096² float32 matrix product on the same device: the yardstick
                        for the decoder's GFLOP/s
@@ -46,9 +47,9 @@ from PIL import Image
 from latentbatch.checkpoint import load_model, read_info
 from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.decode import PngEncoding, batch_for, decode, decode_latents
+from latentbatch.decode import ImageEncoding, batch_for, decode, decode_latents
 from latentbatch.encode import encode
-from latentbatch.shards import encode_png
+from latentbatch.images import CODECS, check_codec
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
 from latentbatch.workers import encoder_threads
@@ -100,7 +101,7 @@ def bare(
     started = time.perf_counter()
     images = 0
     while images == 0 or time.perf_counter() - started < min_seconds:
-        encoding = PngEncoding(encoder_threads(device)) if png else None
+        encoding = ImageEncoding(encoder_threads(device)) if png else None
         decode_latents(decoder, latents, device, batch, encoding.add if encoding else None)
         if encoding is not None:
             encoding.result()
@@ -109,9 +110,10 @@ def bare(
     return images / (time.perf_counter() - started)
 
 
-def png_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str, float]:
-    """Microseconds per image on one thread for Pillow's PNG (the reference) and the
-    shards' encoder, and encode-only images/s on the decode workers' encoding threads."""
+def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str, float]:
+    """Per codec: microseconds per image on one thread (``{codec}_us``, and Pillow's PNG
+    as ``pillow_png_us``) and encode-only images/s on the decode workers' encoding
+    threads (``encode_only_{codec}``)."""
     decoder, _ = load_model(model_dir, "decoder")
     data = open_store(str(store))
     images = decode_latents(
@@ -125,19 +127,24 @@ def png_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str, f
         )
         return buffer.getvalue()
 
-    costs = {}
-    for name, encode_one in (("pillow_png_us", pillow), ("png_us", encode_png)):
-        started = time.perf_counter()
-        for image in images:
-            encode_one(image)
-        costs[name] = (time.perf_counter() - started) / len(images) * 1e6
-    threads = encoder_threads(device)
-    encoding = PngEncoding(threads)
+    costs: dict[str, float] = {}
     started = time.perf_counter()
-    for _ in range(4):
-        encoding.add(images)
-    encoding.result()
-    costs["encode_only"] = 4 * len(images) / (time.perf_counter() - started)
+    for image in images:
+        pillow(image)
+    costs["pillow_png_us"] = (time.perf_counter() - started) / len(images) * 1e6
+    threads = encoder_threads(device)
+    for name in CODECS:
+        codec = check_codec(name)
+        started = time.perf_counter()
+        for start in range(0, len(images), 256):  # batches, as the engine encodes them
+            codec.encode(images[start : start + 256])
+        costs[f"{name}_us"] = (time.perf_counter() - started) / len(images) * 1e6
+        encoding = ImageEncoding(threads, codec)
+        started = time.perf_counter()
+        for _ in range(4):
+            encoding.add(images)
+        encoding.result()
+        costs[f"encode_only_{name}"] = 4 * len(images) / (time.perf_counter() - started)
     costs["encode_threads"] = threads
     return costs
 
@@ -254,8 +261,9 @@ def main() -> None:
         with_png = bare(model_dir, store, device, True, args.min_seconds)
         flops = decoder_flops(model_dir)
         matmul = matmul_gflops(device)
-        costs = png_costs(model_dir, store, device)
+        costs = encode_costs(model_dir, store, device)
         numbers |= costs
+        numbers["encode_only"] = {name: costs[f"encode_only_{name}"] for name in CODECS}
         numbers |= {
             "bare_decode": decode_only,
             "bare_decode_encode": with_png,
@@ -267,14 +275,14 @@ def main() -> None:
         rows.append((f"bare decode ({device.type}, {how})", decode_only, ""))
         threads = int(costs["encode_threads"])
         rows.append((f"bare decode + PNG (one process, {threads} encoding threads)", with_png, ""))
-        rows.append(
-            (
-                f"PNG encode only ({threads} threads)",
-                costs["encode_only"],
-                f"{costs['png_us']:.1f} us/image on one thread, Pillow {costs['pillow_png_us']:.1f}"
-                f" ({costs['pillow_png_us'] / costs['png_us']:.1f}x)",
+        for name in CODECS:
+            note = f"{costs[f'{name}_us']:.1f} us/image on one thread"
+            if name == "png":
+                ratio = costs["pillow_png_us"] / costs["png_us"]
+                note += f", Pillow {costs['pillow_png_us']:.1f} ({ratio:.1f}x cheaper)"
+            rows.append(
+                (f"{name} encode only ({threads} threads)", costs[f"encode_only_{name}"], note)
             )
-        )
         rows.append(
             (
                 f"decoder GFLOP/s ({flops / 1e6:.1f} MFLOP per image)",

@@ -2,8 +2,10 @@
 keep a bounded number of tasks in flight.
 
 - :func:`connect`: with no address (and no ``DASK_SCHEDULER_ADDRESS``) start a
-  ``LocalCluster`` sized to the machine, one single-threaded worker process per core (per
-  GPU when CUDA is present, each advertising ``GPU=1``); with an address, use that cluster.
+  ``LocalCluster`` sized to the machine, one single-threaded worker process per core; on
+  a CUDA host one worker per GPU, each advertising ``GPU=1`` and pinned to its own device
+  (dask-cuda's ``LocalCUDACluster`` when installed, else ``CUDA_VISIBLE_DEVICES`` per
+  worker, :func:`gpu_worker_specs`); with an address, use that cluster.
 - :func:`gpu_resources`: ask for ``GPU=1`` whenever any worker has it.
 - :func:`map_bounded`: a window of tasks over many specs, with progress.
 
@@ -24,9 +26,10 @@ from typing import Any, TypeVar
 import dask.config
 import torch
 from dask.base import tokenize
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.workers import HOST_GPUS_ENV
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 VERBOSE_ENV = "LATENTBATCH_VERBOSE"
@@ -60,30 +63,60 @@ def connect(
         with client:
             yield client
         return
-    n = workers or default_workers()
-    gpu = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {
-        "n_workers": n,
-        "threads_per_worker": 1,
-        "processes": True,
-        "dashboard_address": ":0",
-        "host": "127.0.0.1",
-    }
-    if gpu:
-        kwargs["resources"] = {"GPU": 1}
-    if verbose():
-        kwargs["silence_logs"] = False  # LocalCluster's default is WARNING
-    cluster_type: type[LocalCluster] = LocalCluster
-    if gpu and torch.cuda.device_count() > 1:
-        try:
-            from dask_cuda import LocalCUDACluster  # one worker per GPU, pinned
-
-            cluster_type = LocalCUDACluster
-            kwargs.pop("n_workers")
-        except ImportError:
-            pass
-    with _quiet_unless_verbose(), cluster_type(**kwargs) as cluster, Client(cluster) as client:
+    with _quiet_unless_verbose(), _local_cluster(workers) as cluster, Client(cluster) as client:
         yield client
+
+
+def _local_cluster(workers: int | None) -> SpecCluster:
+    """The embedded cluster (see the module docstring)."""
+    n = workers or default_workers()
+    if not torch.cuda.is_available():
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            host="127.0.0.1",
+            silence_logs=False if verbose() else logging.WARNING,
+        )
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        return gpu_cluster(n)
+    devices = ",".join(str(i) for i in range(n))
+    cluster: SpecCluster = LocalCUDACluster(
+        CUDA_VISIBLE_DEVICES=devices,
+        threads_per_worker=1,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+        host="127.0.0.1",
+    )
+    return cluster
+
+
+def gpu_worker_specs(count: int, gpus: int | None = None) -> dict[str, dict[str, Any]]:
+    """Dask worker specs of ``count`` single-threaded nanny workers, worker ``i`` pinned
+    to GPU ``i mod gpus`` through ``CUDA_VISIBLE_DEVICES`` and advertising ``GPU=1``."""
+    gpus = gpus or max(1, torch.cuda.device_count())
+    return {
+        f"gpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+                "host": "127.0.0.1",
+                "dashboard_address": ":0",
+                "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)},
+            },
+        }
+        for i in range(count)
+    }
+
+
+def gpu_cluster(count: int, gpus: int | None = None) -> SpecCluster:
+    """A local cluster of :func:`gpu_worker_specs` workers (no dask-cuda needed)."""
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(workers=gpu_worker_specs(count, gpus), scheduler=scheduler)
 
 
 def verbose() -> bool:

@@ -11,7 +11,8 @@
       only for shards not finished,              refuse NaN/Inf rows
       a bounded number in flight                 decode in batches (inference_mode,
                                                    autocast on CUDA) while a thread pool
-                                                   encodes the previous batch to PNG
+                                                   encodes the previous batch (PNG,
+                                                   WebP or JPEG)
                                                  write the shard (temp name → rename),
     ◄──────────────────────────────────────────    then its record; return the record
     progress: images, images/s, ETA
@@ -40,6 +41,7 @@ from latentbatch.checkpoint import ModelInfo, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
 from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
+from latentbatch.images import PNG, ImageCodec
 from latentbatch.manifest import (
     Manifest,
     ShardRecord,
@@ -51,18 +53,21 @@ from latentbatch.manifest import (
 )
 from latentbatch.model import to_uint8
 from latentbatch.shards import (
-    PNG_COMPRESS_LEVEL,
-    PNG_ENCODER,
     Format,
     check_format,
     create_zarr_output,
-    encode_pngs,
     remove_temporaries,
     write_shard,
 )
 from latentbatch.storage import StorageOptions, is_remote
 from latentbatch.store import LatentStore, Rows, StoreError, open_store
-from latentbatch.workers import cached_model, encoder_threads, encoding_pool, register_model
+from latentbatch.workers import (
+    cached_model,
+    encoder_threads,
+    encoding_pool,
+    register_model,
+    worker_threads,
+)
 
 DECODE_BATCH = 256
 CUDA_DECODE_BATCH = 4096
@@ -99,6 +104,7 @@ class DecodeJob:
     out_options: dict[str, Any]
     fmt: Format
     identity: dict[str, Any]
+    codec: ImageCodec = PNG
     batch_size: int | None = None
 
 
@@ -130,21 +136,22 @@ class DecodeResult:
         }
 
 
-class PngEncoding:
-    """PNG encoding of decoded batches on a thread pool while the next batch decodes:
+class ImageEncoding:
+    """Image encoding of decoded batches on a thread pool while the next batch decodes:
     each batch is cut into one chunk per thread (a future per chunk, not per image)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, codec: ImageCodec | None = None) -> None:
         self.threads = threads
+        self.codec = codec or ImageCodec()
         self._pool = encoding_pool(threads)
         self._parts: list[Future[list[bytes]]] = []
 
     def add(self, images: np.ndarray) -> None:
         for chunk in np.array_split(images, min(self.threads, max(1, len(images)))):
-            self._parts.append(self._pool.submit(encode_pngs, chunk))
+            self._parts.append(self._pool.submit(self.codec.encode, chunk))
 
     def result(self) -> list[bytes]:
-        """Every image's PNG, in the order the images were added."""
+        """Every image's file bytes, in the order the images were added."""
         return [png for part in self._parts for png in part.result()]
 
 
@@ -157,23 +164,80 @@ def decode_latents(
 ) -> np.ndarray:
     """Latents ``(n, C, h, w)`` → ``uint8 (n, H, W, C)`` images, quantised by rounding.
 
-    Batches of ``batch_size`` are decoded in float32 on CPU (autocast to float16 on CUDA),
-    channels-last: load the decoder with :func:`latentbatch.checkpoint.load_model`, which
-    makes it channels-last (it is never changed here: worker threads share it).
-    ``on_batch`` sees each batch's images as soon as they exist. On CPU the result is
-    bit-identical whatever the thread count or batch size (tested).
+    Batches of ``batch_size`` are decoded in float32 on CPU (autocast to float16 on CUDA,
+    :func:`_decode_on_cuda`), channels-last: load the decoder with
+    :func:`latentbatch.checkpoint.load_model`, which makes it channels-last (it is never
+    changed here: worker threads share it). ``on_batch`` sees each batch's images as soon
+    as they exist. On CPU the result is bit-identical whatever the thread count or batch
+    size (tested).
     """
+    if device.type == "cuda":
+        return _decode_on_cuda(decoder, latents, device, batch_size, on_batch)
     out = []
     with torch.inference_mode():
         for i in range(0, len(latents), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(latents[i : i + batch_size])).to(device)
+            batch = torch.from_numpy(np.ascontiguousarray(latents[i : i + batch_size]))
             batch = batch.float().contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                images = decoder(batch)
-            pixels = to_uint8(images).cpu().numpy()
+            pixels = to_uint8(decoder(batch)).numpy()
             if on_batch is not None:
                 on_batch(pixels)
             out.append(pixels)
+    return np.concatenate(out)
+
+
+def _decode_on_cuda(
+    decoder: torch.nn.Module,
+    latents: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    on_batch: Callable[[np.ndarray], None] | None,
+) -> np.ndarray:
+    """The CUDA path of :func:`decode_latents`, three stages deep::
+
+        copy stream   H2D batch i+1 (pinned, async)
+        compute       decode batch i, D2H its images into pinned memory (async)
+        this thread   hand batch i-1's images to ``on_batch`` (the encoders)
+
+    The host never waits for the GPU except for the images it hands on next.
+    """
+    pinned = torch.from_numpy(np.ascontiguousarray(latents)).pin_memory()
+    copies = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    compute = torch.cuda.current_stream(device)
+    starts = list(range(0, len(latents), batch_size))
+    out: list[np.ndarray] = []
+
+    def upload(start: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(copies):
+            batch = pinned[start : start + batch_size].to(device, non_blocking=True)
+            return batch, copies.record_event()
+
+    def hand_on(images: torch.Tensor, ready: torch.cuda.Event) -> None:
+        ready.synchronize()
+        pixels = images.numpy()
+        if on_batch is not None:
+            on_batch(pixels)
+        out.append(pixels)
+
+    previous: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    with torch.inference_mode():
+        upcoming = upload(starts[0]) if starts else None
+        for index in range(len(starts)):
+            assert upcoming is not None
+            batch, uploaded = upcoming
+            compute.wait_event(uploaded)
+            batch.record_stream(compute)  # allocated on the copy stream, used here
+            upcoming = upload(starts[index + 1]) if index + 1 < len(starts) else None
+            batch = batch.float().contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                images = to_uint8(decoder(batch))
+            host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(images, non_blocking=True)
+            done = compute.record_event()
+            if previous is not None:
+                hand_on(*previous)
+            previous = (host, done)
+        if previous is not None:
+            hand_on(*previous)
     return np.concatenate(out)
 
 
@@ -196,7 +260,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     ids = store.read_ids(job.start, job.stop)
     where = f"rows [{job.start}, {job.stop}) of {job.store_url}"
     _refuse_nonfinite(latents, list(range(job.start, job.stop)), ids, where)
-    encoding = PngEncoding(encoder_threads(device)) if job.fmt != "zarr" else None
+    threads = encoder_threads(device, worker_threads())
+    encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
     batch_size = job.batch_size or batch_for(device)
     images = decode_latents(
         decoder, latents, device, batch_size, encoding.add if encoding is not None else None
@@ -210,7 +275,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         start=job.start,
         ids=ids,
         images=images,
-        pngs=encoding.result() if encoding is not None else None,
+        codec=job.codec,
+        encoded=encoding.result() if encoding is not None else None,
         labels=labels,
     )
     write_record(job.out_url, job.out_options, record, job.identity)
@@ -232,6 +298,58 @@ def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool 
         )
 
 
+def _check_codec(fmt: Format, codec: ImageCodec | None) -> ImageCodec:
+    codec = codec or ImageCodec()
+    if fmt != "tar" and codec.name != "png":
+        raise OutputError(
+            f"--image-codec {codec.name} needs --format tar; {fmt} output is not re-encoded"
+        )
+    return codec
+
+
+def _settings(fmt: Format, codec: ImageCodec, channels: int) -> dict[str, Any]:
+    """What shapes an output's bytes besides store and model: its image codec's settings
+    (none for zarr) and the images' channels (lossy codecs read back as RGB otherwise)."""
+    return {"channels": channels, **(codec.settings() if fmt != "zarr" else {})}
+
+
+def _refuse_other_output(
+    out_url: str,
+    options: StorageOptions | None,
+    store: LatentStore,
+    info: ModelInfo,
+    fmt: Format,
+    settings: dict[str, Any],
+) -> None:
+    """Refuse an ``out_url`` that holds another decode: another store, model, format or
+    image codec settings."""
+    earlier = read_manifest(out_url, options)
+    if earlier is None:
+        return
+    if earlier.store.uuid != store.uuid:
+        raise OutputError(
+            f"{out_url} holds the decode of another store ({earlier.store.url}); "
+            "choose another --out or remove that output"
+        )
+    if earlier.model_id != info.model_id or earlier.output_format != fmt:
+        raise OutputError(
+            f"{out_url} holds a {earlier.output_format} decode by model "
+            f"{earlier.model_id[:12]}; choose another --out"
+        )
+    before = _codec_settings(earlier.format_settings)
+    if fmt != "zarr" and before != _codec_settings(settings):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(before.items()))
+        raise OutputError(
+            f"{out_url} holds images made with other settings ({shown}); "
+            "choose another --out, or decode with those settings"
+        )
+
+
+def _codec_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    chosen = {k: v for k, v in (settings or {}).items() if k in ("image_codec", "quality")}
+    return {"image_codec": "png", **chosen}
+
+
 def _absolute(url: str) -> str:
     return url if is_remote(url) else str(Path(url).resolve())
 
@@ -242,6 +360,7 @@ def decode(
     out_url: str,
     *,
     fmt: Format = "tar",
+    codec: ImageCodec | None = None,
     allow_model_mismatch: bool = False,
     storage_options: StorageOptions | None = None,
     out_options: StorageOptions | None = None,
@@ -252,8 +371,10 @@ def decode(
     max_in_flight: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> DecodeResult:
-    """Decode the committed rows of a store into ``out_url`` (see the module docstring)."""
+    """Decode the committed rows of a store into ``out_url`` (see the module docstring).
+    Tar shards hold ``codec``'s images (PNG when not given)."""
     fmt = check_format(fmt)
+    codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
     info = read_info(model_dir)
     store = open_store(store_url, storage_options)
@@ -263,24 +384,9 @@ def decode(
     validate_ids(store.read_ids(0, store.count))
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
-    identity = {
-        "store_uuid": store.uuid,
-        "model_id": info.model_id,
-        "format": fmt,
-        "png_encoder": PNG_ENCODER,
-    }
-    earlier = read_manifest(out_url, out_options)
-    if earlier is not None:
-        if earlier.store.uuid != store.uuid:
-            raise OutputError(
-                f"{out_url} holds the decode of another store ({earlier.store.url}); "
-                "choose another --out or remove that output"
-            )
-        if earlier.model_id != info.model_id or earlier.output_format != fmt:
-            raise OutputError(
-                f"{out_url} holds a {earlier.output_format} decode by model "
-                f"{earlier.model_id[:12]}; choose another --out"
-            )
+    settings = _settings(fmt, codec, info.config.channels)
+    identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
+    _refuse_other_output(out_url, out_options, store, info, fmt, settings)
     started = time.perf_counter()
     ranges = store.shards()
     done = read_records(out_url, out_options, identity)
@@ -304,6 +410,7 @@ def decode(
             out_options=dict(out_options or {}),
             fmt=fmt,
             identity=identity,
+            codec=codec,
             batch_size=batch_size,
         )
         for index, (a, b) in enumerate(ranges)
@@ -339,11 +446,7 @@ def decode(
         store=source,
         model_id=info.model_id,
         output_format=fmt,
-        format_settings={
-            "png_compress_level": PNG_COMPRESS_LEVEL,
-            "png_encoder": PNG_ENCODER,
-            "batch_size": batch_size or "auto",
-        },
+        format_settings={**settings, "batch_size": batch_size or "auto"},
         count=store.count,
         shards=tuple(records[i] for i in sorted(records)),
     )
@@ -389,11 +492,17 @@ def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
 
 
 def decode_selection(
-    model_dir: Path, store: LatentStore, rows: Rows, out: str, fmt: str = "tar"
+    model_dir: Path,
+    store: LatentStore,
+    rows: Rows,
+    out: str,
+    fmt: str = "tar",
+    codec: ImageCodec | None = None,
 ) -> Manifest:
     """Decode chosen rows into ``out`` as one shard (tar, png or zarr) plus a manifest
     that lists them, with :func:`decode_rows`' checks and :func:`decode`'s writers."""
     fmt = check_format(fmt)
+    codec = _check_codec(fmt, codec)
     options = store.storage_options
     if read_manifest(out, options) is not None:
         raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
@@ -410,12 +519,14 @@ def decode_selection(
         start=0,
         ids=ids,
         images=images,
+        codec=codec,
         labels=labels,
     )
     manifest = Manifest(
         store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
         model_id=info.model_id,
         output_format=fmt,
+        format_settings=_settings(fmt, codec, info.config.channels),
         count=len(rows),
         selection=tuple(rows),
         shards=(record,),

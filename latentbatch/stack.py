@@ -33,6 +33,7 @@ import psutil
 import torch
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.workers import HOST_GPUS_ENV
 
 DEFAULT_HOME = Path(".scratch/stack")
 WORK_POOL = "latentbatch-local"
@@ -155,9 +156,10 @@ def register_deployments(project: Path, client_env: dict[str, str], logs: Path) 
 
 
 def up(
-    home: Path = DEFAULT_HOME, project: Path = Path(), workers: int = 2, port: int = 4200
+    home: Path = DEFAULT_HOME, project: Path = Path(), workers: int | None = None, port: int = 4200
 ) -> StackInfo:
-    """Start the stack (see the module docstring); return its addresses."""
+    """Start the stack (see the module docstring); return its addresses. ``workers``
+    defaults to one per GPU on a CUDA host (each pinned to its device), else 2."""
     home, project = home.resolve(), project.resolve()
     if running(home):
         raise StackError(
@@ -203,8 +205,11 @@ def up(
             ],
             env,
         )
-        gpu = ["--resources", "GPU=1"] if torch.cuda.is_available() else []
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        workers = workers or gpus or 2
+        gpu = ["--resources", "GPU=1"] if gpus else []
         for i in range(workers):
+            pinned = {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)}
             launcher.start(
                 f"dask-worker-{i}",
                 [
@@ -223,7 +228,7 @@ def up(
                     f"stack-{i}",
                     *gpu,
                 ],
-                env,
+                {**env, **pinned} if gpus else env,
             )
         _wait(lambda: _healthy(api_url), "the Prefect server", launcher.logs / "prefect-server.log")
         client_env = {**env, "PREFECT_API_URL": api_url}

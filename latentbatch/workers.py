@@ -18,6 +18,7 @@ The cache is per process, so a model is built once per worker however many tasks
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from distributed import Client, Worker
+from distributed import Client, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from latentbatch.checkpoint import WEIGHTS, ModelInfo, Part, load_model_bytes
@@ -33,18 +34,52 @@ from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 
 _MODELS: dict[tuple[str, Part], tuple[torch.nn.Module, torch.device]] = {}
+_REFUSED: dict[tuple[str, Part], LatentbatchError] = {}
+HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
+GPU_ON_CPU_ENV = "LATENTBATCH_GPU_ON_CPU"  # "1": a GPU=1 worker without CUDA uses its CPU
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_THRESHOLD = 64 * 2**20
+logger = logging.getLogger(__name__)
 
 
 class WorkerStateError(LatentbatchError):
     """A task needs a model that this worker process has not loaded."""
 
 
+class GpuUnavailableError(LatentbatchError):
+    """A worker advertises a GPU that its torch cannot use."""
+
+
 def worker_device(worker: Worker | None) -> torch.device:
-    """``cuda`` on a worker that advertises ``GPU`` and sees a device, else ``cpu``."""
-    has_gpu = worker is not None and worker.state.total_resources.get("GPU", 0) >= 1
-    return torch.device("cuda") if has_gpu and torch.cuda.is_available() else torch.device("cpu")
+    """``cuda`` on a worker that advertises ``GPU``, else ``cpu``.
+
+    A worker that advertises ``GPU`` but whose torch sees no CUDA device is refused with
+    a :class:`GpuUnavailableError` naming it: it never decodes on its CPU silently. Only
+    ``LATENTBATCH_GPU_ON_CPU=1`` in its environment lets it (topologies tested without
+    GPUs), with a warning in its log.
+    """
+    if worker is None or worker.state.total_resources.get("GPU", 0) < 1:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get(GPU_ON_CPU_ENV) == "1":
+        logger.warning("worker %s advertises GPU=1 without CUDA: decoding on CPU", worker.name)
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise GpuUnavailableError(
+        f"Dask worker {worker.name} at {worker.address} advertises GPU=1 but its torch "
+        f"{torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES={visible}); install "
+        "a CUDA build of torch there, or start that worker without --resources GPU=1"
+    )
+
+
+def worker_threads() -> int | None:
+    """Threads of the Dask worker running this code (its share of the host's cores), or
+    None outside a worker."""
+    try:
+        return int(get_worker().state.nthreads)
+    except ValueError:
+        return None
 
 
 def tune_malloc() -> bool:
@@ -63,16 +98,21 @@ def tune_malloc() -> bool:
     return bool(trim and mmap)
 
 
-def encoder_threads(device: torch.device) -> int:
-    """Image-encoding threads of a decode worker. A CPU worker (one process per core)
-    uses 2, so that one thread encodes while the other decodes; a GPU worker uses the
-    host cores it owns (its CPU affinity, or the host's cores over its GPUs when it is
-    not pinned), so that encoding keeps pace with the GPU."""
-    if device.type != "cuda":
-        return 2
+def encoder_threads(device: torch.device, threads: int | None = None) -> int:
+    """Image-encoding threads of a decode: its share of the host's cores.
+
+    On CPU that is the Dask worker's ``threads`` (one per core it was given), or this
+    process's cores outside a worker. A GPU worker uses the host cores it owns: its CPU
+    affinity when it is pinned to some, else the host's cores over the host's GPUs
+    (``LATENTBATCH_HOST_GPUS`` when the worker sees only its own), at least 2, so that
+    encoding keeps pace with the GPU.
+    """
     cores = len(os.sched_getaffinity(0))
+    if device.type != "cuda":
+        return max(1, threads or cores)
     if cores == os.cpu_count():
-        cores //= max(1, torch.cuda.device_count())
+        gpus = int(os.environ.get(HOST_GPUS_ENV) or torch.cuda.device_count())
+        cores //= max(1, gpus)
     return max(2, cores)
 
 
@@ -93,6 +133,8 @@ def install_model(
 
 def cached_model(model_id: str, part: Part) -> tuple[torch.nn.Module, torch.device]:
     """The model part this worker process loaded for ``model_id``, and its device."""
+    if (model_id, part) in _REFUSED:
+        raise _REFUSED[model_id, part]
     try:
         return _MODELS[model_id, part]
     except KeyError:
@@ -119,13 +161,18 @@ class ModelPlugin(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         tune_malloc()
-        device = worker_device(worker)
+        try:
+            device = worker_device(worker)
+        except GpuUnavailableError as error:  # raised by every task that needs the model
+            _REFUSED[self.model_id, self.part] = error
+            return
         if device.type == "cpu" and multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription
         install_model(self.weights, self.config, self.model_id, self.part, device)
 
     def teardown(self, worker: Worker) -> None:
         _MODELS.pop((self.model_id, self.part), None)
+        _REFUSED.pop((self.model_id, self.part), None)
 
 
 def register_model(client: Client, info: ModelInfo, part: Part) -> None:

@@ -63,9 +63,10 @@ def wait_for(check, what: str, timeout: float = 60) -> None:  # type: ignore[no-
 
 @contextmanager
 def dask_cluster(
-    folder: Path, workers: int = 2
+    folder: Path, workers: int = 2, worker_args: list[str] | None = None
 ) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, from the CLI."""
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, from the CLI; every
+    worker gets ``worker_args`` too (``--resources GPU=1``, ...)."""
     from distributed import Client
 
     port = free_port()
@@ -89,6 +90,7 @@ def dask_cluster(
         for i in range(workers):
             args = [dask, "worker", address, "--nworkers", "1", "--nthreads", "1"]
             args += ["--host", "127.0.0.1", "--dashboard-address", ":0", "--name", f"w{i}"]
+            args += worker_args or []
             processes.append(start(args, folder / f"worker-{i}.log"))
 
         def ready() -> bool:

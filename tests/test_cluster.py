@@ -120,3 +120,18 @@ def test_bad_input_comes_back_as_its_error_without_worker_tracebacks(
     with pytest.raises(ValueError, match="bad input 2"):  # a bug, by contrast, is logged
         map_bounded(process_client, _fail, [2], items=lambda _: 1)
     assert _compute_failed(process_client) == before + 1
+
+
+def test_gpu_workers_are_pinned_one_device_each() -> None:
+    """The embedded cluster's GPU workers without dask-cuda: each worker process sees only
+    its own device (started here on CPU; what CUDA makes of it is test_gpu's)."""
+    from latentbatch.cluster import gpu_cluster
+    from latentbatch.workers import HOST_GPUS_ENV
+
+    def pinned() -> tuple[str | None, str | None]:
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(HOST_GPUS_ENV)
+
+    with gpu_cluster(3, gpus=2) as cluster, Client(cluster) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
+        assert sorted(client.run(pinned).values()) == [("0", "2"), ("0", "2"), ("1", "2")]

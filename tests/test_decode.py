@@ -14,17 +14,18 @@ from distributed import Client
 from latentbatch.checkpoint import load_model
 from latentbatch.datasets import open_source
 from latentbatch.decode import (
+    ImageEncoding,
     ModelMismatchError,
     NonFiniteLatentsError,
-    PngEncoding,
     decode,
     decode_latents,
 )
 from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
+from latentbatch.images import encode_pngs
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
-from latentbatch.shards import OutputError, encode_pngs, read_output
+from latentbatch.shards import OutputError, read_output
 from latentbatch.store import ATTRS, Layout, StoreError, open_store
 from tests.helpers import mtimes, sha256s
 
@@ -249,9 +250,9 @@ def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
     np.testing.assert_array_equal(one_thread, two_threads)
 
 
-def test_png_encoding_keeps_the_order_of_images_across_chunks() -> None:
+def test_image_encoding_keeps_the_order_of_images_across_chunks() -> None:
     images = np.random.default_rng(1).integers(0, 256, (11, 5, 4, 1), dtype=np.uint8)
-    encoding = PngEncoding(3)
+    encoding = ImageEncoding(3)
     encoding.add(images[:7])
     encoding.add(images[7:])
     encoding.add(images[:0])

@@ -18,6 +18,7 @@ from latentbatch.errors import OutputError
 from latentbatch.shards import read_output
 from latentbatch.store import Layout, open_store
 from tests.helpers import sha256s
+from tests.servers import dask_cluster
 
 CLI = str(Path(sys.executable).with_name("latentbatch"))
 
@@ -197,3 +198,17 @@ def test_debug_shows_the_traceback_too(tmp_path: Path) -> None:
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
     assert plain.stderr.splitlines()[-1] == debug.stderr.splitlines()[-1]
     assert "missing.zarr does not exist" in plain.stderr
+
+
+def test_gpu_worker_without_cuda_fails_the_decode_naming_the_worker(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path
+) -> None:
+    """A worker started with ``--resources GPU=1`` on this CPU-only machine never decodes
+    on its CPU: the decode fails, naming it, and writes no shard."""
+    store, _ = decoded
+    out = tmp_path / "out"
+    with dask_cluster(tmp_path, workers=1, worker_args=["--resources", "GPU=1"]) as (address, _):
+        argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+        error = _fails([*argv, "--scheduler", address], "Dask worker w0", "GPU=1")
+    assert "sees no CUDA device" in error
+    assert not list(out.glob("shard-*"))

@@ -34,6 +34,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from latentbatch.encode import encode
 from latentbatch.stack import WORK_POOL, base_env, register_deployments
 from latentbatch.store import Layout
+from latentbatch.workers import GPU_ON_CPU_ENV
 from tests.conftest import ROOT, needs
 from tests.servers import (
     dask_env_ready,
@@ -161,7 +162,10 @@ def _dask_processes(scheduler: str, port: int, folder: Path, tls: dict[str, str]
     for name, extra in (("cpu", []), ("gpu", ["--resources", "GPU=1"])):
         args = [dask, "worker", scheduler, "--nthreads", "1", "--name", name, "--host", "127.0.0.1"]
         args += ["--dashboard-address", ":0", *extra]
-        processes.append(start(args, folder / f"worker-{name}.log", tls))
+        # this machine has no GPU: the routing is what is tested, so the GPU=1 worker may
+        # decode on its CPU (it is refused otherwise)
+        env = {**tls, GPU_ON_CPU_ENV: "1"} if extra else tls
+        processes.append(start(args, folder / f"worker-{name}.log", env))
     return processes
 
 

@@ -11,6 +11,7 @@ from latentbatch.checkpoint import read_info
 from latentbatch.errors import CheckpointError
 from latentbatch.model import Decoder, Encoder
 from latentbatch.workers import (
+    HOST_GPUS_ENV,
     ModelPlugin,
     WorkerStateError,
     cached_model,
@@ -19,6 +20,7 @@ from latentbatch.workers import (
     register_model,
     tune_malloc,
     worker_device,
+    worker_threads,
 )
 
 
@@ -80,11 +82,22 @@ def test_tune_malloc_sets_glibc_thresholds() -> None:
     assert tune_malloc() is True
 
 
-def test_encoder_threads_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert encoder_threads(torch.device("cpu")) == 2
+def test_encoder_threads_are_the_workers_share_of_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     cores = len(os.sched_getaffinity(0))
+    assert encoder_threads(torch.device("cpu")) == cores  # outside a worker: the process's
+    assert encoder_threads(torch.device("cpu"), 1) == 1  # a one-thread worker: one core
+    assert encoder_threads(torch.device("cpu"), 3) == 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert encoder_threads(torch.device("cuda")) == max(2, cores)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert encoder_threads(torch.device("cuda")) == max(2, cores)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert encoder_threads(torch.device("cuda")) == max(2, cores // 8)
+    # a worker pinned to one GPU sees one device; its host's GPUs come from the launcher
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv(HOST_GPUS_ENV, "8")
+    assert encoder_threads(torch.device("cuda")) == max(2, cores // 8)
+
+
+def test_encoding_threads_of_a_worker_are_its_threads(client: Client) -> None:
+    assert client.submit(worker_threads, pure=False).result() == 1
+    assert worker_threads() is None

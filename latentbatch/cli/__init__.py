@@ -17,9 +17,11 @@ from rich.table import Table
 
 from latentbatch import checkpoint
 from latentbatch.cli.common import (
+    ImageCodecOption,
     JsonOption,
     ModelOption,
     ProgressOption,
+    QualityOption,
     SchedulerOption,
     StorageOption,
     StoreArgument,
@@ -38,6 +40,7 @@ from latentbatch.datasets import SOURCES
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.errors import LatentbatchError
+from latentbatch.images import check_codec
 from latentbatch.pipeline import run_pipeline
 from latentbatch.shards import FORMATS, check_format
 from latentbatch.storage import parse_options
@@ -178,6 +181,8 @@ def decode_command(
     output_format: Annotated[
         str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")
     ] = "tar",
+    image_codec: ImageCodecOption = "png",
+    quality: QualityOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     allow_model_mismatch: Annotated[
@@ -198,6 +203,7 @@ def decode_command(
             store,
             out,
             fmt=check_format(output_format),
+            codec=check_codec(image_codec, quality),
             allow_model_mismatch=allow_model_mismatch,
             storage_options=parse_options(storage_option),
             scheduler=scheduler,

@@ -44,6 +44,12 @@ StoreArgument = Annotated[
 ]
 StoreOption = Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")]
 ModelOption = Annotated[Path, typer.Option(help="Model directory.")]
+ImageCodecOption = Annotated[
+    str, typer.Option("--image-codec", help="Images in tar shards: png, webp or jpeg.")
+]
+QualityOption = Annotated[
+    int | None, typer.Option(help="Quality 1-100 of webp and jpeg images \\[default: 90].")
+]
 
 
 @contextmanager

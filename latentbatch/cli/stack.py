@@ -24,7 +24,10 @@ def stack_up(
     project: Annotated[
         Path, typer.Option(help="Repository root (holds deploy/prefect.yaml).")
     ] = Path(),
-    workers: Annotated[int, typer.Option(min=1, help="Dask worker processes.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Dask worker processes \\[default: one per GPU, else 2]."),
+    ] = None,
     port: Annotated[int, typer.Option(help="Preferred Prefect server port.")] = 4200,
 ) -> None:
     """Start a Prefect server, worker and deployments and a Dask cluster on 127.0.0.1."""

@@ -11,7 +11,9 @@ from rich.table import Table
 
 from latentbatch import catalog, query
 from latentbatch.cli.common import (
+    ImageCodecOption,
     JsonOption,
+    QualityOption,
     StorageOption,
     StoreArgument,
     emit_json,
@@ -21,6 +23,7 @@ from latentbatch.decode import decode_selection
 from latentbatch.encode import encode_file
 from latentbatch.errors import LatentbatchError
 from latentbatch.figures import image_grid, save_picture
+from latentbatch.images import check_codec
 from latentbatch.pipeline import selection_preview
 from latentbatch.shards import check_format
 from latentbatch.storage import parse_options
@@ -81,6 +84,8 @@ def query_command(
     output_format: Annotated[
         str, typer.Option("--format", help="tar, zarr or png for --decode.")
     ] = "tar",
+    image_codec: ImageCodecOption = "png",
+    quality: QualityOption = None,
     grid: Annotated[
         Path | None, typer.Option(help="Write a preview grid PNG of the result.")
     ] = None,
@@ -88,6 +93,7 @@ def query_command(
     as_json: JsonOption = False,
 ) -> None:
     """Select rows of a store, or find nearest neighbours, without decoding the store."""
+    codec = check_codec(image_codec, quality)
     store = open_store(store_url, parse_options(storage_option))
     if (decode_to or grid or near_image) and model is None:
         raise LatentbatchError(
@@ -113,7 +119,7 @@ def query_command(
         selected = np.array([n.row for n in neighbours])
     result = query.result_rows(store, selected, neighbours)
     if decode_to is not None and model is not None:
-        decode_selection(model, store, selected, decode_to, check_format(output_format))
+        decode_selection(model, store, selected, decode_to, check_format(output_format), codec)
     if grid is not None and model is not None and len(selected):
         pictures = selection_preview(model, store, selected, query_latent)
         save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
