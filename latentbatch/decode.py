@@ -5,11 +5,12 @@
     client                                      worker (decoder loaded once by ModelPlugin)
     ──────                                      ──────
     open store, check model id and shapes
-    validate every id (safe file names)
     read OUT's manifest and shard records
-    submit DecodeJob(rows, paths)  ───────────►  read its rows' latents and ids (one shard)
-      only for shards not finished,              refuse NaN/Inf rows
-      a bounded number in flight                 decode in batches (inference_mode,
+    submit DecodeJob(rows, paths)  ───────────►  read its rows' ids, refuse unsafe ones
+      only for shards not finished,                (named by row and id, nothing written)
+      a bounded number in flight                 read latents a batch ahead (a reader
+                                                   thread), refuse NaN/Inf rows
+                                                 decode in batches (inference_mode,
                                                    autocast on CUDA) while a thread pool
                                                    encodes the previous batch (PNG,
                                                    WebP or JPEG)
@@ -27,7 +28,7 @@ Output shards follow store shards, so the bytes do not depend on the number of w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +61,21 @@ from latentbatch.shards import (
     write_shard,
 )
 from latentbatch.storage import StorageOptions, is_remote
-from latentbatch.store import LatentStore, Rows, StoreError, open_store
+from latentbatch.store import LatentStore, Rows, StoreError, open_store, shard_ranges
 from latentbatch.workers import (
     cached_model,
+    cached_store,
     encoder_threads,
     encoding_pool,
+    reader_pool,
     register_model,
     worker_threads,
 )
 
 DECODE_BATCH = 256
+# rows per read of a task's latents: each zarr read costs a few ms of CPU besides the
+# bytes, so reads are larger than CPU decode batches (and the next is read meanwhile)
+READ_AHEAD_ROWS = 512
 CUDA_DECODE_BATCH = 4096
 
 
@@ -96,6 +102,7 @@ class DecodeJob:
 
     store_url: str
     storage_options: dict[str, Any]
+    store_uuid: str
     model_id: str
     index: int
     start: int
@@ -162,21 +169,33 @@ def decode_latents(
     batch_size: int = DECODE_BATCH,
     on_batch: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Latents ``(n, C, h, w)`` → ``uint8 (n, H, W, C)`` images, quantised by rounding.
+    """Latents ``(n, C, h, w)`` → ``uint8 (n, H, W, C)`` images, quantised by rounding,
+    in batches of ``batch_size`` (see :func:`decode_batches`)."""
+    starts = range(0, len(latents), batch_size)
+    return decode_batches(decoder, (latents[i : i + batch_size] for i in starts), device, on_batch)
 
-    Batches of ``batch_size`` are decoded in float32 on CPU (autocast to float16 on CUDA,
+
+def decode_batches(
+    decoder: torch.nn.Module,
+    batches: Iterable[np.ndarray],
+    device: torch.device,
+    on_batch: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Batches of latents ``(b, C, h, w)`` → all their ``uint8 (n, H, W, C)`` images.
+
+    Batches are decoded in float32 on CPU (autocast to float16 on CUDA,
     :func:`_decode_on_cuda`), channels-last: load the decoder with
     :func:`latentbatch.checkpoint.load_model`, which makes it channels-last (it is never
     changed here: worker threads share it). ``on_batch`` sees each batch's images as soon
-    as they exist. On CPU the result is bit-identical whatever the thread count or batch
-    size (tested).
+    as they exist. ``batches`` may be read ahead (:func:`read_ahead`). On CPU the result
+    is bit-identical whatever the thread count or batch size (tested).
     """
     if device.type == "cuda":
-        return _decode_on_cuda(decoder, latents, device, batch_size, on_batch)
+        return _decode_on_cuda(decoder, batches, device, on_batch)
     out = []
     with torch.inference_mode():
-        for i in range(0, len(latents), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(latents[i : i + batch_size]))
+        for latents in batches:
+            batch = torch.from_numpy(np.ascontiguousarray(latents))
             batch = batch.float().contiguous(memory_format=torch.channels_last)
             pixels = to_uint8(decoder(batch)).numpy()
             if on_batch is not None:
@@ -187,12 +206,11 @@ def decode_latents(
 
 def _decode_on_cuda(
     decoder: torch.nn.Module,
-    latents: np.ndarray,
+    batches: Iterable[np.ndarray],
     device: torch.device,
-    batch_size: int,
     on_batch: Callable[[np.ndarray], None] | None,
 ) -> np.ndarray:
-    """The CUDA path of :func:`decode_latents`, three stages deep::
+    """The CUDA path of :func:`decode_batches`, three stages deep::
 
         copy stream   H2D batch i+1 (pinned, async)
         compute       decode batch i, D2H its images into pinned memory (async)
@@ -200,15 +218,14 @@ def _decode_on_cuda(
 
     The host never waits for the GPU except for the images it hands on next.
     """
-    pinned = torch.from_numpy(np.ascontiguousarray(latents)).pin_memory()
     copies = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     compute = torch.cuda.current_stream(device)
-    starts = list(range(0, len(latents), batch_size))
     out: list[np.ndarray] = []
 
-    def upload(start: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def upload(latents: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
+        pinned = torch.from_numpy(np.ascontiguousarray(latents)).pin_memory()
         with torch.cuda.stream(copies):
-            batch = pinned[start : start + batch_size].to(device, non_blocking=True)
+            batch = pinned.to(device, non_blocking=True)
             return batch, copies.record_event()
 
     def hand_on(images: torch.Tensor, ready: torch.cuda.Event) -> None:
@@ -218,15 +235,17 @@ def _decode_on_cuda(
             on_batch(pixels)
         out.append(pixels)
 
+    queue = iter(batches)
+    first = next(queue, None)
+    upcoming = upload(first) if first is not None else None
     previous: tuple[torch.Tensor, torch.cuda.Event] | None = None
     with torch.inference_mode():
-        upcoming = upload(starts[0]) if starts else None
-        for index in range(len(starts)):
-            assert upcoming is not None
+        while upcoming is not None:
             batch, uploaded = upcoming
             compute.wait_event(uploaded)
             batch.record_stream(compute)  # allocated on the copy stream, used here
-            upcoming = upload(starts[index + 1]) if index + 1 < len(starts) else None
+            following = next(queue, None)
+            upcoming = upload(following) if following is not None else None
             batch = batch.float().contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
                 images = to_uint8(decoder(batch))
@@ -241,9 +260,34 @@ def _decode_on_cuda(
     return np.concatenate(out)
 
 
+def read_ahead(
+    read: Callable[[int, int], np.ndarray], start: int, stop: int, batch_size: int
+) -> Iterator[np.ndarray]:
+    """``read(a, b)`` of rows ``[start, stop)`` in blocks of ``batch_size`` rows, each
+    read on this process's reader thread while the one before it is decoded."""
+    ranges = shard_ranges(start, stop, batch_size)
+    pool = reader_pool()
+    pending = pool.submit(read, *ranges[0]) if ranges else None
+    for following in [*ranges[1:], None]:
+        assert pending is not None
+        latents = pending.result()
+        pending = pool.submit(read, *following) if following is not None else None
+        yield latents
+
+
+def _finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Whether each row of a 2-D float array is all finite. For float16 (the stores'
+    dtype) on its bits: NaN and Inf are the values whose exponent bits are all ones, and
+    numpy's float16 ``isfinite`` costs ten times as much."""
+    if rows.dtype == np.float16:
+        exponent = np.uint16(0x7C00)
+        return np.asarray(((rows.view(np.uint16) & exponent) != exponent).all(axis=1))
+    return np.asarray(np.isfinite(rows).all(axis=1))
+
+
 def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], where: str) -> None:
     """Refuse latents holding NaN or Inf, naming their rows and ids."""
-    bad = np.flatnonzero(~np.isfinite(latents.reshape(len(latents), -1)).all(axis=1))
+    bad = np.flatnonzero(~_finite_rows(latents.reshape(len(latents), -1)))
     if len(bad):
         shown = ", ".join(f"{rows[i]} ({ids[i]})" for i in bad[:5])
         raise NonFiniteLatentsError(
@@ -255,16 +299,23 @@ def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], wher
 def decode_shard(job: DecodeJob) -> dict[str, Any]:
     """Worker side: decode one shard and write it; return its record."""
     decoder, device = cached_model(job.model_id, "decoder")
-    store = open_store(job.store_url, job.storage_options)
-    latents = store.read_latents(job.start, job.stop)
-    ids = store.read_ids(job.start, job.stop)
+    store = cached_store(job.store_url, job.storage_options, job.store_uuid, job.stop)
+    ids = validate_ids(store.read_ids(job.start, job.stop), start=job.start, where=job.store_url)
     where = f"rows [{job.start}, {job.stop}) of {job.store_url}"
-    _refuse_nonfinite(latents, list(range(job.start, job.stop)), ids, where)
+
+    def read_checked(start: int, stop: int) -> np.ndarray:
+        latents = store.read_latents(start, stop)
+        rows = range(start, stop)
+        _refuse_nonfinite(latents, list(rows), ids[start - job.start : stop - job.start], where)
+        return latents
+
     threads = encoder_threads(device, worker_threads())
     encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
     batch_size = job.batch_size or batch_for(device)
-    images = decode_latents(
-        decoder, latents, device, batch_size, encoding.add if encoding is not None else None
+    blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, READ_AHEAD_ROWS))
+    batches = (b[i : i + batch_size] for b in blocks for i in range(0, len(b), batch_size))
+    images = decode_batches(
+        decoder, batches, device, encoding.add if encoding is not None else None
     )
     labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
     record = write_shard(
@@ -381,7 +432,6 @@ def decode(
     check_model(store, info, allow_model_mismatch)
     if store.count == 0:
         raise StoreError(f"{store_url} has no committed rows to decode")
-    validate_ids(store.read_ids(0, store.count))
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
     settings = _settings(fmt, codec, info.config.channels)
@@ -402,6 +452,7 @@ def decode(
         DecodeJob(
             store_url=store_url,
             storage_options=dict(storage_options or {}),
+            store_uuid=store.uuid,
             model_id=info.model_id,
             index=index,
             start=a,

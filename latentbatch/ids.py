@@ -36,14 +36,20 @@ def validate_id(sample_id: str) -> str:
     return sample_id
 
 
-def validate_ids(ids: Iterable[str]) -> list[str]:
-    """Validate every id and check that none repeats."""
+def validate_ids(ids: Iterable[str], *, start: int | None = None, where: str = "") -> list[str]:
+    """Validate every id and check that none repeats. Ids read from rows ``start, start +
+    1, ...`` of ``where`` (a store) are named by row and store when one is bad."""
     seen: set[str] = set()
     out = []
-    for sample_id in ids:
-        validate_id(sample_id)
-        if sample_id in seen:
-            raise InvalidIdError(f"id {sample_id!r} appears more than once; ids must be unique")
+    for offset, sample_id in enumerate(ids):
+        try:
+            validate_id(sample_id)
+            if sample_id in seen:
+                raise InvalidIdError(f"id {sample_id!r} appears more than once; ids must be unique")
+        except InvalidIdError as error:
+            if start is None:
+                raise
+            raise InvalidIdError(f"row {start + offset} of {where}: {error}") from None
         seen.add(sample_id)
         out.append(sample_id)
     return out

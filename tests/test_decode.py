@@ -22,7 +22,7 @@ from latentbatch.decode import (
 )
 from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
-from latentbatch.images import encode_pngs
+from latentbatch.images import check_codec, encode_pngs
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
 from latentbatch.shards import OutputError, read_output
@@ -219,16 +219,26 @@ def test_nan_latents_are_refused_naming_rows(
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_unsafe_ids_are_refused_before_anything_is_written(
+def test_an_unsafe_id_in_the_last_shard_fails_its_task_naming_row_and_id(
     tmp_path: Path, seed_model: Path, client: Client
 ) -> None:
+    """The client reads no ids: the task of the shard holding ``../x`` refuses it before
+    writing, naming row and id; shards an earlier run finished stay as they were."""
     url = str(tmp_path / "ids.zarr")
     encode(seed_model, "synthetic:20", url, layout=Layout(8, 4), client=client)
+    out = tmp_path / "work" / "out"
+    decode(seed_model, url, str(out), client=client)
+    (out / "manifest.json").unlink()  # an earlier run, stopped before its last shard
+    (out / "shard-000002.tar").unlink()
+    (out / ".records" / "shard-000002.json").unlink()
+    finished = sha256s(out)
     store = open_store(url, writable=True)
-    store.ids[5] = "../x"
-    with pytest.raises(InvalidIdError, match=r"'\.\./x' is not a safe file name"):
-        decode(seed_model, url, str(tmp_path / "out"), client=client)
-    assert not (tmp_path / "out").exists()
+    store.ids[17] = "../x"
+    with pytest.raises(InvalidIdError, match=r"row 17 of .*ids\.zarr: id '\.\./x' is not a safe"):
+        decode(seed_model, url, str(out), client=client)
+    assert sha256s(out) == finished
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["out"]
+    assert not list(tmp_path.rglob("x.png"))
 
 
 def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
@@ -257,3 +267,50 @@ def test_image_encoding_keeps_the_order_of_images_across_chunks() -> None:
     encoding.add(images[7:])
     encoding.add(images[:0])
     assert encoding.result() == encode_pngs(images)
+
+
+@pytest.mark.parametrize("name", ["webp", "jpeg"])
+def test_lossy_tar_members_open_with_webdataset_and_other_settings_are_refused(
+    tmp_path: Path,
+    mnist_tar: Path,
+    mnist_store: Path,
+    seed_model: Path,
+    client: Client,
+    name: str,
+) -> None:
+    import webdataset as wds
+
+    codec = check_codec(name, 85)
+    out = tmp_path / name
+    decode(seed_model, str(mnist_store), str(out), codec=codec, client=client)
+    settings = json.loads((out / "manifest.json").read_text())["format_settings"]
+    assert settings["image_codec"] == name
+    assert settings["quality"] == 85
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    assert len(samples) == 1024
+    assert {k for k in samples[0] if not k.startswith("__")} == {codec.extension, "json"}
+    ids, images = read_output(str(out))
+    png_ids, pngs = read_output(str(mnist_tar))
+    assert ids == png_ids
+    assert images.shape == pngs.shape  # grey again, though WebP stores RGB
+    assert np.abs(images.astype(int) - pngs.astype(int)).mean() < 3
+
+    before = sha256s(out)
+    for other in (check_codec(name, 50), check_codec("png")):
+        with pytest.raises(OutputError, match="holds images made with other settings"):
+            decode(seed_model, str(mnist_store), str(out), codec=other, client=client)
+    assert sha256s(out) == before
+    with pytest.raises(OutputError, match="needs --format tar"):
+        decode(seed_model, str(mnist_store), str(tmp_path / "p"), fmt="png", codec=codec)
+
+
+def test_finite_check_on_float16_bits_matches_numpy() -> None:
+    from latentbatch.decode import _finite_rows
+
+    rows = np.random.default_rng(3).standard_normal((40, 17)).astype(np.float16)
+    rows[3, 1], rows[7, 0], rows[9, 16] = np.nan, np.inf, -np.inf
+    rows[11, 2], rows[12, 3] = np.float16(65504), np.float16(6e-8)  # largest, subnormal
+    np.testing.assert_array_equal(_finite_rows(rows), np.isfinite(rows).all(axis=1))
+    np.testing.assert_array_equal(np.flatnonzero(~_finite_rows(rows)), [3, 7, 9])
+    as32 = rows.astype(np.float32)
+    np.testing.assert_array_equal(_finite_rows(as32), _finite_rows(rows))

@@ -1,5 +1,5 @@
 """The engine on real clusters: CLI-started scheduler and worker processes on loopback,
-a worker killed mid-decode, a client killed mid-decode."""
+a worker killed mid-decode, a client killed mid-decode; each with every image codec."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from distributed import Client
 from latentbatch.cluster import Progress
 from latentbatch.decode import decode
 from latentbatch.encode import encode
+from latentbatch.images import ImageCodec, check_codec
 from latentbatch.store import Layout
 from tests.helpers import mtimes, sha256s
 from tests.servers import dask_cluster
@@ -35,13 +36,22 @@ def small_shards(
     return url
 
 
+@pytest.fixture(scope="module", params=["png", "webp", "jpeg"])
+def codec(request: pytest.FixtureRequest) -> ImageCodec:
+    return check_codec(request.param)
+
+
 @pytest.fixture(scope="module")
 def reference(
-    tmp_path_factory: pytest.TempPathFactory, seed_model: Path, small_shards: Path, client: Client
+    tmp_path_factory: pytest.TempPathFactory,
+    seed_model: Path,
+    small_shards: Path,
+    client: Client,
+    codec: ImageCodec,
 ) -> dict[str, str]:
     """sha256 of every output file of an in-process decode."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    decode(seed_model, str(small_shards), str(out), client=client)
+    decode(seed_model, str(small_shards), str(out), codec=codec, client=client)
     return {k: v for k, v in sha256s(out).items() if not k.startswith(".records")}
 
 
@@ -63,9 +73,11 @@ def test_cli_cluster_gives_byte_identical_shards_and_manifest(
     small_shards: Path,
     reference: dict[str, str],
     external: tuple[str, list],
+    codec: ImageCodec,
 ) -> None:
     address, _ = external
-    result = decode(seed_model, str(small_shards), str(tmp_path / "out"), scheduler=address)
+    out = str(tmp_path / "out")
+    result = decode(seed_model, str(small_shards), out, codec=codec, scheduler=address)
     assert result.decoded == 5000
     outputs = _outputs(tmp_path / "out")
     assert "manifest.json" in outputs
@@ -78,6 +90,7 @@ def test_killed_worker_still_gives_byte_identical_output(
     small_shards: Path,
     reference: dict[str, str],
     external: tuple[str, list],
+    codec: ImageCodec,
 ) -> None:
     address, _ = external
     killed: list[int] = []
@@ -94,6 +107,7 @@ def test_killed_worker_still_gives_byte_identical_output(
             seed_model,
             str(small_shards),
             str(tmp_path / "out"),
+            codec=codec,
             client=client,
             on_progress=kill_one,
         )
@@ -114,12 +128,14 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     small_shards: Path,
     reference: dict[str, str],
     external: tuple[str, list],
+    codec: ImageCodec,
 ) -> None:
     address, _ = external
     out = tmp_path / "out"
     cli = Path(sys.executable).with_name("latentbatch")
     args = [str(cli), "decode", "--model", str(seed_model), "--store", str(small_shards)]
     args += ["--out", str(out), "--scheduler", address, "--no-progress"]
+    args += ["--image-codec", codec.name]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / ".records"
     deadline = time.monotonic() + 120
@@ -135,7 +151,7 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     recorded = {int(p.stem.split("-")[1]) for p in records.glob("*.json")}
     assert 6 <= len(recorded) < 40
 
-    result = decode(seed_model, str(small_shards), str(out), scheduler=address)
+    result = decode(seed_model, str(small_shards), str(out), codec=codec, scheduler=address)
     assert set(result.shards_skipped) == recorded
     assert set(result.shards_written) == set(range(40)) - recorded
     after = mtimes(out, "shard-*.tar")
