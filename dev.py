@@ -52,11 +52,13 @@ def ensure_env(extra: str) -> None:
 SYSTEM_PACKAGES = {
     "chromium": ["/usr/bin/chromium"],
     "postgresql": ["/usr/lib/postgresql/*/bin/initdb"],
+    "kubectl": ["/usr/bin/kubectl"],
 }
 
 
 def ensure_system_packages() -> None:
-    """Debian's Chromium and PostgreSQL for the browser and topology tests: installed when
+    """Debian's Chromium, PostgreSQL and kubectl for the browser, topology and infra tests
+    (``kubectl apply --dry-run=client`` of every manifest): installed when
     missing and we are root; otherwise those tests skip (and fail where CI is set)."""
     missing = [
         name

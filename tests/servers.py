@@ -189,3 +189,110 @@ def dask_env_ready(address: str, security: object, workers: int) -> bool:
 
     with Client(address, security=security, timeout="3s") as client:
         return len(client.scheduler_info(n_workers=-1)["workers"]) == workers
+
+
+# kind → (group/version, plural, namespaced) of every kind in infra/k8s
+KUBE_KINDS = {
+    "Namespace": ("v1", "namespaces", False),
+    "Secret": ("v1", "secrets", True),
+    "ConfigMap": ("v1", "configmaps", True),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims", True),
+    "Job": ("batch/v1", "jobs", True),
+    "DaskCluster": ("kubernetes.dask.org/v1", "daskclusters", True),
+}
+
+
+@contextmanager
+def kube_discovery(folder: Path) -> Iterator[Path]:
+    """An HTTP endpoint on 127.0.0.1 answering the Kubernetes API's discovery documents
+    for :data:`KUBE_KINDS` and "not found" for every object; yields a kubeconfig for it.
+
+    ``kubectl apply --dry-run=client`` needs discovery (kind → resource) and a look at
+    the live object even though it changes nothing; no cluster can run here, so this
+    answers those two questions and nothing else."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    versions: dict[str, list[dict[str, object]]] = {}
+    for kind, (group_version, plural, namespaced) in KUBE_KINDS.items():
+        versions.setdefault(group_version, []).append(
+            {
+                "name": plural,
+                "singularName": kind.lower(),
+                "namespaced": namespaced,
+                "kind": kind,
+                "verbs": ["create", "get", "list", "patch"],
+            }
+        )
+    groups = sorted({gv.split("/")[0] for gv in versions if "/" in gv})
+    documents: dict[str, object] = {
+        "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+        "/apis": {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [
+                {
+                    "name": g,
+                    "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
+                }
+                for g in groups
+            ],
+        },
+    }
+    for group_version, resources in versions.items():
+        path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        documents[path] = {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": resources,
+        }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            document = documents.get(path)
+            status = 200 if document is not None else 404
+            if document is None:
+                document = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "NotFound",
+                    "code": 404,
+                }
+            body = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    config = folder / "kubeconfig"
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}
+                ],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    try:
+        yield config
+    finally:
+        server.shutdown()
+        server.server_close()

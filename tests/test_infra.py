@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs
+from tests.servers import kube_discovery
 
 INFRA = ROOT / "infra"
 SCHEMAS = INFRA / "schemas"
@@ -106,3 +109,105 @@ def test_image_runs_as_a_non_root_user() -> None:
     assert users
     assert users[-1].split(":")[0] not in ("root", "0")
     assert (INFRA / "docker" / "Dockerfile.dockerignore").read_text().startswith("#")
+
+
+def _job_of_the_work_pool() -> dict[str, Any]:
+    template = json.loads((INFRA / "k8s" / "work-pool-template.json").read_text())
+    job: dict[str, Any] = json.loads(
+        re.sub(r'"\{\{ \w+ \}\}"', '"x"', json.dumps(template["job_configuration"]["job_manifest"]))
+    )
+    job["metadata"]["name"] = "decode-latents-run"
+    job["spec"]["template"]["spec"]["containers"][0]["args"] = ["python", "-m", "prefect.engine"]
+    return job
+
+
+@needs(shutil.which("kubectl") is not None, "kubectl (apt-get install kubectl)")
+def test_every_manifest_passes_kubectl_apply_dry_run(tmp_path: Path) -> None:
+    """kubectl itself reads every manifest (and the work pool's Job) as it would apply
+    them: kinds known, names and namespaces set, documents well-formed."""
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_of_the_work_pool()))
+    manifests = [p for p in K8S if p.name not in HELM_VALUES] + [tmp_path / "job.yaml"]
+    with kube_discovery(tmp_path) as kubeconfig:
+        for path in manifests:
+            apply = ["apply", "--dry-run=client", "--validate=false", "-f", str(path)]
+            done = subprocess.run(
+                ["kubectl", "--kubeconfig", str(kubeconfig), *apply],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, f"{path.name}: {done.stderr}"
+            created = [line for line in done.stdout.splitlines() if "created (dry run)" in line]
+            assert len(created) == len(_documents(path)), done.stdout
+
+
+def test_dask_workers_reach_the_tls_scheduler_the_operator_names() -> None:
+    """The operator hands workers DASK_SCHEDULER_ADDRESS=tcp://<name>-scheduler.<ns>...;
+    the scheduler speaks TLS only, so the worker's argument must name the same service
+    over tls://, and the worker carries client certificates for its own connections."""
+    (cluster,) = _documents(INFRA / "k8s" / "daskcluster.yaml")
+    name, namespace = cluster["metadata"]["name"], cluster["metadata"]["namespace"]
+    service = cluster["spec"]["scheduler"]["service"]
+    port = next(p["port"] for p in service["ports"] if p["name"] == "tcp-comm")
+    scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    assert scheduler["args"][-2:] == ["--protocol", "tls"]
+    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
+    assert worker["args"][:3] == [
+        "dask",
+        "worker",
+        f"tls://{name}-scheduler.{namespace}.svc.cluster.local:{port}",
+    ]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    for role in ("WORKER", "CLIENT"):
+        assert env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__CERT"].startswith("/certs/")
+    template = json.loads((INFRA / "k8s" / "work-pool-template.json").read_text())
+    job_env = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    job_env = {e["name"]: e.get("value") for e in job_env["containers"][0]["env"]}
+    assert job_env["DASK_SCHEDULER_ADDRESS"] == worker["args"][2]
+
+
+def test_flow_jobs_mount_the_models_where_deployments_look() -> None:
+    job = _job_of_the_work_pool()["spec"]["template"]["spec"]
+    container = job["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in job["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    storage = {d["kind"]: d for d in _documents(INFRA / "k8s" / "storage.yaml")}
+    assert claims["models"] == storage["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "ReadWriteMany" in storage["PersistentVolumeClaim"]["spec"]["accessModes"]
+    deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
+    model_dirs = [
+        value
+        for d in deployments
+        for key, value in (d.get("parameters") or {}).items()
+        if key in ("model_dir", "models_root") or (key == "out" and "models" in str(value))
+    ]
+    assert model_dirs
+    for model_dir in model_dirs:
+        resolved = Path(container["workingDir"]) / model_dir
+        assert Path(mounts["models"]) in (resolved, *resolved.parents), model_dir
+    assert storage["ConfigMap"]["data"]["LATENTBATCH_MODELS"] == mounts["models"]
+
+
+def test_compose_volumes_are_writable_by_the_services_user() -> None:
+    """A fresh named volume copies the ownership of the image's folder it mounts on: each
+    mount point of our image's services must be created in the Dockerfile for uid 10001."""
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    created = {
+        path
+        for line in re.findall(r"^RUN install -d -o 10001 -g 10001 (.+)$", dockerfile, re.M)
+        for path in line.split()
+    }
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    targets = {
+        mount.split(":")[1]
+        for service in compose["services"].values()
+        if service.get("image") == "latentbatch:latest"
+        for mount in service.get("volumes", [])
+        if mount.split(":")[0] in compose["volumes"]
+    }
+    assert targets
+    assert targets <= created
