@@ -9,12 +9,24 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.params import ModelDir, OutputFormat, Scheduler, StoreUrl, Workers
+from flows.params import (
+    ImageCodecName,
+    ModelDir,
+    OutputFormat,
+    Quality,
+    Scheduler,
+    StorageBlock,
+    StoreUrl,
+    Workers,
+    described,
+)
 from latentbatch.decode import DecodeResult, decode
+from latentbatch.images import check_codec
 from latentbatch.orchestration import (
     ProgressReporter,
     preview_artifact,
     retry_transient,
+    storage_options,
     summary_artifact,
 )
 from latentbatch.shards import Format, read_output
@@ -37,6 +49,9 @@ def decode_task(
     scheduler: str | None,
     workers: int | None,
     allow_model_mismatch: bool,
+    image_codec: str = "png",
+    quality: int | None = None,
+    storage_block: str | None = None,
 ) -> DecodeResult:
     progress = ProgressReporter("decode-progress", f"Decoding {store} into {out}")
     return decode(
@@ -44,6 +59,8 @@ def decode_task(
         store,
         out,
         fmt=output_format,
+        codec=check_codec(image_codec, quality),
+        storage_options=storage_options(storage_block),
         scheduler=scheduler,
         workers=workers,
         allow_model_mismatch=allow_model_mismatch,
@@ -66,6 +83,7 @@ def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
 
 
 @flow(name="decode-latents", log_prints=True)
+@described
 def decode_latents(
     model_dir: ModelDir = "models/seed-mnist5k",
     store: StoreUrl = "out/stores/mnist5k.zarr",
@@ -78,13 +96,25 @@ def decode_latents(
     allow_model_mismatch: Annotated[
         bool, Field(description="Decode a store of another model")
     ] = False,
+    image_codec: ImageCodecName = "png",
+    quality: Quality = None,
+    storage_block: StorageBlock = None,
 ) -> dict[str, object]:
     result = decode_task(
-        model_dir, store, out, output_format, scheduler, workers, allow_model_mismatch
+        model_dir,
+        store,
+        out,
+        output_format,
+        scheduler,
+        workers,
+        allow_model_mismatch,
+        image_codec,
+        quality,
+        storage_block,
     )
     summary = decode_summary(result, store)
     summary_artifact("decode-summary", "Decode summary", [summary])
-    ids, images = read_output(out, limit=PREVIEW)
+    ids, images = read_output(out, storage_options(storage_block), limit=PREVIEW)
     preview_artifact(
         "decode-preview",
         "Decoded images",

@@ -9,12 +9,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.params import DataSource, ModelDir, Scheduler, StoreUrl, Workers
+from flows.params import DataSource, ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
 from latentbatch.encode import EncodeResult, encode
 from latentbatch.orchestration import (
     ProgressReporter,
     preview_artifact,
     retry_transient,
+    storage_options,
     summary_artifact,
 )
 from latentbatch.pipeline import encode_preview
@@ -30,7 +31,13 @@ PREVIEW = 8
     cache_policy=NO_CACHE,
 )
 def encode_task(
-    model_dir: str, data: str, store: str, append: bool, scheduler: str | None, workers: int | None
+    model_dir: str,
+    data: str,
+    store: str,
+    append: bool,
+    scheduler: str | None,
+    workers: int | None,
+    storage_block: str | None = None,
 ) -> EncodeResult:
     progress = ProgressReporter("encode-progress", f"Encoding {data} into {store}")
     return encode(
@@ -38,6 +45,7 @@ def encode_task(
         data,
         store,
         append=append,
+        storage_options=storage_options(storage_block),
         scheduler=scheduler,
         workers=workers,
         on_progress=progress,
@@ -45,6 +53,7 @@ def encode_task(
 
 
 @flow(name="encode-images", log_prints=True)
+@described
 def encode_images(
     model_dir: ModelDir = "models/seed-mnist5k",
     data: DataSource = "mnist5k",
@@ -54,8 +63,9 @@ def encode_images(
     ] = False,
     scheduler: Scheduler = None,
     workers: Workers = None,
+    storage_block: StorageBlock = None,
 ) -> dict[str, object]:
-    result = encode_task(model_dir, data, store, append, scheduler, workers)
+    result = encode_task(model_dir, data, store, append, scheduler, workers, storage_block)
     summary = {
         "store": store,
         "source": data,
@@ -71,7 +81,7 @@ def encode_images(
     preview_artifact(
         "encode-preview",
         "Originals (top) and their stored latents decoded (bottom)",
-        encode_preview(Path(model_dir), data, store, PREVIEW),
+        encode_preview(Path(model_dir), data, store, PREVIEW, storage_options(storage_block)),
         f"First {PREVIEW} images of {data} in {store}.",
     )
     print(f"encoded {result.encoded} images of {data} into {store}")

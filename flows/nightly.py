@@ -18,14 +18,24 @@ from prefect.states import Completed, Failed
 from pydantic import Field
 
 from flows.decode import decode_summary
-from flows.params import OutputFormat, Scheduler, Workers
+from flows.params import (
+    ImageCodecName,
+    OutputFormat,
+    Quality,
+    Scheduler,
+    StorageBlock,
+    Workers,
+    described,
+)
 from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
+from latentbatch.images import ImageCodec, check_codec
 from latentbatch.orchestration import (
     ProgressReporter,
     preview_artifact,
     retry_transient,
+    storage_options,
     summary_artifact,
 )
 from latentbatch.pipeline import decoded_preview
@@ -38,8 +48,8 @@ NUMBERS = ("model_id", "shards_written", "shards_skipped", "seconds", "images_pe
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(root: str, out_root: str) -> list[BulkItem]:
-    return plan_bulk(root, out_root)
+def plan_task(root: str, out_root: str, options: dict[str, Any] | None) -> list[BulkItem]:
+    return plan_bulk(root, out_root, options)
 
 
 @task(
@@ -51,19 +61,32 @@ def plan_task(root: str, out_root: str) -> list[BulkItem]:
     task_run_name="decode {item.entry.relative}",
 )
 def decode_store(
-    item: BulkItem, models: dict[str, Path], fmt: Format, client: Any
+    item: BulkItem,
+    models: dict[str, Path],
+    fmt: Format,
+    codec: ImageCodec,
+    client: Any,
+    options: dict[str, Any] | None,
 ) -> dict[str, object]:
-    model_id = open_store(item.entry.url).model_id  # validates the store
+    model_id = open_store(item.entry.url, options).model_id  # validates the store
     if model_id not in models:
         raise LookupError(f"no model with id {model_id[:12]} under the models root")
     progress = ProgressReporter("nightly-progress", f"Decoding {item.entry.url}")
     result = decode(
-        models[model_id], item.entry.url, item.out, fmt=fmt, client=client, on_progress=progress
+        models[model_id],
+        item.entry.url,
+        item.out,
+        fmt=fmt,
+        codec=codec,
+        storage_options=options,
+        client=client,
+        on_progress=progress,
     )
     return decode_summary(result, item.entry.url)
 
 
 @flow(name="nightly-bulk-decode", log_prints=True)
+@described
 def nightly_bulk_decode(
     root: Annotated[
         str, Field(description="Folder or s3:// prefix to scan for latent stores")
@@ -77,8 +100,13 @@ def nightly_bulk_decode(
     output_format: OutputFormat = "tar",
     scheduler: Scheduler = None,
     workers: Workers = None,
+    image_codec: ImageCodecName = "png",
+    quality: Quality = None,
+    storage_block: StorageBlock = None,
 ) -> State[Any]:
-    items = plan_task(root, out_root)
+    options = storage_options(storage_block)
+    codec = check_codec(image_codec, quality)
+    items = plan_task(root, out_root, options)
     models = models_by_id(Path(models_root))
     report: list[dict[str, object]] = []
     failed: list[str] = []
@@ -99,14 +127,16 @@ def nightly_bulk_decode(
             elif not item.needs_decode:
                 row |= {"action": "skipped", "detail": f"output is {item.status}"}
             else:
-                state = decode_store(item, models, output_format, client, return_state=True)
+                state = decode_store(
+                    item, models, output_format, codec, client, options, return_state=True
+                )
                 if state.is_completed():
                     summary = state.result()
                     row |= {"action": "decoded", "detail": f"{summary['decoded']} images"}
                     row |= {key: summary[key] for key in NUMBERS}
                     if len(previewed) < PREVIEW_STORES:
                         model = models[str(summary["model_id"])]
-                        pictures += decoded_preview(model, item.out, PREVIEW_IMAGES)
+                        pictures += decoded_preview(model, item.out, PREVIEW_IMAGES, options)
                         previewed.append(item.entry.relative)
                 else:
                     failed.append(item.entry.url)

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from pydantic import Field
 
-from flows.params import DataSource, Scheduler, Workers
+from flows.params import DataSource, Scheduler, Workers, described
 from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
 from latentbatch.cluster import VERBOSE_ENV
 from latentbatch.orchestration import (
@@ -55,6 +55,7 @@ def pipeline_task(
 
 
 @flow(name="reconstruction-pipeline", log_prints=True)
+@described
 def reconstruction_pipeline(
     data: DataSource = "mnist5k",
     preset: Annotated[str, Field(description="seed or compact")] = "seed",

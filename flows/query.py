@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.params import StoreUrl
+from flows.params import StoreUrl, described
 from latentbatch import query
 from latentbatch.orchestration import preview_artifact, summary_artifact
 from latentbatch.pipeline import selection_preview
@@ -42,6 +42,7 @@ def query_task(
 
 
 @flow(name="query-latents", log_prints=True)
+@described
 def query_latents(
     store: StoreUrl = "out/stores/mnist5k.zarr",
     ids: Annotated[list[str] | None, Field(description="Select these ids")] = None,

@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.params import DataSource
+from flows.params import DataSource, described
 from latentbatch.config import TrainConfig
 from latentbatch.orchestration import picture_artifact, summary_artifact
 from latentbatch.train import TrainResult, model_config_for, train
@@ -22,6 +22,7 @@ def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> Trai
 
 
 @flow(name="train-autoencoder", log_prints=True)
+@described
 def train_autoencoder(
     data: DataSource = "mnist5k",
     preset: Annotated[

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,8 +233,11 @@ def map_bounded(
     results: list[R] = []
     done_items = 0
 
+    run = uuid.uuid4().hex[:8]  # keys of another run never match: an erred task of an
+    # earlier attempt, still known to the scheduler, would otherwise answer a retry
+
     def submit(spec: Any) -> Any:
-        key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}"
+        key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}-{run}"
         future = client.submit(_refusing, fn, spec, key=key, resources=resources, pure=False)
         future_items[str(future.key)] = items(spec)
         return future

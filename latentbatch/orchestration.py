@@ -33,13 +33,52 @@ from latentbatch.figures import image_grid
 PREVIEW_MAX_BYTES = 60_000
 
 
+class StorageBlockError(LatentbatchError):
+    """A flow's storage block is missing or does not hold storage options."""
+
+
+def storage_options(block: str | None) -> dict[str, Any] | None:
+    """The s3fs storage options kept in the Prefect ``Secret`` block named ``block``
+    (created once in the UI under Blocks, a JSON value such as ``{"key": ..., "secret":
+    ..., "endpoint_url": ...}``), or None without a block: then local paths, or S3 through
+    the environment's AWS settings. The values never enter parameters or logs."""
+    if not block:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block).get()  # type: ignore[union-attr]  # sync here, not awaited
+    except ValueError:
+        raise StorageBlockError(
+            f"there is no Prefect Secret block named {block!r}; create one under Blocks → "
+            "Secret whose value is the JSON of your s3fs options (key, secret, endpoint_url)"
+        ) from None
+    if not isinstance(value, dict):
+        raise StorageBlockError(
+            f"the Secret block {block!r} holds a {type(value).__name__}, not a JSON object of "
+            's3fs options such as {"key": ..., "secret": ..., "endpoint_url": ...}'
+        )
+    return dict(value)
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether retrying might succeed: I/O and connection trouble, not bad input."""
+    """Whether retrying might succeed: I/O and connection trouble (an object store gone
+    for a moment included), not bad input."""
     if isinstance(error, ClusterError):
         return True
     if isinstance(error, LatentbatchError):
         return False
-    return isinstance(error, OSError | TimeoutError | ConnectionError)
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return True
+    return _is_botocore_connection_error(error)
+
+
+def _is_botocore_connection_error(error: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # no S3 support installed
+        return False
+    return isinstance(error, BotoConnectionError)
 
 
 def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

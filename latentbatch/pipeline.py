@@ -35,6 +35,7 @@ from latentbatch.manifest import read_manifest
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
 from latentbatch.shards import read_output
+from latentbatch.storage import StorageOptions
 from latentbatch.store import LatentStore, Rows, open_store
 from latentbatch.train import TrainResult, model_config_for, train
 
@@ -93,13 +94,18 @@ def output_preview(model_dir: Path, source_spec: str, out_url: str, n: int = 8) 
     return [_originals(_source_for(model_dir, source_spec), ids), decoded]
 
 
-def decoded_preview(model_dir: Path, out_url: str, n: int = 8) -> list[np.ndarray]:
+def decoded_preview(
+    model_dir: Path, out_url: str, n: int = 8, options: StorageOptions | None = None
+) -> list[np.ndarray]:
     """Rows of a picture of any finished decode: its first ``n`` images (bottom) under the
     source images they came from (top) when the store's first source still opens and
     holds them; only the decoded row otherwise."""
-    ids, decoded = read_output(out_url, limit=n)
-    manifest = read_manifest(out_url)
-    sources = open_store(manifest.store.url).meta["sources"] if manifest is not None else []
+    ids, decoded = read_output(out_url, options, limit=n)
+    manifest = read_manifest(out_url, options)
+    try:
+        sources = open_store(manifest.store.url, options).meta["sources"] if manifest else []
+    except LatentbatchError:  # the store is gone: the decoded row alone
+        sources = []
     try:
         originals = _originals(_source_for(model_dir, sources[0]["spec"]), ids)
     except (LatentbatchError, IndexError, KeyError):  # gone, moved, or not these ids
@@ -108,12 +114,16 @@ def decoded_preview(model_dir: Path, out_url: str, n: int = 8) -> list[np.ndarra
 
 
 def encode_preview(
-    model_dir: Path, source_spec: str, store_url: str, n: int = 8
+    model_dir: Path,
+    source_spec: str,
+    store_url: str,
+    n: int = 8,
+    options: StorageOptions | None = None,
 ) -> list[np.ndarray]:
     """Rows of a picture: the first ``n`` images of a source encoded into a store (top)
     over their stored latents decoded in this process (bottom)."""
     source = _source_for(model_dir, source_spec)
-    store = open_store(store_url)
+    store = open_store(store_url, options)
     records = [s for s in store.meta["sources"] if s["spec"] == source.spec]
     start = int(records[-1]["rows"][0]) if records else 0
     stop = min(store.count, start + n)

@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -211,7 +212,6 @@ def kube_discovery(folder: Path) -> Iterator[Path]:
     the live object even though it changes nothing; no cluster can run here, so this
     answers those two questions and nothing else."""
     import json
-    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     versions: dict[str, list[dict[str, object]]] = {}
@@ -296,3 +296,82 @@ def kube_discovery(folder: Path) -> Iterator[Path]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 to ``target_port``, in this process: ``stop()`` closes
+    its port and every connection through it (the endpoint seems gone), ``start()``
+    reopens the same port (the endpoint is back)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._marker, self._left, self._seconds = b"", 0, 0.0
+        self.outages = 0
+
+    def go_away_after(self, marker: bytes, count: int, seconds: float) -> None:
+        """Once ``count`` requests holding ``marker`` have gone through, stop for
+        ``seconds`` and start again (the endpoint restarted)."""
+        self._marker, self._left, self._seconds = marker, count, seconds
+
+    def _outage(self) -> None:
+        self.stop()
+        self.outages += 1
+        time.sleep(self._seconds)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+            listener, self._listener = self._listener, None
+        for sock in [*sockets, *([listener] if listener else [])]:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, watch), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if watch and self._left and self._marker in data:
+                    with self._lock:
+                        self._left -= 1
+                        due = self._left == 0
+                    if due:
+                        threading.Thread(target=self._outage, daemon=True).start()
+        except OSError:
+            pass
+        finally:
+            with suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)

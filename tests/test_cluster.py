@@ -4,6 +4,7 @@ import itertools
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
@@ -135,3 +136,23 @@ def test_gpu_workers_are_pinned_one_device_each() -> None:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
         assert sorted(client.run(pinned).values()) == [("0", "2"), ("0", "2"), ("1", "2")]
+
+
+def _fails_first_time(flag: str) -> str:
+    path = Path(flag)
+    if not path.exists():
+        path.write_text("failed once")
+        raise OSError("a transient failure")
+    return "done"
+
+
+def test_a_second_run_of_the_same_tasks_is_not_answered_by_the_first_ones_error(
+    client: Client, tmp_path: Path
+) -> None:
+    """A retry submits the same specs again: it must run them, not get back the erred
+    result the scheduler may still hold from the first attempt."""
+    flag = str(tmp_path / "flag")
+    with pytest.raises(OSError, match="a transient failure") as first:
+        map_bounded(client, _fails_first_time, [flag], items=lambda _: 1)
+    assert first.value  # the erred future stays referenced from the traceback
+    assert map_bounded(client, _fails_first_time, [flag], items=lambda _: 1) == ["done"]

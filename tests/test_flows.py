@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
 from distributed import Client
 from prefect.client.orchestration import get_client
@@ -33,6 +34,7 @@ from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.store import Layout
 from tests.helpers import sha256s
+from tests.servers import TcpProxy, moto_server
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,6 +67,20 @@ def _check_preview(artifact: Any) -> None:
     png = _image_bytes(artifact.data)
     assert png.startswith(b"\x89PNG")
     assert len(png) <= 60_000
+
+
+@pytest.mark.parametrize(
+    "flow",
+    [decode_latents, encode_images, nightly_bulk_decode, reconstruction_pipeline,
+     query_latents, train_autoencoder],
+    ids=lambda f: f.name,
+)  # fmt: skip
+def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
+    properties = flow.parameters.model_dump()["properties"]
+    assert properties
+    missing = [name for name, schema in properties.items() if not schema.get("description")]
+    assert missing == []
+    assert flow.description  # the flow's summary line
 
 
 def test_train_flow(tmp_path: Path) -> None:
@@ -180,6 +196,78 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     assert grown["model_id"] == model_id(tiny_model)
     assert grown["shards_written"] == 2 and grown["shards_skipped"] == 1
     assert grown["seconds"] > 0 and grown["images_per_second"] > 0
+
+
+def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    """The nightly run over an S3 root (moto behind a TCP proxy), its settings in a Secret
+    block. Right after the 4th shard record of one store is written the endpoint goes
+    away for 2 s: that store's decode fails, Prefect retries it once the endpoint is
+    back, and the retry skips every finished shard; the outputs equal a local decode."""
+    import s3fs
+    from prefect.blocks.system import Secret
+
+    from latentbatch.shards import read_output
+
+    (tmp_path / "moto").mkdir()
+    with moto_server(tmp_path / "moto") as endpoint:
+        proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))
+        proxy.start()
+        direct = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        through_proxy = {
+            **direct,
+            "endpoint_url": proxy.url,
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+        }
+        Secret(value=through_proxy).save("nightly-s3", overwrite=True)
+        s3fs.S3FileSystem(**direct).mkdir("nightly")
+        layout = Layout(8, 4)
+        encode(tiny_model, "synthetic:160", "s3://nightly/stores/a.zarr", layout=layout,
+               storage_options=direct, client=client)  # fmt: skip
+        encode(tiny_model, "synthetic:24", "s3://nightly/stores/b.zarr", layout=layout,
+               storage_options=direct, client=client)  # fmt: skip
+        models = tmp_path / "models"
+        shutil.copytree(tiny_model, models / "tiny")
+        proxy.go_away_after(b"PUT /nightly/decoded/a/.records/", count=4, seconds=2)
+        state = nightly_bulk_decode(
+            "s3://nightly/stores", "s3://nightly/decoded", str(models), "tar",
+            client.scheduler.address, None, "png", None, "nightly-s3", return_state=True,
+        )  # fmt: skip
+        runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+        assert state.is_completed(), [(r.name, r.run_count, r.state_name) for r in runs]
+        assert proxy.outages == 1
+        decodes = {r.name: r for r in runs if r.name.startswith("decode ")}
+        assert decodes["decode a.zarr"].run_count == 2  # failed once, retried
+        assert decodes["decode b.zarr"].run_count == 1
+        rows = {r["store"]: r for r in json.loads(artifacts(state)["nightly-summary"].data)}
+        a = rows["s3://nightly/stores/a.zarr"]
+        assert a["action"] == "decoded"
+        assert a["shards_skipped"] >= 4  # the retry redid none of the finished shards
+        assert a["shards_written"] + a["shards_skipped"] == 20
+        local = tmp_path / "local"
+        decode(tiny_model, "s3://nightly/stores/a.zarr", str(local), storage_options=direct,
+               client=client)  # fmt: skip
+        ids, images = read_output("s3://nightly/decoded/a", direct)
+        local_ids, local_images = read_output(str(local))
+        assert ids == local_ids
+        np.testing.assert_array_equal(images, local_images)
+        fs = s3fs.S3FileSystem(**direct)
+        remote = json.loads(fs.cat_file("nightly/decoded/a/manifest.json"))
+        here = json.loads((local / "manifest.json").read_text())
+        assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in here["shards"]]
+        _check_preview(artifacts(state)["nightly-preview"])
+        log = "\n".join(str(r) for r in asyncio.run(_logs(state.state_details.flow_run_id)))
+        assert "testing" not in log  # the credentials never reach the logs
+
+
+async def _logs(flow_run_id: UUID) -> list[Any]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def test_pipeline_flow(tmp_path: Path, client: Client) -> None:

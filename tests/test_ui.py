@@ -105,6 +105,10 @@ def test_decode_started_from_the_ui_form(
         page.get_by_text("Custom run").click()
         # the form fills its defaults in after it appears: wait for them, then fill ours
         expect(_field(page, "model_dir ")).to_have_value("models/seed-mnist5k", timeout=30_000)
+        # each parameter's description (from the flow's docstring) is shown with its field
+        description = page.get_by_text("Latent store: local path or s3:// URL", exact=True)
+        expect(description.first).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "decode-form.png", full_page=True)
         for name, value in (("model_dir ", tiny_model), ("store ", store), ("out ", out)):
             _field(page, name).fill(str(value))
             expect(_field(page, name)).to_have_value(str(value))
