@@ -6,7 +6,8 @@
 # 1. installs the wheels in .whl/ (if any) into /tmp/site: the GPU machine has torch but
 #    not dask, zarr and the rest, and cannot download them (see README, "GPU");
 # 2. runs the `gpu` tests (CUDA decode vs CPU, byte-identical CUDA runs, one worker per
-#    GPU in the embedded cluster, decode tasks placed on the GPU worker);
+#    GPU in the embedded cluster, each pinned to its device, the pipelined CUDA decode,
+#    two workers sharing a GPU) and checks the image codecs' bytes on this host's CPU;
 # 3. runs bench/decode.py on CUDA: bare decode, bare decode + PNG, and the pipeline with
 #    one worker per GPU, the bare loops repeated for at least MIN_SECONDS each;
 # 4. writes gpu-check.json: device, versions, test counts and the benchmark numbers.
@@ -34,6 +35,10 @@ started=$(date +%s)
 timeout 300 "$PYTHON" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -rA \
   --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $? in $(( $(date +%s) - started )) s"
+# the image codecs' bytes on this host's CPU equal the reference bytes (test_images.py)
+timeout 120 "$PYTHON" -m pytest tests/test_images.py -k every_machine -p no:cacheprovider -q \
+  > "$OUT/codec-bytes.log" 2>&1
+echo "codec bytes: exit $?"
 started=$(date +%s)
 timeout 300 "$PYTHON" bench/decode.py --device "$DEVICE" --count "$COUNT" --workers 1 \
   --min-seconds "$MIN_SECONDS" --json --workdir /tmp/latentbatch-gpu-bench \
@@ -64,6 +69,9 @@ try:
     report["gpu_tests"] = counts
 except (OSError, ET.ParseError, AttributeError) as exc:
     report["gpu_tests"] = {"error": str(exc)}
+codec_log = out / "codec-bytes.log"
+lines = codec_log.read_text().strip().splitlines() if codec_log.exists() else ["missing"]
+report["codec_bytes_test"] = lines[-1]
 text = json.dumps(report, indent=2, sort_keys=True)
 (out / "gpu-check.json").write_text(text + "\n")
 print(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,42 @@ def test_embedded_cluster_has_one_worker_per_gpu() -> None:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         assert len(workers) == torch.cuda.device_count()
         assert all(w["resources"].get("GPU") == 1 for w in workers)
+
+
+def test_embedded_cluster_pins_each_worker_to_its_own_device() -> None:
+    def seen() -> tuple[str | None, int]:
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+
+    with connect() as client:
+        pinned = list(client.run(seen).values())
+    assert len(pinned) == torch.cuda.device_count()
+    assert all(count == 1 for _, count in pinned)  # each sees its device only
+    assert len({device for device, _ in pinned}) == len(pinned)  # never all on cuda:0
+
+
+def test_pipelined_cuda_decode_hands_batches_on_in_order(
+    mnist_store: Path, seed_model: Path
+) -> None:
+    latents = open_store(str(mnist_store)).read_latents(0, 1000)
+    decoder, _ = load_model(seed_model, "decoder", "cuda")
+    handed: list[np.ndarray] = []
+    images = decode_latents(decoder, latents, torch.device("cuda"), 384, handed.append)
+    assert [len(b) for b in handed] == [384, 384, 232]
+    np.testing.assert_array_equal(np.concatenate(handed), images)
+    cpu_decoder, _ = load_model(seed_model, "decoder")
+    cpu = decode_latents(cpu_decoder, latents, torch.device("cpu")).astype(int)
+    assert np.abs(images.astype(int) - cpu).max() <= MAX_PIXEL_DIFFERENCE
+
+
+def test_two_workers_sharing_a_gpu_write_the_same_bytes(
+    tmp_path: Path, mnist_store: Path, seed_model: Path
+) -> None:
+    from distributed import Client
+
+    from latentbatch.cluster import gpu_cluster
+
+    with connect() as client:
+        decode(seed_model, str(mnist_store), str(tmp_path / "one"), client=client)
+    with gpu_cluster(2, gpus=1) as cluster, Client(cluster) as client:
+        decode(seed_model, str(mnist_store), str(tmp_path / "two"), client=client)
+    assert sha256s(tmp_path / "one") == sha256s(tmp_path / "two")

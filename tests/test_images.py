@@ -155,3 +155,25 @@ def test_tar_member_names_follow_the_codec(tmp_path: Path) -> None:
             images=images[:1],
             codec=LOSSY[0],
         )
+
+
+# sha256 of fixed images through each codec, with the pinned imagecodecs (constraints.txt):
+# byte-identical shards across machines need the same bytes on every host, whatever its
+# CPU (this test also runs on the GPU machine, bench/gpu_check.sh)
+GOLDEN = {
+    "png": "0a8ec0cd4403b9651fdcf34c50de397fd1c50f980700d8bc6fc29bb832271b4b",
+    "webp": "e36bd74cadf9a5d7ec2bff5805df160ef85b8924380a1e9be4020d70a0406513",
+    "jpeg": "c7e1b61b0c0f9882591eb16a8208ca9d5d155b67e590edafdf9ea8cdb32b421e",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_codec_bytes_are_the_same_on_every_machine(name: str) -> None:
+    import hashlib
+
+    rng = np.random.default_rng(20261127)
+    grey = (rng.random((16, 28, 28, 1)) ** 3 * 255).astype(np.uint8)
+    rgb = (rng.random((4, 64, 64, 3)) * 255).astype(np.uint8)
+    codec = check_codec(name)
+    encoded = codec.encode(grey) + (codec.encode(rgb) if name == "png" else [])
+    assert hashlib.sha256(b"".join(encoded)).hexdigest() == GOLDEN[name]
