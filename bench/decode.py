@@ -53,7 +53,7 @@ from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
 from latentbatch.decode import ImageEncoding, batch_for, decode, decode_latents
 from latentbatch.encode import encode
-from latentbatch.images import CODECS, check_codec
+from latentbatch.images import CODECS, PNG, check_codec
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
 from latentbatch.workers import encoder_threads
@@ -107,7 +107,8 @@ def bare(
     best, passes = 0.0, 0
     while passes < 3 or time.perf_counter() - started < min_seconds:
         begun = time.perf_counter()
-        encoding = ImageEncoding(encoder_threads(device)) if png else None
+        threads = min(encoder_threads(device), PNG.useful_threads)
+        encoding = ImageEncoding(threads) if png else None
         decode_latents(decoder, latents, device, batch, encoding.add if encoding else None)
         if encoding is not None:
             encoding.result()
@@ -139,9 +140,9 @@ def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str
     for image in images:
         pillow(image)
     costs["pillow_png_us"] = (time.perf_counter() - started) / len(images) * 1e6
-    threads = encoder_threads(device)
     for name in CODECS:
         codec = check_codec(name)
+        threads = min(encoder_threads(device), codec.useful_threads)
         started = time.perf_counter()
         for start in range(0, len(images), 256):  # batches, as the engine encodes them
             codec.encode(images[start : start + 256])
@@ -152,7 +153,7 @@ def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str
             encoding.add(images)
         encoding.result()
         costs[f"encode_only_{name}"] = 4 * len(images) / (time.perf_counter() - started)
-    costs["encode_threads"] = threads
+        costs[f"{name}_threads"] = threads
     return costs
 
 
@@ -289,7 +290,7 @@ def main() -> None:
         numbers["decode_us_per_image"] = 1e6 / decode_only
         note = f"{1e6 / decode_only:.1f} us/image (all threads)"
         rows.append((f"bare decode ({device.type}, {how})", decode_only, note))
-        threads = int(costs["encode_threads"])
+        threads = int(costs["png_threads"])
         rows.append((f"bare decode + PNG (one process, {threads} encoding threads)", with_png, ""))
         for name in CODECS:
             note = f"{costs[f'{name}_us']:.1f} us/image on one thread"
@@ -297,7 +298,11 @@ def main() -> None:
                 ratio = costs["pillow_png_us"] / costs["png_us"]
                 note += f", Pillow {costs['pillow_png_us']:.1f} ({ratio:.1f}x cheaper)"
             rows.append(
-                (f"{name} encode only ({threads} threads)", costs[f"encode_only_{name}"], note)
+                (
+                    f"{name} encode only ({int(costs[f'{name}_threads'])} threads)",
+                    costs[f"encode_only_{name}"],
+                    note,
+                )
             )
         rows.append(
             (

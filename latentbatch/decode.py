@@ -309,7 +309,7 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         _refuse_nonfinite(latents, list(rows), ids[start - job.start : stop - job.start], where)
         return latents
 
-    threads = encoder_threads(device, worker_threads())
+    threads = min(encoder_threads(device, worker_threads()), job.codec.useful_threads)
     encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
     batch_size = job.batch_size or batch_for(device)
     blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, READ_AHEAD_ROWS))
