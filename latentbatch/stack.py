@@ -209,7 +209,9 @@ def up(
         workers = workers or gpus or 2
         gpu = ["--resources", "GPU=1"] if gpus else []
         for i in range(workers):
-            pinned = {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)}
+            pinned = (
+                {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)} if gpus else {}
+            )
             launcher.start(
                 f"dask-worker-{i}",
                 [
@@ -228,7 +230,7 @@ def up(
                     f"stack-{i}",
                     *gpu,
                 ],
-                {**env, **pinned} if gpus else env,
+                {**env, **pinned},
             )
         _wait(lambda: _healthy(api_url), "the Prefect server", launcher.logs / "prefect-server.log")
         client_env = {**env, "PREFECT_API_URL": api_url}
