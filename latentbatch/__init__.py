@@ -51,6 +51,7 @@ _EXPORTS = {
     "DecodeResult": "decode",
     "Manifest": "manifest",
     "read_manifest": "manifest",
+    "iter_shards": "manifest",
     "read_output": "shards",
     "select": "query",
     "read_rows": "query",
@@ -76,6 +77,7 @@ __all__ = [
     "decode_selection",
     "decode_store",
     "encode_source",
+    "iter_shards",
     "load_model",
     "nearest",
     "open_store",
@@ -100,7 +102,7 @@ if TYPE_CHECKING:
     from latentbatch.encode import EncodeResult
     from latentbatch.encode import encode as encode_source
     from latentbatch.errors import LatentbatchError
-    from latentbatch.manifest import Manifest, read_manifest
+    from latentbatch.manifest import Manifest, iter_shards, read_manifest
     from latentbatch.pipeline import run_pipeline
     from latentbatch.query import nearest, read_rows, select, statistics, to_xarray
     from latentbatch.shards import read_output

@@ -493,15 +493,16 @@ def decode(
             run(c)
     remove_temporaries(out_url, out_options)
     records = {**done, **written}
-    manifest = Manifest(
+    manifest = write_manifest(
+        out_url,
+        out_options,
         store=source,
         model_id=info.model_id,
         output_format=fmt,
         format_settings={**settings, "batch_size": batch_size or "auto"},
         count=store.count,
-        shards=tuple(records[i] for i in sorted(records)),
+        shards=[records[i] for i in sorted(records)],
     )
-    write_manifest(out_url, out_options, manifest)
     return DecodeResult(
         out=out_url,
         manifest=manifest,
@@ -573,14 +574,14 @@ def decode_selection(
         codec=codec,
         labels=labels,
     )
-    manifest = Manifest(
+    return write_manifest(
+        out,
+        options,
         store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
         model_id=info.model_id,
         output_format=fmt,
         format_settings=_settings(fmt, codec, info.config.channels),
         count=len(rows),
         selection=tuple(rows),
-        shards=(record,),
+        shards=[record],
     )
-    write_manifest(out, options, manifest)
-    return manifest

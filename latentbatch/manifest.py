@@ -4,18 +4,25 @@
 
     OUT/.records/shard-000000.json   one ShardRecord (+ the decode's identity) per finished
                                      shard, written right after the shard itself
+    OUT/shards.jsonl                 the shard table: one ShardRecord per line (index,
+                                     path, start/stop rows, count, bytes, sha256), in
+                                     index order, written once at the end
     OUT/manifest.json                one Manifest, written last, atomically
 
-A :class:`Manifest` names the store (url, uuid, committed count), the model id, the output
-format and the settings that shape the bytes, the image count and every shard
-(index, path, ``start``/``stop`` rows, count, bytes, sha256). A decode of a selection of
-rows (``latentbatch query --decode``) lists the selected rows in ``selection``.
-This module is the only one that reads or writes either file.
+A :class:`Manifest` (format 2) is a summary whose size does not grow with the output: the
+store (url, uuid, committed count), the model id, the output format and the settings that
+shape the bytes, the image count, and the shard table's path, length and sha256. Readers
+stream the table (:func:`iter_shards`). Format-1 manifests of earlier releases, which list
+their shards inline, are still read. A decode of a selection of rows (``latentbatch query
+--decode``) lists the selected rows in ``selection``. This module is the only one that
+reads or writes these files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,8 +30,9 @@ from latentbatch.errors import OutputError
 from latentbatch.storage import StorageOptions, filesystem, join, write_bytes, write_json
 
 MANIFEST = "manifest.json"
+SHARD_TABLE = "shards.jsonl"
 RECORDS = ".records"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,15 +76,19 @@ class StoreRef:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """The summary of a finished decode (see the module docstring)."""
+    """The summary of a finished decode (see the module docstring). Its shards are in the
+    shard table, read by :func:`iter_shards`; a format-1 manifest (older releases) kept
+    them inline, in ``inline_shards``."""
 
     store: StoreRef
     model_id: str
     output_format: str
     count: int
-    shards: tuple[ShardRecord, ...]
+    shard_count: int
+    shard_table_sha256: str | None = None
     format_settings: dict[str, Any] | None = None
     selection: tuple[int, ...] | None = None
+    inline_shards: tuple[ShardRecord, ...] | None = None
     format: int = field(default=MANIFEST_FORMAT)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,8 +98,15 @@ class Manifest:
             "model_id": self.model_id,
             "output_format": self.output_format,
             "count": self.count,
-            "shards": [s.to_dict() for s in self.shards],
         }
+        if self.inline_shards is not None:
+            data["shards"] = [s.to_dict() for s in self.inline_shards]
+        else:
+            data["shard_table"] = {
+                "path": SHARD_TABLE,
+                "shards": self.shard_count,
+                "sha256": self.shard_table_sha256,
+            }
         if self.format_settings is not None:
             data["format_settings"] = self.format_settings
         if self.selection is not None:
@@ -96,15 +115,24 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST) -> Manifest:
-        """Parse a manifest; anything that is not one raises :class:`OutputError`."""
+        """Parse a manifest of format 2 or 1; anything that is not one raises
+        :class:`OutputError`."""
         try:
-            if data["format"] != MANIFEST_FORMAT:
+            if data["format"] not in (1, MANIFEST_FORMAT):
                 raise OutputError(
                     f"{where} has manifest format {data['format']!r}; this latentbatch reads "
-                    f"format {MANIFEST_FORMAT} (upgrade latentbatch, or choose another --out)"
+                    f"formats 1 and {MANIFEST_FORMAT} (upgrade latentbatch, or choose another "
+                    "--out)"
                 )
             store = data["store"]
             selection = data.get("selection")
+            if data["format"] == 1:
+                inline = tuple(ShardRecord.from_dict(s) for s in data["shards"])
+                table: dict[str, Any] = {"shards": len(inline), "sha256": None}
+            else:
+                inline, table = None, data["shard_table"]
+                if table["path"] != SHARD_TABLE:
+                    raise ValueError(f"shard table {table['path']!r} is not {SHARD_TABLE}")
             return cls(
                 store=StoreRef(
                     url=str(store["url"]), uuid=str(store["uuid"]), count=int(store["count"])
@@ -112,9 +140,12 @@ class Manifest:
                 model_id=str(data["model_id"]),
                 output_format=str(data["output_format"]),
                 count=int(data["count"]),
-                shards=tuple(ShardRecord.from_dict(s) for s in data["shards"]),
+                shard_count=int(table["shards"]),
+                shard_table_sha256=None if table["sha256"] is None else str(table["sha256"]),
                 format_settings=data.get("format_settings"),
                 selection=None if selection is None else tuple(int(r) for r in selection),
+                inline_shards=inline,
+                format=int(data["format"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OutputError(
@@ -137,9 +168,65 @@ def read_manifest(out_url: str, options: StorageOptions | None = None) -> Manife
     return Manifest.from_dict(data, where)
 
 
-def write_manifest(out_url: str, options: StorageOptions | None, manifest: Manifest) -> None:
-    """Write ``OUT/manifest.json`` atomically."""
+def write_manifest(
+    out_url: str,
+    options: StorageOptions | None,
+    *,
+    store: StoreRef,
+    model_id: str,
+    output_format: str,
+    count: int,
+    shards: Sequence[ShardRecord],
+    format_settings: dict[str, Any] | None = None,
+    selection: tuple[int, ...] | None = None,
+) -> Manifest:
+    """Write ``OUT/shards.jsonl`` (one record per line, in index order), then
+    ``OUT/manifest.json`` naming it with its sha256; each atomically. Returns the
+    manifest."""
+    table = b"".join(json.dumps(s.to_dict(), sort_keys=True).encode() + b"\n" for s in shards)
+    write_bytes(join(out_url, SHARD_TABLE), table, options)
+    manifest = Manifest(
+        store=store,
+        model_id=model_id,
+        output_format=output_format,
+        count=count,
+        shard_count=len(shards),
+        shard_table_sha256=hashlib.sha256(table).hexdigest(),
+        format_settings=format_settings,
+        selection=selection,
+    )
     write_json(join(out_url, MANIFEST), manifest.to_dict(), options)
+    return manifest
+
+
+def iter_shards(
+    out_url: str, options: StorageOptions | None, manifest: Manifest
+) -> Iterator[ShardRecord]:
+    """The shard records of a finished decode, in index order, read line by line (a
+    billion-row output's table is never held whole); the table's sha256 is checked
+    against the manifest's once it has been read."""
+    if manifest.inline_shards is not None:
+        yield from manifest.inline_shards
+        return
+    fs, root = filesystem(out_url, options)
+    where = join(out_url, SHARD_TABLE)
+    digest = hashlib.sha256()
+    try:
+        with fs.open(join(root, SHARD_TABLE), "rb") as handle:
+            for line in handle:
+                digest.update(line)
+                yield ShardRecord.from_dict(json.loads(line))
+    except FileNotFoundError:
+        raise OutputError(f"{where} is missing; run the decode again, which rewrites it") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OutputError(
+            f"{where} is damaged ({exc}); run the decode again, which rewrites it"
+        ) from None
+    if digest.hexdigest() != manifest.shard_table_sha256:
+        raise OutputError(
+            f"{where} is not the table its manifest records (sha256 differs); run the "
+            "decode again, which rewrites it"
+        )
 
 
 def write_record(

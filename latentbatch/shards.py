@@ -28,7 +28,13 @@ import zarr
 
 from latentbatch.errors import OutputError
 from latentbatch.images import ImageCodec, codec_of_settings, decode_image
-from latentbatch.manifest import MANIFEST, RECORDS, ShardRecord, read_manifest
+from latentbatch.manifest import (
+    MANIFEST,
+    RECORDS,
+    ShardRecord,
+    iter_shards,
+    read_manifest,
+)
 from latentbatch.storage import (
     StorageOptions,
     filesystem,
@@ -284,7 +290,7 @@ def read_output(
     channels = (manifest.format_settings or {}).get("channels")
     ids: list[str] = []
     arrays: list[np.ndarray] = []
-    for shard in manifest.shards:
+    for shard in iter_shards(out_url, options, manifest):
         if limit is not None and len(ids) >= limit:
             break
         path = join(root, shard.path)

@@ -44,7 +44,9 @@ def test_round_trip_is_exact_and_costs_under_a_fifth_of_a_db(
 ) -> None:
     manifest = json.loads((mnist_tar / "manifest.json").read_text())
     assert manifest["count"] == 5000
-    assert [s["stop"] - s["start"] for s in manifest["shards"]] == [1024] * 4 + [904]
+    table = (mnist_tar / "shards.jsonl").read_text().splitlines()
+    assert manifest["shard_table"]["shards"] == len(table) == 5
+    assert [json.loads(s)["count"] for s in table] == [1024] * 4 + [904]
     ids, images = read_output(str(mnist_tar))
     source = open_source("mnist5k")
     assert ids == list(source.ids)  # every id exactly once, in row order

@@ -53,9 +53,9 @@ def test_encode_and_decode_on_s3_match_local(
     local_manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     fs = s3fs.S3FileSystem(**s3)
     remote_manifest = json.loads(fs.cat_file("latentbatch/outputs/s/manifest.json"))
-    assert [s["sha256"] for s in remote_manifest["shards"]] == [
-        s["sha256"] for s in local_manifest["shards"]
-    ]
+    assert remote_manifest["shard_table"] == local_manifest["shard_table"]  # same shards
+    table = fs.cat_file("latentbatch/outputs/s/shards.jsonl")
+    assert table == (tmp_path / "out" / "shards.jsonl").read_bytes()
     ids, images = read_output(remote_out, s3)
     local_ids, local_images = read_output(local_out)
     assert ids == local_ids
