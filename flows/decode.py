@@ -11,6 +11,7 @@ from pydantic import Field
 
 from flows.params import (
     ImageCodecName,
+    ImagesPerShard,
     ModelDir,
     OutputFormat,
     Quality,
@@ -52,6 +53,7 @@ def decode_task(
     image_codec: str = "png",
     quality: int | None = None,
     storage_block: str | None = None,
+    images_per_shard: int | None = None,
 ) -> DecodeResult:
     progress = ProgressReporter("decode-progress", f"Decoding {store} into {out}")
     return decode(
@@ -60,6 +62,7 @@ def decode_task(
         out,
         fmt=output_format,
         codec=check_codec(image_codec, quality),
+        images_per_shard=images_per_shard,
         storage_options=storage_options(storage_block),
         scheduler=scheduler,
         workers=workers,
@@ -99,6 +102,7 @@ def decode_latents(
     image_codec: ImageCodecName = "png",
     quality: Quality = None,
     storage_block: StorageBlock = None,
+    images_per_shard: ImagesPerShard = None,
 ) -> dict[str, object]:
     result = decode_task(
         model_dir,
@@ -111,6 +115,7 @@ def decode_latents(
         image_codec,
         quality,
         storage_block,
+        images_per_shard,
     )
     summary = decode_summary(result, store)
     summary_artifact("decode-summary", "Decode summary", [summary])

@@ -20,6 +20,7 @@ from pydantic import Field
 from flows.decode import decode_summary
 from flows.params import (
     ImageCodecName,
+    ImagesPerShard,
     OutputFormat,
     Quality,
     Scheduler,
@@ -67,6 +68,7 @@ def decode_store(
     codec: ImageCodec,
     client: Any,
     options: dict[str, Any] | None,
+    images_per_shard: int | None = None,
 ) -> dict[str, object]:
     model_id = open_store(item.entry.url, options).model_id  # validates the store
     if model_id not in models:
@@ -78,6 +80,7 @@ def decode_store(
         item.out,
         fmt=fmt,
         codec=codec,
+        images_per_shard=images_per_shard,
         storage_options=options,
         client=client,
         on_progress=progress,
@@ -103,6 +106,7 @@ def nightly_bulk_decode(
     image_codec: ImageCodecName = "png",
     quality: Quality = None,
     storage_block: StorageBlock = None,
+    images_per_shard: ImagesPerShard = None,
 ) -> State[Any]:
     options = storage_options(storage_block)
     codec = check_codec(image_codec, quality)
@@ -128,7 +132,14 @@ def nightly_bulk_decode(
                 row |= {"action": "skipped", "detail": f"output is {item.status}"}
             else:
                 state = decode_store(
-                    item, models, output_format, codec, client, options, return_state=True
+                    item,
+                    models,
+                    output_format,
+                    codec,
+                    client,
+                    options,
+                    images_per_shard,
+                    return_state=True,
                 )
                 if state.is_completed():
                     summary = state.result()

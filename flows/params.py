@@ -59,3 +59,10 @@ Quality = Annotated[
     int | None,
     Field(ge=1, le=100, description="Quality 1-100 of webp and jpeg images (default 90)"),
 ]
+ImagesPerShard = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="Images per output shard, rounded down to whole store shards (empty: 10240)",
+    ),
+]

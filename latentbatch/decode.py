@@ -1,4 +1,4 @@
-"""A latent store → image shards, one Dask task per store shard.
+"""A latent store → image shards, one Dask task per output shard.
 
 ::
 
@@ -19,7 +19,9 @@
     progress: images, images/s, ETA
     remove temporaries; write manifest.json last
 
-Output shards follow store shards, so the bytes do not depend on the number of workers.
+An output shard holds ``--images-per-shard`` rows (default 10,240) rounded down to whole
+store shards: object stores get objects of a few MB, not a million tiny ones, and since
+the grouping follows the store's shards the bytes do not depend on the number of workers.
 
 :func:`decode_selection` decodes chosen rows in this process (``latentbatch query
 --decode``) with the same checks, the same shard writers and the same manifest.
@@ -73,6 +75,7 @@ from latentbatch.workers import (
 )
 
 DECODE_BATCH = 256
+DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
 # rows per read of a task's latents: each zarr read costs a few ms of CPU besides the
 # bytes, so reads are larger than CPU decode batches (and the next is read meanwhile)
 READ_AHEAD_ROWS = 512
@@ -387,8 +390,8 @@ def _refuse_other_output(
             f"{out_url} holds a {earlier.output_format} decode by model "
             f"{earlier.model_id[:12]}; choose another --out"
         )
-    before = _codec_settings(earlier.format_settings)
-    if fmt != "zarr" and before != _codec_settings(settings):
+    before = _layout_settings(earlier.format_settings, fmt, store.shard_rows)
+    if before != _layout_settings(settings, fmt, store.shard_rows):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(before.items()))
         raise OutputError(
             f"{out_url} holds images made with other settings ({shown}); "
@@ -396,9 +399,27 @@ def _refuse_other_output(
         )
 
 
-def _codec_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
-    chosen = {k: v for k, v in (settings or {}).items() if k in ("image_codec", "quality")}
-    return {"image_codec": "png", **chosen}
+def _layout_settings(
+    settings: dict[str, Any] | None, fmt: Format, shard_rows: int
+) -> dict[str, Any]:
+    """The settings an output cannot mix: image codec and quality (tar and png), and
+    rows per output shard (one store shard each before ``--images-per-shard``)."""
+    keys = ("image_codec", "quality", "rows_per_shard") if fmt != "zarr" else ("rows_per_shard",)
+    chosen = {k: v for k, v in (settings or {}).items() if k in keys}
+    defaults: dict[str, Any] = {"rows_per_shard": shard_rows}
+    if fmt != "zarr":
+        defaults["image_codec"] = "png"
+    return {**defaults, **chosen}
+
+
+def rows_per_output_shard(images_per_shard: int | None, store_shard_rows: int) -> int:
+    """Rows of each output shard: ``images_per_shard`` (default 10,240) rounded down to
+    whole store shards, at least one, so that a task reads whole store shards and the
+    bytes do not depend on the cluster."""
+    wanted = DEFAULT_IMAGES_PER_SHARD if images_per_shard is None else images_per_shard
+    if wanted < 1:
+        raise OutputError(f"--images-per-shard {wanted} must be at least 1")
+    return max(1, wanted // store_shard_rows) * store_shard_rows
 
 
 def _absolute(url: str) -> str:
@@ -412,6 +433,7 @@ def decode(
     *,
     fmt: Format = "tar",
     codec: ImageCodec | None = None,
+    images_per_shard: int | None = None,
     allow_model_mismatch: bool = False,
     storage_options: StorageOptions | None = None,
     out_options: StorageOptions | None = None,
@@ -423,7 +445,8 @@ def decode(
     on_progress: ProgressCallback | None = None,
 ) -> DecodeResult:
     """Decode the committed rows of a store into ``out_url`` (see the module docstring).
-    Tar shards hold ``codec``'s images (PNG when not given)."""
+    Tar shards hold ``codec``'s images (PNG when not given); each output shard holds
+    ``images_per_shard`` images (:func:`rows_per_output_shard`), the last one the rest."""
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
@@ -434,20 +457,19 @@ def decode(
         raise StoreError(f"{store_url} has no committed rows to decode")
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
-    settings = _settings(fmt, codec, info.config.channels)
+    rows = rows_per_output_shard(images_per_shard, store.shard_rows)
+    settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
     identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
     _refuse_other_output(out_url, out_options, store, info, fmt, settings)
     started = time.perf_counter()
-    ranges = store.shards()
+    ranges = shard_ranges(0, store.count, rows)
     done = read_records(out_url, out_options, identity)
     done = {i: r for i, r in done.items() if i < len(ranges) and (r.start, r.stop) == ranges[i]}
     if fmt == "zarr":
         config = info.config
         shape = (config.image_size, config.image_size, config.channels)
-        layout = store.meta["layout"]
-        create_zarr_output(
-            out_url, out_options, store.count, shape, layout["shard_rows"], layout["chunk_rows"]
-        )
+        chunk_rows = store.meta["layout"]["chunk_rows"]
+        create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
     jobs = [
         DecodeJob(
             store_url=store_url,

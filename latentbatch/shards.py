@@ -5,7 +5,7 @@
     OUT/
       shard-000000.tar           tar: WebDataset layout, ID.png|webp|jpg (+ ID.json) per image
       shard-000000/              png: a folder of ID.png per shard
-      images.zarr/               zarr: uint8 [N, H, W, C], sharded like the store
+      images.zarr/               zarr: uint8 [N, H, W, C], one zarr shard per output shard
 
 Every shard is built completely and written with :mod:`latentbatch.storage`'s atomic
 writes (object stores: one PUT of the whole object). Tar members have fixed metadata
@@ -170,13 +170,19 @@ def create_zarr_output(
     shard_rows: int,
     chunk_rows: int,
 ) -> None:
-    """Create (or grow) ``OUT/images.zarr``: uint8 ``[N, H, W, C]`` sharded like the store."""
+    """Create (or grow) ``OUT/images.zarr``: uint8 ``[N, H, W, C]``, one zarr shard per
+    output shard."""
     url = join(out_url, ZARR_NAME)
     fs, path = filesystem(url, options)
     if fs.exists(join(path, "zarr.json")):
         array = zarr.open_array(url, mode="r+", storage_options=zarr_options(url, options))
         if tuple(array.shape[1:]) != image_shape:
             raise OutputError(f"{url} holds images of shape {array.shape[1:]}, not {image_shape}")
+        if array.shards is not None and array.shards[0] != shard_rows:
+            raise OutputError(
+                f"{url} is sharded by {array.shards[0]} rows, not {shard_rows}; choose another "
+                "--out, or decode with --images-per-shard matching it"
+            )
         if array.shape[0] != count:
             array.resize((count, *image_shape))
         return

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from latentbatch.checkpoint import load_model
 from latentbatch.datasets import open_source
@@ -35,7 +35,7 @@ def mnist_tar(
     tmp_path_factory: pytest.TempPathFactory, seed_model: Path, mnist_store: Path, client: Client
 ) -> Path:
     out = tmp_path_factory.mktemp("decoded") / "tar"
-    decode(seed_model, str(mnist_store), str(out), client=client)
+    decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
     return out
 
 
@@ -88,7 +88,9 @@ def test_zarr_and_png_outputs_hold_the_same_pixels(
     _, tar_images = read_output(str(mnist_tar))
     for fmt in ("zarr", "png"):
         out = tmp_path / fmt
-        decode(seed_model, str(mnist_store), str(out), fmt=fmt, client=client)
+        decode(
+            seed_model, str(mnist_store), str(out), fmt=fmt, images_per_shard=1024, client=client
+        )
         ids, images = read_output(str(out))
         assert len(ids) == 5000
         np.testing.assert_array_equal(images, tar_images)
@@ -107,7 +109,7 @@ def test_rerun_skips_finished_shards_and_redoes_torn_ones(
 ) -> None:
     out = Path(shutil.copytree(mnist_tar, tmp_path / "out"))
     before = sha256s(out)
-    again = decode(seed_model, str(mnist_store), str(out), client=client)
+    again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
     assert again.shards_written == ()
     assert again.decoded == 0
     assert sha256s(out) == before
@@ -118,7 +120,7 @@ def test_rerun_skips_finished_shards_and_redoes_torn_ones(
     (out / ".shard-000001.tar.0123.tmp").write_bytes(b"left by a killed writer")
     (out / "manifest.json").unlink()
     stamps = mtimes(out)
-    result = decode(seed_model, str(mnist_store), str(out), client=client)
+    result = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
     assert result.shards_written == (2, 4)
     assert result.shards_skipped == (0, 1, 3)
     assert sha256s(out) == before
@@ -229,7 +231,7 @@ def test_an_unsafe_id_in_the_last_shard_fails_its_task_naming_row_and_id(
     url = str(tmp_path / "ids.zarr")
     encode(seed_model, "synthetic:20", url, layout=Layout(8, 4), client=client)
     out = tmp_path / "work" / "out"
-    decode(seed_model, url, str(out), client=client)
+    decode(seed_model, url, str(out), images_per_shard=8, client=client)
     (out / "manifest.json").unlink()  # an earlier run, stopped before its last shard
     (out / "shard-000002.tar").unlink()
     (out / ".records" / "shard-000002.json").unlink()
@@ -237,7 +239,7 @@ def test_an_unsafe_id_in_the_last_shard_fails_its_task_naming_row_and_id(
     store = open_store(url, writable=True)
     store.ids[17] = "../x"
     with pytest.raises(InvalidIdError, match=r"row 17 of .*ids\.zarr: id '\.\./x' is not a safe"):
-        decode(seed_model, url, str(out), client=client)
+        decode(seed_model, url, str(out), images_per_shard=8, client=client)
     assert sha256s(out) == finished
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["out"]
     assert not list(tmp_path.rglob("x.png"))
@@ -284,7 +286,9 @@ def test_lossy_tar_members_open_with_webdataset_and_other_settings_are_refused(
 
     codec = check_codec(name, 85)
     out = tmp_path / name
-    decode(seed_model, str(mnist_store), str(out), codec=codec, client=client)
+    decode(
+        seed_model, str(mnist_store), str(out), codec=codec, images_per_shard=1024, client=client
+    )
     settings = json.loads((out / "manifest.json").read_text())["format_settings"]
     assert settings["image_codec"] == name
     assert settings["quality"] == 85
@@ -316,3 +320,37 @@ def test_finite_check_on_float16_bits_matches_numpy() -> None:
     np.testing.assert_array_equal(np.flatnonzero(~_finite_rows(rows)), [3, 7, 9])
     as32 = rows.astype(np.float32)
     np.testing.assert_array_equal(_finite_rows(as32), _finite_rows(rows))
+
+
+def test_output_shards_group_whole_store_shards(
+    tmp_path: Path, mnist_store: Path, mnist_tar: Path, seed_model: Path, client: Client
+) -> None:
+    """``images_per_shard`` 4096 over 1,024-row store shards: shards of 4,096 images and
+    the rest, every id once, the same bytes from one worker as from two; another setting
+    is refused for that folder; 5000 rounds down to 4 store shards, 100 up to one."""
+    from latentbatch.decode import rows_per_output_shard
+
+    assert [rows_per_output_shard(n, 1024) for n in (4096, 5000, 100, None)] == [
+        4096, 4096, 1024, 10240,
+    ]  # fmt: skip
+    out = tmp_path / "two"
+    decode(seed_model, str(mnist_store), str(out), images_per_shard=4096, client=client)
+    table = [json.loads(line) for line in (out / "shards.jsonl").read_text().splitlines()]
+    assert [(r["start"], r["stop"]) for r in table] == [(0, 4096), (4096, 5000)]
+    ids, images = read_output(str(out))
+    assert ids == read_output(str(mnist_tar))[0]  # every id once, in row order
+    assert len(set(ids)) == 5000
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as one:  # fmt: skip
+        decode(seed_model, str(mnist_store), str(tmp_path / "one"), images_per_shard=4096,
+               client=one)  # fmt: skip
+    assert sha256s(tmp_path / "one") == sha256s(out)
+    before = sha256s(out)
+    with pytest.raises(OutputError, match="rows_per_shard=4096"):
+        decode(seed_model, str(mnist_store), str(out), images_per_shard=2048, client=client)
+    assert sha256s(out) == before
+    zarr_out = tmp_path / "zarr"
+    decode(seed_model, str(mnist_store), str(zarr_out), fmt="zarr", images_per_shard=4096,
+           client=client)  # fmt: skip
+    assert zarr.open_array(str(zarr_out / "images.zarr")).shards == (4096, 28, 28, 1)
+    np.testing.assert_array_equal(read_output(str(zarr_out))[1], images)

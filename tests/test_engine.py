@@ -24,6 +24,8 @@ from tests.helpers import mtimes, sha256s
 from tests.servers import dask_cluster
 
 pytestmark = pytest.mark.slow
+# output shards of two 128-row store shards each: 20 shards, the last of 136 images
+SHARD_ROWS, SHARDS = 256, 20
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,14 @@ def reference(
 ) -> dict[str, str]:
     """sha256 of every output file of an in-process decode."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    decode(seed_model, str(small_shards), str(out), codec=codec, client=client)
+    decode(
+        seed_model,
+        str(small_shards),
+        str(out),
+        codec=codec,
+        images_per_shard=SHARD_ROWS,
+        client=client,
+    )
     return {k: v for k, v in sha256s(out).items() if not k.startswith(".records")}
 
 
@@ -77,11 +86,21 @@ def test_cli_cluster_gives_byte_identical_shards_and_manifest(
 ) -> None:
     address, _ = external
     out = str(tmp_path / "out")
-    result = decode(seed_model, str(small_shards), out, codec=codec, scheduler=address)
+    result = decode(
+        seed_model,
+        str(small_shards),
+        out,
+        codec=codec,
+        images_per_shard=SHARD_ROWS,
+        scheduler=address,
+    )
     assert result.decoded == 5000
     outputs = _outputs(tmp_path / "out")
     assert "manifest.json" in outputs
     assert outputs == reference
+    table = (tmp_path / "out" / "shards.jsonl").read_text().splitlines()
+    last = 5000 - SHARD_ROWS * (SHARDS - 1)
+    assert [json.loads(line)["count"] for line in table] == [SHARD_ROWS] * (SHARDS - 1) + [last]
 
 
 def test_killed_worker_still_gives_byte_identical_output(
@@ -108,6 +127,7 @@ def test_killed_worker_still_gives_byte_identical_output(
             str(small_shards),
             str(tmp_path / "out"),
             codec=codec,
+            images_per_shard=SHARD_ROWS,
             client=client,
             on_progress=kill_one,
         )
@@ -135,12 +155,12 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     cli = Path(sys.executable).with_name("latentbatch")
     args = [str(cli), "decode", "--model", str(seed_model), "--store", str(small_shards)]
     args += ["--out", str(out), "--scheduler", address, "--no-progress"]
-    args += ["--image-codec", codec.name]
+    args += ["--image-codec", codec.name, "--images-per-shard", str(SHARD_ROWS)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / ".records"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if records.exists() and len(list(records.glob("*.json"))) >= 6:
+        if records.exists() and len(list(records.glob("*.json"))) >= 4:
             break
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
@@ -149,11 +169,18 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     time.sleep(2)  # tasks already running on the cluster may still finish their shard
     before = mtimes(out, "shard-*.tar")
     recorded = {int(p.stem.split("-")[1]) for p in records.glob("*.json")}
-    assert 6 <= len(recorded) < 40
+    assert 4 <= len(recorded) < SHARDS
 
-    result = decode(seed_model, str(small_shards), str(out), codec=codec, scheduler=address)
+    result = decode(
+        seed_model,
+        str(small_shards),
+        str(out),
+        codec=codec,
+        images_per_shard=SHARD_ROWS,
+        scheduler=address,
+    )
     assert set(result.shards_skipped) == recorded
-    assert set(result.shards_written) == set(range(40)) - recorded
+    assert set(result.shards_written) == set(range(SHARDS)) - recorded
     after = mtimes(out, "shard-*.tar")
     for index in recorded:
         name = f"shard-{index:06d}.tar"

@@ -21,6 +21,7 @@ from tests.helpers import sha256s
 from tests.servers import dask_cluster
 
 CLI = str(Path(sys.executable).with_name("latentbatch"))
+SHARDS = ["--images-per-shard", "16"]  # one output shard per 16-row store shard
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def decoded(
     folder = tmp_path_factory.mktemp("errors")
     store, out = folder / "s.zarr", folder / "out"
     encode(tiny_model, "synthetic:40", str(store), layout=Layout(16, 8), client=client)
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
     subprocess.run([CLI, *argv, "--workers", "1", "--no-progress"], check=True)
     return store, out
 
@@ -57,7 +58,16 @@ def test_foreign_or_malformed_manifest(
     out.mkdir()
     for text in ('{"format": 1, "store": "elsewhere"}', "{not json"):
         (out / "manifest.json").write_text(text)
-        argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+        argv = [
+            "decode",
+            "--model",
+            str(tiny_model),
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            *SHARDS,
+        ]
         _fails([*argv, "--workers", "1"], str(out / "manifest.json"))
         assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
 
@@ -73,7 +83,7 @@ def test_damaged_chunk(
     data[12] ^= 0xFF
     chunk.write_bytes(bytes(data))
     out = tmp_path / "out"
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
     message = _fails([*argv, "--workers", "1", "--no-progress"], str(store), f"'{array}' array")
     # the client reads no rows: the task of the damaged shard names its rows
     assert "rows [16, 32)" in message
@@ -110,7 +120,7 @@ def test_truncated_tar_shard_is_redone(
     before = sha256s(out)
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
     done = subprocess.run(
         [CLI, *argv, "--workers", "1", "--no-progress"], capture_output=True, text=True
     )
@@ -171,7 +181,8 @@ def test_unsafe_ids_write_nothing_outside_the_output(
         return sorted(p for p in tmp_path.rglob("*") if not {"s.zarr", "out"} & set(p.parts))
 
     before = outside()
-    _fails(["decode", *model, "--store", str(store), "--out", str(out), "--workers", "1"], "id")
+    argv = ["decode", *model, "--store", str(store), "--out", str(out), "--workers", "1"]
+    _fails([*argv, *SHARDS], "id")
     query = ["query", str(store), "--rows", "0:8", *model]
     _fails([*query, "--decode", str(out), "--format", "png"], "id")
     _fails([*query, "--grid", str(tmp_path / "work" / "grid.png")], "id")
@@ -215,7 +226,16 @@ def test_gpu_worker_without_cuda_fails_the_decode_naming_the_worker(
     store, _ = decoded
     out = tmp_path / "out"
     with dask_cluster(tmp_path, workers=1, worker_args=["--resources", "GPU=1"]) as (address, _):
-        argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out)]
+        argv = [
+            "decode",
+            "--model",
+            str(tiny_model),
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            *SHARDS,
+        ]
         error = _fails([*argv, "--scheduler", address], "Dask worker w0", "GPU=1")
     assert "sees no CUDA device" in error
     assert not list(out.glob("shard-*"))

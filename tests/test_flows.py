@@ -156,7 +156,8 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     layout = Layout(16, 8)
     for name in ("done", "grown", "corrupt", "broken", "stolen"):
         encode(tiny_model, "synthetic:30", str(root / f"{name}.zarr"), layout=layout, client=client)
-        decode(tiny_model, str(root / f"{name}.zarr"), str(out_root / name), client=client)
+        decode(tiny_model, str(root / f"{name}.zarr"), str(out_root / name), images_per_shard=16,
+               client=client)  # fmt: skip
     encode(tiny_model, "digits", str(root / "grown.zarr"), append=True, limit=10, client=client)
     shutil.rmtree(out_root / "corrupt")
     (root / "corrupt.zarr" / "latents" / "zarr.json").write_text("{ not json")
@@ -172,6 +173,7 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
         "tar",
         client.scheduler.address,
         None,
+        images_per_shard=16,
         return_state=True,
     )
     assert state.is_failed()
@@ -202,9 +204,9 @@ def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
     tmp_path: Path, tiny_model: Path, client: Client
 ) -> None:
     """The nightly run over an S3 root (moto behind a TCP proxy), its settings in a Secret
-    block. Right after the 4th shard record of one store is written the endpoint goes
-    away for 2 s: that store's decode fails, Prefect retries it once the endpoint is
-    back, and the retry skips every finished shard; the outputs equal a local decode."""
+    block. As the 4th shard record of one store goes out, the endpoint goes away for 2 s:
+    that store's decode fails, Prefect retries it once the endpoint is back, and the retry
+    skips every finished (recorded) shard; the outputs equal a local decode."""
     import s3fs
     from prefect.blocks.system import Secret
 
@@ -232,7 +234,7 @@ def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
         proxy.go_away_after(b"PUT /nightly/decoded/a/.records/", count=4, seconds=2)
         state = nightly_bulk_decode(
             "s3://nightly/stores", "s3://nightly/decoded", str(models), "tar",
-            client.scheduler.address, None, "png", None, "nightly-s3", return_state=True,
+            client.scheduler.address, None, "png", None, "nightly-s3", 8, return_state=True,
         )  # fmt: skip
         runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
         assert state.is_completed(), [(r.name, r.run_count, r.state_name) for r in runs]
@@ -243,11 +245,13 @@ def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
         rows = {r["store"]: r for r in json.loads(artifacts(state)["nightly-summary"].data)}
         a = rows["s3://nightly/stores/a.zarr"]
         assert a["action"] == "decoded"
-        assert a["shards_skipped"] >= 4  # the retry redid none of the finished shards
+        # the 3 records before the 4th were complete when the endpoint went away (the 4th
+        # PUT may have been cut off): the retry redid none of the finished shards
+        assert a["shards_skipped"] >= 3
         assert a["shards_written"] + a["shards_skipped"] == 20
         local = tmp_path / "local"
         decode(tiny_model, "s3://nightly/stores/a.zarr", str(local), storage_options=direct,
-               client=client)  # fmt: skip
+               images_per_shard=8, client=client)  # fmt: skip
         ids, images = read_output("s3://nightly/decoded/a", direct)
         local_ids, local_images = read_output(str(local))
         assert ids == local_ids

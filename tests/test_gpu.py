@@ -101,7 +101,9 @@ def test_two_workers_sharing_a_gpu_write_the_same_bytes(
     from latentbatch.cluster import gpu_cluster
 
     with connect() as client:
-        decode(seed_model, str(mnist_store), str(tmp_path / "one"), client=client)
+        decode(seed_model, str(mnist_store), str(tmp_path / "one"), images_per_shard=1024,
+               client=client)  # fmt: skip
     with gpu_cluster(2, gpus=1) as cluster, Client(cluster) as client:
-        decode(seed_model, str(mnist_store), str(tmp_path / "two"), client=client)
+        decode(seed_model, str(mnist_store), str(tmp_path / "two"), images_per_shard=1024,
+               client=client)  # fmt: skip
     assert sha256s(tmp_path / "one") == sha256s(tmp_path / "two")

@@ -274,6 +274,7 @@ def test_decode_deployment_runs_on_the_gpu_worker_only(
     store, out = tmp_path / "s.zarr", tmp_path / "out"
     encode(tiny_model, "synthetic:64", str(store), layout=Layout(16, 8), client=client)
     parameters = {"model_dir": str(tiny_model), "store": str(store), "out": str(out)}
+    parameters["images_per_shard"] = 16  # four tasks, all on the GPU worker
     run = run_deployment("decode-latents/decode-latents", parameters=parameters, timeout=240)
     assert run.state is not None
     assert run.state.is_completed(), run.state.message
@@ -316,6 +317,7 @@ def test_server_restart_during_a_nightly_run_loses_nothing(
         tiny_model, "synthetic:3000", str(root / "big.zarr"), layout=Layout(16, 8), client=client
     )
     parameters = {"root": str(root), "out_root": str(out_root), "models_root": str(models)}
+    parameters["images_per_shard"] = 16  # one output shard per store shard: 188 of them
     run = run_deployment(
         "nightly-bulk-decode/nightly-bulk-decode", parameters=parameters, timeout=0
     )

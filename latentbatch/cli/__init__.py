@@ -183,6 +183,13 @@ def decode_command(
     ] = "tar",
     image_codec: ImageCodecOption = "png",
     quality: QualityOption = None,
+    images_per_shard: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Images per output shard, rounded down to whole store shards \\[default: 10240].",
+        ),
+    ] = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     allow_model_mismatch: Annotated[
@@ -204,6 +211,7 @@ def decode_command(
             out,
             fmt=check_format(output_format),
             codec=check_codec(image_codec, quality),
+            images_per_shard=images_per_shard,
             allow_model_mismatch=allow_model_mismatch,
             storage_options=parse_options(storage_option),
             scheduler=scheduler,
