@@ -354,3 +354,21 @@ def test_output_shards_group_whole_store_shards(
            client=client)  # fmt: skip
     assert zarr.open_array(str(zarr_out / "images.zarr")).shards == (4096, 28, 28, 1)
     np.testing.assert_array_equal(read_output(str(zarr_out))[1], images)
+
+
+def test_an_output_of_an_earlier_release_continues_only_with_its_shard_size(
+    tmp_path: Path, mnist_tar: Path, mnist_store: Path, seed_model: Path, client: Client
+) -> None:
+    """Before --images-per-shard, an output held one shard per store shard and its
+    manifest said nothing of it: the default (10,240) is refused, naming the size it has;
+    the store's shard rows continue it without rewriting a shard."""
+    out = Path(shutil.copytree(mnist_tar, tmp_path / "old"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["format_settings"]["rows_per_shard"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = sha256s(out)
+    with pytest.raises(OutputError, match="rows_per_shard=1024"):
+        decode(seed_model, str(mnist_store), str(out), client=client)
+    assert sha256s(out) == before
+    again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
+    assert again.shards_written == ()
