@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributed import Client
@@ -53,14 +54,7 @@ def reference(
 ) -> dict[str, str]:
     """sha256 of every output file of an in-process decode."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    decode(
-        seed_model,
-        str(small_shards),
-        str(out),
-        codec=codec,
-        images_per_shard=SHARD_ROWS,
-        client=client,
-    )
+    _decode(seed_model, small_shards, out, codec, client=client)
     return {k: v for k, v in sha256s(out).items() if not k.startswith(".records")}
 
 
@@ -70,6 +64,11 @@ def external(
 ) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     with dask_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+def _decode(model: Path, store: Path, out: Path | str, codec: ImageCodec, **run: Any) -> Any:
+    """The engine's decode of ``store`` with the module's shard size and ``codec``."""
+    return decode(model, str(store), str(out), codec=codec, images_per_shard=SHARD_ROWS, **run)
 
 
 def _outputs(out: Path) -> dict[str, str]:
@@ -86,14 +85,7 @@ def test_cli_cluster_gives_byte_identical_shards_and_manifest(
 ) -> None:
     address, _ = external
     out = str(tmp_path / "out")
-    result = decode(
-        seed_model,
-        str(small_shards),
-        out,
-        codec=codec,
-        images_per_shard=SHARD_ROWS,
-        scheduler=address,
-    )
+    result = _decode(seed_model, small_shards, out, codec, scheduler=address)
     assert result.decoded == 5000
     outputs = _outputs(tmp_path / "out")
     assert "manifest.json" in outputs
@@ -122,15 +114,8 @@ def test_killed_worker_still_gives_byte_identical_output(
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-        result = decode(
-            seed_model,
-            str(small_shards),
-            str(tmp_path / "out"),
-            codec=codec,
-            images_per_shard=SHARD_ROWS,
-            client=client,
-            on_progress=kill_one,
-        )
+        out = tmp_path / "out"
+        result = _decode(seed_model, small_shards, out, codec, client=client, on_progress=kill_one)
         assert killed
         assert result.decoded == 5000
         assert _outputs(tmp_path / "out") == reference
@@ -171,14 +156,7 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     recorded = {int(p.stem.split("-")[1]) for p in records.glob("*.json")}
     assert 4 <= len(recorded) < SHARDS
 
-    result = decode(
-        seed_model,
-        str(small_shards),
-        str(out),
-        codec=codec,
-        images_per_shard=SHARD_ROWS,
-        scheduler=address,
-    )
+    result = _decode(seed_model, small_shards, out, codec, scheduler=address)
     assert set(result.shards_skipped) == recorded
     assert set(result.shards_written) == set(range(SHARDS)) - recorded
     after = mtimes(out, "shard-*.tar")

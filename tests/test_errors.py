@@ -32,9 +32,13 @@ def decoded(
     folder = tmp_path_factory.mktemp("errors")
     store, out = folder / "s.zarr", folder / "out"
     encode(tiny_model, "synthetic:40", str(store), layout=Layout(16, 8), client=client)
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
+    argv = _decode_argv(tiny_model, store, out)
     subprocess.run([CLI, *argv, "--workers", "1", "--no-progress"], check=True)
     return store, out
+
+
+def _decode_argv(model: Path, store: Path, out: Path) -> list[str]:
+    return ["decode", "--model", str(model), "--store", str(store), "--out", str(out), *SHARDS]
 
 
 def _fails(argv: list[str], *named: str) -> str:
@@ -58,16 +62,7 @@ def test_foreign_or_malformed_manifest(
     out.mkdir()
     for text in ('{"format": 1, "store": "elsewhere"}', "{not json"):
         (out / "manifest.json").write_text(text)
-        argv = [
-            "decode",
-            "--model",
-            str(tiny_model),
-            "--store",
-            str(store),
-            "--out",
-            str(out),
-            *SHARDS,
-        ]
+        argv = _decode_argv(tiny_model, store, out)
         _fails([*argv, "--workers", "1"], str(out / "manifest.json"))
         assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
 
@@ -83,7 +78,7 @@ def test_damaged_chunk(
     data[12] ^= 0xFF
     chunk.write_bytes(bytes(data))
     out = tmp_path / "out"
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
+    argv = _decode_argv(tiny_model, store, out)
     message = _fails([*argv, "--workers", "1", "--no-progress"], str(store), f"'{array}' array")
     # the client reads no rows: the task of the damaged shard names its rows
     assert "rows [16, 32)" in message
@@ -120,7 +115,7 @@ def test_truncated_tar_shard_is_redone(
     before = sha256s(out)
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
-    argv = ["decode", "--model", str(tiny_model), "--store", str(store), "--out", str(out), *SHARDS]
+    argv = _decode_argv(tiny_model, store, out)
     done = subprocess.run(
         [CLI, *argv, "--workers", "1", "--no-progress"], capture_output=True, text=True
     )
@@ -226,16 +221,7 @@ def test_gpu_worker_without_cuda_fails_the_decode_naming_the_worker(
     store, _ = decoded
     out = tmp_path / "out"
     with dask_cluster(tmp_path, workers=1, worker_args=["--resources", "GPU=1"]) as (address, _):
-        argv = [
-            "decode",
-            "--model",
-            str(tiny_model),
-            "--store",
-            str(store),
-            "--out",
-            str(out),
-            *SHARDS,
-        ]
+        argv = _decode_argv(tiny_model, store, out)
         error = _fails([*argv, "--scheduler", address], "Dask worker w0", "GPU=1")
     assert "sees no CUDA device" in error
     assert not list(out.glob("shard-*"))
