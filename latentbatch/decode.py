@@ -152,7 +152,7 @@ class ImageEncoding:
 
     def __init__(self, threads: int, codec: ImageCodec | None = None) -> None:
         self.threads = threads
-        self.codec = codec or ImageCodec()
+        self.codec = codec or PNG
         self._pool = encoding_pool(threads)
         self._parts: list[Future[list[bytes]]] = []
 
@@ -353,7 +353,7 @@ def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool 
 
 
 def _check_codec(fmt: Format, codec: ImageCodec | None) -> ImageCodec:
-    codec = codec or ImageCodec()
+    codec = codec or PNG
     if fmt != "tar" and codec.name != "png":
         raise OutputError(
             f"--image-codec {codec.name} needs --format tar; {fmt} output is not re-encoded"

@@ -116,7 +116,7 @@ def check_codec(name: str, quality: int | None = None) -> ImageCodec:
     if known == "png":
         if quality is not None:
             raise OutputError("--quality applies to webp and jpeg; png is lossless")
-        return ImageCodec(name="png")
+        return PNG
     quality = DEFAULT_QUALITY if quality is None else quality
     if not 1 <= quality <= 100:
         raise OutputError(f"--quality {quality} is out of range; choose 1 to 100")
@@ -129,7 +129,7 @@ def codec_of_settings(settings: dict[str, Any] | None) -> ImageCodec:
     settings = settings or {}
     name = str(settings.get("image_codec", "png"))
     if name == "png":
-        return ImageCodec(name="png")
+        return PNG
     return ImageCodec(name=check_codec(name).name, quality=settings.get("quality"))
 
 

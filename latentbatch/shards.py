@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from latentbatch.errors import OutputError
-from latentbatch.images import ImageCodec, codec_of_settings, decode_image
+from latentbatch.images import PNG, ImageCodec, codec_of_settings, decode_image
 from latentbatch.manifest import (
     MANIFEST,
     RECORDS,
@@ -247,7 +247,7 @@ def write_shard(
     """
     if fmt == "zarr":
         return write_zarr_shard(out_url, options, index, start, images)
-    codec = codec or ImageCodec()
+    codec = codec or PNG
     if fmt == "png" and codec.name != "png":
         raise OutputError(f"the png format holds PNG images, not {codec.name}; use --format tar")
     files = codec.encode(images) if encoded is None else encoded
