@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
@@ -57,7 +56,7 @@ def decode_task(
 ) -> DecodeResult:
     progress = ProgressReporter("decode-progress", f"Decoding {store} into {out}")
     return decode(
-        Path(model_dir),
+        model_dir,
         store,
         out,
         fmt=output_format,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
@@ -41,7 +40,7 @@ def encode_task(
 ) -> EncodeResult:
     progress = ProgressReporter("encode-progress", f"Encoding {data} into {store}")
     return encode(
-        Path(model_dir),
+        model_dir,
         data,
         store,
         append=append,
@@ -81,7 +80,7 @@ def encode_images(
     preview_artifact(
         "encode-preview",
         "Originals (top) and their stored latents decoded (bottom)",
-        encode_preview(Path(model_dir), data, store, PREVIEW, storage_options(storage_block)),
+        encode_preview(model_dir, data, store, PREVIEW, storage_options(storage_block)),
         f"First {PREVIEW} images of {data} in {store}.",
     )
     print(f"encoded {result.encoded} images of {data} into {store}")

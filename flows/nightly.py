@@ -8,7 +8,6 @@ skipped, seconds and images/s.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, task
@@ -63,7 +62,7 @@ def plan_task(root: str, out_root: str, options: dict[str, Any] | None) -> list[
 )
 def decode_store(
     item: BulkItem,
-    models: dict[str, Path],
+    models: dict[str, str],
     fmt: Format,
     codec: ImageCodec,
     client: Any,
@@ -98,7 +97,8 @@ def nightly_bulk_decode(
         str, Field(description="Outputs go to OUT_ROOT/<store path without .zarr>")
     ] = "out/decoded",
     models_root: Annotated[
-        str, Field(description="Folder of model directories, matched by model id")
+        str,
+        Field(description="Folder or s3:// prefix of model directories, matched by model id"),
     ] = "models",
     output_format: OutputFormat = "tar",
     scheduler: Scheduler = None,
@@ -111,7 +111,7 @@ def nightly_bulk_decode(
     options = storage_options(storage_block)
     codec = check_codec(image_codec, quality)
     items = plan_task(root, out_root, options)
-    models = models_by_id(Path(models_root))
+    models = models_by_id(models_root, options)
     report: list[dict[str, object]] = []
     failed: list[str] = []
     pictures: list[Any] = []

@@ -33,7 +33,9 @@ def described(fn: F) -> F:
     return fn
 
 
-ModelDir = Annotated[str, Field(description="Model directory")]
+ModelDir = Annotated[
+    str, Field(description="Model directory: local path or s3:// URL (fetched once per worker)")
+]
 StoreUrl = Annotated[str, Field(description="Latent store: local path or s3:// URL")]
 DataSource = Annotated[
     str, Field(description="mnist5k, digits, photos, synthetic[:N] or folder:PATH")

@@ -3,7 +3,6 @@ of the results and a preview grid."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, task
@@ -64,7 +63,7 @@ def query_latents(
         preview_artifact(
             "query-preview",
             "Query results",
-            selection_preview(Path(model_dir), opened, shown),
+            selection_preview(model_dir, opened, shown),
             f"First {len(shown)} of {len(results)} results.",
         )
     print(f"{len(results)} rows")

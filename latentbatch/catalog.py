@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from latentbatch.checkpoint import find_models
@@ -169,9 +168,10 @@ def describe_stores(
     return rows
 
 
-def models_by_id(models_root: Path) -> dict[str, Path]:
-    """Model directories under ``models_root`` keyed by model id (unreadable ones left out)."""
-    found: dict[str, Path] = {}
-    for info in find_models(models_root).models:
-        found.setdefault(info.model_id, info.path)
+def models_by_id(models_root: str, options: StorageOptions | None = None) -> dict[str, str]:
+    """Model directories under ``models_root`` (a folder or URL prefix) keyed by model id
+    (unreadable ones left out)."""
+    found: dict[str, str] = {}
+    for info in find_models(models_root, options).models:
+        found.setdefault(info.model_id, info.location)
     return found

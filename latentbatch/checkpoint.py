@@ -11,13 +11,23 @@
 
 Loading reads safetensors only, so nothing is ever unpickled; a weights file whose tensor
 names or shapes do not fit ``config.json`` is refused with a message listing the misfits.
+
+A model is a location: a local folder or any fsspec URL (``s3://bucket/models/NAME`` with
+storage options). For a URL only ``config.json`` is read to learn the model (its recorded
+id is the expected one); whoever loads the weights copies ``config.json`` and
+``model.safetensors`` once into a local cache keyed by that id
+(``$LATENTBATCH_MODEL_CACHE``, default ``~/.cache/latentbatch/models/ID``) and checks
+their sha256 against it first, so weights altered after training are refused by id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +39,16 @@ from safetensors.torch import save
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
 from latentbatch.model import Autoencoder, Decoder, Encoder
-from latentbatch.storage import sha256_file, write_bytes, write_json
+from latentbatch.storage import (
+    TEMPORARY_SUFFIX,
+    StorageOptions,
+    filesystem,
+    is_remote,
+    join,
+    sha256_file,
+    write_bytes,
+    write_json,
+)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -38,20 +57,27 @@ RECONSTRUCTIONS = "reconstructions.png"
 CURVES = "curves.png"
 FORMAT = 1
 NORMALISATION = {"pixels": "uint8 / 255 -> [0, 1]", "output": "sigmoid in [0, 1]"}
+MODEL_CACHE_ENV = "LATENTBATCH_MODEL_CACHE"
+ModelLocation = str | Path  # a local model directory or an fsspec URL of one
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """What ``config.json`` says about a model directory, plus its id."""
+    """What ``config.json`` says about a model directory, plus its id and where it is."""
 
-    path: Path
+    location: str  # a local path, or a URL whose weights are checked where they are loaded
     model_id: str
     config: ModelConfig
     meta: dict[str, Any]
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
         return self.model_id[:12]
+
+    @property
+    def is_remote(self) -> bool:
+        return is_remote(self.location)
 
 
 def _describe_not_safetensors(path: Path) -> str:
@@ -115,23 +141,57 @@ def save_model(directory: Path, model: Autoencoder, meta: dict[str, Any]) -> str
     return new_id
 
 
-def read_info(directory: Path) -> ModelInfo:
-    """Read ``config.json`` and the model id; check that they belong together."""
-    directory = Path(directory)
+def _parse_config(text: str | bytes, where: str) -> tuple[dict[str, Any], ModelConfig]:
+    try:
+        meta = json.loads(text)
+        config = ModelConfig.from_dict(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{where} is not a valid model config: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{where} has format {meta.get('format')!r}; this latentbatch reads {FORMAT}"
+        )
+    return meta, config
+
+
+def _read_remote_info(url: str, options: StorageOptions | None) -> ModelInfo:
+    fs, path = filesystem(url, options)
+    where = join(url, CONFIG)
+    try:
+        text = fs.cat_file(join(path, CONFIG))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{url} is not a model directory: {CONFIG} is missing (check the URL)"
+        ) from None
+    meta, config = _parse_config(text, where)
+    recorded = meta.get("model_id")
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise CheckpointError(
+            f"{where} records no model id, so its weights cannot be checked where they "
+            "are loaded; copy a model directory written by latentbatch train"
+        )
+    return ModelInfo(
+        location=url,
+        model_id=recorded,
+        config=config,
+        meta=meta,
+        storage_options=dict(options or {}),
+    )
+
+
+def read_info(location: ModelLocation, options: StorageOptions | None = None) -> ModelInfo:
+    """Read ``config.json`` and the model id. A local directory's weights are hashed and
+    must be the file its config was written for; a URL's id is the one its config
+    records (checked against the weights wherever they are loaded)."""
+    if is_remote(location):
+        return _read_remote_info(str(location), options)
+    directory = Path(location)
     config_path = directory / CONFIG
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
     if not config_path.is_file():
         raise CheckpointError(f"{directory} is not a model directory: {CONFIG} is missing")
-    try:
-        meta = json.loads(config_path.read_text())
-        config = ModelConfig.from_dict(meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{config_path} has format {meta.get('format')!r}; this latentbatch reads {FORMAT}"
-        )
+    meta, config = _parse_config(config_path.read_text(), str(config_path))
     actual = model_id(directory)
     recorded = meta.get("model_id")
     if recorded is not None and recorded != actual:
@@ -139,7 +199,61 @@ def read_info(directory: Path) -> ModelInfo:
             f"{directory / WEIGHTS} (id {actual[:12]}) is not the file {CONFIG} was written for "
             f"(id {str(recorded)[:12]}); restore the weights or retrain"
         )
-    return ModelInfo(path=directory, model_id=actual, config=config, meta=meta)
+    return ModelInfo(location=str(directory), model_id=actual, config=config, meta=meta)
+
+
+def model_cache() -> Path:
+    """This machine's cache of models fetched from URLs: ``$LATENTBATCH_MODEL_CACHE``, or
+    ``~/.cache/latentbatch/models``."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "latentbatch" / "models"
+
+
+def _fetch(info: ModelInfo, target: Path) -> None:
+    """Copy a URL's config and weights into ``target`` (renamed into place whole), after
+    checking the weights' sha256 against the id the client expects."""
+    fs, path = filesystem(info.location, info.storage_options)
+    try:
+        weights = fs.cat_file(join(path, WEIGHTS))
+        config = fs.cat_file(join(path, CONFIG))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{info.location} is not a model directory: {exc}") from None
+    actual = hashlib.sha256(weights).hexdigest()
+    if actual != info.model_id:
+        raise CheckpointError(
+            f"the weights at {join(info.location, WEIGHTS)} have id {actual[:12]}, not the "
+            f"expected {info.model_id[:12]} that its {CONFIG} records: they were altered "
+            "after training; restore them or point --model at the model you meant"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent)
+    )
+    try:
+        (staging / WEIGHTS).write_bytes(weights)
+        (staging / CONFIG).write_bytes(config)
+        try:
+            staging.rename(target)
+        except OSError:  # another process of this machine fetched it first
+            if not (target / WEIGHTS).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def local_copy(info: ModelInfo) -> Path:
+    """A local directory holding ``info``'s weights, checked against its id: the directory
+    itself for a local model; for a URL the cached copy (fetched on first use, fetched
+    again when the cached weights no longer match the id)."""
+    if not info.is_remote:
+        return Path(info.location)
+    target = model_cache() / info.model_id
+    if (target / WEIGHTS).is_file():
+        if sha256_file(target / WEIGHTS) == info.model_id:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+    _fetch(info, target)
+    return target
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,20 +261,33 @@ class ModelListing:
     """The model directories found under a folder, and the ones that could not be read."""
 
     models: tuple[ModelInfo, ...]
-    broken: tuple[tuple[Path, str], ...]
+    broken: tuple[tuple[str, str], ...]
 
 
-def find_models(root: Path) -> ModelListing:
-    """Every model directory (a folder with ``config.json``) under ``root``, sorted by path;
-    unreadable ones are listed with the reason."""
+def _model_folders(root: str, options: StorageOptions | None) -> list[str]:
+    if not is_remote(root):
+        return (
+            [str(p.parent) for p in sorted(Path(root).rglob(CONFIG))] if Path(root).is_dir() else []
+        )
+    fs, path = filesystem(root, options)
+    if not fs.isdir(path):
+        return []
+    found = sorted(p for p in fs.find(path) if p.rsplit("/", 1)[-1] == CONFIG)
+    # each folder as the root was written plus its path below the root
+    below = [p[len(path.rstrip("/")) :].strip("/").rpartition("/")[0] for p in found]
+    return [join(root, folder) if folder else root for folder in below]
+
+
+def find_models(root: ModelLocation, options: StorageOptions | None = None) -> ModelListing:
+    """Every model directory (a folder with ``config.json``) under ``root`` (a folder or
+    a URL prefix), sorted by path; unreadable ones are listed with the reason."""
     models: list[ModelInfo] = []
-    broken: list[tuple[Path, str]] = []
-    if Path(root).is_dir():
-        for config_path in sorted(Path(root).rglob(CONFIG)):
-            try:
-                models.append(read_info(config_path.parent))
-            except LatentbatchError as exc:
-                broken.append((config_path.parent, str(exc)))
+    broken: list[tuple[str, str]] = []
+    for folder in _model_folders(str(root), options):
+        try:
+            models.append(read_info(folder, options))
+        except LatentbatchError as exc:
+            broken.append((folder, str(exc)))
     return ModelListing(models=tuple(models), broken=tuple(broken))
 
 
@@ -170,7 +297,7 @@ def summary(info: ModelInfo) -> dict[str, Any]:
     history = info.meta.get("training", {}).get("history", [])
     final = history[-1] if history else {}
     return {
-        "path": str(info.path),
+        "path": info.location,
         "model_id": info.model_id,
         "preset": info.config.preset,
         "image": f"{info.config.image_size}x{info.config.image_size}x{info.config.channels}",
@@ -223,12 +350,16 @@ def build_model(
 
 
 def load_model(
-    directory: Path, part: Part = "autoencoder", device: str | torch.device = "cpu"
+    location: ModelLocation,
+    part: Part = "autoencoder",
+    device: str | torch.device = "cpu",
+    options: StorageOptions | None = None,
 ) -> tuple[torch.nn.Module, ModelInfo]:
-    """Load a model directory's model (or only its encoder or decoder), and its info."""
-    info = read_info(directory)
-    tensors = read_tensors(Path(directory) / WEIGHTS)
-    module = build_model(info.config, tensors, part, str(Path(directory) / WEIGHTS))
+    """Load a model directory's model (or only its encoder or decoder), and its info; a
+    URL's through the checked local copy (:func:`local_copy`)."""
+    info = read_info(location, options)
+    weights = local_copy(info) / WEIGHTS
+    module = build_model(info.config, read_tensors(weights), part, str(weights))
     return module.to(device), info
 
 

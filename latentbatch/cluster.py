@@ -215,23 +215,29 @@ def map_bounded(
     max_in_flight: int | None = None,
     resources: dict[str, float] | None = None,
     on_result: Callable[[R, Progress], None] | None = None,
+    totals: tuple[int, int] | None = None,
 ) -> list[R]:
     """Run ``fn`` over ``specs`` with at most ``max_in_flight`` tasks submitted at once
     (default: two per worker, so each worker has its next task queued).
 
-    Results are handed to ``on_result`` as they complete (with the progress so far) and
-    returned in completion order. The first task error cancels the rest and is raised
-    here; a :class:`LatentbatchError` travels back as a value, so workers do not log it.
+    Results are handed to ``on_result`` as they complete (with the progress so far), or
+    without ``on_result`` returned in completion order. The first task error cancels the
+    rest and is raised here; a :class:`LatentbatchError` travels back as a value, so
+    workers do not log it. With ``totals`` (tasks, items) the specs are drawn from
+    ``specs`` only as tasks are submitted, so a lazy iterable of any length costs the
+    client the tasks in flight; without, they are listed first to count them.
     """
     if max_in_flight is None:
         max_in_flight = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    pending = list(specs)
-    total_items = sum(items(s) for s in pending)
-    total_tasks = len(pending)
-    queue = iter(pending)
+    if totals is None:
+        pending = list(specs)
+        totals = (len(pending), sum(items(s) for s in pending))
+        specs = pending
+    total_tasks, total_items = totals
+    queue = iter(specs)
     started = time.perf_counter()
     results: list[R] = []
-    done_items = 0
+    done_items = done_tasks = 0
 
     run = uuid.uuid4().hex[:8]  # keys of another run never match: an erred task of an
     # earlier attempt, still known to the scheduler, would otherwise answer a retry
@@ -249,7 +255,9 @@ def map_bounded(
             result = future.result()
             if isinstance(result, _Refused):
                 raise result.error
-            results.append(result)
+            done_tasks += 1
+            if on_result is None:
+                results.append(result)
             done_items += future_items.pop(str(future.key))
             nxt = next(queue, None)
             if nxt is not None:
@@ -258,7 +266,7 @@ def map_bounded(
                 progress = Progress(
                     done_items=done_items,
                     total_items=total_items,
-                    done_tasks=len(results),
+                    done_tasks=done_tasks,
                     total_tasks=total_tasks,
                     seconds=time.perf_counter() - started,
                 )

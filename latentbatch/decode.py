@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import ModelInfo, load_model, read_info
+from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
 from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
@@ -348,7 +348,8 @@ def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool 
     if store.latent_shape != info.config.latent_shape:
         raise StoreError(
             f"{store.url} holds latents of shape {store.latent_shape} (C, h, w) but the decoder "
-            f"of {info.path} takes {info.config.latent_shape}; use the model that made the store"
+            f"of {info.location} takes {info.config.latent_shape}; use the model that made "
+            "the store"
         )
 
 
@@ -427,7 +428,7 @@ def _absolute(url: str) -> str:
 
 
 def decode(
-    model_dir: Path,
+    model_dir: ModelLocation,
     store_url: str,
     out_url: str,
     *,
@@ -450,7 +451,7 @@ def decode(
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
-    info = read_info(model_dir)
+    info = read_info(model_dir, storage_options)
     store = open_store(store_url, storage_options)
     check_model(store, info, allow_model_mismatch)
     if store.count == 0:
@@ -462,15 +463,19 @@ def decode(
     identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
     _refuse_other_output(out_url, out_options, store, info, fmt, settings)
     started = time.perf_counter()
-    ranges = shard_ranges(0, store.count, rows)
+    shards = -(-store.count // rows)
+
+    def rows_of(index: int) -> tuple[int, int]:
+        return index * rows, min((index + 1) * rows, store.count)
+
     done = read_records(out_url, out_options, identity)
-    done = {i: r for i, r in done.items() if i < len(ranges) and (r.start, r.stop) == ranges[i]}
+    done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
     if fmt == "zarr":
         config = info.config
         shape = (config.image_size, config.image_size, config.channels)
         chunk_rows = store.meta["layout"]["chunk_rows"]
         create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
-    jobs = [
+    jobs = (  # drawn as tasks are submitted: the client holds only those in flight
         DecodeJob(
             store_url=store_url,
             storage_options=dict(storage_options or {}),
@@ -486,9 +491,11 @@ def decode(
             codec=codec,
             batch_size=batch_size,
         )
-        for index, (a, b) in enumerate(ranges)
+        for index in range(shards)
         if index not in done
-    ]
+        for a, b in [rows_of(index)]
+    )
+    todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
     written: dict[int, ShardRecord] = {}
 
     def collect(record: dict[str, Any], progress: Progress) -> None:
@@ -508,9 +515,10 @@ def decode(
             max_in_flight=max_in_flight,
             resources=gpu_resources(c),
             on_result=collect,
+            totals=todo,
         )
 
-    if jobs:
+    if todo[0]:
         with using(client, scheduler, workers) as c:
             run(c)
     remove_temporaries(out_url, out_options)
@@ -536,20 +544,22 @@ def decode(
     )
 
 
-def decode_in_process(model_dir: Path, latents: np.ndarray) -> np.ndarray:
+def decode_in_process(
+    model_dir: ModelLocation, latents: np.ndarray, options: StorageOptions | None = None
+) -> np.ndarray:
     """Decode latents ``(n, C, h, w)`` in this process on the CPU: ``uint8 (n, H, W, C)``."""
-    decoder, _ = load_model(model_dir, "decoder")
+    decoder, _ = load_model(model_dir, "decoder", options=options)
     return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
 
 
 def _decode_selected(
-    model_dir: Path, store: LatentStore, rows: list[int]
+    model_dir: ModelLocation, store: LatentStore, rows: list[int]
 ) -> tuple[np.ndarray, list[str], ModelInfo]:
     """Images, ids and model info of chosen rows, decoded with the engine's checks; the
     model is read and hashed once."""
     if len(rows) == 0:
         raise StoreError("the selection is empty; there is nothing to decode")
-    decoder, info = load_model(model_dir, "decoder")
+    decoder, info = load_model(model_dir, "decoder", options=store.storage_options)
     check_model(store, info)
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
@@ -558,7 +568,7 @@ def _decode_selected(
     return images, ids, info
 
 
-def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
+def decode_rows(model_dir: ModelLocation, store: LatentStore, rows: Rows) -> np.ndarray:
     """Decode chosen committed rows of a store in this process, with the engine's checks
     (the store's model, safe ids, finite latents): ``uint8 (n, H, W, C)``."""
     images, _, _ = _decode_selected(model_dir, store, [int(r) for r in rows])
@@ -566,7 +576,7 @@ def decode_rows(model_dir: Path, store: LatentStore, rows: Rows) -> np.ndarray:
 
 
 def decode_selection(
-    model_dir: Path,
+    model_dir: ModelLocation,
     store: LatentStore,
     rows: Rows,
     out: str,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import ModelInfo, load_model, read_info
+from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
 from latentbatch.datasets import (
     MAX_PIXELS,
@@ -55,7 +55,6 @@ from latentbatch.store import (
     StoreError,
     create_store,
     open_store,
-    shard_ranges,
 )
 from latentbatch.workers import cached_model, register_model
 
@@ -172,8 +171,11 @@ def _prepare(
         if any(s["spec"] == source.spec for s in store.meta["sources"]):
             return None
         raise StoreError(f"{store_url} already exists; pass --append to add {source.spec} to it")
-    existing = set(store.read_ids(0, store.count))
-    clash = [i for i in source.ids if i in existing]
+    new = set(source.ids)
+    clash: list[str] = []
+    for start in range(0, store.count, store.shard_rows):  # the store's ids, a shard at a time
+        clash += [i for i in store.read_ids(start, min(start + store.shard_rows, store.count))
+                  if i in new]  # fmt: skip
     if clash:
         raise StoreError(
             f"{len(clash)} ids of {source.spec} are already in {store_url} (e.g. {clash[0]!r}); "
@@ -183,7 +185,7 @@ def _prepare(
 
 
 def encode(
-    model_dir: Path,
+    model_dir: ModelLocation,
     source_spec: str,
     store_url: str,
     *,
@@ -197,7 +199,7 @@ def encode(
     on_progress: ProgressCallback | None = None,
 ) -> EncodeResult:
     """Encode every image of a source into a store (see the module docstring)."""
-    info = read_info(model_dir)
+    info = read_info(model_dir, storage_options)
     geometry = Geometry(info.config.image_size, info.config.channels)
     source = open_source(source_spec, geometry, limit)
     validate_ids(source.ids)
@@ -226,12 +228,15 @@ def encode(
     )
     store.resize(stop)
     first_new = store.count
-    jobs = []
-    for a, b in shard_ranges(first_new - first_new % store.shard_rows, stop, store.shard_rows):
-        keep = max(0, first_new - a)
-        s0, s1 = a + keep - base, b - base
-        jobs.append(
-            ShardJob(
+    first_shard = first_new - first_new % store.shard_rows
+    tasks = -(-(stop - first_shard) // store.shard_rows)
+
+    def jobs() -> Iterator[ShardJob]:  # drawn as tasks are submitted
+        for a in range(first_shard, stop, store.shard_rows):
+            b = min(a + store.shard_rows, stop)
+            keep = max(0, first_new - a)
+            s0, s1 = a + keep - base, b - base
+            yield ShardJob(
                 store_url=store_url,
                 storage_options=dict(storage_options or {}),
                 model_id=info.model_id,
@@ -242,7 +247,7 @@ def encode(
                 ids=source.ids[s0:s1],
                 labels=tuple(int(v) for v in labels[s0:s1]),
             )
-        )
+
     finished: dict[int, int] = {}
 
     def commit(result: dict[str, int], progress: Progress) -> None:
@@ -262,10 +267,11 @@ def encode(
         map_bounded(
             c,
             encode_shard,
-            jobs,
+            jobs(),
             items=lambda j: j.stop - j.start - j.keep,
             resources=gpu_resources(c),
             on_result=commit,
+            totals=(tasks, stop - first_new),
         )
 
     with using(client, scheduler, workers) as c:
@@ -288,18 +294,23 @@ def encode(
         encoded=stop - first_new,
         seconds=time.perf_counter() - started,
         resumed=resumed,
-        shards=len(jobs),
+        shards=tasks,
     )
 
 
-def encode_file(model_dir: Path, path: Path, expected_model_id: str | None = None) -> np.ndarray:
+def encode_file(
+    model_dir: ModelLocation,
+    path: Path,
+    expected_model_id: str | None = None,
+    options: StorageOptions | None = None,
+) -> np.ndarray:
     """Encode one image file in this process: a float32 latent ``(C, h, w)``.
 
     The image is made to fit the model by the conversion rule of
     :mod:`latentbatch.datasets` (any size or mode). With ``expected_model_id`` (a store's),
     a model that did not make that store is refused.
     """
-    encoder, info = load_model(model_dir, "encoder")
+    encoder, info = load_model(model_dir, "encoder", options=options)
     if expected_model_id is not None and info.model_id != expected_model_id:
         raise StoreError(
             f"{model_dir} is model {info.model_id[:12]} but the store holds latents of "

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentbatch.checkpoint import load_model, read_info
+from latentbatch.checkpoint import ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, connect
 from latentbatch.config import TrainConfig
 from latentbatch.datasets import Geometry, ImageSource, open_source
@@ -42,9 +42,14 @@ from latentbatch.train import TrainResult, model_config_for, train
 _EVAL_BATCH = 1024
 
 
-def _source_for(model_dir: Path, source_spec: str, limit: int | None = None) -> ImageSource:
+def _source_for(
+    model_dir: ModelLocation,
+    source_spec: str,
+    limit: int | None = None,
+    options: StorageOptions | None = None,
+) -> ImageSource:
     """``source_spec`` opened at the geometry of the model in ``model_dir``."""
-    config = read_info(model_dir).config
+    config = read_info(model_dir, options).config
     return open_source(source_spec, Geometry(config.image_size, config.channels), limit)
 
 
@@ -95,7 +100,7 @@ def output_preview(model_dir: Path, source_spec: str, out_url: str, n: int = 8) 
 
 
 def decoded_preview(
-    model_dir: Path, out_url: str, n: int = 8, options: StorageOptions | None = None
+    model_dir: ModelLocation, out_url: str, n: int = 8, options: StorageOptions | None = None
 ) -> list[np.ndarray]:
     """Rows of a picture of any finished decode: its first ``n`` images (bottom) under the
     source images they came from (top) when the store's first source still opens and
@@ -107,14 +112,14 @@ def decoded_preview(
     except LatentbatchError:  # the store is gone: the decoded row alone
         sources = []
     try:
-        originals = _originals(_source_for(model_dir, sources[0]["spec"]), ids)
+        originals = _originals(_source_for(model_dir, sources[0]["spec"], None, options), ids)
     except (LatentbatchError, IndexError, KeyError):  # gone, moved, or not these ids
         return [decoded]
     return [originals, decoded]
 
 
 def encode_preview(
-    model_dir: Path,
+    model_dir: ModelLocation,
     source_spec: str,
     store_url: str,
     n: int = 8,
@@ -122,18 +127,18 @@ def encode_preview(
 ) -> list[np.ndarray]:
     """Rows of a picture: the first ``n`` images of a source encoded into a store (top)
     over their stored latents decoded in this process (bottom)."""
-    source = _source_for(model_dir, source_spec)
+    source = _source_for(model_dir, source_spec, None, options)
     store = open_store(store_url, options)
     records = [s for s in store.meta["sources"] if s["spec"] == source.spec]
     start = int(records[-1]["rows"][0]) if records else 0
     stop = min(store.count, start + n)
     ids = store.read_ids(start, stop)
-    decoded = decode_in_process(model_dir, store.read_latents(start, stop))
+    decoded = decode_in_process(model_dir, store.read_latents(start, stop), options)
     return [_originals(source, ids), decoded]
 
 
 def selection_preview(
-    model_dir: Path,
+    model_dir: ModelLocation,
     store: LatentStore,
     rows: Rows,
     query_latent: np.ndarray | None = None,
@@ -144,7 +149,8 @@ def selection_preview(
     query decoded and then its first ten neighbours."""
     images = decode_rows(model_dir, store, list(rows)[: 4 * per_row])
     if query_latent is not None:
-        return [np.concatenate([decode_in_process(model_dir, query_latent[None]), images[:10]])]
+        query_image = decode_in_process(model_dir, query_latent[None], store.storage_options)
+        return [np.concatenate([query_image, images[:10]])]
     return [images[i : i + per_row] for i in range(0, len(images), per_row)]
 
 

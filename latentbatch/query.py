@@ -1,21 +1,22 @@
 """Questions asked of a latent store without decoding it.
 
-- :func:`select`: rows by ids, row ranges, label, and predicates over per-row fields
-  (``row``, ``label``), all combined with AND; the answer is sorted row numbers.
+- :func:`iter_select` / :func:`select`: rows by ids, row ranges, label, and predicates
+  over per-row fields (``row``, ``label``), all combined with AND; the answer is sorted
+  row numbers, found a store shard at a time.
 - :func:`to_xarray`: the selected latents as an ``xarray.DataArray`` with the store's
   dimension names and the ids as ``sample`` coordinate.
 - :func:`statistics`: per-channel mean, std, min and max of the committed latents,
   computed out of core with Dask, one shard at a time; optionally saved in the store.
 - :func:`nearest`: exact L2 or cosine neighbours of a query latent over the committed
-  rows, streamed shard by shard through Dask (each block keeps only its own top k), so
-  memory stays bounded whatever the store size.
+  rows, streamed a window of shards at a time through Dask (each block keeps only its own
+  top k, merged into the best k so far), so memory stays bounded whatever the store size.
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
+NEAREST_WINDOW = 32  # store shards scanned at once by nearest()
 _PREDICATE = re.compile(r"^\s*(row|label)\s*(==|!=|<=|>=|<|>)\s*(-?\d+)\s*$")
 
 
@@ -82,6 +84,69 @@ def _committed(store: LatentStore) -> da.Array:
     return committed
 
 
+def _in_ranges(
+    numbers: np.ndarray, ranges: Sequence[tuple[int, int]] | None, count: int
+) -> np.ndarray:
+    if ranges is None:
+        return np.ones(len(numbers), dtype=bool)
+    inside = np.zeros(len(numbers), dtype=bool)
+    for start, stop in ranges:
+        inside |= (numbers >= start) & (numbers < (count if stop == -1 else stop))
+    return inside
+
+
+def iter_select(
+    store: LatentStore,
+    *,
+    ids: Sequence[str] | None = None,
+    rows: Sequence[tuple[int, int]] | None = None,
+    label: int | None = None,
+    where: Sequence[str] = (),
+) -> Iterator[np.ndarray]:
+    """The row numbers that match every given condition (all rows when none), ascending,
+    one array per store shard with matches: ids and labels are read a shard at a time,
+    so memory holds one shard whatever the store's size. Shards outside the row ranges
+    are not read. With ``ids`` every id is looked for before anything is returned, and
+    ids that are not in the store are named."""
+    count = store.count
+    predicates = [parse_predicate(p) for p in where]
+    needs_labels = label is not None or any(f == "label" for f, _, _ in predicates)
+    if needs_labels and not store.has_labels:
+        raise QueryError(f"{store.url} has no labels; select by ids or rows instead")
+    wanted_ids = None if ids is None else set(ids)
+    found_ids: set[str] = set()
+    by_id: list[np.ndarray] = []
+    for start in range(0, count, store.shard_rows):
+        numbers = np.arange(start, min(start + store.shard_rows, count))
+        stop = int(numbers[-1]) + 1
+        keep = _in_ranges(numbers, rows, count)
+        if not keep.any():
+            continue
+        if wanted_ids is not None:
+            shard_ids = store.read_ids(start, stop)
+            hits = np.fromiter((i in wanted_ids for i in shard_ids), bool, len(shard_ids))
+            found_ids.update(i for i, hit in zip(shard_ids, hits, strict=True) if hit)
+            keep &= hits
+            if not keep.any():
+                continue
+        labels = store.read_labels(start, stop) if needs_labels else None
+        if label is not None:
+            keep &= labels == label
+        for field, op, value in predicates:
+            keep &= op(numbers if field == "row" else labels, value)
+        if keep.any():
+            if wanted_ids is None:
+                yield numbers[keep]
+            else:
+                by_id.append(numbers[keep])
+    if wanted_ids is not None:
+        unknown = [i for i in dict.fromkeys(ids or ()) if i not in found_ids]
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5])
+            raise QueryError(f"{len(unknown)} ids are not in {store.url}: {shown}")
+        yield from by_id
+
+
 def select(
     store: LatentStore,
     *,
@@ -90,34 +155,10 @@ def select(
     label: int | None = None,
     where: Sequence[str] = (),
 ) -> np.ndarray:
-    """Sorted row numbers that match every given condition (all rows when none)."""
-    count = store.count
-    keep = np.ones(count, dtype=bool)
-    if ids is not None:
-        index = {sample_id: row for row, sample_id in enumerate(store.read_ids(0, count))}
-        unknown = [i for i in ids if i not in index]
-        if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:5])
-            raise QueryError(f"{len(unknown)} ids are not in {store.url}: {shown}")
-        wanted = np.zeros(count, dtype=bool)
-        wanted[[index[i] for i in ids]] = True
-        keep &= wanted
-    if rows is not None:
-        wanted = np.zeros(count, dtype=bool)
-        for start, stop in rows:
-            wanted[start : count if stop == -1 else stop] = True
-        keep &= wanted
-    predicates = [parse_predicate(p) for p in where]
-    needs_labels = label is not None or any(f == "label" for f, _, _ in predicates)
-    if needs_labels and not store.has_labels:
-        raise QueryError(f"{store.url} has no labels; select by ids or rows instead")
-    labels = store.read_labels(0, count) if needs_labels else None
-    if label is not None:
-        keep &= labels == label
-    numbers = np.arange(count)
-    for field, op, value in predicates:
-        keep &= op(numbers if field == "row" else labels, value)
-    return np.flatnonzero(keep)
+    """Sorted row numbers that match every given condition (all rows when none); see
+    :func:`iter_select`, which yields them a shard at a time."""
+    parts = list(iter_select(store, ids=ids, rows=rows, label=label, where=where))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def read_rows(store: LatentStore, rows: Rows) -> np.ndarray:
@@ -203,6 +244,12 @@ def _block_top_k(
     )
 
 
+def _rows_top_k(
+    latents: Any, start: int, stop: int, query: np.ndarray, k: int, metric: Metric
+) -> np.ndarray:
+    return _block_top_k(np.asarray(latents[start:stop]), query, k, metric, start)
+
+
 def nearest(
     store: LatentStore,
     query: np.ndarray,
@@ -210,7 +257,11 @@ def nearest(
     metric: Metric = "l2",
     exclude: Sequence[int] = (),
 ) -> list[Neighbour]:
-    """The ``k`` committed rows nearest to ``query`` (a latent), nearest first; ties by row."""
+    """The ``k`` committed rows nearest to ``query`` (a latent), nearest first; ties by row.
+
+    The store is scanned :data:`NEAREST_WINDOW` shards at a time (in parallel within a
+    window), keeping only the best ``k`` so far: memory and the task graph stay the same
+    whatever the store's size."""
     metric = check_metric(metric)
     if query.shape != store.latent_shape:
         raise QueryError(
@@ -223,16 +274,19 @@ def nearest(
         )
     flat_query = query.reshape(-1).astype(np.float32)
     want = k + len(exclude)
-    latents = _committed(store)
-    offsets = np.cumsum((0, *latents.chunks[0][:-1]))
-    parts = [
-        delayed(_block_top_k)(block, flat_query, want, metric, int(offset))
-        for block, offset in zip(latents.to_delayed().ravel(), offsets, strict=True)
-    ]
-    candidates = np.concatenate(compute(*parts))
-    order = np.lexsort((candidates[:, 1], candidates[:, 0]))
+    best = np.zeros((0, 2))
+    window = NEAREST_WINDOW * store.shard_rows
+    for first in range(0, store.count, window):
+        parts = [
+            delayed(_rows_top_k, pure=False)(
+                store.latents, a, min(a + store.shard_rows, store.count), flat_query, want, metric
+            )
+            for a in range(first, min(first + window, store.count), store.shard_rows)
+        ]
+        candidates = np.concatenate([best, *compute(*parts)])
+        best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:want]
     excluded = set(exclude)
-    chosen = [(float(d), int(r)) for d, r in candidates[order] if int(r) not in excluded][:k]
+    chosen = [(float(d), int(r)) for d, r in best if int(r) not in excluded][:k]
     ids = store.read_ids_at([r for _, r in chosen])
     return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
 

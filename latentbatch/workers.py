@@ -5,14 +5,19 @@
     client                                     every worker process (now or joining later)
     ──────                                     ───────────────────────────────────────────
     register_model(client, info, "decoder")
-      └─ ModelPlugin(safetensors bytes,  ───►  setup(): tune malloc, pick the device,
-                     config, id, part)           one torch thread on a CPU worker,
-                                                 build only the part asked for (through
+      └─ ModelPlugin(config, id, part,   ───►  setup(): tune malloc, pick the device,
+           safetensors bytes of a local          one torch thread on a CPU worker; the
+           model, or the model's URL)            bytes, or the URL's copy in this host's
+                                                 model cache (checked against the id),
+                                                 built into the part asked for (through
                                                  checkpoint.load_model_bytes) into the
                                                  cache keyed by (model id, part)
     tasks carry only the model id      ───►   cached_model(model_id, part) → (module, device)
 
 The cache is per process, so a model is built once per worker however many tasks use it.
+A worker that cannot build it at setup (no CUDA behind GPU=1, weights altered on the
+object store, the store unreachable) tries again in each task that needs it, which then
+fails with the reason, naming the worker.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -31,14 +37,15 @@ import torch
 from distributed import Client, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from latentbatch.checkpoint import WEIGHTS, ModelInfo, Part, load_model_bytes
+from latentbatch.checkpoint import WEIGHTS, ModelInfo, Part, load_model_bytes, local_copy
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import StorageOptions
 from latentbatch.store import LatentStore, StoreError, open_store
 
 _MODELS: dict[tuple[str, Part], tuple[torch.nn.Module, torch.device]] = {}
-_REFUSED: dict[tuple[str, Part], LatentbatchError] = {}
+_PLUGINS: dict[tuple[str, Part], ModelPlugin] = {}
+_INSTALLING = threading.Lock()
 HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
 GPU_ON_CPU_ENV = "LATENTBATCH_GPU_ON_CPU"  # "1": a GPU=1 worker without CUDA uses its CPU
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -168,9 +175,14 @@ def install_model(
 
 
 def cached_model(model_id: str, part: Part) -> tuple[torch.nn.Module, torch.device]:
-    """The model part this worker process loaded for ``model_id``, and its device."""
-    if (model_id, part) in _REFUSED:
-        raise _REFUSED[model_id, part]
+    """The model part this worker process loaded for ``model_id``, and its device; built
+    now when the plugin could not build it at setup (raising the reason)."""
+    if (model_id, part) not in _MODELS and (model_id, part) in _PLUGINS:
+        try:
+            worker: Worker | None = get_worker()
+        except ValueError:  # not in a worker: a plugin set up by hand
+            worker = None
+        _PLUGINS[model_id, part].install(worker)
     try:
         return _MODELS[model_id, part]
     except KeyError:
@@ -189,26 +201,39 @@ class ModelPlugin(WorkerPlugin):
     """Loads one part of one model into every worker process, once."""
 
     def __init__(self, info: ModelInfo, part: Part) -> None:
-        self.model_id = info.model_id
+        self.info = info
         self.part: Part = part
-        self.config = info.config
-        self.weights = (Path(info.path) / WEIGHTS).read_bytes()
+        # a local model travels as bytes (the workers may be other hosts); a URL's
+        # weights are fetched by each host into its model cache
+        self.weights = None if info.is_remote else (Path(info.location) / WEIGHTS).read_bytes()
         self.name = f"latentbatch-{part}-{info.model_id[:16]}"
 
-    def setup(self, worker: Worker) -> None:
-        tune_malloc()
-        try:
+    def install(self, worker: Worker | None) -> None:
+        """Build the part into this process's cache, raising why it cannot."""
+        with _INSTALLING:
+            if (self.info.model_id, self.part) in _MODELS:
+                return
             device = worker_device(worker)
-        except GpuUnavailableError as error:  # raised by every task that needs the model
-            _REFUSED[self.model_id, self.part] = error
-            return
-        if device.type == "cpu" and multiprocessing.parent_process() is not None:
-            torch.set_num_threads(1)  # a single-threaded worker process: no oversubscription
-        install_model(self.weights, self.config, self.model_id, self.part, device)
+            try:
+                weights = self.weights or (local_copy(self.info) / WEIGHTS).read_bytes()
+                install_model(weights, self.info.config, self.info.model_id, self.part, device)
+            except LatentbatchError as exc:
+                who = "this process" if worker is None else f"Dask worker {worker.name}"
+                raise type(exc)(f"{who} refused the model: {exc}") from None
 
-    def teardown(self, worker: Worker) -> None:
-        _MODELS.pop((self.model_id, self.part), None)
-        _REFUSED.pop((self.model_id, self.part), None)
+    def setup(self, worker: Worker | None) -> None:
+        tune_malloc()
+        _PLUGINS[self.info.model_id, self.part] = self
+        try:
+            if worker_device(worker).type == "cpu" and multiprocessing.parent_process():
+                torch.set_num_threads(1)  # a single-threaded worker process
+            self.install(worker)
+        except Exception as exc:  # every task that needs the model tries again and raises
+            logger.warning("%s", exc)
+
+    def teardown(self, worker: Worker | None) -> None:
+        _MODELS.pop((self.info.model_id, self.part), None)
+        _PLUGINS.pop((self.info.model_id, self.part), None)
 
 
 def register_model(client: Client, info: ModelInfo, part: Part) -> None:

@@ -25,6 +25,16 @@ def needs(available: bool, what: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not available, reason=f"needs {what}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Models fetched from URLs go to a folder of this test session (in-process workers
+    and the processes tests start inherit it), never to ~/.cache."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LATENTBATCH_MODEL_CACHE", str(folder))
+        yield folder
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -64,10 +64,13 @@ def wait_for(check, what: str, timeout: float = 60) -> None:  # type: ignore[no-
 
 @contextmanager
 def dask_cluster(
-    folder: Path, workers: int = 2, worker_args: list[str] | None = None
+    folder: Path,
+    workers: int = 2,
+    worker_args: list[str] | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, from the CLI; every
-    worker gets ``worker_args`` too (``--resources GPU=1``, ...)."""
+    worker gets ``worker_args`` too (``--resources GPU=1``, ...) and ``worker_env``."""
     from distributed import Client
 
     port = free_port()
@@ -92,7 +95,7 @@ def dask_cluster(
             args = [dask, "worker", address, "--nworkers", "1", "--nthreads", "1"]
             args += ["--host", "127.0.0.1", "--dashboard-address", ":0", "--name", f"w{i}"]
             args += worker_args or []
-            processes.append(start(args, folder / f"worker-{i}.log"))
+            processes.append(start(args, folder / f"worker-{i}.log", worker_env))
 
         def ready() -> bool:
             with Client(address, timeout="2s") as c:

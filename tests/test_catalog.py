@@ -54,8 +54,9 @@ def test_models_by_id(tmp_path: Path, tiny_model: Path) -> None:
     shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
     (tmp_path / "models" / "broken").mkdir()
     (tmp_path / "models" / "broken" / "config.json").write_text("{}")
-    assert models_by_id(tmp_path / "models") == {model_id(tiny_model): tmp_path / "models" / "tiny"}
-    assert models_by_id(tmp_path / "none") == {}
+    found = models_by_id(str(tmp_path / "models"))
+    assert found == {model_id(tiny_model): str(tmp_path / "models" / "tiny")}
+    assert models_by_id(str(tmp_path / "none")) == {}
 
 
 def test_damaged_stores_are_listed_as_damaged(

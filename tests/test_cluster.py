@@ -4,12 +4,20 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
 
-from latentbatch.cluster import VERBOSE_ENV, ClusterError, connect, gpu_resources, map_bounded
+from latentbatch.cluster import (
+    VERBOSE_ENV,
+    ClusterError,
+    Progress,
+    connect,
+    gpu_resources,
+    map_bounded,
+)
 from latentbatch.errors import DataError
 
 
@@ -17,6 +25,33 @@ def _interval(seconds: float) -> tuple[float, float]:
     start = time.monotonic()
     time.sleep(seconds)
     return start, time.monotonic()
+
+
+def test_map_bounded_draws_lazy_specs_as_it_submits(client: Client) -> None:
+    drawn = []
+
+    def specs() -> Iterator[int]:
+        for i in range(40):
+            drawn.append(i)
+            yield i
+
+    ahead = []
+    map_bounded(
+        client,
+        _double,
+        specs(),
+        items=lambda _: 1,
+        max_in_flight=3,
+        totals=(40, 40),
+        on_result=lambda r, p: ahead.append(len(drawn) - p.done_tasks),
+    )
+    assert len(drawn) == 40
+    assert max(ahead) <= 3  # never more specs drawn than tasks in flight
+    assert map_bounded(client, _double, iter([1, 2]), items=lambda _: 1) in ([2, 4], [4, 2])
+
+
+def _double(x: int) -> int:
+    return 2 * x
 
 
 def _fail(x: int) -> int:
@@ -27,14 +62,21 @@ def _fail(x: int) -> int:
 
 def test_map_bounded_keeps_the_window(client: Client) -> None:
     seen = []
-    results = map_bounded(
+    results: list[tuple[float, float]] = []
+
+    def collect(result: tuple[float, float], progress: Progress) -> None:
+        results.append(result)
+        seen.append(progress)
+
+    returned = map_bounded(
         client,
         _interval,
         [0.05 + i * 1e-6 for i in range(6)],
         items=lambda _: 10,
         max_in_flight=1,
-        on_result=lambda r, p: seen.append(p),
+        on_result=collect,
     )
+    assert returned == []  # handed to on_result only: nothing accumulates
     spans = sorted(results)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
     assert [p.done_items for p in seen] == [10, 20, 30, 40, 50, 60]

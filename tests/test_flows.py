@@ -203,10 +203,11 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
 def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
     tmp_path: Path, tiny_model: Path, client: Client
 ) -> None:
-    """The nightly run over an S3 root (moto behind a TCP proxy), its settings in a Secret
-    block. As the 4th shard record of one store goes out, the endpoint goes away for 2 s:
-    that store's decode fails, Prefect retries it once the endpoint is back, and the retry
-    skips every finished (recorded) shard; the outputs equal a local decode."""
+    """The nightly run over an S3 root (moto behind a TCP proxy) with its models on S3,
+    its settings in a Secret block. As the 4th shard record of one store goes out, the
+    endpoint goes away for 2 s: that store's decode fails, Prefect retries it once the
+    endpoint is back, and the retry skips every finished (recorded) shard; the outputs
+    equal a local decode."""
     import s3fs
     from prefect.blocks.system import Secret
 
@@ -229,11 +230,13 @@ def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
                storage_options=direct, client=client)  # fmt: skip
         encode(tiny_model, "synthetic:24", "s3://nightly/stores/b.zarr", layout=layout,
                storage_options=direct, client=client)  # fmt: skip
-        models = tmp_path / "models"
-        shutil.copytree(tiny_model, models / "tiny")
+        for name in ("model.safetensors", "config.json"):  # the models root is on S3 too
+            s3fs.S3FileSystem(**direct).pipe_file(
+                f"nightly/models/tiny/{name}", (tiny_model / name).read_bytes()
+            )
         proxy.go_away_after(b"PUT /nightly/decoded/a/.records/", count=4, seconds=2)
         state = nightly_bulk_decode(
-            "s3://nightly/stores", "s3://nightly/decoded", str(models), "tar",
+            "s3://nightly/stores", "s3://nightly/decoded", "s3://nightly/models", "tar",
             client.scheduler.address, None, "png", None, "nightly-s3", 8, return_state=True,
         )  # fmt: skip
         runs = asyncio.run(_task_runs(state.state_details.flow_run_id))

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from distributed import Client
 
+from latentbatch import query as query_module
 from latentbatch.encode import encode
 from latentbatch.query import (
     QueryError,
+    iter_select,
     nearest,
     parse_rows,
     read_rows,
@@ -35,6 +37,22 @@ def test_selection_by_ids_rows_label_and_predicates(mnist_store: Path) -> None:
     assert both.tolist() == [r for r in range(1550, 1600) if labels[r] == 3]
     assert select(store, ids=["mnist5k-00001"], label=9).tolist() == []  # empty, not an error
     assert len(select(store)) == 5000
+
+
+def test_selections_come_a_store_shard_at_a_time(mnist_store: Path) -> None:
+    store = open_store(str(mnist_store))
+    labels = store.read_labels(0, store.count)
+    chunks = list(iter_select(store, where=["label != 4"]))
+    assert len(chunks) == len(store.shards())  # every shard holds digits other than 4
+    for chunk in chunks:
+        assert len(set(chunk // store.shard_rows)) == 1  # each chunk within one shard
+    assert np.concatenate(chunks).tolist() == np.flatnonzero(labels != 4).tolist()
+    late = list(iter_select(store, rows=[(4990, -1)], where=["row != 4995"]))
+    assert [c.tolist() for c in late] == [[4990, 4991, 4992, 4993, 4994, 4996, 4997, 4998, 4999]]
+    by_id = list(iter_select(store, ids=["mnist5k-04000", "mnist5k-00002"]))
+    assert [c.tolist() for c in by_id] == [[2], [4000]]
+    with pytest.raises(QueryError, match="1 ids are not in"):
+        next(iter_select(store, ids=["mnist5k-00002", "nope"]))  # before any row comes
 
 
 @pytest.mark.parametrize(
@@ -98,8 +116,16 @@ def test_statistics_equal_numpy(tmp_path: Path, mnist_store: Path, everything: n
     assert saved["scaling_factor"] == pytest.approx(stats.scaling_factor)
 
 
+@pytest.mark.parametrize("window", [1, 32])  # one store shard at a time, or all five
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_nearest_equals_brute_force(mnist_store: Path, everything: np.ndarray, metric: str) -> None:
+def test_nearest_equals_brute_force(
+    mnist_store: Path,
+    everything: np.ndarray,
+    metric: str,
+    window: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(query_module, "NEAREST_WINDOW", window)
     store = open_store(str(mnist_store))
     query = everything[1234]
     found = nearest(store, query, k=7, metric=metric)  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,14 @@ import pytest
 import s3fs
 from distributed import Client
 
+from latentbatch.checkpoint import CONFIG, MODEL_CACHE_ENV, WEIGHTS, model_id
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
+from latentbatch.errors import CheckpointError
 from latentbatch.shards import read_output
 from latentbatch.store import Layout, StoreError, open_store
-from tests.servers import moto_server
+from tests.servers import dask_cluster, moto_server
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +109,49 @@ def test_cli_on_s3(
     ]
     assert main([*argv, "--format", "png", *opts, *common]) == 0
     assert json.loads(capsys.readouterr().out)["decoded"] == 40
+
+
+def test_a_model_on_s3_decodes_on_a_cli_cluster_and_altered_weights_are_refused(
+    tmp_path: Path, tiny_model: Path, client: Client, s3: dict[str, Any]
+) -> None:
+    """The workers of a CLI-started cluster have no copy of the model: each host fetches
+    it from S3 into its cache once, checked by id; weights altered on S3 afterwards are
+    refused by the workers, naming the expected and the actual id, and nothing is
+    written."""
+    fs = s3fs.S3FileSystem(**s3)
+    for name in (WEIGHTS, CONFIG):
+        fs.pipe_file(f"latentbatch/models/tiny/{name}", (tiny_model / name).read_bytes())
+    url, store = "s3://latentbatch/models/tiny", "s3://latentbatch/m/store.zarr"
+    expected = model_id(tiny_model)
+    encode(url, "synthetic:40", store, layout=Layout(16, 8), storage_options=s3, client=client)
+    decode(tiny_model, store, "s3://latentbatch/m/local", storage_options=s3, client=client)
+    cache = tmp_path / "worker-cache"
+    with dask_cluster(tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(cache)}) as (
+        address,
+        _,
+    ):
+        argv = ["decode", "--model", url, "--store", store, "--out", "s3://latentbatch/m/out"]
+        argv += [f"--storage-option={k}={v}" for k, v in s3.items()]
+        assert main([*argv, "--scheduler", address, "--no-progress"]) == 0
+    assert sorted(p.name for p in (cache / expected).iterdir()) == [CONFIG, WEIGHTS]
+    assert fs.cat_file("latentbatch/m/out/shards.jsonl") == fs.cat_file(
+        "latentbatch/m/local/shards.jsonl"
+    )  # the same shards, byte for byte, as the local model's decode
+
+    weights = bytearray((tiny_model / WEIGHTS).read_bytes())
+    weights[-1] ^= 1
+    fs.pipe_file(f"latentbatch/models/tiny/{WEIGHTS}", bytes(weights))
+    actual = hashlib.sha256(weights).hexdigest()
+    with (
+        dask_cluster(
+            tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(tmp_path / "fresh-cache")}
+        ) as (address, _),
+        pytest.raises(CheckpointError) as refused,
+    ):
+        decode(url, store, "s3://latentbatch/m/altered", storage_options=s3, scheduler=address)
+    message = str(refused.value)
+    assert re.search(r"Dask worker w\d refused the model", message), message
+    assert f"have id {actual[:12]}, not the expected {expected[:12]}" in message
+    assert not fs.exists("latentbatch/m/altered/shards.jsonl")
+    assert not [p for p in fs.find("latentbatch/m/altered") if p.endswith(".tar")]
+    assert not (tmp_path / "fresh-cache" / expected).exists()

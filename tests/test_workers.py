@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -53,20 +54,22 @@ def test_plugin_builds_each_part_alone(tiny_model: Path) -> None:
     info = read_info(tiny_model)
     for part, kind in (("encoder", Encoder), ("decoder", Decoder)):
         plugin = ModelPlugin(info, part)  # type: ignore[arg-type]
-        plugin.setup(None)  # type: ignore[arg-type]  # no worker: a CPU device
+        plugin.setup(None)  # no worker: a CPU device
         module, device = cached_model(info.model_id, part)  # type: ignore[arg-type]
         assert isinstance(module, kind) and device == torch.device("cpu")
         assert not module.training
-        plugin.teardown(None)  # type: ignore[arg-type]
+        plugin.teardown(None)
         with pytest.raises(WorkerStateError):
             cached_model(info.model_id, part)  # type: ignore[arg-type]
 
 
 def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
-    plugin = ModelPlugin(read_info(tiny_model), "decoder")
-    plugin.model_id = "0" * 64
-    with pytest.raises(CheckpointError, match="expected 000000000000"):
-        plugin.setup(None)  # type: ignore[arg-type]
+    info = dataclasses.replace(read_info(tiny_model), model_id="0" * 64)
+    plugin = ModelPlugin(info, "decoder")
+    plugin.setup(None)  # refused: logged here, raised by every task that needs it
+    with pytest.raises(CheckpointError, match=r"this process refused.*expected 000000000000"):
+        cached_model(info.model_id, "decoder")
+    plugin.teardown(None)
 
 
 def test_cached_model_without_plugin_says_so() -> None:

@@ -43,7 +43,9 @@ StoreArgument = Annotated[
     str, typer.Argument(metavar="STORE", help="Latent store: a local path or s3:// URL.")
 ]
 StoreOption = Annotated[str, typer.Option(help="Latent store: a local path or s3:// URL.")]
-ModelOption = Annotated[Path, typer.Option(help="Model directory.")]
+ModelOption = Annotated[
+    str, typer.Option(help="Model directory: a local path or s3:// URL (see --storage-option).")
+]
 ImageCodecOption = Annotated[
     str, typer.Option("--image-codec", help="Images in tar shards: png, webp or jpeg.")
 ]

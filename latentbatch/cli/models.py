@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,10 +11,12 @@ from latentbatch import checkpoint
 from latentbatch.cli.common import (
     DEFAULT_MODELS,
     JsonOption,
+    StorageOption,
     emit_json,
     make_console,
 )
 from latentbatch.errors import LatentbatchError
+from latentbatch.storage import filesystem, parse_options
 
 models_app = typer.Typer(help="List and show model directories.", no_args_is_help=True)
 
@@ -23,14 +24,17 @@ models_app = typer.Typer(help="List and show model directories.", no_args_is_hel
 @models_app.command("list")
 def models_list(
     root: Annotated[
-        Path, typer.Argument(help="Folder to search for model directories.")
-    ] = DEFAULT_MODELS,
+        str, typer.Argument(help="Folder or s3:// prefix to search for model directories.")
+    ] = str(DEFAULT_MODELS),
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List the model directories under ROOT."""
-    if not root.is_dir():
+    options = parse_options(storage_option)
+    fs, path = filesystem(root, options)
+    if not fs.isdir(path):
         raise LatentbatchError(f"{root} is not a folder; train a model first (latentbatch train)")
-    listing = checkpoint.find_models(root)
+    listing = checkpoint.find_models(root, options)
     rows = [checkpoint.summary(info) for info in listing.models]
     broken = [{"path": str(path), "error": error} for path, error in listing.broken]
     if as_json:
@@ -57,15 +61,16 @@ def models_list(
 
 @models_app.command("show")
 def models_show(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory.")],
+    model_dir: Annotated[str, typer.Argument(help="A model directory: path or s3:// URL.")],
+    storage_option: StorageOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole config.json and id.")
     ] = False,
 ) -> None:
     """Show one model directory: id, architecture, data and metrics."""
-    info = checkpoint.read_info(model_dir)
+    info = checkpoint.read_info(model_dir, parse_options(storage_option))
     if as_json:
-        emit_json({**info.meta, "model_id": info.model_id, "path": str(info.path)})
+        emit_json({**info.meta, "model_id": info.model_id, "path": info.location})
         return
     console = make_console()
     for key, value in checkpoint.summary(info).items():

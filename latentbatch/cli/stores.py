@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -28,6 +31,8 @@ from latentbatch.pipeline import selection_preview
 from latentbatch.shards import check_format
 from latentbatch.storage import parse_options
 from latentbatch.store import open_store
+
+SHOWN = 200  # rows of a query's table; --json prints them all, a row at a time
 
 
 def stores_command(
@@ -75,8 +80,8 @@ def query_command(
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
     metric: Annotated[str, typer.Option(help="l2 or cosine.")] = "l2",
     model: Annotated[
-        Path | None,
-        typer.Option(help="The store's model directory (for --near-image, --decode, --grid)."),
+        str | None,
+        typer.Option(help="The store's model: path or URL (for --near-image, --decode, --grid)."),
     ] = None,
     decode_to: Annotated[
         str | None, typer.Option("--decode", help="Decode the result into this folder.")
@@ -99,13 +104,6 @@ def query_command(
         raise LatentbatchError(
             "--near-image, --decode and --grid need --model (the store's model directory)"
         )
-    selected = query.select(
-        store,
-        ids=ids.split(",") if ids else None,
-        rows=[query.parse_rows(r) for r in rows] if rows else None,
-        label=label,
-        where=where or (),
-    )
     neighbours = None
     query_latent = None
     exclude: list[int] = []
@@ -113,35 +111,71 @@ def query_command(
         query_latent, row = query.latent_of(store, near)
         exclude = [row]
     elif near_image is not None and model is not None:
-        query_latent = encode_file(model, near_image, store.model_id)
+        query_latent = encode_file(model, near_image, store.model_id, store.storage_options)
+    chunks: Iterable[np.ndarray]
     if query_latent is not None:
         neighbours = query.nearest(store, query_latent, k, query.check_metric(metric), exclude)
-        selected = np.array([n.row for n in neighbours])
-    result = query.result_rows(store, selected, neighbours)
-    if decode_to is not None and model is not None:
-        decode_selection(model, store, selected, decode_to, check_format(output_format), codec)
-    if grid is not None and model is not None and len(selected):
-        pictures = selection_preview(model, store, selected, query_latent)
-        save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
-    if as_json:
-        emit_json({"store": store_url, "count": len(result), "results": result})
-        return
-    table = Table(
-        "row",
-        "id",
-        *(["label"] if store.has_labels else []),
-        *(["distance"] if neighbours else []),
+        chunks = [np.array([n.row for n in neighbours], dtype=np.int64)]
+    else:
+        chunks = query.iter_select(
+            store,
+            ids=ids.split(",") if ids else None,
+            rows=[query.parse_rows(r) for r in rows] if rows else None,
+            label=label,
+            where=where or (),
+        )
+    if model is not None and (decode_to is not None or grid is not None):
+        parts = list(chunks)  # decoding needs the whole selection
+        selected = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if decode_to is not None:
+            decode_selection(model, store, selected, decode_to, check_format(output_format), codec)
+        if grid is not None and len(selected):
+            pictures = selection_preview(model, store, selected, query_latent)
+            save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
+        chunks = [selected]
+    results = _checked(
+        entry for part in chunks for entry in query.result_rows(store, part, neighbours)
     )
-    for entry in result[:200]:
+    if as_json:
+        _stream_json(store_url, results)
+    else:
+        _print_table(results, store.has_labels, neighbours is not None)
+
+
+def _checked(results: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``results``, its first row (and so any refusal of the query) taken before a line of
+    the answer is printed."""
+    first = next(results, None)
+    return results if first is None else itertools.chain([first], results)
+
+
+def _stream_json(store_url: str, results: Iterable[dict[str, object]]) -> None:
+    """``{"store", "results": [...], "count"}``, written a row at a time."""
+    typer.echo(f'{{\n  "store": {json.dumps(store_url)},\n  "results": [', nl=False)
+    count = 0
+    for entry in results:
+        typer.echo(("," if count else "") + "\n    " + json.dumps(entry, sort_keys=True), nl=False)
+        count += 1
+    typer.echo(("\n  " if count else "") + f'],\n  "count": {count}\n}}')
+
+
+def _print_table(results: Iterable[dict[str, Any]], labels: bool, distances: bool) -> None:
+    """The first :data:`SHOWN` rows as a table, and how many there were in all."""
+    table = Table("row", "id", *(["label"] if labels else []), *(["distance"] if distances else []))
+    count = 0
+    for entry in results:
+        count += 1
+        if count > SHOWN:
+            continue
         cells = [str(entry["row"]), entry["id"]]
-        if store.has_labels:
+        if labels:
             cells.append(str(entry["label"]))
-        if neighbours:
+        if distances:
             cells.append(f"{entry['distance']:.4f}")
         table.add_row(*cells)
     console = make_console()
     console.print(table)
-    console.print(f"{len(result)} rows" + (" (first 200 shown)" if len(result) > 200 else ""))
+    console.print(f"{count} rows" + (f" (first {SHOWN} shown)" if count > SHOWN else ""))
 
 
 def stats_command(
