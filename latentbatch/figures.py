@@ -1,10 +1,12 @@
-"""Pictures people would rather see than read: reconstruction grids and training curves."""
+"""Pictures people would rather see than read: reconstruction grids, training curves and
+rate–distortion plots."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -63,6 +65,38 @@ def save_training_curves(history: Sequence[dict[str, float]], path: Path) -> Non
     ssim_axes.set_ylabel("SSIM")
     for axes in (loss_axes, psnr_axes):
         axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    write_bytes(path, buffer.getvalue())
+
+
+def save_rate_distortion(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = ""
+) -> None:
+    """PSNR and MS-SSIM against stored bits per pixel, one line per name: a sweep (points
+    with a ``quality``, labelled with it) or a single point (a model), to a PNG."""
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    psnr_axes, ssim_axes = figure.subplots(1, 2)
+    for name, points in curves.items():
+        ordered = sorted(points, key=lambda p: p["bpp"])
+        bpp = [p["bpp"] for p in ordered]
+        single = len(ordered) == 1
+        style = {"marker": "*", "markersize": 14, "linestyle": ""} if single else {"marker": "o"}
+        for axes, key in ((psnr_axes, "psnr"), (ssim_axes, "ms_ssim")):
+            axes.plot(bpp, [p[key] for p in ordered], label=name, **style)
+            for p in ordered:
+                if p.get("quality") is not None:
+                    axes.annotate(
+                        str(p["quality"]), (p["bpp"], p[key]), fontsize=7, alpha=0.7,
+                        textcoords="offset points", xytext=(3, -9),
+                    )  # fmt: skip
+    psnr_axes.set(xlabel="stored bits per pixel", ylabel="PSNR (dB)", title="PSNR")
+    ssim_axes.set(xlabel="stored bits per pixel", ylabel="MS-SSIM", title="MS-SSIM")
+    for axes in (psnr_axes, ssim_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     write_bytes(path, buffer.getvalue())

@@ -1,9 +1,13 @@
-"""Reconstruction quality: PSNR and SSIM on images in [0, 1], shaped ``(N, C, H, W)``."""
+"""Reconstruction quality: PSNR, SSIM and MS-SSIM on images in [0, 1], ``(N, C, H, W)``."""
 
 from __future__ import annotations
 
 import torch
+from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
+from torch.nn.functional import interpolate
+
+MS_SSIM_SIDE = 161  # pytorch-msssim's 4 halvings with its 11-pixel window need > 160 px
 
 
 def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -19,4 +23,18 @@ def ssim(reference: torch.Tensor, test: torch.Tensor) -> float:
     value = _ssim(
         reference.float(), test.float(), data_range=1.0, win_size=window, size_average=True
     )
+    return float(value)
+
+
+def ms_ssim(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Mean MS-SSIM (pytorch-msssim: 5 scales, Gaussian window 11). Its four halvings
+    need a side over 160 pixels, so smaller images are first enlarged by the smallest
+    integer factor that gets there, nearest-neighbour (each pixel becomes a k×k block;
+    no new values)."""
+    side = min(reference.shape[-2:])
+    factor = -(-MS_SSIM_SIDE // side)
+    if factor > 1:
+        reference = interpolate(reference.float(), scale_factor=factor, mode="nearest")
+        test = interpolate(test.float(), scale_factor=factor, mode="nearest")
+    value = _ms_ssim(reference.float(), test.float(), data_range=1.0, size_average=True)
     return float(value)

@@ -31,6 +31,7 @@ from latentbatch.cli.common import (
     make_console,
     task_progress,
 )
+from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
 from latentbatch.cli.stores import query_command, stats_command, stores_command
@@ -322,6 +323,7 @@ def demo_command(
 app.command("stores")(stores_command)
 app.command("query")(query_command)
 app.command("stats")(stats_command)
+app.command("evaluate")(evaluate_command)
 app.add_typer(models_app, name="models")
 app.add_typer(stack_app, name="stack")
 

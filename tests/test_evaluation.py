@@ -1,0 +1,89 @@
+"""Rate–distortion evaluation: the model's point measured as a store holds its latents,
+JPEG and WebP on the same images."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+from PIL import Image
+
+from latentbatch.checkpoint import read_info
+from latentbatch.cli import main
+from latentbatch.decode import decode_rows
+from latentbatch.encode import encode
+from latentbatch.errors import ConfigError
+from latentbatch.evaluation import codec_point, evaluate, evaluation_images
+from latentbatch.model import to_unit
+from latentbatch.quality import psnr
+from latentbatch.store import open_store
+
+
+def test_the_models_point_is_what_a_store_of_those_images_holds(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    result = evaluate(tiny_model, "synthetic:40", split="all", qualities=(10, 90))
+    assert result.split == "all" and result.images == 40
+    store_url = str(tmp_path / "s.zarr")
+    encode(tiny_model, "synthetic:40", store_url, client=client)
+    store = open_store(store_url)
+    assert result.model.bpp == store.report()["bits_per_pixel"]  # bytes on disk, as inspect
+    images = evaluation_images(read_info(tiny_model), "synthetic:40", "all")[0]
+    decoded = decode_rows(tiny_model, store, range(40))
+    expected = psnr(to_unit(torch.from_numpy(images)), to_unit(torch.from_numpy(decoded)))
+    assert result.model.psnr == pytest.approx(expected, abs=1e-9)
+    assert 0 < result.model.ms_ssim < 1
+    for name in ("jpeg", "webp"):
+        low, high = result.codecs[name]
+        assert (low.quality, high.quality) == (10, 90)
+        assert high.bpp > low.bpp and high.psnr > low.psnr and high.ms_ssim > low.ms_ssim
+
+
+def test_the_validation_split_is_the_trainings(tiny_model: Path) -> None:
+    info = read_info(tiny_model)
+    training = info.meta["training"]
+    images, used = evaluation_images(info, "synthetic:96")  # the source it was trained on
+    assert used == "validation" and len(images) == training["split"]["validation"] == 24
+    images, used = evaluation_images(info, "synthetic:30")  # a source it never saw
+    assert used == "all" and len(images) == 30
+
+
+def test_codec_points_count_the_encoded_bytes() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    point = codec_point(images, "jpeg", 50)
+    total = 0
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0]).save(buffer, format="JPEG", quality=50)
+        total += buffer.tell()
+    assert point.bpp == 8 * total / (5 * 16 * 16)
+    with pytest.raises(ConfigError, match="unknown codec 'gif'"):
+        codec_point(images, "gif", 50)
+    with pytest.raises(ConfigError, match="must be integers from 1 to 100"):
+        evaluate(Path("unused"), "synthetic:4", qualities=(0,))
+
+
+def test_cli_evaluate_prints_json_and_draws_the_plot(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plot = tmp_path / "rd.png"
+    argv = ["evaluate", str(tiny_model), "--data", "synthetic:96", "--quality", "20"]
+    assert main([*argv, "--quality", "80", "--plot", str(plot), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "validation" and report["images"] == 24
+    assert set(report["model"]) == {"psnr", "ms_ssim", "bpp"}
+    assert [p["quality"] for p in report["jpeg"]] == [20, 80]
+    assert set(report["webp"][0]) == {"quality", "psnr", "ms_ssim", "bpp"}
+    with Image.open(plot) as picture:
+        assert picture.format == "PNG" and picture.width > 500
+    assert main([*argv, "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "Pillow WEBP" in table and "bits/pixel" in table
+    assert main([*argv, "--split", "train"]) == 1
+    assert "--split 'train' is not validation or all" in capsys.readouterr().err
