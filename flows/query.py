@@ -1,5 +1,5 @@
-"""query-latents: a selection or nearest-neighbour query with a UI form; leaves a table
-of the results and a preview grid."""
+"""query-latents: a selection, nearest-neighbour or worst-reconstructed query with a UI
+form; leaves a table of the results (the first 1,000 rows) and a preview grid."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from latentbatch.pipeline import selection_preview
 from latentbatch.store import open_store
 
 PREVIEW = 16
+SHOWN = 1000  # rows of the answer kept in the table and the flow's result
 
 
 @task(name="query", cache_policy=NO_CACHE)
@@ -28,16 +29,27 @@ def query_task(
     near: str | None,
     k: int,
     metric: query.Metric,
-) -> list[dict[str, Any]]:
+    worst: int | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """The first :data:`SHOWN` rows of the answer and how many rows it has (a selection
+    is streamed a store shard at a time, so its size does not matter)."""
     store = open_store(store_url)
     if near:
         latent, row = query.latent_of(store, near)
         found = query.nearest(store, latent, k, metric, exclude=[row])
         results = query.result_rows(store, [n.row for n in found], found)
-        return [{**r, "distance": round(r["distance"], 5)} for r in results]
+        return [{**r, "distance": round(r["distance"], 5)} for r in results], len(results)
+    if worst:
+        results = query.result_rows(store, query.worst(store, worst))
+        return results, len(results)
     ranges = [query.parse_rows(rows)] if rows else None
-    selected = query.select(store, ids=ids, rows=ranges, label=label, where=where)
-    return query.result_rows(store, selected)
+    shown: list[dict[str, Any]] = []
+    count = 0
+    for part in query.iter_select(store, ids=ids, rows=ranges, label=label, where=where):
+        if len(shown) < SHOWN:
+            shown += query.result_rows(store, part[: SHOWN - len(shown)])
+        count += len(part)
+    return shown, count
 
 
 @flow(name="query-latents", log_prints=True)
@@ -47,16 +59,21 @@ def query_latents(
     ids: Annotated[list[str] | None, Field(description="Select these ids")] = None,
     rows: Annotated[str | None, Field(description="Row range I:J")] = None,
     label: Annotated[int | None, Field(description="Only rows with this label")] = None,
-    where: Annotated[list[str] | None, Field(description="Predicates such as 'label >= 5'")] = None,
+    where: Annotated[
+        list[str] | None, Field(description="Predicates such as 'label >= 5' or 'psnr < 20'")
+    ] = None,
     near: Annotated[str | None, Field(description="Nearest neighbours of this id")] = None,
     k: Annotated[int, Field(ge=1, description="How many neighbours")] = 10,
     metric: Annotated[Literal["l2", "cosine"], Field(description="Distance")] = "l2",
+    worst: Annotated[
+        int | None, Field(ge=1, description="The rows reconstructed worst at encode time")
+    ] = None,
     model_dir: Annotated[
         str | None, Field(description="The store's model, for the preview")
     ] = None,
 ) -> list[dict[str, object]]:
-    results = query_task(store, ids, rows, label, where or [], near, k, metric)
-    summary_artifact("query-results", f"Query of {store}", results[:1000] or [{"result": "empty"}])
+    results, count = query_task(store, ids, rows, label, where or [], near, k, metric, worst)
+    summary_artifact("query-results", f"Query of {store}", results or [{"result": "empty"}])
     if model_dir and results:
         opened = open_store(store)
         shown = [int(r["row"]) for r in results[:PREVIEW]]
@@ -64,9 +81,9 @@ def query_latents(
             "query-preview",
             "Query results",
             selection_preview(model_dir, opened, shown),
-            f"First {len(shown)} of {len(results)} results.",
+            f"First {len(shown)} of {count} results.",
         )
-    print(f"{len(results)} rows")
+    print(f"{count} rows" + (f" (the first {SHOWN} kept)" if count > SHOWN else ""))
     return results
 
 

@@ -54,6 +54,10 @@ _EXPORTS = {
     "iter_shards": "manifest",
     "read_output": "shards",
     "select": "query",
+    "iter_select": "query",
+    "worst": "query",
+    "evaluate": "evaluation",
+    "Evaluation": "evaluation",
     "read_rows": "query",
     "nearest": "query",
     "statistics": "query",
@@ -64,6 +68,7 @@ _EXPORTS = {
 __all__ = [
     "DecodeResult",
     "EncodeResult",
+    "Evaluation",
     "LatentStore",
     "LatentbatchError",
     "Layout",
@@ -77,6 +82,8 @@ __all__ = [
     "decode_selection",
     "decode_store",
     "encode_source",
+    "evaluate",
+    "iter_select",
     "iter_shards",
     "load_model",
     "nearest",
@@ -91,6 +98,7 @@ __all__ = [
     "statistics",
     "to_xarray",
     "train_model",
+    "worst",
 ]
 
 if TYPE_CHECKING:
@@ -102,9 +110,18 @@ if TYPE_CHECKING:
     from latentbatch.encode import EncodeResult
     from latentbatch.encode import encode as encode_source
     from latentbatch.errors import LatentbatchError
+    from latentbatch.evaluation import Evaluation, evaluate
     from latentbatch.manifest import Manifest, iter_shards, read_manifest
     from latentbatch.pipeline import run_pipeline
-    from latentbatch.query import nearest, read_rows, select, statistics, to_xarray
+    from latentbatch.query import (
+        iter_select,
+        nearest,
+        read_rows,
+        select,
+        statistics,
+        to_xarray,
+        worst,
+    )
     from latentbatch.shards import read_output
     from latentbatch.store import LatentStore, Layout, create_store, open_store
     from latentbatch.train import TrainResult

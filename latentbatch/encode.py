@@ -45,9 +45,11 @@ from latentbatch.datasets import (
     open_image,
     open_source,
 )
+from latentbatch.decode import decode_latents
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
 from latentbatch.model import to_unit
+from latentbatch.quality import psnr_per_image
 from latentbatch.storage import StorageOptions, filesystem
 from latentbatch.store import (
     LatentStore,
@@ -116,18 +118,37 @@ def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.de
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def stored_quality(
+    decoder: torch.nn.Module, images: np.ndarray, stored: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Each image's PSNR (dB, float32) against its decoding from ``stored``, the latents as
+    the store holds them (its dtype), decoded the way a decode does."""
+    decoded = decode_latents(decoder, stored.astype(np.float32), device)
+    reference = to_unit(torch.from_numpy(np.asarray(images)))
+    return psnr_per_image(reference, to_unit(torch.from_numpy(decoded))).numpy()
+
+
 def encode_shard(job: ShardJob) -> dict[str, int]:
-    """Worker side: encode one shard's images and write the whole shard."""
+    """Worker side: encode one shard's images, decode them again from the latents as
+    stored to measure each row's PSNR (stores that record it), and write the shard."""
     encoder, device = cached_model(job.model_id, "encoder")
     store = open_store(job.store_url, job.storage_options, writable=True)
-    latents = encode_images(encoder, job.rows.read(), device)
+    images = job.rows.read()
+    latents = encode_images(encoder, images, device).astype(store.latents.dtype)
     ids = list(job.ids)
     labels = np.asarray(job.labels, np.int32)
+    quality = None
+    if store.has_quality:
+        decoder, _ = cached_model(job.model_id, "decoder")
+        quality = stored_quality(decoder, images, latents, device)
     if job.keep:
-        latents = np.concatenate([store.read_latents(job.start, job.start + job.keep), latents])
-        ids = store.read_ids(job.start, job.start + job.keep) + ids
-        labels = np.concatenate([store.read_labels(job.start, job.start + job.keep), labels])
-    store.write_rows(job.start, latents, ids, labels)
+        before = job.start, job.start + job.keep
+        latents = np.concatenate([store.read_latents(*before), latents])
+        ids = store.read_ids(*before) + ids
+        labels = np.concatenate([store.read_labels(*before), labels])
+        if quality is not None:
+            quality = np.concatenate([store.read_quality(*before), quality])
+    store.write_rows(job.start, latents, ids, labels, quality)
     return {"start": job.start + job.keep, "stop": job.stop}
 
 
@@ -264,6 +285,7 @@ def encode(
         nonlocal started
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "encoder")
+        register_model(c, info, "decoder")  # each row's PSNR, measured as it is stored
         map_bounded(
             c,
             encode_shard,

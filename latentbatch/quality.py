@@ -10,10 +10,15 @@ from torch.nn.functional import interpolate
 MS_SSIM_SIDE = 161  # pytorch-msssim's 4 halvings with its 11-pixel window need > 160 px
 
 
+def psnr_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Each image's PSNR in dB (peak 1.0; capped at 100 dB), float32 ``(N,)``."""
+    mse = (reference.float() - test.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
 def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Mean over images of the per-image PSNR in dB (peak 1.0; capped at 100 dB)."""
-    mse = (reference.float() - test.float()).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
+    return float(psnr_per_image(reference, test).mean())
 
 
 def ssim(reference: torch.Tensor, test: torch.Tensor) -> float:

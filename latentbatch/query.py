@@ -39,7 +39,7 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">": operator.gt,
 }
 NEAREST_WINDOW = 32  # store shards scanned at once by nearest()
-_PREDICATE = re.compile(r"^\s*(row|label)\s*(==|!=|<=|>=|<|>)\s*(-?\d+)\s*$")
+_PREDICATE = re.compile(r"^\s*(row|label|psnr)\s*(==|!=|<=|>=|<|>)\s*(-?\d+(?:\.\d*)?)\s*$")
 
 
 class QueryError(LatentbatchError):
@@ -57,15 +57,17 @@ def parse_rows(text: str) -> tuple[int, int]:
         raise QueryError(f"row range {text!r} is not I:J (for example 0:100)") from None
 
 
-def parse_predicate(text: str) -> tuple[str, Callable[[Any, Any], Any], int]:
-    """``"label >= 5"`` → (field, operator, value); fields are ``row`` and ``label``."""
+def parse_predicate(text: str) -> tuple[str, Callable[[Any, Any], Any], float]:
+    """``"label >= 5"`` → (field, operator, value); fields are ``row``, ``label`` (integer
+    values) and ``psnr`` (each row's PSNR in dB at encode time; any number)."""
     match = _PREDICATE.match(text)
-    if match is None:
+    if match is None or (match[1] != "psnr" and "." in match[3]):
         raise QueryError(
-            f"predicate {text!r} is not FIELD OP INTEGER with FIELD row or label and OP one of "
-            f"{' '.join(_OPS)} (for example 'label >= 5')"
+            f"predicate {text!r} is not FIELD OP NUMBER with FIELD row, label (integers) or "
+            f"psnr and OP one of {' '.join(_OPS)} (for example 'label >= 5' or 'psnr < 20')"
         )
-    return match[1], _OPS[match[2]], int(match[3])
+    value = float(match[3])
+    return match[1], _OPS[match[2]], value if match[1] == "psnr" else int(value)
 
 
 def check_metric(metric: str) -> Metric:
@@ -113,6 +115,12 @@ def iter_select(
     needs_labels = label is not None or any(f == "label" for f, _, _ in predicates)
     if needs_labels and not store.has_labels:
         raise QueryError(f"{store.url} has no labels; select by ids or rows instead")
+    needs_quality = any(f == "psnr" for f, _, _ in predicates)
+    if needs_quality and not store.has_quality:
+        raise QueryError(
+            f"{store.url} records no per-image PSNR (encoded by an earlier release); "
+            "re-encode its images to query it"
+        )
     wanted_ids = None if ids is None else set(ids)
     found_ids: set[str] = set()
     by_id: list[np.ndarray] = []
@@ -129,11 +137,15 @@ def iter_select(
             keep &= hits
             if not keep.any():
                 continue
-        labels = store.read_labels(start, stop) if needs_labels else None
+        fields = {
+            "row": numbers,
+            "label": store.read_labels(start, stop) if needs_labels else None,
+            "psnr": store.read_quality(start, stop) if needs_quality else None,
+        }
         if label is not None:
-            keep &= labels == label
+            keep &= fields["label"] == label
         for field, op, value in predicates:
-            keep &= op(numbers if field == "row" else labels, value)
+            keep &= op(fields[field], value)  # NaN (not measured) matches no comparison but !=
         if keep.any():
             if wanted_ids is None:
                 yield numbers[keep]
@@ -187,6 +199,7 @@ class Statistics:
     min: list[float]
     max: list[float]
     overall_std: float
+    psnr: dict[str, float | int] | None = None  # distribution of the rows' encode-time PSNR
 
     @property
     def scaling_factor(self) -> float:
@@ -208,6 +221,7 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
         latents.max(axis=axes), latents.std(),
     )  # fmt: skip
     result = Statistics(
+        psnr=psnr_distribution(store) if store.has_quality else None,
         count=store.count,
         mean=[float(v) for v in mean],
         std=[float(v) for v in std],
@@ -217,6 +231,34 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
     )
     if save:
         store.write_meta(stats=result.to_dict())
+    return result
+
+
+PSNR_BIN = 0.01  # dB: the resolution of psnr_distribution's percentiles
+PSNR_PERCENTILES = (1, 5, 50, 95)
+
+
+def psnr_distribution(store: LatentStore) -> dict[str, float | int]:
+    """The committed rows' encode-time PSNR: how many were measured, mean, min, max (exact)
+    and percentiles (to 0.01 dB), from a histogram filled a store shard at a time."""
+    edges = np.arange(0.0, 100.0 + 2 * PSNR_BIN, PSNR_BIN)
+    counts = np.zeros(len(edges) - 1, np.int64)
+    total, low, high, measured = 0.0, np.inf, -np.inf, 0
+    for start in range(0, store.count, store.shard_rows):
+        values = store.read_quality(start, min(start + store.shard_rows, store.count))
+        values = values[~np.isnan(values)].astype(np.float64)
+        if len(values):
+            counts += np.histogram(np.clip(values, 0.0, 100.0), bins=edges)[0]
+            total, measured = total + float(values.sum()), measured + len(values)
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if not measured:
+        return {"measured": 0}
+    cumulative = np.cumsum(counts)
+    result: dict[str, float | int] = {"measured": measured, "mean": total / measured}
+    result |= {"min": low, "max": high}
+    for q in PSNR_PERCENTILES:
+        index = int(np.searchsorted(cumulative, q / 100 * measured))
+        result[f"p{q}"] = float(np.clip(edges[index] + PSNR_BIN / 2, low, high))
     return result
 
 
@@ -291,6 +333,29 @@ def nearest(
     return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
 
 
+def worst(store: LatentStore, k: int = 10) -> np.ndarray:
+    """The ``k`` committed rows reconstructed worst at encode time (lowest stored PSNR
+    first; ties by row; rows never measured left out), scanned a store shard at a time
+    keeping only the worst ``k`` so far."""
+    if k < 1:
+        raise QueryError(f"--worst must be at least 1, got {k}")
+    if not store.has_quality:
+        raise QueryError(
+            f"{store.url} records no per-image PSNR (encoded by an earlier release); "
+            "re-encode its images to find the worst reconstructed"
+        )
+    best = np.zeros((0, 2))
+    for start in range(0, store.count, store.shard_rows):
+        stop = min(start + store.shard_rows, store.count)
+        values = store.read_quality(start, stop).astype(np.float64)
+        measured = np.flatnonzero(~np.isnan(values))
+        candidates = np.concatenate(
+            [best, np.stack([values[measured], (measured + start).astype(np.float64)], axis=1)]
+        )
+        best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:k]
+    return best[:, 1].astype(np.int64)
+
+
 def latent_of(store: LatentStore, sample_id: str) -> tuple[np.ndarray, int]:
     """The latent (float32) of the row holding ``sample_id``, and that row: the query of a
     nearest-neighbour search by id, which leaves the row itself out."""
@@ -302,15 +367,19 @@ def result_rows(
     store: LatentStore, rows: Rows, neighbours: Sequence[Neighbour] | None = None
 ) -> list[dict[str, Any]]:
     """One dict per row of a query's answer: ``row``, ``id``, ``label`` (when the store
-    has labels) and ``distance`` (for neighbours), in the given order."""
+    has labels), ``psnr`` (when it records them; None where not measured) and
+    ``distance`` (for neighbours), in the given order."""
     rows = [int(r) for r in rows]
     ids = store.read_ids_at(rows)
     labels = store.read_labels_at(rows).tolist() if store.has_labels else None
+    quality = store.read_quality_at(rows).tolist() if store.has_quality else None
     results: list[dict[str, Any]] = []
     for i, (row, sample_id) in enumerate(zip(rows, ids, strict=True)):
         entry: dict[str, Any] = {"row": row, "id": sample_id}
         if labels is not None:
             entry["label"] = int(labels[i])
+        if quality is not None:
+            entry["psnr"] = None if np.isnan(quality[i]) else round(float(quality[i]), 3)
         if neighbours is not None:
             entry["distance"] = neighbours[i].distance
         results.append(entry)

@@ -6,6 +6,9 @@
       latents  [N, C, h, w]      float16 (default), dims (sample, channel, y, x)
       ids      [N]               strings, unique, safe file names
       labels   [N]               int32, -1 = unknown (always present; all -1 without labels)
+      quality  [N]               float32, each row's PSNR (dB) at encode time: its image
+                                 decoded from the stored latent against the original
+                                 (NaN = not measured; stores of earlier releases lack it)
 
 Arrays are chunked and sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a
 flipped byte fails loudly. Metadata: ``format``, ``uuid``, ``created``, ``model_id``,
@@ -103,6 +106,7 @@ class LatentStore:
         self.latents = _array(url, group, "latents")
         self.ids = _array(url, group, "ids")
         self.labels = _array(url, group, "labels")
+        self.quality = _array(url, group, "quality") if "quality" in group else None
 
     # metadata --------------------------------------------------------------------------
     @property
@@ -138,6 +142,11 @@ class LatentStore:
     @property
     def has_labels(self) -> bool:
         return bool(self.meta.get("labels"))
+
+    @property
+    def has_quality(self) -> bool:
+        """Whether the store records each row's PSNR at encode time."""
+        return self.quality is not None
 
     @property
     def pending(self) -> dict[str, Any] | None:
@@ -182,6 +191,28 @@ class LatentStore:
         found = self._read(self.labels, f"rows [{start}, {stop})", slice(start, stop))
         return found.astype(np.int32, copy=False)
 
+    def _quality(self) -> zarr.Array[Any]:
+        if self.quality is None:
+            raise StoreError(
+                f"{self.url} records no per-image quality (it was encoded by an earlier "
+                "release); re-encode its images into a new store to get it"
+            )
+        return self.quality
+
+    def read_quality(self, start: int, stop: int) -> np.ndarray:
+        """Each row's PSNR (dB) at encode time, float32 (NaN where not measured)."""
+        self._check_rows(start, stop)
+        quality = self._quality()
+        return self._read(quality, f"rows [{start}, {stop})", slice(start, stop))
+
+    def read_quality_at(self, rows: Rows) -> np.ndarray:
+        """PSNRs of the given committed rows, in the given order."""
+        quality = self._quality()
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return np.zeros(0, np.float32)
+        return self._read(quality, _where(selection), selection)
+
     def _check_selection(self, rows: Rows) -> np.ndarray:
         selection = np.asarray(rows, dtype=np.int64)
         if len(selection) and not (selection.min() >= 0 and selection.max() < self.count):
@@ -222,26 +253,40 @@ class LatentStore:
         """Grow (or shrink to no less than ``count``) every array's row count."""
         if capacity < self.count:
             raise StoreError(f"cannot shrink {self.url} below its {self.count} committed rows")
-        for array in (self.latents, self.ids, self.labels):
+        for array in self._arrays():
             array.resize((capacity, *array.shape[1:]))
 
+    def _arrays(self) -> list[zarr.Array[Any]]:
+        arrays = [self.latents, self.ids, self.labels]
+        return arrays if self.quality is None else [*arrays, self.quality]
+
     def write_rows(
-        self, start: int, latents: np.ndarray, ids: list[str], labels: np.ndarray
+        self,
+        start: int,
+        latents: np.ndarray,
+        ids: list[str],
+        labels: np.ndarray,
+        quality: np.ndarray | None = None,
     ) -> None:
-        """Write rows ``[start, start + n)`` of every array (a whole shard, by one writer)."""
+        """Write rows ``[start, start + n)`` of every array (a whole shard, by one writer);
+        without ``quality`` the rows' PSNRs are NaN (not measured)."""
         stop = start + len(latents)
-        if not len(latents) == len(ids) == len(labels):
-            raise StoreError("latents, ids and labels must have the same number of rows")
+        if quality is None:
+            quality = np.full(len(latents), np.nan, np.float32)
+        if not len(latents) == len(ids) == len(labels) == len(quality):
+            raise StoreError("latents, ids, labels and quality must have the same number of rows")
         if stop > self.capacity:
             raise StoreError(f"rows [{start}, {stop}) are past the capacity {self.capacity}")
         self.latents[start:stop] = latents.astype(self.latents.dtype, copy=False)
         self.ids[start:stop] = np.asarray(ids, dtype=object).astype(str)
         self.labels[start:stop] = labels.astype(np.int32, copy=False)
+        if self.quality is not None:
+            self.quality[start:stop] = quality.astype(np.float32, copy=False)
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Bytes stored per array, and in total."""
         fs, root = filesystem(self.url, self.storage_options)
-        sizes = {name: int(fs.du(join(root, name))) for name in ("latents", "ids", "labels")}
+        sizes = {a.basename: int(fs.du(join(root, a.basename))) for a in self._arrays()}
         sizes["total"] = int(fs.du(root))
         return sizes
 
@@ -339,7 +384,8 @@ def _validate(url: str, group: zarr.Group) -> None:
         raise StoreError(
             f"{url} lacks store metadata {missing}; it is damaged or not a latent store"
         )
-    arrays = [_array(url, group, name) for name in ("latents", "ids", "labels")]
+    names = ["latents", "ids", "labels", *(["quality"] if "quality" in group else [])]
+    arrays = [_array(url, group, name) for name in names]
     latents = arrays[0]
     rows = {a.shape[0] for a in arrays}
     if len(rows) != 1:
@@ -389,7 +435,10 @@ def create_store(
         compressors=_codecs(),
         overwrite=True,
     )
-    for name, dtype, fill in (("ids", str, ""), ("labels", "int32", -1)):
+    per_row: tuple[tuple[str, Any, Any], ...] = (
+        ("ids", str, ""), ("labels", "int32", -1), ("quality", "float32", float("nan"))
+    )  # fmt: skip
+    for name, dtype, fill in per_row:
         group.create_array(
             name,
             shape=(capacity,),

@@ -10,7 +10,10 @@ from distributed import Client
 from latentbatch.checkpoint import load_model
 from latentbatch.cluster import Progress
 from latentbatch.datasets import Geometry, open_source
+from latentbatch.decode import decode_rows
 from latentbatch.encode import encode, encode_images
+from latentbatch.model import to_unit
+from latentbatch.quality import psnr_per_image
 from latentbatch.store import Layout, StoreError, open_store
 
 
@@ -32,6 +35,18 @@ def test_encoded_store_holds_the_encoder_output(mnist_store: Path, seed_model: P
     np.testing.assert_allclose(
         store.read_latents(4000, 4100).astype(np.float32), expected, rtol=2e-3, atol=2e-3
     )
+
+
+def test_each_rows_psnr_is_what_a_decode_of_it_gives(mnist_store: Path, seed_model: Path) -> None:
+    store = open_store(str(mnist_store))
+    rows = list(range(0, 5000, 97))
+    decoded = decode_rows(seed_model, store, rows)
+    originals = open_source("mnist5k").read(0, 5000)[rows]
+    expected = psnr_per_image(
+        to_unit(torch.from_numpy(originals)), to_unit(torch.from_numpy(decoded))
+    )
+    np.testing.assert_allclose(store.read_quality_at(rows), expected.numpy(), rtol=0, atol=1e-4)
+    assert not np.isnan(store.read_quality(0, 5000)).any()
 
 
 def test_rerun_of_a_finished_encode_does_nothing(

@@ -25,6 +25,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.decode import decode_latents
 from flows.encode import encode_images
+from flows.evaluate import evaluate_model
 from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
 from flows.query import query_latents
@@ -32,7 +33,7 @@ from flows.train import train_autoencoder
 from latentbatch.checkpoint import model_id
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.store import Layout
+from latentbatch.store import Layout, open_store
 from tests.helpers import sha256s
 from tests.servers import TcpProxy, moto_server
 
@@ -72,7 +73,7 @@ def _check_preview(artifact: Any) -> None:
 @pytest.mark.parametrize(
     "flow",
     [decode_latents, encode_images, nightly_bulk_decode, reconstruction_pipeline,
-     query_latents, train_autoencoder],
+     query_latents, train_autoencoder, evaluate_model],
     ids=lambda f: f.name,
 )  # fmt: skip
 def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
@@ -81,6 +82,21 @@ def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
     missing = [name for name, schema in properties.items() if not schema.get("description")]
     assert missing == []
     assert flow.description  # the flow's summary line
+
+
+def test_evaluate_flow_leaves_the_table_and_the_plot(tiny_model: Path) -> None:
+    state = evaluate_model(str(tiny_model), "synthetic:96", "validation", [20, 80],
+                           return_state=True)  # fmt: skip
+    assert state.is_completed()
+    result = state.result()
+    assert result["split"] == "validation" and result["images"] == 24
+    assert [p["quality"] for p in result["webp"]] == [20, 80]
+    found = artifacts(state)
+    assert found["evaluate-table"].type == "table"
+    table = json.loads(found["evaluate-table"].data)
+    assert [row["what"] for row in table][:2] == ["model (compact)", "Pillow JPEG"]
+    assert table[0]["bpp"] == round(result["model"]["bpp"], 4)
+    _check_preview(found["evaluate-plot"])
 
 
 def test_train_flow(tmp_path: Path) -> None:
@@ -313,3 +329,9 @@ def test_query_flow(mnist_store: Path, seed_model: Path) -> None:
     _check_preview(found["query-preview"])
     state = query_latents(str(mnist_store), rows="10:20", label=1, return_state=True)
     assert state.result() == []
+    state = query_latents(str(mnist_store), worst=3, return_state=True)
+    worst = state.result()
+    psnrs = open_store(str(mnist_store)).read_quality(0, 5000)
+    assert [r["row"] for r in worst] == np.argsort(psnrs, kind="stable")[:3].tolist()
+    state = query_latents(str(mnist_store), where=["row >= 1"], return_state=True)
+    assert len(state.result()) == 1000  # the first 1,000 of 4,999 rows

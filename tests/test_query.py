@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from latentbatch.query import (
     select,
     statistics,
     to_xarray,
+    worst,
 )
 from latentbatch.store import Layout, open_store
 
@@ -55,12 +57,54 @@ def test_selections_come_a_store_shard_at_a_time(mnist_store: Path) -> None:
         next(iter_select(store, ids=["mnist5k-00002", "nope"]))  # before any row comes
 
 
+def test_worst_reconstructed_and_psnr_predicates_equal_brute_force(mnist_store: Path) -> None:
+    store = open_store(str(mnist_store))
+    psnrs = store.read_quality(0, store.count).astype(np.float64)
+    expected = np.lexsort((np.arange(len(psnrs)), psnrs))[:10]
+    assert worst(store, 10).tolist() == expected.tolist()
+    assert worst(store, 1).tolist() == [int(np.argmin(psnrs))]
+    threshold = float(np.percentile(psnrs, 3))
+    chosen = select(store, where=[f"psnr < {threshold:.3f}"])
+    assert chosen.tolist() == np.flatnonzero(psnrs < round(threshold, 3)).tolist()
+    both = select(store, label=1, where=["psnr >= 25"])
+    labels = store.read_labels(0, store.count)
+    assert both.tolist() == np.flatnonzero((labels == 1) & (psnrs >= 25)).tolist()
+    with pytest.raises(QueryError, match="at least 1"):
+        worst(store, 0)
+
+
+def test_stores_of_earlier_releases_answer_without_psnr(tmp_path: Path, mnist_store: Path) -> None:
+    shutil.copytree(mnist_store, tmp_path / "old.zarr")
+    shutil.rmtree(tmp_path / "old.zarr" / "quality")  # as an earlier release wrote it
+    store = open_store(str(tmp_path / "old.zarr"))
+    assert (
+        select(store, label=1, rows=[(0, 600)]).tolist()
+        == select(open_store(str(mnist_store)), label=1, rows=[(0, 600)]).tolist()
+    )
+    assert statistics(store).psnr is None
+    for attempt in (lambda: worst(store, 3), lambda: select(store, where=["psnr < 20"])):
+        with pytest.raises(QueryError, match=r"records no per-image PSNR .*re-encode"):
+            attempt()
+
+
+def test_statistics_report_the_psnr_distribution(mnist_store: Path) -> None:
+    store = open_store(str(mnist_store))
+    psnrs = store.read_quality(0, store.count).astype(np.float64)
+    found = statistics(store).psnr
+    assert found is not None and found["measured"] == store.count
+    assert found["mean"] == pytest.approx(psnrs.mean())
+    assert (found["min"], found["max"]) == (psnrs.min(), psnrs.max())
+    for q in (1, 5, 50, 95):
+        assert found[f"p{q}"] == pytest.approx(np.percentile(psnrs, q), abs=0.02)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"ids": ["mnist5k-00001", "nope"]}, "1 ids are not in .*'nope'"),
-        ({"where": ["label = 3"]}, "predicate 'label = 3' is not FIELD OP INTEGER"),
-        ({"where": ["colour > 1"]}, "is not FIELD OP INTEGER"),
+        ({"where": ["label = 3"]}, "predicate 'label = 3' is not FIELD OP NUMBER"),
+        ({"where": ["colour > 1"]}, "is not FIELD OP NUMBER"),
+        ({"where": ["label < 2.5"]}, "is not FIELD OP NUMBER with FIELD row, label .integers"),
     ],
 )
 def test_bad_selections_are_named(mnist_store: Path, kwargs: dict, message: str) -> None:

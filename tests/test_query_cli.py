@@ -29,7 +29,15 @@ def test_query_commands(
     store = str(mnist_store)
     got = _json(["query", store, "--ids", "mnist5k-00010,mnist5k-00002"], capsys)
     assert [r["row"] for r in got["results"]] == [2, 10]
-    assert got["results"][0] == {"row": 2, "id": "mnist5k-00002", "label": 0}
+    first = got["results"][0]
+    assert {k: first[k] for k in ("row", "id", "label")} == {
+        "row": 2,
+        "id": "mnist5k-00002",
+        "label": 0,
+    }
+    assert first["psnr"] == round(float(open_store(store).read_quality(2, 3)[0]), 3)
+    worst = _json(["query", store, "--worst", "5"], capsys)["results"]
+    assert [r["psnr"] for r in worst] == sorted(r["psnr"] for r in worst)
     got = _json(["query", store, "--rows", "4990:", "--where", "label == 9"], capsys)
     assert got["count"] == 10
     assert _json(["query", store, "--label", "4", "--rows", "0:100"], capsys)["count"] == 0
@@ -66,7 +74,7 @@ def test_query_commands(
     ("argv", "message"),
     [
         (["--ids", "mnist5k-00001,ghost"], "error: 1 ids are not in"),
-        (["--where", "label ~ 3"], "error: predicate 'label ~ 3' is not FIELD OP INTEGER"),
+        (["--where", "label ~ 3"], "error: predicate 'label ~ 3' is not FIELD OP NUMBER"),
         (["--near", "mnist5k-00001", "-k", "6000"], "error: -k must be between 1 and 4999"),
         (["--rows", "12"], "error: row range '12' is not I:J"),
         (["--grid", "x.png"], "error: --near-image, --decode and --grid need --model"),
@@ -140,6 +148,8 @@ def test_query_commands_on_s3(
             ["query", "{}", "--ids", "mnist5k-00010,mnist5k-00002"],
             ["query", "{}", "--near", "mnist5k-00600", "-k", "5"],
             ["stats", "{}"],
+            ["query", "{}", "--where", "psnr < 21.5", "--label", "8"],
+            ["query", "{}", "--worst", "10"],
         ):
             local = _json([a.format(str(mnist_store)) for a in argv], capsys)
             there = _json([a.format(remote) for a in argv] + opts, capsys)

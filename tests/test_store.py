@@ -69,6 +69,33 @@ def test_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4]}
 
 
+def test_each_rows_quality_is_kept_and_stores_without_it_still_open(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    url = _store(tmp_path, tiny_model)
+    meta = json.loads((url / "quality" / "zarr.json").read_text())
+    assert (meta["data_type"], meta["dimension_names"]) == ("float32", ["sample"])
+    store = open_store(str(url), writable=True)
+    latents = np.zeros((4, 2, 4, 4), np.float32)
+    store.write_rows(0, latents, ["a", "b", "c", "d"], np.full(4, -1), np.array([20, 31.5, 9, 40]))
+    store.write_rows(4, latents, ["e", "f", "g", "h"], np.full(4, -1))  # not measured
+    store.write_meta(count=8)
+    again = open_store(str(url))
+    assert again.has_quality
+    np.testing.assert_array_equal(again.read_quality(2, 6), [9, 40, np.nan, np.nan])
+    assert again.read_quality_at([3, 1]).tolist() == [40, 31.5]
+    assert "quality" in again.bytes_on_disk()
+    # a store of an earlier release has no quality array: it opens, and says so when asked
+    for path in sorted((url / "quality").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (url / "quality").rmdir()
+    old = open_store(str(url))
+    assert not old.has_quality
+    np.testing.assert_array_equal(old.read_latents(0, 8), np.zeros((8, 2, 4, 4)))
+    with pytest.raises(StoreError, match=r"records no per-image quality .* re-encode"):
+        old.read_quality(0, 8)
+
+
 @pytest.mark.parametrize("array", ["latents", "ids", "labels"])
 def test_flipped_byte_is_named_with_store_array_and_rows(
     tmp_path: Path, tiny_model: Path, array: str

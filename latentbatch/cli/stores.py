@@ -71,9 +71,14 @@ def query_command(
     rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
     label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
     where: Annotated[
-        list[str] | None, typer.Option(help="Predicate such as 'label >= 5' or 'row < 100'.")
+        list[str] | None,
+        typer.Option(help="Predicate such as 'label >= 5', 'row < 100' or 'psnr < 20'."),
     ] = None,
     near: Annotated[str | None, typer.Option(help="Nearest neighbours of this id.")] = None,
+    worst: Annotated[
+        int | None,
+        typer.Option(help="The K rows reconstructed worst at encode time (lowest PSNR first)."),
+    ] = None,
     near_image: Annotated[
         Path | None, typer.Option(help="Nearest neighbours of this image (needs --model).")
     ] = None,
@@ -116,6 +121,8 @@ def query_command(
     if query_latent is not None:
         neighbours = query.nearest(store, query_latent, k, query.check_metric(metric), exclude)
         chunks = [np.array([n.row for n in neighbours], dtype=np.int64)]
+    elif worst is not None:
+        chunks = [query.worst(store, worst)]
     else:
         chunks = query.iter_select(
             store,
@@ -139,7 +146,7 @@ def query_command(
     if as_json:
         _stream_json(store_url, results)
     else:
-        _print_table(results, store.has_labels, neighbours is not None)
+        _print_table(results, store.has_labels, store.has_quality, neighbours is not None)
 
 
 def _checked(results: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -159,9 +166,12 @@ def _stream_json(store_url: str, results: Iterable[dict[str, object]]) -> None:
     typer.echo(("\n  " if count else "") + f'],\n  "count": {count}\n}}')
 
 
-def _print_table(results: Iterable[dict[str, Any]], labels: bool, distances: bool) -> None:
+def _print_table(
+    results: Iterable[dict[str, Any]], labels: bool, psnrs: bool, distances: bool
+) -> None:
     """The first :data:`SHOWN` rows as a table, and how many there were in all."""
-    table = Table("row", "id", *(["label"] if labels else []), *(["distance"] if distances else []))
+    optional = (("label", labels), ("PSNR", psnrs), ("distance", distances))
+    table = Table("row", "id", *(name for name, shown in optional if shown))
     count = 0
     for entry in results:
         count += 1
@@ -170,6 +180,8 @@ def _print_table(results: Iterable[dict[str, Any]], labels: bool, distances: boo
         cells = [str(entry["row"]), entry["id"]]
         if labels:
             cells.append(str(entry["label"]))
+        if psnrs:
+            cells.append("-" if entry["psnr"] is None else f"{entry['psnr']:.2f} dB")
         if distances:
             cells.append(f"{entry['distance']:.4f}")
         table.add_row(*cells)
@@ -200,3 +212,10 @@ def stats_command(
     console.print(
         f"scaling factor (1 / std) {stats.scaling_factor:.5f}" + (" (saved)" if save else "")
     )
+    psnr = stats.psnr
+    if psnr and psnr["measured"]:
+        console.print(
+            f"encode-time PSNR of {psnr['measured']} rows: mean {psnr['mean']:.2f} dB, "
+            f"min {psnr['min']:.2f}, 1% {psnr['p1']:.2f}, 5% {psnr['p5']:.2f}, "
+            f"median {psnr['p50']:.2f}, 95% {psnr['p95']:.2f}, max {psnr['max']:.2f}"
+        )
