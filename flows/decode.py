@@ -81,6 +81,7 @@ def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 1),
         "model_id": result.manifest.model_id,
+        "canary": result.canary,
     }
 
 

@@ -1,9 +1,9 @@
 """nightly-bulk-decode: decode every store under a root whose output is missing or stale.
 
-A store that fails, is damaged, or whose output folder holds another store's decode does
-not stop the others; the run then ends Failed and names each. The report has a row per
-store: what was done, why, and for a decoded store its model id, shards written and
-skipped, seconds and images/s.
+A store that fails (its canary drifted, say), is damaged, or whose output folder holds
+another store's decode does not stop the others; the run then ends Failed and names each.
+The report has a row per store: what was done, why, and for a decoded store its model id,
+how its canary compared, shards written and skipped, seconds and images/s.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from latentbatch.store import open_store
 
 PREVIEW_STORES, PREVIEW_IMAGES = 3, 8
 # the numbers of a decoded store's row (decode_summary's); empty for the other rows
-NUMBERS = ("model_id", "shards_written", "shards_skipped", "seconds", "images_per_second")
+NUMBERS = (
+    "model_id", "canary", "shards_written", "shards_skipped", "seconds", "images_per_second"
+)  # fmt: skip
 
 
 @task(name="plan", cache_policy=NO_CACHE)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from distributed import Client
 
+from latentbatch.canary import CanaryResult, canary_rows, check_canary, has_canary
 from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
 from latentbatch.errors import LatentbatchError, OutputError
@@ -127,6 +128,7 @@ class DecodeResult:
     shards_written: tuple[int, ...]
     shards_skipped: tuple[int, ...]
     seconds: float
+    canary: str = "none"  # how the store's canary compared (latentbatch.canary)
 
     @property
     def images_per_second(self) -> float:
@@ -143,6 +145,7 @@ class DecodeResult:
             "seconds": self.seconds,
             "images_per_second": self.images_per_second,
             "model_id": self.manifest.model_id,
+            "canary": self.canary,
         }
 
 
@@ -297,6 +300,28 @@ def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], wher
             f"{len(bad)} latents in {where} hold NaN or Inf: rows {shown}"
             f"{' ...' if len(bad) > 5 else ''}; re-encode those images"
         )
+
+
+def decode_canary(
+    store_url: str, options: dict[str, Any], model_id: str, rows: list[int]
+) -> tuple[np.ndarray, str]:
+    """Worker side: the store's canary rows decoded as a decode task would, and the
+    device that did it."""
+    decoder, device = cached_model(model_id, "decoder")
+    latents = open_store(store_url, options).read_latents_at(rows).astype(np.float32)
+    return decode_latents(decoder, latents, device), str(device)
+
+
+def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.ndarray, str]:
+    """The canary rows decoded on one of ``client``'s workers (a GPU one when there is
+    one), whose decoder plugin is registered."""
+    rows = store.meta["canary"]["rows"] if has_canary(store) else canary_rows(store)
+    future = client.submit(
+        decode_canary, store.url, store.storage_options, model_id, rows,
+        resources=gpu_resources(client), pure=False,
+    )  # fmt: skip
+    pixels, device = future.result()
+    return pixels, device
 
 
 def decode_shard(job: DecodeJob) -> dict[str, Any]:
@@ -497,6 +522,7 @@ def decode(
     )
     todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
     written: dict[int, ShardRecord] = {}
+    canary = CanaryResult(status="none")
 
     def collect(record: dict[str, Any], progress: Progress) -> None:
         written[record["index"]] = ShardRecord.from_dict(record)
@@ -504,9 +530,11 @@ def decode(
             on_progress(progress)
 
     def run(c: Client) -> None:
-        nonlocal started
+        nonlocal started, canary
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "decoder")
+        if has_canary(store):  # before anything is written
+            canary = check_canary(store, canary_on(c, store, info.model_id)[0])
         map_bounded(
             c,
             decode_shard,
@@ -541,6 +569,7 @@ def decode(
         shards_written=tuple(sorted(written)),
         shards_skipped=tuple(sorted(done)),
         seconds=time.perf_counter() - started,
+        canary=str(canary),
     )
 
 

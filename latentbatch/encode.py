@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from distributed import Client
 
+from latentbatch.canary import canary_rows, has_canary, record_canary
 from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
 from latentbatch.datasets import (
@@ -45,7 +46,7 @@ from latentbatch.datasets import (
     open_image,
     open_source,
 )
-from latentbatch.decode import decode_latents
+from latentbatch.decode import canary_on, decode_latents
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
 from latentbatch.model import to_unit
@@ -295,6 +296,10 @@ def encode(
             on_result=commit,
             totals=(tasks, stop - first_new),
         )
+        if store.count and not has_canary(store):  # rows every later decode checks first
+            rows = canary_rows(store)
+            pixels, device = canary_on(c, store, info.model_id)
+            record_canary(store, rows, pixels, device)
 
     with using(client, scheduler, workers) as c:
         run(c)

@@ -314,6 +314,13 @@ class LatentStore:
             "model": meta["model"],
             "image": meta["image"],
             "labels": self.has_labels,
+            "quality": self.has_quality,
+            "canary": (
+                f"{len(meta['canary']['rows'])} rows, decoded on {meta['canary']['device']} "
+                f"with torch {meta['canary']['torch']}"
+                if isinstance(meta.get("canary"), dict)
+                else None
+            ),
             "sources": meta["sources"],
             "bytes": sizes,
             "bits_per_pixel": 8 * sizes["latents"] / pixels if pixels else None,

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from latentbatch import checkpoint
 from latentbatch.config import ModelConfig, TrainConfig
+from latentbatch.model import Autoencoder
 from latentbatch.train import TrainResult, train
 
 
@@ -52,3 +54,15 @@ def sha256s(folder: Path) -> dict[str, str]:
 def mtimes(folder: Path, pattern: str = "shard-*") -> dict[str, int]:
     """Modification times (ns) of the shards in ``folder``."""
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+
+
+def altered_model(tiny_model: Path, out: Path, change: float = 0.1) -> Path:
+    """``tiny_model`` with one weight changed a little (the last decoder layer's bias),
+    saved as a model directory of its own (so it has another id)."""
+    info = checkpoint.read_info(tiny_model)
+    tensors = checkpoint.read_tensors(tiny_model / checkpoint.WEIGHTS)
+    tensors["decoder.6.bias"] = tensors["decoder.6.bias"] + change
+    model = Autoencoder(info.config)
+    model.load_state_dict(tensors)
+    checkpoint.save_model(out, model, {k: v for k, v in info.meta.items() if k != "model_id"})
+    return out

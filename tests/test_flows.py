@@ -30,11 +30,11 @@ from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
 from flows.query import query_latents
 from flows.train import train_autoencoder
-from latentbatch.checkpoint import model_id
+from latentbatch.checkpoint import model_id, read_info
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.store import Layout, open_store
-from tests.helpers import sha256s
+from tests.helpers import altered_model, sha256s
 from tests.servers import TcpProxy, moto_server
 
 
@@ -214,6 +214,33 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     assert grown["model_id"] == model_id(tiny_model)
     assert grown["shards_written"] == 2 and grown["shards_skipped"] == 1
     assert grown["seconds"] > 0 and grown["images_per_second"] > 0
+
+
+def test_nightly_fails_a_store_whose_canary_drifted_and_decodes_the_others(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    """Store a's id check is bypassed (its metadata names a model whose weights were
+    altered a little): the canary stops a's decode before anything is written, the night
+    decodes b and ends Failed naming a, and the report shows each store's canary."""
+    root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
+    shutil.copytree(tiny_model, models / "tiny")
+    altered = altered_model(tiny_model, models / "altered")
+    for name in ("a", "b"):
+        encode(tiny_model, "synthetic:30", str(root / f"{name}.zarr"), layout=Layout(16, 8),
+               client=client)  # fmt: skip
+    store = open_store(str(root / "a.zarr"), writable=True)
+    store.write_meta(model_id=read_info(altered).model_id)
+    state = nightly_bulk_decode(str(root), str(out_root), str(models), "tar",
+                                client.scheduler.address, return_state=True)  # fmt: skip
+    assert state.is_failed()
+    assert str(root / "a.zarr") in str(state.message)
+    assert str(root / "b.zarr") not in str(state.message)
+    rows = {r["store"]: r for r in json.loads(artifacts(state)["nightly-summary"].data)}
+    a, b = rows[str(root / "a.zarr")], rows[str(root / "b.zarr")]
+    assert a["action"] == "failed" and "the canary drifted" in a["detail"]
+    assert (b["action"], b["canary"]) == ("decoded", "exact")
+    assert not (out_root / "a").exists() or not list((out_root / "a").glob("shard-*"))
+    assert (out_root / "b" / "manifest.json").is_file()
 
 
 def test_nightly_over_s3_retries_when_the_endpoint_goes_away(

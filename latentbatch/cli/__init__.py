@@ -226,7 +226,8 @@ def decode_command(
     make_console().print(
         f"decoded {result.decoded} of {result.count} images into {out} "
         f"({len(result.shards_written)} shards written, {len(result.shards_skipped)} already done) "
-        f"in {result.seconds:.1f} s ({result.images_per_second:.0f} images/s)"
+        f"in {result.seconds:.1f} s ({result.images_per_second:.0f} images/s); "
+        f"canary {result.canary}"
     )
 
 
@@ -266,6 +267,8 @@ def inspect_command(
             f"{report['image']['height']}x{report['image']['width']} {report['image']['mode']}",
         ),
         ("labels", "yes" if report["labels"] else "no"),
+        ("PSNR", "each row's at encode time" if report["quality"] else "not recorded"),
+        ("canary", report["canary"] or "none"),
         ("sources", sources or "none"),
         ("on disk", f"{report['bytes']['total']:,} bytes (latents {report['bytes']['latents']:,})"),
         ("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"),
