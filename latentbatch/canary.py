@@ -11,7 +11,8 @@ numerics give: CUDA float16 against CPU float32 differs by at most 3 levels, 0.0
 average, measured on an H200) is ``within``; anything more stops that store's decode
 with a :class:`CanaryError` saying what drifted and by how much (altered weights decoded
 with ``--allow-model-mismatch``, another torch that computes differently, a broken
-device). Stores without a canary (earlier releases) decode as before, reported ``none``.
+device). Stores without a canary (earlier releases) decode as before, reported ``none``;
+``decode --skip-canary`` is for a decoder changed on purpose (reported ``skipped``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class CanaryError(LatentbatchError):
 
 @dataclass(frozen=True, kw_only=True)
 class CanaryResult:
-    """How a decode's canary compared: ``exact``, ``within`` the tolerance, or ``none``
-    (the store has no canary); with the largest and the mean difference in levels."""
+    """How a decode's canary compared: ``exact``, ``within`` the tolerance, ``none`` (the
+    store has no canary) or ``skipped`` (asked to); with the largest and the mean
+    difference in levels."""
 
-    status: Literal["exact", "within", "none"]
+    status: Literal["exact", "within", "none", "skipped"]
     max_levels: int = 0
     mean_levels: float = 0.0
 
@@ -111,6 +113,7 @@ def check_canary(store: LatentStore, pixels: np.ndarray) -> CanaryResult:
             f"{largest} levels (mean {mean:.3f}) away from the pixels recorded at encode "
             f"time on {meta.get('device')} with torch {meta.get('torch')}, beyond the "
             f"tolerance of {tolerance['max_levels']} (mean {tolerance['mean_levels']}); "
-            "nothing was decoded: check the model's weights and the workers' torch"
+            "nothing was decoded: check the model's weights and the workers' torch (or pass "
+            "--skip-canary for a decoder changed on purpose)"
         )
     return CanaryResult(status="within", max_levels=largest, mean_levels=mean)

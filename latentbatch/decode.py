@@ -308,8 +308,10 @@ def decode_canary(
     """Worker side: the store's canary rows decoded as a decode task would, and the
     device that did it."""
     decoder, device = cached_model(model_id, "decoder")
-    latents = open_store(store_url, options).read_latents_at(rows).astype(np.float32)
-    return decode_latents(decoder, latents, device), str(device)
+    store = open_store(store_url, options)
+    latents = store.read_latents_at(rows)
+    _refuse_nonfinite(latents, rows, store.read_ids_at(rows), f"the canary rows of {store_url}")
+    return decode_latents(decoder, latents.astype(np.float32), device), str(device)
 
 
 def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.ndarray, str]:
@@ -461,6 +463,7 @@ def decode(
     codec: ImageCodec | None = None,
     images_per_shard: int | None = None,
     allow_model_mismatch: bool = False,
+    skip_canary: bool = False,
     storage_options: StorageOptions | None = None,
     out_options: StorageOptions | None = None,
     client: Client | None = None,
@@ -472,7 +475,9 @@ def decode(
 ) -> DecodeResult:
     """Decode the committed rows of a store into ``out_url`` (see the module docstring).
     Tar shards hold ``codec``'s images (PNG when not given); each output shard holds
-    ``images_per_shard`` images (:func:`rows_per_output_shard`), the last one the rest."""
+    ``images_per_shard`` images (:func:`rows_per_output_shard`), the last one the rest.
+    The store's canary is checked first (:mod:`latentbatch.canary`) unless
+    ``skip_canary`` (a decoder changed on purpose, decoded with ``allow_model_mismatch``)."""
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
@@ -522,7 +527,7 @@ def decode(
     )
     todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
     written: dict[int, ShardRecord] = {}
-    canary = CanaryResult(status="none")
+    canary = CanaryResult(status="skipped" if skip_canary and has_canary(store) else "none")
 
     def collect(record: dict[str, Any], progress: Progress) -> None:
         written[record["index"]] = ShardRecord.from_dict(record)
@@ -533,7 +538,7 @@ def decode(
         nonlocal started, canary
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "decoder")
-        if has_canary(store):  # before anything is written
+        if has_canary(store) and not skip_canary:  # before anything is written
             canary = check_canary(store, canary_on(c, store, info.model_id)[0])
         map_bounded(
             c,

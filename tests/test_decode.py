@@ -11,6 +11,7 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
+from latentbatch.canary import CanaryError
 from latentbatch.checkpoint import load_model
 from latentbatch.datasets import open_source
 from latentbatch.decode import (
@@ -159,14 +160,18 @@ def test_model_mismatch_is_refused_naming_both_ids(
         decode(
             other_seed_model, str(mnist_store), str(out), allow_model_mismatch=True, client=client
         )
+    with pytest.raises(CanaryError, match=r"the canary drifted.*--skip-canary"):
+        decode(other_seed_model, str(mnist_store), str(tmp_path / "forced"),
+               allow_model_mismatch=True, client=client)  # fmt: skip
     forced = decode(
         other_seed_model,
         str(mnist_store),
         str(tmp_path / "forced"),
         allow_model_mismatch=True,
+        skip_canary=True,  # another decoder on purpose
         client=client,
     )
-    assert forced.manifest.model_id == ours
+    assert forced.manifest.model_id == ours and forced.canary == "skipped"
     assert sha256s(out) == before
 
 

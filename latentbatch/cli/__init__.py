@@ -196,6 +196,9 @@ def decode_command(
     allow_model_mismatch: Annotated[
         bool, typer.Option(help="Decode a store made by another model (same latent shape).")
     ] = False,
+    skip_canary: Annotated[
+        bool, typer.Option(help="Do not check the store's canary (a decoder changed on purpose).")
+    ] = False,
     batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Latents per decoder call \\[default: 256 on CPU, 4096 on GPU]."),
@@ -214,6 +217,7 @@ def decode_command(
             codec=check_codec(image_codec, quality),
             images_per_shard=images_per_shard,
             allow_model_mismatch=allow_model_mismatch,
+            skip_canary=skip_canary,
             storage_options=parse_options(storage_option),
             scheduler=scheduler,
             workers=workers,
