@@ -6,7 +6,8 @@
 - :func:`to_xarray`: the selected latents as an ``xarray.DataArray`` with the store's
   dimension names and the ids as ``sample`` coordinate.
 - :func:`statistics`: per-channel mean, std, min and max of the committed latents,
-  computed out of core with Dask, one shard at a time; optionally saved in the store.
+  computed out of core with Dask, a window of shards at a time (moments merged exactly);
+  optionally saved in the store.
 - :func:`nearest`: exact L2 or cosine neighbours of a query latent over the committed
   rows, streamed a window of shards at a time through Dask (each block keeps only its own
   top k, merged into the best k so far), so memory stays bounded whatever the store size.
@@ -20,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import compute
@@ -77,13 +77,6 @@ def check_metric(metric: str) -> Metric:
     if metric == "cosine":
         return "cosine"
     raise QueryError(f"unknown metric {metric!r}; use l2 or cosine")
-
-
-def _committed(store: LatentStore) -> da.Array:
-    """The committed latents as a Dask array with one block per store shard."""
-    array: da.Array = da.from_zarr(store.latents, chunks=(store.shard_rows, *store.latent_shape))
-    committed: da.Array = array[: store.count]
-    return committed
 
 
 def _in_ranges(
@@ -210,24 +203,54 @@ class Statistics:
         return {**self.__dict__, "scaling_factor": self.scaling_factor}
 
 
+def _moments(latents: Any, start: int, stop: int) -> np.ndarray:
+    """Per channel of rows ``[start, stop)``: values, mean, sum of squared deviations,
+    min and max (float64), as a ``(5, C)`` array."""
+    block = np.asarray(latents[start:stop], dtype=np.float64)
+    values = block.transpose(1, 0, 2, 3).reshape(block.shape[1], -1)
+    mean = values.mean(axis=1)
+    deviations = ((values - mean[:, None]) ** 2).sum(axis=1)
+    count = np.full(len(mean), values.shape[1], np.float64)
+    return np.stack([count, mean, deviations, values.min(axis=1), values.max(axis=1)])
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Chan et al.'s pairwise merge of two :func:`_moments` (exact in float64)."""
+    n = a[0] + b[0]
+    delta = b[1] - a[1]
+    mean = a[1] + delta * b[0] / n
+    deviations = a[2] + b[2] + delta**2 * a[0] * b[0] / n
+    return np.stack([n, mean, deviations, np.minimum(a[3], b[3]), np.maximum(a[4], b[4])])
+
+
 def statistics(store: LatentStore, save: bool = False) -> Statistics:
-    """Per-channel mean, std, min, max (float64 accumulation), out of core."""
+    """Per-channel mean, std, min, max (float64 accumulation), out of core: the store is
+    read :data:`NEAREST_WINDOW` shards at a time (in parallel within a window), each
+    shard's moments merged into the running ones, so memory and the task graph stay the
+    same whatever the store's size."""
     if store.count == 0:
         raise QueryError(f"{store.url} has no committed rows")
-    latents = _committed(store).astype(np.float64)
-    axes = (0, 2, 3)
-    mean, std, low, high, overall = compute(
-        latents.mean(axis=axes), latents.std(axis=axes), latents.min(axis=axes),
-        latents.max(axis=axes), latents.std(),
-    )  # fmt: skip
+    total: np.ndarray | None = None
+    window = NEAREST_WINDOW * store.shard_rows
+    for first in range(0, store.count, window):
+        parts = [
+            delayed(_moments, pure=False)(store.latents, a, min(a + store.shard_rows, store.count))
+            for a in range(first, min(first + window, store.count), store.shard_rows)
+        ]
+        for part in compute(*parts):
+            total = part if total is None else _merge(total, part)
+    assert total is not None
+    count, mean, deviations, low, high = total
+    overall_mean = float((mean * count).sum() / count.sum())
+    overall = deviations.sum() + (count * (mean - overall_mean) ** 2).sum()
     result = Statistics(
         psnr=psnr_distribution(store) if store.has_quality else None,
         count=store.count,
         mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
+        std=[float(v) for v in np.sqrt(deviations / count)],
         min=[float(v) for v in low],
         max=[float(v) for v in high],
-        overall_std=float(overall),
+        overall_std=float(np.sqrt(overall / count.sum())),
     )
     if save:
         store.write_meta(stats=result.to_dict())
