@@ -3,8 +3,10 @@ later decode can tell whether its decoder still gives the same pixels.
 
 At the end of an encode, :data:`CANARY_ROWS` rows chosen by a generator seeded with the
 store's uuid are decoded on a worker; their pixels go into the store's ``canary`` array
-(uint8 ``[K, H, W, C]``, dims ``canary, y, x, channel``) and the rows, the pixels' sha256,
-the device and torch that made them, and the tolerance into the ``canary`` attribute.
+(uint8 ``[K, H, W, C]``, dims ``canary, image_y, image_x, image_channel``, apart from the
+latents' ``y, x, channel`` so that xarray still opens the store) and the rows, the
+pixels' sha256, the device and torch that made them, and the tolerance into the
+``canary`` attribute.
 Before a decode writes anything it decodes the same rows on its workers and compares:
 the same sha256 is ``exact``; a difference within :data:`TOLERANCE` (what another device's
 numerics give: CUDA float16 against CPU float32 differs by at most 3 levels, 0.05 on
@@ -75,7 +77,7 @@ def record_canary(store: LatentStore, rows: list[int], pixels: np.ndarray, devic
         shape=pixels.shape,
         dtype="uint8",
         chunks=pixels.shape,
-        dimension_names=("canary", "y", "x", "channel"),
+        dimension_names=("canary", "image_y", "image_x", "image_channel"),
         overwrite=True,
     )[...] = pixels
     store.write_meta(

@@ -206,6 +206,17 @@ def _refusing(fn: Callable[[Any], R], spec: Any) -> R | _Refused:
         return _Refused(error)
 
 
+def run_task(
+    client: Client, fn: Callable[[Any], R], spec: Any, *, resources: dict[str, float] | None = None
+) -> R:
+    """``fn(spec)`` on one worker; a :class:`LatentbatchError` there is raised here (and,
+    as in :func:`map_bounded`, not logged by the worker as a failed computation)."""
+    result = client.submit(_refusing, fn, spec, resources=resources, pure=False).result()
+    if isinstance(result, _Refused):
+        raise result.error
+    return result  # type: ignore[no-any-return]
+
+
 def map_bounded(
     client: Client,
     fn: Callable[[Any], R],

@@ -42,7 +42,7 @@ from distributed import Client
 
 from latentbatch.canary import CanaryResult, canary_rows, check_canary, has_canary
 from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
-from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
+from latentbatch.cluster import Progress, gpu_resources, map_bounded, run_task, using
 from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
 from latentbatch.images import PNG, ImageCodec
@@ -302,15 +302,31 @@ def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], wher
         )
 
 
-def decode_canary(
-    store_url: str, options: dict[str, Any], model_id: str, rows: list[int]
-) -> tuple[np.ndarray, str]:
+@dataclass(frozen=True, kw_only=True)
+class CanaryJob:
+    """The canary rows of a store, to decode with a model's decoder on a worker."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    model_id: str
+    rows: tuple[int, ...]
+
+
+def decode_canary(job: CanaryJob) -> tuple[np.ndarray, str]:
     """Worker side: the store's canary rows decoded as a decode task would, and the
     device that did it."""
-    decoder, device = cached_model(model_id, "decoder")
-    store = open_store(store_url, options)
-    latents = store.read_latents_at(rows)
-    _refuse_nonfinite(latents, rows, store.read_ids_at(rows), f"the canary rows of {store_url}")
+    decoder, device = cached_model(job.model_id, "decoder")
+    store = open_store(job.store_url, job.storage_options)
+    rows = sorted(job.rows)
+    parts = []
+    for first in sorted({r - r % store.shard_rows for r in rows}):  # a read per store shard,
+        inside = [r - first for r in rows if first <= r < first + store.shard_rows]
+        block = store.read_latents(first + inside[0], first + inside[-1] + 1)  # so that an
+        parts.append(block[[i - inside[0] for i in inside]])  # error names a row range
+    latents = np.concatenate(parts)
+    if not _finite_rows(latents.reshape(len(latents), -1)).all():
+        where = f"the canary rows of {job.store_url}"
+        _refuse_nonfinite(latents, rows, store.read_ids_at(rows), where)
     return decode_latents(decoder, latents.astype(np.float32), device), str(device)
 
 
@@ -318,11 +334,13 @@ def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.nda
     """The canary rows decoded on one of ``client``'s workers (a GPU one when there is
     one), whose decoder plugin is registered."""
     rows = store.meta["canary"]["rows"] if has_canary(store) else canary_rows(store)
-    future = client.submit(
-        decode_canary, store.url, store.storage_options, model_id, rows,
-        resources=gpu_resources(client), pure=False,
-    )  # fmt: skip
-    pixels, device = future.result()
+    job = CanaryJob(
+        store_url=store.url,
+        storage_options=dict(store.storage_options),
+        model_id=model_id,
+        rows=tuple(rows),
+    )
+    pixels, device = run_task(client, decode_canary, job, resources=gpu_resources(client))
     return pixels, device
 
 

@@ -42,7 +42,7 @@ def test_an_encode_records_the_canary_decoded(canary_store: str, tiny_model: Pat
     np.testing.assert_array_equal(pixels, decode_rows(tiny_model, store, meta["rows"]))
     assert digest(pixels) == meta["sha256"]
     attributes = json.loads((Path(canary_store) / "canary" / "zarr.json").read_text())
-    assert attributes["dimension_names"] == ["canary", "y", "x", "channel"]
+    assert attributes["dimension_names"] == ["canary", "image_y", "image_x", "image_channel"]
 
 
 def test_the_same_decoder_decodes_the_canary_exactly(
