@@ -274,7 +274,7 @@ def test_decode_deployment_runs_on_the_gpu_worker_only(
     store, out = tmp_path / "s.zarr", tmp_path / "out"
     encode(tiny_model, "synthetic:64", str(store), layout=Layout(16, 8), client=client)
     parameters = {"model_dir": str(tiny_model), "store": str(store), "out": str(out)}
-    parameters["images_per_shard"] = 16  # four tasks, all on the GPU worker
+    parameters["images_per_shard"] = 16  # four tasks and the canary, all on the GPU worker
     run = run_deployment("decode-latents/decode-latents", parameters=parameters, timeout=240)
     assert run.state is not None
     assert run.state.is_completed(), run.state.message
@@ -284,7 +284,7 @@ def test_decode_deployment_runs_on_the_gpu_worker_only(
             lambda dask_worker: (dask_worker.name, dask_worker.state.executed_count)
         )
     counts = dict(executed.values())
-    assert counts["gpu"] == 4
+    assert counts["gpu"] == 5  # the store's canary first, then the four decode tasks
     assert counts["cpu"] == 0
 
 
