@@ -607,16 +607,20 @@ def decode_in_process(
 def _decode_selected(
     model_dir: ModelLocation, store: LatentStore, rows: list[int]
 ) -> tuple[np.ndarray, list[str], ModelInfo]:
-    """Images, ids and model info of chosen rows, decoded with the engine's checks; the
-    model is read and hashed once."""
+    """Images, ids and model info of chosen rows, decoded with the engine's checks (the
+    store's canary first); the model is read and hashed once."""
     if len(rows) == 0:
         raise StoreError("the selection is empty; there is nothing to decode")
     decoder, info = load_model(model_dir, "decoder", options=store.storage_options)
     check_model(store, info)
+    cpu = torch.device("cpu")
+    if has_canary(store):
+        canary = store.read_latents_at(store.meta["canary"]["rows"]).astype(np.float32)
+        check_canary(store, decode_latents(decoder, canary, cpu))
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
     _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
-    images = decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
+    images = decode_latents(decoder, latents.astype(np.float32), cpu)
     return images, ids, info
 
 

@@ -18,6 +18,7 @@ from latentbatch.canary import (
     check_canary,
     digest,
     has_canary,
+    record_canary,
 )
 from latentbatch.decode import decode, decode_rows
 from latentbatch.encode import encode
@@ -95,3 +96,20 @@ def test_stores_without_a_canary_decode_as_before(
     store.group.attrs["latentbatch"] = meta  # as an earlier release wrote it
     result = decode(tiny_model, str(old), str(tmp_path / "out"), client=client)
     assert result.canary == "none" and result.decoded == 80
+
+
+def test_in_process_decodes_check_the_canary_too(
+    canary_store: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(canary_store, copy)
+    store = open_store(str(copy), writable=True)
+    recorded = np.asarray(store.group["canary"][...])
+    assert decode_rows(tiny_model, store, [0, 1]).shape[0] == 2  # exact: decodes
+    # pixels recorded by a decoder that computed differently (another torch, say)
+    shifted = np.where(recorded < 128, recorded + 20, recorded - 20).astype(np.uint8)
+    record_canary(store, store.meta["canary"]["rows"], shifted, "cpu")
+    with pytest.raises(CanaryError, match=f"{copy}: the canary drifted: .* 20 levels"):
+        decode_rows(tiny_model, open_store(str(copy)), [0, 1])
