@@ -312,9 +312,10 @@ class CanaryJob:
     rows: tuple[int, ...]
 
 
-def decode_canary(job: CanaryJob) -> tuple[np.ndarray, str]:
+def decode_canary(job: CanaryJob) -> tuple[np.ndarray | None, str]:
     """Worker side: the store's canary rows decoded as a decode task would, and the
-    device that did it."""
+    device that did it; no pixels when a canary row's latents hold NaN or Inf (the
+    decode task of its shard refuses it, naming every such row of the shard)."""
     decoder, device = cached_model(job.model_id, "decoder")
     store = open_store(job.store_url, job.storage_options)
     rows = sorted(job.rows)
@@ -325,14 +326,13 @@ def decode_canary(job: CanaryJob) -> tuple[np.ndarray, str]:
         parts.append(block[[i - inside[0] for i in inside]])  # error names a row range
     latents = np.concatenate(parts)
     if not _finite_rows(latents.reshape(len(latents), -1)).all():
-        where = f"the canary rows of {job.store_url}"
-        _refuse_nonfinite(latents, rows, store.read_ids_at(rows), where)
+        return None, str(device)
     return decode_latents(decoder, latents.astype(np.float32), device), str(device)
 
 
-def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.ndarray, str]:
+def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.ndarray | None, str]:
     """The canary rows decoded on one of ``client``'s workers (a GPU one when there is
-    one), whose decoder plugin is registered."""
+    one), whose decoder plugin is registered (see :func:`decode_canary`)."""
     rows = store.meta["canary"]["rows"] if has_canary(store) else canary_rows(store)
     job = CanaryJob(
         store_url=store.url,
@@ -557,7 +557,9 @@ def decode(
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "decoder")
         if has_canary(store) and not skip_canary:  # before anything is written
-            canary = check_canary(store, canary_on(c, store, info.model_id)[0])
+            pixels = canary_on(c, store, info.model_id)[0]
+            if pixels is not None:  # else a task refuses the NaN rows, naming them
+                canary = check_canary(store, pixels)
         map_bounded(
             c,
             decode_shard,
@@ -616,7 +618,8 @@ def _decode_selected(
     cpu = torch.device("cpu")
     if has_canary(store):
         canary = store.read_latents_at(store.meta["canary"]["rows"]).astype(np.float32)
-        check_canary(store, decode_latents(decoder, canary, cpu))
+        if _finite_rows(canary.reshape(len(canary), -1)).all():  # NaN rows: refused below
+            check_canary(store, decode_latents(decoder, canary, cpu))
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
     _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")

@@ -297,9 +297,9 @@ def encode(
             totals=(tasks, stop - first_new),
         )
         if store.count and not has_canary(store):  # rows every later decode checks first
-            rows = canary_rows(store)
             pixels, device = canary_on(c, store, info.model_id)
-            record_canary(store, rows, pixels, device)
+            if pixels is not None:  # an encoder that gave NaN has nothing to compare
+                record_canary(store, canary_rows(store), pixels, device)
 
     with using(client, scheduler, workers) as c:
         run(c)
