@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.canary import CanaryResult, canary_rows, check_canary, has_canary
+from latentbatch.canary import CanaryResult, check_canary, has_canary
 from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
 from latentbatch.cluster import Progress, gpu_resources, map_bounded, run_task, using
 from latentbatch.errors import LatentbatchError, OutputError
@@ -330,10 +330,11 @@ def decode_canary(job: CanaryJob) -> tuple[np.ndarray | None, str]:
     return decode_latents(decoder, latents.astype(np.float32), device), str(device)
 
 
-def canary_on(client: Client, store: LatentStore, model_id: str) -> tuple[np.ndarray | None, str]:
-    """The canary rows decoded on one of ``client``'s workers (a GPU one when there is
-    one), whose decoder plugin is registered (see :func:`decode_canary`)."""
-    rows = store.meta["canary"]["rows"] if has_canary(store) else canary_rows(store)
+def canary_on(
+    client: Client, store: LatentStore, model_id: str, rows: list[int]
+) -> tuple[np.ndarray | None, str]:
+    """The canary ``rows`` decoded on one of ``client``'s workers (a GPU one when there
+    is one), whose decoder plugin is registered (see :func:`decode_canary`)."""
     job = CanaryJob(
         store_url=store.url,
         storage_options=dict(store.storage_options),
@@ -545,7 +546,8 @@ def decode(
     )
     todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
     written: dict[int, ShardRecord] = {}
-    canary = CanaryResult(status="skipped" if skip_canary and has_canary(store) else "none")
+    recorded = has_canary(store)
+    canary = CanaryResult(status="skipped" if skip_canary and recorded else "none")
 
     def collect(record: dict[str, Any], progress: Progress) -> None:
         written[record["index"]] = ShardRecord.from_dict(record)
@@ -556,8 +558,8 @@ def decode(
         nonlocal started, canary
         started = time.perf_counter()  # throughput counts from a ready cluster
         register_model(c, info, "decoder")
-        if has_canary(store) and not skip_canary:  # before anything is written
-            pixels = canary_on(c, store, info.model_id)[0]
+        if recorded and not skip_canary:  # before anything is written
+            pixels = canary_on(c, store, info.model_id, store.meta["canary"]["rows"])[0]
             if pixels is not None:  # else a task refuses the NaN rows, naming them
                 canary = check_canary(store, pixels)
         map_bounded(

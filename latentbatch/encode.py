@@ -195,9 +195,8 @@ def _prepare(
         raise StoreError(f"{store_url} already exists; pass --append to add {source.spec} to it")
     new = set(source.ids)
     clash: list[str] = []
-    for start in range(0, store.count, store.shard_rows):  # the store's ids, a shard at a time
-        clash += [i for i in store.read_ids(start, min(start + store.shard_rows, store.count))
-                  if i in new]  # fmt: skip
+    for start, stop in store.each_shard():  # the store's ids, a shard at a time
+        clash += [i for i in store.read_ids(start, stop) if i in new]
     if clash:
         raise StoreError(
             f"{len(clash)} ids of {source.spec} are already in {store_url} (e.g. {clash[0]!r}); "
@@ -297,9 +296,10 @@ def encode(
             totals=(tasks, stop - first_new),
         )
         if store.count and not has_canary(store):  # rows every later decode checks first
-            pixels, device = canary_on(c, store, info.model_id)
+            rows = canary_rows(store)
+            pixels, device = canary_on(c, store, info.model_id, rows)
             if pixels is not None:  # an encoder that gave NaN has nothing to compare
-                record_canary(store, canary_rows(store), pixels, device)
+                record_canary(store, rows, pixels, device)
 
     with using(client, scheduler, workers) as c:
         run(c)

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
+from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model
 from latentbatch.config import TrainConfig
 from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import decode_latents
 from latentbatch.encode import encode_images
 from latentbatch.errors import ConfigError
-from latentbatch.model import to_unit
+from latentbatch.model import Autoencoder, to_unit
 from latentbatch.quality import ms_ssim, psnr
 from latentbatch.storage import StorageOptions
 from latentbatch.store import create_store, shard_ranges
@@ -113,13 +113,10 @@ def evaluation_images(
     return source.read(0, len(source)), "all"
 
 
-def model_point(
-    model_dir: ModelLocation, images: np.ndarray, options: StorageOptions | None = None
-) -> Point:
+def model_point(model: Autoencoder, info: ModelInfo, images: np.ndarray) -> Point:
     """Encode ``images`` into a temporary store, measure its latents' bits per pixel and
     the quality of the images decoded from the stored latents."""
-    encoder, info = load_model(model_dir, "encoder", options=options)
-    decoder, _ = load_model(model_dir, "decoder", options=options)
+    encoder, decoder = model.encoder, model.decoder
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="latentbatch-evaluate-") as folder:
         store = create_store(
@@ -181,9 +178,10 @@ def evaluate(
     """The model's point and JPEG's and WebP's curves on the same images."""
     if not qualities or any(not 1 <= q <= 100 for q in qualities):
         raise ConfigError(f"qualities {list(qualities)} must be integers from 1 to 100")
-    info = read_info(model_dir, options)
+    model, info = load_model(model_dir, options=options)  # read and hashed once
+    assert isinstance(model, Autoencoder)
     images, used = evaluation_images(info, source_spec, split)
-    point = model_point(model_dir, images, options)
+    point = model_point(model, info, images)
     curves = {
         name: tuple(codec_point(images, name, q) for q in sorted(qualities)) for name in CODECS
     }

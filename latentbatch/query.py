@@ -117,9 +117,8 @@ def iter_select(
     wanted_ids = None if ids is None else set(ids)
     found_ids: set[str] = set()
     by_id: list[np.ndarray] = []
-    for start in range(0, count, store.shard_rows):
-        numbers = np.arange(start, min(start + store.shard_rows, count))
-        stop = int(numbers[-1]) + 1
+    for start, stop in store.each_shard(0, count):
+        numbers = np.arange(start, stop)
         keep = _in_ranges(numbers, rows, count)
         if not keep.any():
             continue
@@ -234,8 +233,8 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
     window = NEAREST_WINDOW * store.shard_rows
     for first in range(0, store.count, window):
         parts = [
-            delayed(_moments, pure=False)(store.latents, a, min(a + store.shard_rows, store.count))
-            for a in range(first, min(first + window, store.count), store.shard_rows)
+            delayed(_moments, pure=False)(store.latents, a, b)
+            for a, b in store.each_shard(first, min(first + window, store.count))
         ]
         for part in compute(*parts):
             total = part if total is None else _merge(total, part)
@@ -267,8 +266,8 @@ def psnr_distribution(store: LatentStore) -> dict[str, float | int]:
     edges = np.arange(0.0, 100.0 + 2 * PSNR_BIN, PSNR_BIN)
     counts = np.zeros(len(edges) - 1, np.int64)
     total, low, high, measured = 0.0, np.inf, -np.inf, 0
-    for start in range(0, store.count, store.shard_rows):
-        values = store.read_quality(start, min(start + store.shard_rows, store.count))
+    for start, stop in store.each_shard():
+        values = store.read_quality(start, stop)
         values = values[~np.isnan(values)].astype(np.float64)
         if len(values):
             counts += np.histogram(np.clip(values, 0.0, 100.0), bins=edges)[0]
@@ -343,10 +342,8 @@ def nearest(
     window = NEAREST_WINDOW * store.shard_rows
     for first in range(0, store.count, window):
         parts = [
-            delayed(_rows_top_k, pure=False)(
-                store.latents, a, min(a + store.shard_rows, store.count), flat_query, want, metric
-            )
-            for a in range(first, min(first + window, store.count), store.shard_rows)
+            delayed(_rows_top_k, pure=False)(store.latents, a, b, flat_query, want, metric)
+            for a, b in store.each_shard(first, min(first + window, store.count))
         ]
         candidates = np.concatenate([best, *compute(*parts)])
         best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:want]
@@ -368,8 +365,7 @@ def worst(store: LatentStore, k: int = 10) -> np.ndarray:
             "re-encode its images to find the worst reconstructed"
         )
     best = np.zeros((0, 2))
-    for start in range(0, store.count, store.shard_rows):
-        stop = min(start + store.shard_rows, store.count)
+    for start, stop in store.each_shard():
         values = store.read_quality(start, stop).astype(np.float64)
         measured = np.flatnonzero(~np.isnan(values))
         candidates = np.concatenate(

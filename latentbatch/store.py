@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -155,6 +155,13 @@ class LatentStore:
     def shards(self, stop: int | None = None) -> list[tuple[int, int]]:
         """Row ranges of the committed rows (or up to ``stop``), one per store shard."""
         return shard_ranges(0, self.count if stop is None else stop, self.shard_rows)
+
+    def each_shard(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """The row ranges of :meth:`shards` from row ``start`` (a shard boundary), one at a
+        time: what a scan of a store of any size iterates over."""
+        stop = self.count if stop is None else stop
+        for first in range(start, stop, self.shard_rows):
+            yield first, min(first + self.shard_rows, stop)
 
     # reading ---------------------------------------------------------------------------
     def _check_rows(self, start: int, stop: int) -> None:
