@@ -58,7 +58,7 @@ def evaluate_model(
             "evaluate-plot",
             "Rate-distortion: PSNR and MS-SSIM against stored bits per pixel",
             plot,
-            f"Model {result.model_id[:12]} on {title}; JPEG and WebP from Pillow.",
+            f"Model {result.models[0].model_id[:12]} on {title}; JPEG and WebP from Pillow.",
         )
     model = result.model
     print(f"{model.bpp:.3f} bits/pixel, {model.psnr:.2f} dB, MS-SSIM {model.ms_ssim:.4f}")

@@ -38,7 +38,7 @@ from safetensors.torch import save
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
-from latentbatch.model import Autoencoder, Decoder, Encoder
+from latentbatch.model import Autoencoder, build_decoder, build_encoder
 from latentbatch.storage import (
     TEMPORARY_SUFFIX,
     StorageOptions,
@@ -78,6 +78,12 @@ class ModelInfo:
     @property
     def is_remote(self) -> bool:
         return is_remote(self.location)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """A quantised model's step, range and prior (see ``LogisticPrior.describe``)."""
+        found = self.meta.get("latent", {}).get("quantization")
+        return dict(found) if isinstance(found, dict) else None
 
 
 def _describe_not_safetensors(path: Path) -> str:
@@ -133,7 +139,10 @@ def save_model(directory: Path, model: Autoencoder, meta: dict[str, Any]) -> str
             "width": model.config.image_size,
             "mode": model.config.mode,
         },
-        "latent": {"shape": list(model.config.latent_shape)},
+        "latent": {
+            "shape": list(model.config.latent_shape),
+            "quantization": model.prior.describe() if model.prior is not None else None,
+        },
         "normalisation": NORMALISATION,
         "model_id": new_id,
     }
@@ -341,7 +350,7 @@ def build_model(
     if part == "autoencoder":
         module, state = full, tensors
     else:
-        module = Encoder(config) if part == "encoder" else Decoder(config)
+        module = build_encoder(config) if part == "encoder" else build_decoder(config)
         prefix = f"{part}."
         state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     module.load_state_dict(state)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from latentbatch.errors import ConfigError
 
-PRESETS = ("seed", "compact")
+PRESETS = ("seed", "compact", "codec")
 LOSSES = ("bce", "mse")
 
 
@@ -35,6 +35,11 @@ class ModelConfig:
     If ``latent_channels`` differs from ``widths[-1]`` a linear ``Conv3x3(latent_channels)``
     projects to the latent. The decoder mirrors it: one ``Conv3x3 + ReLU + Upsample2`` per
     level in reverse order, then ``Conv3x3(channels) + sigmoid``.
+
+    The ``codec`` preset is built otherwise (see :mod:`latentbatch.model`): one strided
+    ``Conv5x5/2 + GELU + Conv3x3(width) + GELU`` per entry of ``widths``, then a last
+    ``Conv5x5/2`` to ``latent_channels``, so it has ``len(widths) + 1`` levels; its latents
+    are rounded to integers and stored as int8.
     """
 
     preset: str = "seed"
@@ -53,17 +58,28 @@ class ModelConfig:
             )
         if self.latent_channels < 1:
             raise ConfigError(f"latent_channels must be positive, got {self.latent_channels}")
-        factor = 2 ** len(self.widths)
+        factor = 2**self.levels
         if self.image_size < factor or self.image_size % factor:
             raise ConfigError(
                 f"image_size {self.image_size} must be a multiple of {factor} "
-                f"(2 ** {len(self.widths)} down-sampling levels); resize the images or "
+                f"(2 ** {self.levels} down-sampling levels); resize the images or "
                 "use fewer widths"
             )
 
     @property
+    def quantized(self) -> bool:
+        """Whether latents are integers (the ``codec`` preset), stored as int8."""
+        return self.preset == "codec"
+
+    @property
     def levels(self) -> int:
-        return len(self.widths)
+        """Down-sampling levels: each halves the image's side."""
+        return len(self.widths) + 1 if self.quantized else len(self.widths)
+
+    @property
+    def latent_dtype(self) -> str | None:
+        """The dtype latents must be stored in, where the architecture fixes it."""
+        return "int8" if self.quantized else None
 
     @property
     def mode(self) -> Literal["L", "RGB"]:
@@ -95,18 +111,34 @@ def preset_config(name: str, channels: int = 1, image_size: int = 28) -> ModelCo
     ``seed`` is the article's Keras model: widths (32, 64), latent = 64 feature maps.
     ``compact`` compresses: widths (32, 64) and a 4-channel latent (4x7x7 for 28x28x1);
     from 64 pixels up it adds a third level of 128 (4x8x8 for 64x64x3).
+    ``codec`` is a learned lossy codec: 96 hidden channels, an int8 latent of 16 channels
+    (16x7x7 for 28x28x1), or of 32 with a third level from 64 pixels up (32x8x8 for
+    64x64x3), whose entropy it learns together with the weights (see ``--lambda``).
     """
     if name == "seed":
         return ModelConfig("seed", channels, image_size, (32, 64), 64)
     if name == "compact":
         widths = (32, 64, 128) if image_size >= 64 else (32, 64)
         return ModelConfig("compact", channels, image_size, widths, 4)
+    if name == "codec":
+        if image_size >= 64:
+            return ModelConfig("codec", channels, image_size, (96, 96), 32)
+        return ModelConfig("codec", channels, image_size, (96,), 16)
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+DEFAULT_LAMBDA = 0.01
+"""The ``codec`` preset's default rate–distortion trade-off (see :class:`TrainConfig`)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: data, optimisation and split."""
+    """One training run: data, optimisation and split.
+
+    ``rate_lambda`` (``--lambda``) is for the ``codec`` preset only, which minimises
+    ``bits per pixel + rate_lambda * 255² * MSE``: a larger lambda buys PSNR with bits.
+    Build one with a preset's defaults through :meth:`for_preset`.
+    """
 
     source: str = "mnist5k"
     epochs: int = 10
@@ -116,8 +148,11 @@ class TrainConfig:
     loss: str = "bce"
     val_fraction: float = 0.1
     limit: int | None = None
+    rate_lambda: float | None = None
 
     def __post_init__(self) -> None:
+        if self.rate_lambda is not None and not self.rate_lambda > 0:
+            raise ConfigError(f"lambda must be positive, got {self.rate_lambda}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -133,6 +168,39 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_preset(cls, preset: str, source: str = "mnist5k", **given: Any) -> TrainConfig:
+        """The preset's training defaults, with every given setting that is not None
+        instead: the ``codec`` preset trains 40 epochs of 64 images at learning rate 2e-3
+        on rate + lambda x MSE (lambda 0.01); the others 10 epochs of 32 at 1e-3 on BCE."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        defaults: dict[str, Any] = (
+            {"epochs": 40, "batch_size": 64, "learning_rate": 2e-3, "loss": "mse",
+             "rate_lambda": DEFAULT_LAMBDA}
+            if preset == "codec"
+            else {}
+        )  # fmt: skip
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return cls(source=source, **(defaults | chosen))
+
+    def check_preset(self, config: ModelConfig) -> None:
+        """Refuse settings that do not fit the architecture they would train."""
+        if config.quantized and self.rate_lambda is None:
+            raise ConfigError(
+                f"the {config.preset} preset trains for rate and distortion together and "
+                f"needs a lambda (--lambda; {DEFAULT_LAMBDA} is its default)"
+            )
+        if config.quantized and self.loss != "mse":
+            raise ConfigError(
+                f"the {config.preset} preset's distortion is MSE, not {self.loss}; drop --loss"
+            )
+        if not config.quantized and self.rate_lambda is not None:
+            raise ConfigError(
+                f"--lambda is for the codec preset, whose latents are entropy-coded; "
+                f"the {config.preset} preset has no rate to trade"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

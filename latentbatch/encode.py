@@ -171,6 +171,7 @@ def _prepare(
             config=info.config,
             capacity=len(source),
             layout=layout,
+            quantization=info.quantization,
             storage_options=storage_options,
         )
         return store, 0, False

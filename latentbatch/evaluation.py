@@ -44,51 +44,95 @@ CODECS = ("jpeg", "webp")
 
 @dataclass(frozen=True, kw_only=True)
 class Point:
-    """One rate–distortion point: stored bits per pixel, PSNR (dB) and MS-SSIM."""
+    """One rate–distortion point: stored bits per pixel, PSNR (dB) and MS-SSIM; for a
+    quantised model also the bits per pixel its entropy model estimates (what an ideal
+    coder would store), for a codec its quality setting."""
 
     bpp: float
     psnr: float
     ms_ssim: float
-    quality: int | None = None  # a codec's quality setting
+    quality: int | None = None
+    estimated_bpp: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values: dict[str, Any] = {"bpp": self.bpp, "psnr": self.psnr, "ms_ssim": self.ms_ssim}
+        if self.estimated_bpp is not None:
+            values["estimated_bpp"] = self.estimated_bpp
         return values if self.quality is None else {"quality": self.quality, **values}
 
 
 @dataclass(frozen=True, kw_only=True)
-class Evaluation:
-    """A model's point and the codecs' curves on the same images."""
+class ModelPoint:
+    """A model's point, and which model it is (its ``--lambda`` for the codec preset)."""
 
     model_id: str
     preset: str
-    source: str
-    split: Split
-    images: int
-    model: Point
-    codecs: dict[str, tuple[Point, ...]]
+    rate_lambda: float | None
+    point: Point
+
+    @property
+    def name(self) -> str:
+        trade = f", lambda {self.rate_lambda:g}" if self.rate_lambda is not None else ""
+        return f"{self.preset} {self.model_id[:12]}{trade}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
             "preset": self.preset,
+            "lambda": self.rate_lambda,
+            **self.point.to_dict(),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """One or more models' points and the codecs' curves, on the same images."""
+
+    models: tuple[ModelPoint, ...]
+    source: str
+    split: Split
+    images: int
+    codecs: dict[str, tuple[Point, ...]]
+
+    @property
+    def model(self) -> Point:
+        """The (first) model's point."""
+        return self.models[0].point
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.models[0]
+        return {
+            "model_id": first.model_id,
+            "preset": first.preset,
             "source": self.source,
             "split": self.split,
             "images": self.images,
-            "model": self.model.to_dict(),
+            "model": first.point.to_dict(),
+            "models": [m.to_dict() for m in self.models],
             **{name: [p.to_dict() for p in points] for name, points in self.codecs.items()},
         }
 
     def curves(self) -> dict[str, list[dict[str, Any]]]:
-        """The points to plot, by name: the model's one point and each codec's sweep."""
-        named = {f"model {self.model_id[:12]} ({self.preset})": [self.model.to_dict()]}
+        """The points to plot, by name: each codec-preset model a point of one curve per
+        preset labelled with its lambda, any other model its own point, and each codec's
+        sweep labelled with its quality."""
+        named: dict[str, list[dict[str, Any]]] = {}
+        for m in self.models:
+            if m.rate_lambda is not None:
+                named.setdefault(f"latentbatch {m.preset} (lambda)", []).append(
+                    {**m.point.to_dict(), "label": f"{m.rate_lambda:g}"}
+                )
+            else:
+                named[m.name] = [m.point.to_dict()]
         for name, points in self.codecs.items():
-            named[f"Pillow {name.upper()}"] = [p.to_dict() for p in points]
+            named[f"Pillow {name.upper()}"] = [
+                {**p.to_dict(), "label": str(p.quality)} for p in points
+            ]
         return named
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per point: what, quality, bits per pixel, PSNR, MS-SSIM."""
-        rows = [{"what": f"model ({self.preset})", **self.model.to_dict()}]
+        rows = [{"what": m.name, **m.point.to_dict()} for m in self.models]
         for name, points in self.codecs.items():
             rows += [{"what": f"Pillow {name.upper()}", **p.to_dict()} for p in points]
         return rows
@@ -124,6 +168,7 @@ def model_point(model: Autoencoder, info: ModelInfo, images: np.ndarray) -> Poin
             model_id=info.model_id,
             config=info.config,
             capacity=len(images),
+            quantization=info.quantization,
         )
         for start, stop in shard_ranges(0, len(images), store.shard_rows):
             latents = encode_images(encoder, images[start:stop], cpu)
@@ -133,16 +178,29 @@ def model_point(model: Autoencoder, info: ModelInfo, images: np.ndarray) -> Poin
         bpp = float(store.report()["bits_per_pixel"])
         stored = store.read_latents(0, len(images)).astype(np.float32)
     decoded = decode_latents(decoder, stored, cpu)
-    return _measure(images, decoded, bpp)
+    estimated = None
+    if model.prior is not None:
+        with torch.inference_mode():
+            bits = float(model.prior.bits(torch.from_numpy(stored)).sum())
+        estimated = bits / (len(images) * images.shape[1] * images.shape[2])
+    return _measure(images, decoded, bpp, estimated_bpp=estimated)
 
 
 def _measure(
-    images: np.ndarray, decoded: np.ndarray, bpp: float, quality: int | None = None
+    images: np.ndarray,
+    decoded: np.ndarray,
+    bpp: float,
+    quality: int | None = None,
+    estimated_bpp: float | None = None,
 ) -> Point:
     reference = to_unit(torch.from_numpy(images))
     test = to_unit(torch.from_numpy(decoded))
     return Point(
-        bpp=bpp, psnr=psnr(reference, test), ms_ssim=ms_ssim(reference, test), quality=quality
+        bpp=bpp,
+        psnr=psnr(reference, test),
+        ms_ssim=ms_ssim(reference, test),
+        quality=quality,
+        estimated_bpp=estimated_bpp,
     )
 
 
@@ -167,30 +225,54 @@ def codec_point(images: np.ndarray, codec: str, quality: int) -> Point:
     return _measure(images, decoded, 8 * total / pixels, quality)
 
 
+def _rate_lambda(info: ModelInfo) -> float | None:
+    trained = info.meta.get("training", {}).get("config", {})
+    value = trained.get("rate_lambda") if isinstance(trained, dict) else None
+    return float(value) if value is not None else None
+
+
 def evaluate(
-    model_dir: ModelLocation,
+    model_dirs: ModelLocation | Sequence[ModelLocation],
     source_spec: str,
     *,
     split: Split = "validation",
     qualities: Sequence[int] = QUALITIES,
     options: StorageOptions | None = None,
 ) -> Evaluation:
-    """The model's point and JPEG's and WebP's curves on the same images."""
+    """The models' points and JPEG's and WebP's curves on the same images (the first
+    model's validation split; every model must be validated on the same rows)."""
     if not qualities or any(not 1 <= q <= 100 for q in qualities):
         raise ConfigError(f"qualities {list(qualities)} must be integers from 1 to 100")
-    model, info = load_model(model_dir, options=options)  # read and hashed once
-    assert isinstance(model, Autoencoder)
-    images, used = evaluation_images(info, source_spec, split)
-    point = model_point(model, info, images)
+    locations = [model_dirs] if isinstance(model_dirs, str | Path) else list(model_dirs)
+    if not locations:
+        raise ConfigError("name at least one model directory to evaluate")
+    points: list[ModelPoint] = []
+    images: np.ndarray | None = None
+    used: Split = split
+    for location in locations:
+        model, info = load_model(location, options=options)  # read and hashed once
+        assert isinstance(model, Autoencoder)
+        theirs, their_split = evaluation_images(info, source_spec, split)
+        if images is None:
+            images, used = theirs, their_split
+        elif their_split != used or not np.array_equal(theirs, images):
+            raise ConfigError(
+                f"{location} is validated on other images of {source_spec} than "
+                f"{locations[0]} (another split or geometry); evaluate them separately, "
+                "or with --split all"
+            )
+        points.append(
+            ModelPoint(
+                model_id=info.model_id,
+                preset=info.config.preset,
+                rate_lambda=_rate_lambda(info),
+                point=model_point(model, info, images),
+            )
+        )
+    assert images is not None
     curves = {
         name: tuple(codec_point(images, name, q) for q in sorted(qualities)) for name in CODECS
     }
     return Evaluation(
-        model_id=info.model_id,
-        preset=info.config.preset,
-        source=source_spec,
-        split=used,
-        images=len(images),
-        model=point,
-        codecs=curves,
+        models=tuple(points), source=source_spec, split=used, images=len(images), codecs=curves
     )

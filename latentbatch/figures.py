@@ -73,8 +73,9 @@ def save_training_curves(history: Sequence[dict[str, float]], path: Path) -> Non
 def save_rate_distortion(
     curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = ""
 ) -> None:
-    """PSNR and MS-SSIM against stored bits per pixel, one line per name: a sweep (points
-    with a ``quality``, labelled with it) or a single point (a model), to a PNG."""
+    """PSNR and MS-SSIM against stored bits per pixel, one line per name: a sweep (each
+    point annotated with its ``label``: a quality, a lambda) or a single point (a model),
+    to a PNG."""
     figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     psnr_axes, ssim_axes = figure.subplots(1, 2)
     for name, points in curves.items():
@@ -85,9 +86,9 @@ def save_rate_distortion(
         for axes, key in ((psnr_axes, "psnr"), (ssim_axes, "ms_ssim")):
             axes.plot(bpp, [p[key] for p in ordered], label=name, **style)
             for p in ordered:
-                if p.get("quality") is not None:
+                if p.get("label") is not None:
                     axes.annotate(
-                        str(p["quality"]), (p["bpp"], p[key]), fontsize=7, alpha=0.7,
+                        str(p["label"]), (p["bpp"], p[key]), fontsize=7, alpha=0.7,
                         textcoords="offset points", xytext=(3, -9),
                     )  # fmt: skip
     psnr_axes.set(xlabel="stored bits per pixel", ylabel="PSNR (dB)", title="PSNR")

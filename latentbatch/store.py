@@ -1,20 +1,32 @@
-"""Latent stores, format 1: a Zarr v3 group.
+"""Latent stores, format 2: a Zarr v3 group.
 
 ::
 
     STORE/                       group; attributes["latentbatch"] = metadata below
-      latents  [N, C, h, w]      float16 (default), dims (sample, channel, y, x)
+      latents  [N, C, h, w]      float16 (default) or float32; int8 for a quantised model
+                                 (the codec preset); dims (sample, channel, y, x)
       ids      [N]               strings, unique, safe file names
       labels   [N]               int32, -1 = unknown (always present; all -1 without labels)
       quality  [N]               float32, each row's PSNR (dB) at encode time: its image
                                  decoded from the stored latent against the original
                                  (NaN = not measured; stores of earlier releases lack it)
 
-Arrays are chunked and sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a
-flipped byte fails loudly. Metadata: ``format``, ``uuid``, ``created``, ``model_id``,
-``model`` (architecture), ``latent`` (dtype, shape), ``image`` (height, width, mode),
+Arrays are sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a flipped
+byte fails loudly. Float latents are chunked along ``sample`` only (zstd level 3). Integer
+latents are entropy-coded by zstd: a chunk holds one channel of a whole shard's rows
+(``(shard_rows, 1, h, w)``, each channel's symbols together, where its statistics hold),
+compressed at level 19; the decoder reads them back as they are, so a store of int8
+latents is an ordinary integer array to xarray or any Zarr reader.
+
+Metadata: ``format``, ``uuid``, ``created``, ``model_id``, ``model`` (architecture),
+``latent`` (dtype, shape, and ``quantization``: null for float latents; for integer ones
+the step the integers count in, their clamp range, and the model's entropy model of them,
+a logistic per channel, ``loc`` and ``scale``), ``image`` (height, width, mode),
 ``sources`` (spec, description, rows), ``layout`` (shard_rows, chunk_rows), ``labels``
 (whether any are known), ``pending`` (an unfinished encode) and the committed ``count``.
+
+Format 2 (this release) adds integer latents and ``latent.quantization``; format-1
+stores (float latents, no ``quantization``) are read and appended to as they are.
 
 Commit protocol: writers write whole shards, one writer per shard; the client then
 advances ``count`` with a single write of the group metadata. Readers trust rows
@@ -38,11 +50,13 @@ from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 ATTRS = "latentbatch"
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
+INTEGER_ZSTD_LEVEL = 19
 
 
 Rows = Sequence[int] | npt.NDArray[np.integer[Any]]
@@ -53,8 +67,8 @@ class StoreError(LatentbatchError):
     """A path is not a valid latent store, or an operation does not fit the store."""
 
 
-def _codecs() -> list[ZstdCodec | Crc32cCodec]:
-    return [ZstdCodec(level=3), Crc32cCodec()]
+def _codecs(level: int = 3) -> list[ZstdCodec | Crc32cCodec]:
+    return [ZstdCodec(level=level), Crc32cCodec()]
 
 
 def shard_ranges(start: int, stop: int, shard_rows: int) -> list[tuple[int, int]]:
@@ -72,11 +86,12 @@ def shard_ranges(start: int, stop: int, shard_rows: int) -> list[tuple[int, int]
 
 @dataclass(frozen=True)
 class Layout:
-    """How a new store is chunked: rows per shard (one object) and per inner chunk."""
+    """How a new store is chunked: rows per shard (one object) and per inner chunk, and
+    the dtype of float latents (``None``: float16; a quantised model's are int8)."""
 
     shard_rows: int = DEFAULT_SHARD_ROWS
     chunk_rows: int = DEFAULT_CHUNK_ROWS
-    latent_dtype: str = "float16"
+    latent_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1 or self.shard_rows < 1 or self.shard_rows % self.chunk_rows:
@@ -84,7 +99,7 @@ class Layout:
                 f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
                 f"({self.chunk_rows})"
             )
-        if self.latent_dtype not in LATENT_DTYPES:
+        if self.latent_dtype is not None and self.latent_dtype not in LATENT_DTYPES:
             raise StoreError(
                 f"latent dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype}"
             )
@@ -130,6 +145,13 @@ class LatentStore:
     def latent_shape(self) -> tuple[int, int, int]:
         channels, height, width = self.latents.shape[1:]
         return (channels, height, width)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """How integer latents were quantised (step, range, the model's prior per
+        channel), or None for float latents."""
+        found = self.meta["latent"].get("quantization")
+        return dict(found) if isinstance(found, Mapping) else None
 
     @property
     def shard_rows(self) -> int:
@@ -386,10 +408,11 @@ def _array(url: str, group: zarr.Group, name: str) -> zarr.Array[Any]:
 def _validate(url: str, group: zarr.Group) -> None:
     meta = _metadata(url, group)
     version = meta.get("format")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise StoreError(
-            f"{url} has store format version {version!r}; this latentbatch reads format "
-            f"{FORMAT_VERSION} only (upgrade latentbatch, or re-encode the images)"
+            f"{url} has store format version {version!r}; this latentbatch reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (upgrade latentbatch, or re-encode "
+            "the images)"
         )
     missing = [
         k for k in ("count", "model_id", "model", "latent", "layout", "uuid") if k not in meta
@@ -428,25 +451,37 @@ def create_store(
     config: ModelConfig,
     capacity: int,
     layout: Layout | None = None,
+    quantization: Mapping[str, Any] | None = None,
     storage_options: StorageOptions | None = None,
 ) -> LatentStore:
     """Create an empty store with room for ``capacity`` latents of the model ``model_id``
-    whose architecture is ``config``."""
+    whose architecture is ``config``; a quantised model's latents are int8, and
+    ``quantization`` (the step, range and prior of :func:`quantization_of`) describes them."""
     layout = layout or Layout()
+    if config.latent_dtype is not None and layout.latent_dtype not in (None, config.latent_dtype):
+        raise StoreError(
+            f"the {config.preset} preset's latents are integers, stored as "
+            f"{config.latent_dtype}; drop --latent-dtype {layout.latent_dtype}"
+        )
+    if config.quantized and quantization is None:
+        raise StoreError(f"a store of the {config.preset} preset needs its quantization")
+    latent_dtype = config.latent_dtype or layout.latent_dtype or "float16"
     fs, path = filesystem(url, storage_options)
     if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
     group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))
     shape = config.latent_shape
+    _, height, width = shape
+    integer = np.dtype(latent_dtype).kind == "i"
     group.create_array(
         "latents",
         shape=(capacity, *shape),
-        dtype=layout.latent_dtype,
-        chunks=(layout.chunk_rows, *shape),
+        dtype=latent_dtype,
+        chunks=(layout.shard_rows, 1, height, width) if integer else (layout.chunk_rows, *shape),
         shards=(layout.shard_rows, *shape),
         dimension_names=("sample", "channel", "y", "x"),
         fill_value=0,
-        compressors=_codecs(),
+        compressors=_codecs(INTEGER_ZSTD_LEVEL if integer else 3),
         overwrite=True,
     )
     per_row: tuple[tuple[str, Any, Any], ...] = (
@@ -470,7 +505,11 @@ def create_store(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model_id": model_id,
         "model": config.to_dict(),
-        "latent": {"dtype": layout.latent_dtype, "shape": list(shape)},
+        "latent": {
+            "dtype": latent_dtype,
+            "shape": list(shape),
+            "quantization": dict(quantization) if quantization is not None else None,
+        },
         "image": {"height": config.image_size, "width": config.image_size, "mode": config.mode},
         "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
         "sources": [],

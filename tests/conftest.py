@@ -66,6 +66,14 @@ def other_seed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_codec_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A very small codec-preset model (int8 latents) trained on synthetic shapes."""
+    from tests.helpers import train_tiny_codec
+
+    return train_tiny_codec(tmp_path_factory.mktemp("models") / "codec-tiny").model_dir
+
+
+@pytest.fixture(scope="session")
 def client() -> Iterator[Client]:
     """One in-process Dask cluster (threads) for the session."""
     with (

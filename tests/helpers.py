@@ -40,6 +40,16 @@ def train_tiny(out: Path, epochs: int = 2, seed: int = 0, **overrides: object) -
     return train(tiny_model_config(), train_config, out, progress=False, **overrides)  # type: ignore[arg-type]
 
 
+def train_tiny_codec(out: Path, epochs: int = 3, **given: object) -> TrainResult:
+    """Train a very small ``codec`` model (int8 latents 4x4x4 of 16x16 grey images) on
+    synthetic shapes; a few seconds on a CPU."""
+    config = ModelConfig("codec", 1, 16, (8,), 4)
+    train_config = TrainConfig.for_preset(
+        "codec", "synthetic:96", epochs=epochs, batch_size=16, val_fraction=0.25, **given
+    )
+    return train(config, train_config, out, progress=False)
+
+
 def sha256s(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (hidden ones included), by relative path."""
     import hashlib

@@ -13,7 +13,7 @@ from distributed import Client, LocalCluster
 
 from latentbatch.canary import CanaryError
 from latentbatch.checkpoint import load_model
-from latentbatch.datasets import open_source
+from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import (
     ImageEncoding,
     ModelMismatchError,
@@ -25,7 +25,7 @@ from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
 from latentbatch.images import check_codec, encode_pngs
 from latentbatch.model import to_unit
-from latentbatch.quality import psnr
+from latentbatch.quality import psnr, psnr_per_image
 from latentbatch.shards import OutputError, read_output
 from latentbatch.store import ATTRS, Layout, StoreError, open_store
 from tests.helpers import mtimes, sha256s
@@ -378,3 +378,45 @@ def test_an_output_of_an_earlier_release_continues_only_with_its_shard_size(
     assert sha256s(out) == before
     again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
     assert again.shards_written == ()
+
+
+def test_a_codec_store_holds_int8_symbols_and_decodes_as_its_model_does(
+    tmp_path: Path, tiny_codec_model: Path, client: Client
+) -> None:
+    store_url = str(tmp_path / "codec.zarr")
+    encode(tiny_codec_model, "synthetic:40", store_url, client=client, layout=Layout(16, 8))
+    store = open_store(store_url)
+    symbols = store.read_latents(0, 40)
+    assert symbols.dtype == np.int8 and store.meta["format"] == 2
+    model, info = load_model(tiny_codec_model)
+    assert store.quantization == info.quantization
+    originals = to_unit(torch.from_numpy(open_source("synthetic:40", Geometry(16, 1)).read(0, 40)))
+    with torch.inference_mode():
+        expected = model.encoder(originals)
+    np.testing.assert_array_equal(symbols, expected.numpy().astype(np.int8))
+    result = decode(tiny_codec_model, store_url, str(tmp_path / "out"), client=client)
+    assert result.canary == "exact"
+    _, images = read_output(str(tmp_path / "out"))
+    decoder, _ = load_model(tiny_codec_model, "decoder")
+    direct = decode_latents(decoder, symbols.astype(np.float32), torch.device("cpu"))
+    np.testing.assert_array_equal(images, direct)
+    # the PSNR each row was stored with is that of the decoded image
+    decoded = to_unit(torch.from_numpy(images))
+    per_image = psnr_per_image(originals, decoded).numpy()
+    np.testing.assert_allclose(store.read_quality(0, 40), per_image, rtol=1e-5)
+
+
+def test_a_format_one_store_of_the_previous_release_decodes_and_appends(
+    tmp_path: Path, client: Client
+) -> None:
+    fixture = Path(__file__).parent / "data" / "format1"
+    shutil.copytree(fixture, tmp_path / "format1")
+    model_dir, store_url = tmp_path / "format1" / "model", str(tmp_path / "format1" / "store.zarr")
+    result = decode(model_dir, store_url, str(tmp_path / "out"), client=client)
+    assert result.canary == "exact" and result.count == 20
+    ids, images = read_output(str(tmp_path / "out"))
+    assert len(ids) == 20 and images.shape == (20, 16, 16, 1)
+    encode(model_dir, "digits", store_url, append=True, limit=6, client=client)
+    store = open_store(store_url)
+    assert store.count == 26 and store.meta["format"] == 1  # appends keep its format
+    assert store.latents.dtype == np.float16 and store.quantization is None

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray
 import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 
 from latentbatch.checkpoint import read_info
 from latentbatch.store import ATTRS, Layout, StoreError, create_store, open_store, shard_ranges
+
+FORMAT_ONE = Path(__file__).parent / "data" / "format1"  # written by latentbatch at 9c5277a
 
 
 @given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 700))
@@ -51,7 +55,7 @@ def test_create_write_read_commit(tmp_path: Path, tiny_model: Path) -> None:
     assert again.written_rows() == 4
 
 
-def test_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
+def test_format_two_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     url = _store(tmp_path, tiny_model)
     meta = json.loads((url / "latents" / "zarr.json").read_text())
     assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
@@ -63,10 +67,64 @@ def test_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     names = [c["name"] for c in sharding["configuration"]["codecs"]]
     assert names == ["bytes", "zstd", "crc32c"]
     attrs = json.loads((url / "zarr.json").read_text())["attributes"][ATTRS]
-    assert attrs["format"] == 1
+    assert attrs["format"] == 2
     assert attrs["model_id"] == read_info(tiny_model).model_id
     assert attrs["image"] == {"height": 16, "width": 16, "mode": "L"}
-    assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4]}
+    assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4], "quantization": None}
+
+
+def test_integer_latents_are_stored_a_channel_per_chunk_with_their_quantization(
+    tmp_path: Path, tiny_codec_model: Path
+) -> None:
+    info = read_info(tiny_codec_model)
+    url = tmp_path / "codec.zarr"
+    store = create_store(
+        str(url),
+        model_id=info.model_id,
+        config=info.config,
+        capacity=8,
+        layout=Layout(4, 2),
+        quantization=info.quantization,
+    )
+    meta = json.loads((url / "latents" / "zarr.json").read_text())
+    assert meta["data_type"] == "int8"
+    sharding = meta["codecs"][0]["configuration"]
+    assert sharding["chunk_shape"] == [4, 1, 4, 4]  # one channel of a whole shard's rows
+    assert sharding["codecs"][1] == {
+        "name": "zstd",
+        "configuration": {"level": 19, "checksum": False},
+    }
+    assert store.quantization == info.quantization
+    assert store.quantization is not None and store.quantization["range"] == [-128, 127]
+    symbols = np.random.default_rng(0).integers(-20, 20, (4, 4, 4, 4)).astype(np.int8)
+    store.write_rows(0, symbols, ["a", "b", "c", "d"], np.full(4, -1))
+    store.write_meta(count=4)
+    again = open_store(str(url))
+    assert again.latents.dtype == np.int8
+    np.testing.assert_array_equal(again.read_latents(0, 4), symbols)
+    # an ordinary integer array with its dimension names, to any Zarr reader
+    dataset = xarray.open_zarr(str(url), consolidated=False)
+    assert dataset["latents"].dims == ("sample", "channel", "y", "x")
+    np.testing.assert_array_equal(dataset["latents"][:4].values, symbols)
+    with pytest.raises(StoreError, match="drop --latent-dtype float32"):
+        create_store(
+            str(tmp_path / "other.zarr"),
+            model_id=info.model_id,
+            config=info.config,
+            capacity=8,
+            layout=Layout(latent_dtype="float32"),
+            quantization=info.quantization,
+        )
+
+
+def test_format_one_stores_of_the_previous_release_still_open(tmp_path: Path) -> None:
+    url = tmp_path / "store.zarr"
+    shutil.copytree(FORMAT_ONE / "store.zarr", url)
+    store = open_store(str(url))
+    assert store.meta["format"] == 1 and store.count == 20
+    assert store.quantization is None and store.latents.dtype == np.float16
+    assert store.read_latents(0, 20).shape == (20, 2, 4, 4)
+    assert store.read_ids(0, 2) == ["synthetic-0000000", "synthetic-0000001"]
 
 
 def test_each_rows_quality_is_kept_and_stores_without_it_still_open(
@@ -146,7 +204,7 @@ def test_refusals_say_what_is_wrong(tmp_path: Path, tiny_model: Path) -> None:
         create_store(str(url), model_id="0" * 64, config=read_info(tiny_model).config, capacity=4)
     group = zarr.open_group(str(url), mode="r+")
     group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 99}
-    with pytest.raises(StoreError, match="format version 99; this latentbatch reads format 1"):
+    with pytest.raises(StoreError, match="format version 99; this latentbatch reads formats 1, 2"):
         open_store(str(url))
 
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from latentbatch import checkpoint
-from latentbatch.config import TrainConfig, preset_config
+from latentbatch.config import DEFAULT_LAMBDA, TrainConfig, preset_config
 from latentbatch.errors import CheckpointError, ConfigError
-from latentbatch.train import split, train
-from tests.helpers import tiny_model_config, train_tiny
+from latentbatch.train import learning_rate, split, train
+from tests.helpers import tiny_model_config, train_tiny, train_tiny_codec
 
 
 def test_split_is_seeded_and_disjoint() -> None:
@@ -107,3 +107,39 @@ def test_seed_model_reaches_22_db_on_mnist5k_in_10_epochs_deterministically(tmp_
     assert meta["training"]["split"] == {"train": 4500, "validation": 500}
     assert runs[0].final["val_psnr"] >= 22.0
     assert runs[0].model_id == runs[1].model_id
+
+
+def test_codec_trains_for_rate_and_distortion_and_resumes_exactly(tmp_path: Path) -> None:
+    whole = train_tiny_codec(tmp_path / "whole", epochs=5)
+    first, last = whole.history[0], whole.history[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["val_loss"] < first["val_loss"] and last["val_bpp"] > 0
+    info = checkpoint.read_info(whole.model_dir)
+    assert info.meta["training"]["config"]["rate_lambda"] == DEFAULT_LAMBDA
+    described = info.quantization
+    assert described is not None and described["prior"] == "logistic"
+    assert len(described["loc"]) == len(described["scale"]) == 4
+    train_tiny_codec(tmp_path / "parts", epochs=1)
+    resumed = train_tiny_codec(tmp_path / "parts", epochs=5)
+    assert resumed.model_id == whole.model_id  # the quantisation noise is seeded per epoch
+
+
+def test_a_larger_lambda_buys_psnr_with_bits(tmp_path: Path) -> None:
+    cheap = train_tiny_codec(tmp_path / "cheap", epochs=4, rate_lambda=0.001).final
+    dear = train_tiny_codec(tmp_path / "dear", epochs=4, rate_lambda=0.1).final
+    assert dear["val_bpp"] > cheap["val_bpp"] and dear["val_psnr"] > cheap["val_psnr"]
+
+
+def test_codec_learning_rate_drops_tenfold_for_the_last_fifth() -> None:
+    codec = TrainConfig.for_preset("codec", epochs=10)
+    rates = [learning_rate(preset_config("codec"), codec, e) for e in range(10)]
+    assert rates == [2e-3] * 8 + [2e-4] * 2
+    seed = TrainConfig(epochs=10)
+    assert {learning_rate(preset_config("seed"), seed, e) for e in range(10)} == {1e-3}
+
+
+def test_training_refuses_a_lambda_for_a_preset_without_a_rate(tmp_path: Path) -> None:
+    config = TrainConfig("synthetic:40", epochs=1, rate_lambda=0.01)
+    with pytest.raises(ConfigError, match="no rate to trade"):
+        train(preset_config("seed"), config, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()

@@ -36,7 +36,7 @@ from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
 from latentbatch.cli.stores import query_command, stats_command, stores_command
 from latentbatch.cluster import VERBOSE_ENV
-from latentbatch.config import LOSSES, PRESETS, TrainConfig
+from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
 from latentbatch.datasets import SOURCES
 from latentbatch.decode import decode
 from latentbatch.encode import encode
@@ -79,6 +79,7 @@ def _report_training(result: TrainResult) -> None:
     console.print(
         f"  epochs {int(final['epoch'])}, validation PSNR {final['val_psnr']:.2f} dB, "
         f"SSIM {final['val_ssim']:.3f}"
+        + (f", estimated {final['val_bpp']:.3f} bits per pixel" if "val_bpp" in final else "")
     )
     console.print(f"  weights          {result.model_dir / checkpoint.WEIGHTS}")
     console.print(f"  config           {result.model_dir / checkpoint.CONFIG}")
@@ -91,16 +92,31 @@ def train_command(
     data: Annotated[str, typer.Option(help=f"Image source: {', '.join(SOURCES)}.")] = "mnist5k",
     preset: Annotated[str, typer.Option(help=f"Architecture: {' or '.join(PRESETS)}.")] = "seed",
     epochs: Annotated[
-        int, typer.Option(min=1, help="Total epochs (a resumed run continues).")
-    ] = 10,
+        int | None,
+        typer.Option(
+            min=1, help="Total epochs (a resumed run continues) \\[default: 10; codec 40]."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, initial weights and order.")] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Model directory \\[default: models/PRESET-DATA].")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=2, help="Use only the first N images.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    loss: Annotated[str, typer.Option(help=f"Loss: {' or '.join(LOSSES)}.")] = "bce",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="\\[default: 32; codec 64]")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate \\[default: 1e-3; codec 2e-3].")
+    ] = None,
+    loss: Annotated[
+        str | None, typer.Option(help=f"Loss: {' or '.join(LOSSES)} \\[default: bce; codec mse].")
+    ] = None,
+    rate_lambda: Annotated[
+        float | None,
+        typer.Option(
+            "--lambda",
+            help="codec preset: the rate-distortion trade-off; larger buys PSNR with bits "
+            f"\\[default: {DEFAULT_LAMBDA}].",
+        ),
+    ] = None,
     image_size: Annotated[
         int | None, typer.Option(help="Side in pixels \\[default: the source's].")
     ] = None,
@@ -116,7 +132,17 @@ def train_command(
     model_config = model_config_for(
         preset, data, image_size=image_size, channels=channels, latent_channels=latent_channels
     )
-    train_config = TrainConfig(data, epochs, seed, batch_size, lr, loss, limit=limit)
+    train_config = TrainConfig.for_preset(
+        preset,
+        data,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=lr,
+        loss=loss,
+        limit=limit,
+        rate_lambda=rate_lambda,
+    )
     out = out or default_model_dir(preset, data)
     result = train(
         model_config, train_config, out, resume=resume, progress=progress and not as_json

@@ -18,7 +18,13 @@ PLOT = "rate-distortion.png"
 
 
 def evaluate_command(
-    model: Annotated[str, typer.Argument(help="A model directory: path or s3:// URL.")],
+    model: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model directories (paths or s3:// URLs): several codec models, one per "
+            "--lambda, plot as one curve."
+        ),
+    ],
     data: Annotated[str, typer.Option(help="Image source (see latentbatch train --help).")],
     split: Annotated[
         str, typer.Option(help="validation (the training's held-out rows) or all.")
@@ -34,8 +40,8 @@ def evaluate_command(
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """PSNR, MS-SSIM and stored bits per pixel of a model's latent store, beside Pillow's
-    JPEG and WebP on the same images, with a rate-distortion plot."""
+    """PSNR, MS-SSIM and stored bits per pixel of a model's latent store (or several
+    models'), beside Pillow's JPEG and WebP on the same images, with a rate-distortion plot."""
     if split not in ("validation", "all"):
         raise ConfigError(f"--split {split!r} is not validation or all")
     chosen: Split = "validation" if split == "validation" else "all"
@@ -47,13 +53,13 @@ def evaluate_command(
         options=parse_options(storage_option),
     )
     if plot is None:
-        plot = Path(PLOT) if is_remote(model) else Path(model) / PLOT
+        plot = Path(PLOT) if is_remote(model[0]) else Path(model[0]) / PLOT
     title = f"{data} ({result.split}, {result.images} images)"
     save_rate_distortion(result.curves(), plot, title)
     if as_json:
         emit_json({**result.to_dict(), "plot": str(plot)})
         return
-    table = Table("", "quality", "bits/pixel", "PSNR", "MS-SSIM", title=title)
+    table = Table("", "quality", "bits/pixel", "PSNR", "MS-SSIM", "estimated", title=title)
     for row in result.rows():
         table.add_row(
             row["what"],
@@ -61,6 +67,7 @@ def evaluate_command(
             f"{row['bpp']:.3f}",
             f"{row['psnr']:.2f} dB",
             f"{row['ms_ssim']:.4f}",
+            "" if row.get("estimated_bpp") is None else f"{row['estimated_bpp']:.3f}",
         )
     console = make_console()
     console.print(table)
