@@ -10,15 +10,20 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.params import DataSource, described
-from latentbatch.config import TrainConfig
+from latentbatch.config import DEFAULT_LAMBDA, TrainConfig
 from latentbatch.orchestration import picture_artifact, summary_artifact
 from latentbatch.train import TrainResult, model_config_for, train
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> TrainResult:
+def train_task(
+    data: str, preset: str, epochs: int | None, seed: int, out: str, rate_lambda: float | None
+) -> TrainResult:
     config = model_config_for(preset, data)
-    return train(config, TrainConfig(data, epochs, seed), Path(out), progress=False)
+    settings = TrainConfig.for_preset(
+        preset, data, epochs=epochs, seed=seed, rate_lambda=rate_lambda
+    )
+    return train(config, settings, Path(out), progress=False)
 
 
 @flow(name="train-autoencoder", log_prints=True)
@@ -26,13 +31,25 @@ def train_task(data: str, preset: str, epochs: int, seed: int, out: str) -> Trai
 def train_autoencoder(
     data: DataSource = "mnist5k",
     preset: Annotated[
-        Literal["seed", "compact"], Field(description="Architecture preset")
+        Literal["seed", "compact", "codec"],
+        Field(description="Architecture preset (codec: a learned lossy codec, int8 latents)"),
     ] = "seed",
-    epochs: Annotated[int, Field(ge=1, description="Total epochs (a finished run is reused)")] = 10,
+    epochs: Annotated[
+        int | None,
+        Field(ge=1, description="Total epochs; empty: the preset's (10, codec 40)"),
+    ] = None,
     seed: Annotated[int, Field(description="Seed of split, weights and batch order")] = 0,
     out: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
+    rate_lambda: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description=f"codec preset: rate-distortion trade-off, larger buys PSNR with bits; "
+            f"empty: {DEFAULT_LAMBDA}",
+        ),
+    ] = None,
 ) -> dict[str, object]:
-    result = train_task(data, preset, epochs, seed, out)
+    result = train_task(data, preset, epochs, seed, out, rate_lambda)
     final = result.final
     summary = {
         "model_dir": str(result.model_dir),
@@ -40,6 +57,7 @@ def train_autoencoder(
         "epochs": int(final["epoch"]),
         "val_psnr_db": round(final["val_psnr"], 3),
         "val_ssim": round(final["val_ssim"], 4),
+        **({"val_bpp_estimated": round(final["val_bpp"], 4)} if "val_bpp" in final else {}),
         "reused": result.reused,
     }
     summary_artifact("train-summary", "Training summary", [summary])

@@ -221,7 +221,7 @@ def run_pipeline(
     paths = pipeline_paths(workdir, source, preset, models)
     training = train(
         model_config_for(preset, source),
-        TrainConfig(source, epochs, seed),
+        TrainConfig.for_preset(preset, source, epochs=epochs, seed=seed),
         paths.model_dir,
         progress=progress,
     )

@@ -1,4 +1,4 @@
-"""Latent stores, format 2: a Zarr v3 group.
+"""Latent stores, formats 1 (float latents) and 2 (integer latents): a Zarr v3 group.
 
 ::
 
@@ -25,8 +25,10 @@ a logistic per channel, ``loc`` and ``scale``), ``image`` (height, width, mode),
 ``sources`` (spec, description, rows), ``layout`` (shard_rows, chunk_rows), ``labels``
 (whether any are known), ``pending`` (an unfinished encode) and the committed ``count``.
 
-Format 2 (this release) adds integer latents and ``latent.quantization``; format-1
-stores (float latents, no ``quantization``) are read and appended to as they are.
+Format 2 is a store of integer latents (``latent.quantization`` set); stores of float
+latents are format 1, as they always were (``latent.quantization`` null, which earlier
+releases ignore), so both kinds are read, decoded and appended to by this release and a
+float store by earlier ones too.
 
 Commit protocol: writers write whole shards, one writer per shard; the client then
 advances ``count`` with a single write of the group metadata. Readers trust rows
@@ -50,8 +52,8 @@ from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FLOAT_FORMAT, INTEGER_FORMAT = 1, 2
+READABLE_FORMATS = (FLOAT_FORMAT, INTEGER_FORMAT)
 ATTRS = "latentbatch"
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 128
@@ -336,6 +338,8 @@ class LatentStore:
             "pending": self.pending,
             "latent_shape": list(self.latent_shape),
             "latent_dtype": str(self.latents.dtype),
+            "chunk_shape": list(self.latents.chunks),
+            "quantization": self.quantization,
             "chunk_rows": meta["layout"]["chunk_rows"],
             "shard_rows": meta["layout"]["shard_rows"],
             "shards": len(self.shards()),
@@ -500,7 +504,7 @@ def create_store(
             overwrite=True,
         )
     meta: dict[str, Any] = {
-        "format": FORMAT_VERSION,
+        "format": INTEGER_FORMAT if integer else FLOAT_FORMAT,
         "uuid": uuid.uuid4().hex,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model_id": model_id,

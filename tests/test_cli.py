@@ -62,6 +62,8 @@ def test_models_list_reports_broken_directories(
         (["train", "--data", "imagenet"], "error: unknown data source 'imagenet'"),
         (["train", "--preset", "huge", "--data", "digits"], "error: unknown preset 'huge'"),
         (["train", "--data", "digits", "--loss", "l1"], "error: unknown loss 'l1'"),
+        (["train", "--data", "digits", "--lambda", "0.01"], "error: --lambda is for the codec"),
+        (["train", "--data", "digits", "--preset", "codec", "--lambda", "-1"], "error: lambda"),
         (
             ["models", "show", "/nonexistent/model"],
             "error: model directory /nonexistent/model does not exist",
@@ -141,6 +143,25 @@ def test_encode_decode_inspect(
     text = capsys.readouterr().out
     assert "40 committed, 40 written" in text
     assert "bits/pixel" in text
+
+
+def test_a_codec_store_encodes_decodes_and_inspects_as_int8(
+    tmp_path: Path, tiny_codec_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _engine_cli(tmp_path, tiny_codec_model, capsys)
+    assert (report["latent_dtype"], report["format"]) == ("int8", 2)
+    assert report["chunk_shape"] == [16, 1, 4, 4]
+    assert report["quantization"]["prior"] == "logistic"
+    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "4x4x4 int8 (integers, step 1; entropy model: logistic per channel)" in text
+    assert "one channel of 16 rows per chunk, 16 per shard" in text
+    store = str(tmp_path / "other.zarr")
+    argv = ["encode", "--model", str(tiny_codec_model), "--data", "synthetic:4", "--store", store]
+    assert main([*argv, "--latent-dtype", "float32", "--workers", "1"]) == 1
+    assert "latents are integers, stored as int8; drop --latent-dtype float32" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

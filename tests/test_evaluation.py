@@ -13,8 +13,9 @@ import torch
 from distributed import Client
 from PIL import Image
 
-from latentbatch.checkpoint import read_info
+from latentbatch.checkpoint import load_model, read_info
 from latentbatch.cli import main
+from latentbatch.config import DEFAULT_LAMBDA
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
 from latentbatch.errors import ConfigError
@@ -22,6 +23,7 @@ from latentbatch.evaluation import codec_point, evaluate, evaluation_images
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
 from latentbatch.store import open_store
+from tests.helpers import train_tiny_codec
 
 
 def test_the_models_point_is_what_a_store_of_those_images_holds(
@@ -87,3 +89,44 @@ def test_cli_evaluate_prints_json_and_draws_the_plot(
     assert "Pillow WEBP" in table and "bits/pixel" in table
     assert main([*argv, "--split", "train"]) == 1
     assert "--split 'train' is not validation or all" in capsys.readouterr().err
+
+
+def test_a_codec_models_point_has_its_estimated_rate_beside_the_stored_one(
+    tiny_codec_model: Path,
+) -> None:
+    result = evaluate(tiny_codec_model, "synthetic:96", qualities=(50,))
+    point = result.model
+    assert point.estimated_bpp is not None and point.bpp > 0
+    model, info = load_model(tiny_codec_model)
+    images, _ = evaluation_images(info, "synthetic:96")
+    with torch.inference_mode():
+        symbols = model.encoder(to_unit(torch.from_numpy(images)))
+        bits = float(model.prior.bits(symbols).sum())
+    assert point.estimated_bpp == pytest.approx(bits / (len(images) * 16 * 16), rel=1e-6)
+    assert result.to_dict()["models"][0]["lambda"] == DEFAULT_LAMBDA
+
+
+def test_several_models_share_the_images_and_codec_models_make_one_curve(
+    tmp_path: Path, tiny_model: Path, tiny_codec_model: Path, seed_model: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    dearer = train_tiny_codec(tmp_path / "dearer", rate_lambda=0.05).model_dir
+    result = evaluate([tiny_codec_model, dearer, tiny_model], "synthetic:96", qualities=(50,))
+    assert [m.rate_lambda for m in result.models] == [DEFAULT_LAMBDA, 0.05, None]
+    alone = evaluate(dearer, "synthetic:96", qualities=(50,))
+    assert result.models[1].point == alone.model  # the same images, the same measurement
+    curves = result.curves()
+    codec = curves["latentbatch codec (lambda)"]
+    assert [p["label"] for p in codec] == ["0.01", "0.05"]
+    assert [p["bpp"] for p in codec] == [m.point.bpp for m in result.models[:2]]
+    assert [p["label"] for p in curves["Pillow JPEG"]] == ["50"]
+    assert result.models[2].name in curves  # a model without a lambda is its own point
+    with pytest.raises(ConfigError, match="validated on other images"):
+        evaluate([tiny_model, seed_model], "synthetic:96", qualities=(50,))
+    plot = tmp_path / "rd.png"
+    argv = ["evaluate", str(tiny_codec_model), str(dearer), "--data", "synthetic:96"]
+    assert main([*argv, "--quality", "50", "--plot", str(plot), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["lambda"] for m in report["models"]] == [DEFAULT_LAMBDA, 0.05]
+    assert report["model"] == {k: report["models"][0][k] for k in report["model"]}
+    assert plot.is_file()

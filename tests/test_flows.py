@@ -112,6 +112,12 @@ def test_train_flow(tmp_path: Path) -> None:
     assert summary["model_id"] in found["train-summary"].data
     _check_preview(found["train-reconstructions"])
     _check_preview(found["train-curves"])
+    codec = train_autoencoder(
+        "digits", "codec", 1, 0, str(tmp_path / "codec"), rate_lambda=0.02, return_state=True
+    )
+    assert codec.is_completed() and codec.result()["val_bpp_estimated"] > 0
+    trained = read_info(tmp_path / "codec").meta["training"]["config"]
+    assert (trained["rate_lambda"], trained["batch_size"]) == (0.02, 64)  # the preset's
 
 
 def test_encode_and_decode_flows(tmp_path: Path, tiny_model: Path, client: Client) -> None:

@@ -55,7 +55,7 @@ def test_create_write_read_commit(tmp_path: Path, tiny_model: Path) -> None:
     assert again.written_rows() == 4
 
 
-def test_format_two_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
+def test_float_latents_keep_the_format_one_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     url = _store(tmp_path, tiny_model)
     meta = json.loads((url / "latents" / "zarr.json").read_text())
     assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
@@ -67,7 +67,7 @@ def test_format_two_layout_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     names = [c["name"] for c in sharding["configuration"]["codecs"]]
     assert names == ["bytes", "zstd", "crc32c"]
     attrs = json.loads((url / "zarr.json").read_text())["attributes"][ATTRS]
-    assert attrs["format"] == 2
+    assert attrs["format"] == 1
     assert attrs["model_id"] == read_info(tiny_model).model_id
     assert attrs["image"] == {"height": 16, "width": 16, "mode": "L"}
     assert attrs["latent"] == {"dtype": "float16", "shape": [2, 4, 4], "quantization": None}
@@ -100,7 +100,7 @@ def test_integer_latents_are_stored_a_channel_per_chunk_with_their_quantization(
     store.write_rows(0, symbols, ["a", "b", "c", "d"], np.full(4, -1))
     store.write_meta(count=4)
     again = open_store(str(url))
-    assert again.latents.dtype == np.int8
+    assert again.latents.dtype == np.int8 and again.meta["format"] == 2
     np.testing.assert_array_equal(again.read_latents(0, 4), symbols)
     # an ordinary integer array with its dimension names, to any Zarr reader
     dataset = xarray.open_zarr(str(url), consolidated=False)

@@ -168,7 +168,12 @@ def encode_command(
     chunk_rows: Annotated[
         int, typer.Option(min=1, help="Rows per inner chunk (new stores).")
     ] = 128,
-    latent_dtype: Annotated[str, typer.Option(help="float16 or float32 (new stores).")] = "float16",
+    latent_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float16 or float32 (new stores) \\[default: float16; codec models: int8]."
+        ),
+    ] = None,
     storage_option: StorageOption = None,
     progress: ProgressOption = True,
     as_json: JsonOption = False,
@@ -278,10 +283,18 @@ def inspect_command(
         f"{report['count']} committed, {report['written_rows']} written, "
         f"capacity {report['capacity']}"
     )
-    chunking = (
-        f"{report['chunk_rows']} rows per chunk, {report['shard_rows']} per shard, "
-        f"{report['shards']} shards"
+    per_chunk = (
+        f"{report['chunk_shape'][0]} rows per chunk"
+        if report["chunk_shape"][1:] == report["latent_shape"]
+        else f"one channel of {report['chunk_shape'][0]} rows per chunk"
     )
+    chunking = f"{per_chunk}, {report['shard_rows']} per shard, {report['shards']} shards"
+    latents = f"{'x'.join(map(str, report['latent_shape']))} {report['latent_dtype']}"
+    if report["quantization"] is not None:
+        latents += (
+            f" (integers, step {report['quantization']['step']}; "
+            f"entropy model: {report['quantization']['prior']} per channel)"
+        )
     sources = ", ".join(
         f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
     )
@@ -289,7 +302,7 @@ def inspect_command(
         ("store", report["store"]),
         ("rows", rows_text),
         ("pending", report["pending"] or "none"),
-        ("latents", f"{'x'.join(map(str, report['latent_shape']))} {report['latent_dtype']}"),
+        ("latents", latents),
         ("chunking", chunking),
         ("model", f"{report['model_id']} ({report['model']['preset']})"),
         (
