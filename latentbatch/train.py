@@ -2,9 +2,9 @@
 
 Determinism: the split, the initial weights, every epoch's batch order and the codec
 preset's quantisation noise derive from ``TrainConfig.seed`` alone (epoch ``e`` seeds its
-own generators), so a run resumed
-from its last completed epoch ends with exactly the weights of an uninterrupted run, and
-two runs with the same seed on the same machine give the same model id.
+own generators), so a run resumed from its last completed epoch ends with exactly the
+weights of an uninterrupted run, and two runs with the same seed on the same machine give
+the same model id.
 """
 
 from __future__ import annotations
