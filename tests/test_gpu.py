@@ -107,3 +107,24 @@ def test_two_workers_sharing_a_gpu_write_the_same_bytes(
         decode(seed_model, str(mnist_store), str(tmp_path / "two"), images_per_shard=1024,
                client=client)  # fmt: skip
     assert sha256s(tmp_path / "one") == sha256s(tmp_path / "two")
+
+
+def test_a_codec_store_encoded_on_cuda_decodes_on_cpu_within_its_canary(
+    tmp_path: Path, tiny_codec_model: Path
+) -> None:
+    """Integer latents go to the GPU as int8 and are decoded in float16 autocast; the
+    canary a GPU encode records must hold for a CPU decode (or stop it, never pass
+    silently), and the pixels stay within the CUDA tolerance."""
+    from latentbatch.decode import decode_rows
+    from latentbatch.encode import encode
+
+    store = str(tmp_path / "codec.zarr")
+    with connect(None, 1) as client:  # a worker on this host's GPU
+        encode(tiny_codec_model, "synthetic:64", store, client=client)
+    opened = open_store(store)
+    assert opened.meta["canary"]["device"].startswith("cuda")
+    cpu = decode_rows(tiny_codec_model, opened, range(64)).astype(int)  # checks the canary
+    gpu_decoder, _ = load_model(tiny_codec_model, "decoder", "cuda")
+    latents = opened.read_latents(0, 64)
+    gpu = decode_latents(gpu_decoder, latents, torch.device("cuda")).astype(int)
+    assert np.abs(cpu - gpu).max() <= MAX_PIXEL_DIFFERENCE
