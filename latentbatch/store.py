@@ -437,6 +437,14 @@ def _validate(url: str, group: zarr.Group) -> None:
         raise StoreError(
             f"{url} latents have shape {latents.shape[1:]}, metadata says {meta['latent']['shape']}"
         )
+    integer = np.dtype(str(latents.dtype)).kind == "i"
+    quantized = isinstance(meta["latent"].get("quantization"), Mapping)
+    if (version == INTEGER_FORMAT) != integer or integer != quantized:
+        raise StoreError(
+            f"{url} claims format {version} but holds {latents.dtype} latents "
+            f"{'with' if quantized else 'without'} a quantization; it is damaged: restore "
+            "it from a copy or re-encode its images"
+        )
 
 
 def open_store(

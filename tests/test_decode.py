@@ -192,8 +192,11 @@ def test_bad_stores_are_refused_and_outputs_kept(
         decode(seed_model, str(tmp_path / "notastore"), str(out), client=client)
     store = _copy_store(mnist_store, tmp_path)
     group = zarr.open_group(str(store), mode="r+")
-    group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 2}
-    with pytest.raises(StoreError, match="format version 2"):
+    group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 3}
+    with pytest.raises(StoreError, match="format version 3"):
+        decode(seed_model, str(store), str(out), client=client)
+    group.attrs[ATTRS] = {**group.attrs[ATTRS], "format": 2}  # format 2 is integer latents
+    with pytest.raises(StoreError, match="claims format 2 but holds float16 latents without"):
         decode(seed_model, str(store), str(out), client=client)
     with pytest.raises(StoreError, match=r"shape \(64, 7, 7\).*takes \(2, 4, 4\)"):
         decode(tiny_model, str(mnist_store), str(out), allow_model_mismatch=True, client=client)
