@@ -94,7 +94,8 @@ def test_evaluate_flow_leaves_the_table_and_the_plot(tiny_model: Path) -> None:
     found = artifacts(state)
     assert found["evaluate-table"].type == "table"
     table = json.loads(found["evaluate-table"].data)
-    assert [row["what"] for row in table][:2] == ["model (compact)", "Pillow JPEG"]
+    model_id = result["model_id"]
+    assert [row["what"] for row in table][:2] == [f"compact {model_id[:12]}", "Pillow JPEG"]
     assert table[0]["bpp"] == round(result["model"]["bpp"], 4)
     _check_preview(found["evaluate-plot"])
 
