@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from latentbatch.checkpoint import load_model, read_info
 from latentbatch.cluster import connect
@@ -76,7 +77,12 @@ def build_store(model_dir: Path, workdir: Path, count: int) -> Path:
     labels = source.read_labels(0, source.count)
     info = read_info(model_dir)
     store = create_store(
-        str(path), model_id=info.model_id, config=info.config, capacity=count, layout=Layout()
+        str(path),
+        model_id=info.model_id,
+        config=info.config,
+        capacity=count,
+        layout=Layout(),
+        quantization=info.quantization,
     )
     for a, b in shard_ranges(0, count, store.shard_rows):
         rows = np.arange(a, b) % len(latents)
@@ -159,17 +165,12 @@ def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str
 
 
 def decoder_flops(model_dir: Path) -> float:
-    """Multiply-adds × 2 of one image through the decoder's convolutions."""
+    """FLOPs (multiply-adds × 2) of one image through the decoder, as torch's
+    ``FlopCounterMode`` counts them (convolutions and transposed ones alike)."""
     decoder, info = load_model(model_dir, "decoder")
-    side = info.config.latent_shape[1]
-    total = 0.0
-    for layer in decoder:
-        if isinstance(layer, torch.nn.Conv2d):
-            kernel = layer.kernel_size[0] * layer.kernel_size[1]
-            total += 2.0 * layer.in_channels * layer.out_channels * kernel * side * side
-        elif isinstance(layer, torch.nn.Upsample):
-            side *= 2
-    return total
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        decoder(torch.zeros(1, *info.config.latent_shape))
+    return float(counter.get_total_flops())
 
 
 def matmul_gflops(device: torch.device, seconds: float = 1.0) -> float:
