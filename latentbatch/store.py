@@ -15,7 +15,7 @@ Arrays are sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a
 byte fails loudly. Float latents are chunked along ``sample`` only (zstd level 3). Integer
 latents are entropy-coded by zstd: a chunk holds one channel of a whole shard's rows
 (``(shard_rows, 1, h, w)``, each channel's symbols together, where its statistics hold),
-compressed at level 19; the decoder reads them back as they are, so a store of int8
+compressed at level 15; the decoder reads them back as they are, so a store of int8
 latents is an ordinary integer array to xarray or any Zarr reader.
 
 Metadata: ``format``, ``uuid``, ``created``, ``model_id``, ``model`` (architecture),
@@ -58,7 +58,7 @@ ATTRS = "latentbatch"
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
-INTEGER_ZSTD_LEVEL = 19
+INTEGER_ZSTD_LEVEL = 15
 
 
 Rows = Sequence[int] | npt.NDArray[np.integer[Any]]

@@ -92,7 +92,7 @@ def test_integer_latents_are_stored_a_channel_per_chunk_with_their_quantization(
     assert sharding["chunk_shape"] == [4, 1, 4, 4]  # one channel of a whole shard's rows
     assert sharding["codecs"][1] == {
         "name": "zstd",
-        "configuration": {"level": 19, "checksum": False},
+        "configuration": {"level": 15, "checksum": False},
     }
     assert store.quantization == info.quantization
     assert store.quantization is not None and store.quantization["range"] == [-128, 127]
