@@ -302,7 +302,8 @@ def find_models(root: ModelLocation, options: StorageOptions | None = None) -> M
 
 def summary(info: ModelInfo) -> dict[str, Any]:
     """The facts ``latentbatch models`` shows: path, id, preset, geometry, latent shape,
-    data source, epochs and the last validation PSNR/SSIM."""
+    data source, epochs and the last validation PSNR/SSIM; for the codec preset its lambda
+    and the last validation rate its entropy model estimated."""
     history = info.meta.get("training", {}).get("history", [])
     final = history[-1] if history else {}
     return {
@@ -315,6 +316,14 @@ def summary(info: ModelInfo) -> dict[str, Any]:
         "epochs": len(history),
         "val_psnr": final.get("val_psnr"),
         "val_ssim": final.get("val_ssim"),
+        **(
+            {
+                "lambda": info.meta["training"]["config"].get("rate_lambda"),
+                "val_bpp": final.get("val_bpp"),
+            }
+            if info.config.quantized
+            else {}
+        ),
     }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from latentbatch.checkpoint import read_info
 from latentbatch.cli import main
 from tests.helpers import train_tiny
 
@@ -143,6 +144,18 @@ def test_encode_decode_inspect(
     text = capsys.readouterr().out
     assert "40 committed, 40 written" in text
     assert "bits/pixel" in text
+
+
+def test_models_show_gives_a_codec_models_lambda_and_estimated_rate(
+    tiny_codec_model: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "show", str(tiny_codec_model)]) == 0
+    text = capsys.readouterr().out
+    history = read_info(tiny_codec_model).meta["training"]["history"]
+    assert "lambda  0.01" in text and f"val_bpp  {history[-1]['val_bpp']}" in text
+    assert f"SSIM {history[0]['val_ssim']:.3f}, {history[0]['val_bpp']:.3f} bpp" in text
+    assert main(["models", "show", str(tiny_model)]) == 0
+    assert "lambda" not in capsys.readouterr().out
 
 
 def test_a_codec_store_encodes_decodes_and_inspects_as_int8(

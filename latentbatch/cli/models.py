@@ -79,4 +79,5 @@ def models_show(
         console.print(
             f"     epoch {int(row['epoch']):>3}: loss {row['train_loss']:.4f}"
             f"/{row['val_loss']:.4f}, PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}"
+            + (f", {row['val_bpp']:.3f} bpp" if "val_bpp" in row else "")
         )
