@@ -30,7 +30,7 @@ the grouping follows the store's shards the bytes do not depend on the number of
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,22 +312,30 @@ class CanaryJob:
     rows: tuple[int, ...]
 
 
-def decode_canary(job: CanaryJob) -> tuple[np.ndarray | None, str]:
-    """Worker side: the store's canary rows decoded as a decode task would, and the
-    device that did it; no pixels when a canary row's latents hold NaN or Inf (the
-    decode task of its shard refuses it, naming every such row of the shard)."""
-    decoder, device = cached_model(job.model_id, "decoder")
-    store = open_store(job.store_url, job.storage_options)
-    rows = sorted(job.rows)
+def canary_pixels(
+    decoder: torch.nn.Module, store: LatentStore, rows: Sequence[int], device: torch.device
+) -> np.ndarray | None:
+    """The canary ``rows`` of ``store`` decoded as a decode task would, in row order;
+    None when a canary row's latents hold NaN or Inf (the decode task of its shard
+    refuses it, naming every such row of the shard)."""
+    ordered = sorted(rows)
     parts = []
-    for first in sorted({r - r % store.shard_rows for r in rows}):  # a read per store shard,
-        inside = [r - first for r in rows if first <= r < first + store.shard_rows]
+    for first in sorted({r - r % store.shard_rows for r in ordered}):  # a read per shard,
+        inside = [r - first for r in ordered if first <= r < first + store.shard_rows]
         block = store.read_latents(first + inside[0], first + inside[-1] + 1)  # so that an
         parts.append(block[[i - inside[0] for i in inside]])  # error names a row range
     latents = np.concatenate(parts)
     if not _finite_rows(latents.reshape(len(latents), -1)).all():
-        return None, str(device)
-    return decode_latents(decoder, latents.astype(np.float32), device), str(device)
+        return None
+    return decode_latents(decoder, latents.astype(np.float32), device)
+
+
+def decode_canary(job: CanaryJob) -> tuple[np.ndarray | None, str]:
+    """Worker side: :func:`canary_pixels` with the worker's decoder, and the device that
+    decoded them."""
+    decoder, device = cached_model(job.model_id, "decoder")
+    store = open_store(job.store_url, job.storage_options)
+    return canary_pixels(decoder, store, job.rows, device), str(device)
 
 
 def canary_on(
@@ -619,9 +627,9 @@ def _decode_selected(
     check_model(store, info)
     cpu = torch.device("cpu")
     if has_canary(store):
-        canary = store.read_latents_at(store.meta["canary"]["rows"]).astype(np.float32)
-        if _finite_rows(canary.reshape(len(canary), -1)).all():  # NaN rows: refused below
-            check_canary(store, decode_latents(decoder, canary, cpu))
+        pixels = canary_pixels(decoder, store, store.meta["canary"]["rows"], cpu)
+        if pixels is not None:  # else the selection's NaN rows are refused below
+            check_canary(store, pixels)
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
     _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
