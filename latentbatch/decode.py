@@ -77,9 +77,6 @@ from latentbatch.workers import (
 
 DECODE_BATCH = 256
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
-# rows per read of a task's latents: each zarr read costs a few ms of CPU besides the
-# bytes, so reads are larger than CPU decode batches (and the next is read meanwhile)
-READ_AHEAD_ROWS = 512
 CUDA_DECODE_BATCH = 4096
 
 
@@ -369,7 +366,7 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     threads = min(encoder_threads(device, worker_threads()), job.codec.useful_threads)
     encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
     batch_size = job.batch_size or batch_for(device)
-    blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, READ_AHEAD_ROWS))
+    blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, store.shard_rows))
     batches = (b[i : i + batch_size] for b in blocks for i in range(0, len(b), batch_size))
     images = decode_batches(
         decoder, batches, device, encoding.add if encoding is not None else None

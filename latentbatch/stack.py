@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 import torch
 
+from latentbatch.cluster import worker_env
 from latentbatch.errors import LatentbatchError
 from latentbatch.workers import HOST_GPUS_ENV
 
@@ -230,7 +231,7 @@ def up(
                     f"stack-{i}",
                     *gpu,
                 ],
-                {**env, **pinned},
+                {**env, **worker_env(), **pinned},
             )
         _wait(lambda: _healthy(api_url), "the Prefect server", launcher.logs / "prefect-server.log")
         client_env = {**env, "PREFECT_API_URL": api_url}

@@ -7,16 +7,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask.config
 import pytest
 from distributed import Client, LocalCluster
 
 from latentbatch.cluster import (
+    PROFILER_ENV,
     VERBOSE_ENV,
     ClusterError,
     Progress,
     connect,
     gpu_resources,
     map_bounded,
+    worker_env,
+    worker_settings,
 )
 from latentbatch.errors import DataError
 
@@ -123,11 +127,29 @@ def test_connect_names_an_unreachable_scheduler() -> None:
         pass
 
 
+def _profiler_enabled() -> bool:
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
 def test_embedded_cluster_has_one_worker_per_core() -> None:
     with connect(workers=None) as c:
         workers = c.scheduler_info(n_workers=-1)["workers"].values()
         assert len(workers) == (os.cpu_count() or 1)
         assert {w["nthreads"] for w in workers} == {1}
+        # Dask's statistical profiler costs a decode worker CPU: off in its workers
+        assert set(c.run(_profiler_enabled).values()) == {False}
+    assert _profiler_enabled()  # and this process's settings are as they were
+
+
+def test_the_environment_can_turn_the_worker_profiler_back_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PROFILER_ENV, "True")
+    assert worker_settings() == {} and worker_env() == {}
+    with connect(workers=1) as c:
+        assert set(c.run(_profiler_enabled).values()) == {True}
+    monkeypatch.delenv(PROFILER_ENV)
+    assert worker_env() == {PROFILER_ENV: "False"}
 
 
 def _distributed_level() -> int:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from latentbatch.errors import OutputError
 from latentbatch.manifest import ShardRecord
 from latentbatch.shards import (
+    _sidecar,
     build_tar,
     check_format,
     remove_temporaries,
@@ -77,6 +79,15 @@ def test_tar_shard_is_renamed_into_place(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "shard-000003.tar") as tar:
         assert tar.getnames() == ["x.png", "x.json", "y.png", "y.json"]
         assert tar.extractfile("y.json").read() == b'{"label": -1, "row": 31}'  # type: ignore[union-attr]
+
+
+@given(st.integers(-(2**31), 2**31 - 1), st.integers(0, 2**63 - 1))
+def test_sidecar_is_sorted_json(label: int, row: int) -> None:
+    """The sidecar's bytes are json.dumps' with sorted keys, which shards were written
+    with before (their bytes and hashes must not change)."""
+    expected = json.dumps({"label": label, "row": row}, sort_keys=True).encode()
+    assert _sidecar(row, label) == expected
+    assert json.loads(_sidecar(row, label)) == {"label": label, "row": row}
 
 
 def test_png_shard_digest_ignores_write_order(tmp_path: Path) -> None:

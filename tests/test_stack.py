@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import psutil
 import pytest
 from distributed import Client
@@ -46,6 +47,12 @@ def test_deployments_and_the_nightly_schedule(running_stack: stack.StackInfo) ->
     assert "'cron': '0 2 * * *'" in nightly
     assert "'timezone': 'UTC'" in nightly
     assert "'collision_strategy': 'CANCEL_NEW'" in nightly
+
+
+def test_stack_workers_run_without_the_profiler(running_stack: stack.StackInfo) -> None:
+    with Client(running_stack.scheduler, timeout="20s") as c:
+        enabled = c.run(dask.config.get, "distributed.worker.profile.enabled")
+        assert set(enabled.values()) == {False}
 
 
 def test_decode_deployment_runs_on_the_stack(
