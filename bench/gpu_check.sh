@@ -9,7 +9,8 @@
 #    GPU in the embedded cluster, each pinned to its device, the pipelined CUDA decode,
 #    two workers sharing a GPU) and checks the image codecs' bytes on this host's CPU;
 # 3. runs bench/decode.py on CUDA: bare decode, bare decode + PNG, and the pipeline with
-#    one worker per GPU, the bare loops repeated for at least MIN_SECONDS each;
+#    WORKERS worker processes (default 1, 4 and 8, round-robin over the GPUs: several
+#    share one), the bare loops repeated for at least MIN_SECONDS each;
 # 4. writes gpu-check.json: device, versions, test counts and the benchmark numbers.
 #
 # DEVICE=cpu COUNT=4000 MIN_SECONDS=0 bash bench/gpu_check.sh runs the same steps on a
@@ -17,8 +18,9 @@
 set -uo pipefail
 OUT="${OUT:-.scratch/gpu-check}"
 DEVICE="${DEVICE:-cuda}"
-COUNT="${COUNT:-100000}"
-MIN_SECONDS="${MIN_SECONDS:-20}"
+COUNT="${COUNT:-163840}"  # 16 output shards: whole tasks for 1, 4 and 8 workers
+WORKERS="${WORKERS:-1 4 8}"
+MIN_SECONDS="${MIN_SECONDS:-10}"
 mkdir -p "$OUT"
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PYTHON="${PYTHON:-python3}"
@@ -32,15 +34,16 @@ fi
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 started=$(date +%s)
-timeout 300 "$PYTHON" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -rA \
+timeout 240 "$PYTHON" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -rA \
   --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $? in $(( $(date +%s) - started )) s"
 # the image codecs' bytes on this host's CPU equal the reference bytes (test_images.py)
-timeout 120 "$PYTHON" -m pytest tests/test_images.py -k every_machine -p no:cacheprovider -q \
+timeout 60 "$PYTHON" -m pytest tests/test_images.py -k every_machine -p no:cacheprovider -q \
   > "$OUT/codec-bytes.log" 2>&1
 echo "codec bytes: exit $?"
 started=$(date +%s)
-timeout 300 "$PYTHON" bench/decode.py --device "$DEVICE" --count "$COUNT" --workers 1 \
+# shellcheck disable=SC2086  # WORKERS is a list
+timeout 240 "$PYTHON" bench/decode.py --device "$DEVICE" --count "$COUNT" --workers $WORKERS \
   --min-seconds "$MIN_SECONDS" --json --workdir /tmp/latentbatch-gpu-bench \
   > "$OUT/bench.json" 2> "$OUT/bench.log"
 echo "bench: exit $? in $(( $(date +%s) - started )) s"

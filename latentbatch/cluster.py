@@ -5,7 +5,8 @@ keep a bounded number of tasks in flight.
   ``LocalCluster`` sized to the machine, one single-threaded worker process per core; on
   a CUDA host one worker per GPU, each advertising ``GPU=1`` and pinned to its own device
   (dask-cuda's ``LocalCUDACluster`` when installed, else ``CUDA_VISIBLE_DEVICES`` per
-  worker, :func:`gpu_worker_specs`); with an address, use that cluster.
+  worker, :func:`gpu_worker_specs`); asked for more workers than GPUs, they share the
+  GPUs round-robin (``CUDA_VISIBLE_DEVICES``); with an address, use that cluster.
 - :func:`gpu_resources`: ask for ``GPU=1`` whenever any worker has it.
 - :func:`map_bounded`: a window of tasks over many specs, with progress.
 
@@ -106,6 +107,8 @@ def _local_cluster(workers: int | None) -> SpecCluster:
             host="127.0.0.1",
             silence_logs=False if verbose() else logging.WARNING,
         )
+    if n > torch.cuda.device_count():  # several workers share a GPU: dask-cuda cannot
+        return gpu_cluster(n)
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
