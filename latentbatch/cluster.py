@@ -31,7 +31,7 @@ from dask.base import tokenize
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.workers import HOST_GPUS_ENV
+from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 VERBOSE_ENV = "LATENTBATCH_VERBOSE"
@@ -136,7 +136,11 @@ def gpu_worker_specs(count: int, gpus: int | None = None) -> dict[str, dict[str,
                 "resources": {"GPU": 1},
                 "host": "127.0.0.1",
                 "dashboard_address": ":0",
-                "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)},
+                "env": {
+                    "CUDA_VISIBLE_DEVICES": str(i % gpus),
+                    HOST_GPUS_ENV: str(gpus),
+                    HOST_WORKERS_ENV: str(count),
+                },
             },
         }
         for i in range(count)

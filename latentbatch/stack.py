@@ -34,7 +34,7 @@ import torch
 
 from latentbatch.cluster import worker_env
 from latentbatch.errors import LatentbatchError
-from latentbatch.workers import HOST_GPUS_ENV
+from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
 
 DEFAULT_HOME = Path(".scratch/stack")
 WORK_POOL = "latentbatch-local"
@@ -211,7 +211,13 @@ def up(
         gpu = ["--resources", "GPU=1"] if gpus else []
         for i in range(workers):
             pinned = (
-                {"CUDA_VISIBLE_DEVICES": str(i % gpus), HOST_GPUS_ENV: str(gpus)} if gpus else {}
+                {
+                    "CUDA_VISIBLE_DEVICES": str(i % gpus),
+                    HOST_GPUS_ENV: str(gpus),
+                    HOST_WORKERS_ENV: str(workers),
+                }
+                if gpus
+                else {}
             )
             launcher.start(
                 f"dask-worker-{i}",

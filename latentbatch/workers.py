@@ -47,6 +47,7 @@ _MODELS: dict[tuple[str, Part], tuple[torch.nn.Module, torch.device]] = {}
 _PLUGINS: dict[tuple[str, Part], ModelPlugin] = {}
 _INSTALLING = threading.Lock()
 HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
+HOST_WORKERS_ENV = "LATENTBATCH_HOST_GPU_WORKERS"  # GPU workers started on its host
 GPU_ON_CPU_ENV = "LATENTBATCH_GPU_ON_CPU"  # "1": a GPU=1 worker without CUDA uses its CPU
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_THRESHOLD = 64 * 2**20
@@ -115,15 +116,16 @@ def encoder_threads(device: torch.device, threads: int | None = None) -> int:
     On CPU that is the Dask worker's ``threads`` (one per core it was given), or this
     process's cores outside a worker. A GPU worker uses the host cores it owns: its CPU
     affinity when it is pinned to some, else the host's cores over the host's GPUs
-    (``LATENTBATCH_HOST_GPUS`` when the worker sees only its own), at least 2, so that
-    encoding keeps pace with the GPU.
+    (``LATENTBATCH_HOST_GPUS`` when the worker sees only its own) or over the GPU workers
+    sharing them (``LATENTBATCH_HOST_GPU_WORKERS``), whichever are more, at least 2, so
+    that encoding keeps pace with the GPU.
     """
     cores = len(os.sched_getaffinity(0))
     if device.type != "cuda":
         return max(1, threads or cores)
     if cores == os.cpu_count():
         gpus = int(os.environ.get(HOST_GPUS_ENV) or torch.cuda.device_count())
-        cores //= max(1, gpus)
+        cores //= max(1, gpus, int(os.environ.get(HOST_WORKERS_ENV) or 1))
     return max(2, cores)
 
 

@@ -191,15 +191,17 @@ def test_gpu_workers_are_pinned_one_device_each() -> None:
     """The embedded cluster's GPU workers without dask-cuda: each worker process sees only
     its own device (started here on CPU; what CUDA makes of it is test_gpu's)."""
     from latentbatch.cluster import gpu_cluster
-    from latentbatch.workers import HOST_GPUS_ENV
+    from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
 
-    def pinned() -> tuple[str | None, str | None]:
-        return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(HOST_GPUS_ENV)
+    def pinned() -> tuple[str | None, ...]:
+        names = ("CUDA_VISIBLE_DEVICES", HOST_GPUS_ENV, HOST_WORKERS_ENV)
+        return tuple(os.environ.get(name) for name in names)
 
     with gpu_cluster(3, gpus=2) as cluster, Client(cluster) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
-        assert sorted(client.run(pinned).values()) == [("0", "2"), ("0", "2"), ("1", "2")]
+        expected = [("0", "2", "3"), ("0", "2", "3"), ("1", "2", "3")]  # device, GPUs, workers
+        assert sorted(client.run(pinned).values()) == expected
 
 
 def _fails_first_time(flag: str) -> str:

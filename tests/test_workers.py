@@ -13,6 +13,7 @@ from latentbatch.errors import CheckpointError
 from latentbatch.model import Decoder, Encoder
 from latentbatch.workers import (
     HOST_GPUS_ENV,
+    HOST_WORKERS_ENV,
     ModelPlugin,
     WorkerStateError,
     cached_model,
@@ -98,6 +99,11 @@ def test_encoder_threads_are_the_workers_share_of_cores(monkeypatch: pytest.Monk
     # a worker pinned to one GPU sees one device; its host's GPUs come from the launcher
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv(HOST_GPUS_ENV, "8")
+    assert encoder_threads(torch.device("cuda")) == max(2, cores // 8)
+    # sixteen workers sharing the host's GPUs share its cores too
+    monkeypatch.setenv(HOST_WORKERS_ENV, "16")
+    assert encoder_threads(torch.device("cuda")) == max(2, cores // 16)
+    monkeypatch.setenv(HOST_WORKERS_ENV, "4")  # fewer workers than GPUs: a GPU's share
     assert encoder_threads(torch.device("cuda")) == max(2, cores // 8)
 
 

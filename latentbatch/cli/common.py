@@ -31,7 +31,11 @@ SchedulerOption = Annotated[
 ]
 WorkersOption = Annotated[
     int | None,
-    typer.Option(min=1, help="Workers of the local cluster \\[default: one per core or GPU]."),
+    typer.Option(
+        min=1,
+        help="Workers of the local cluster \\[default: one per core or GPU]; more workers "
+        "than GPUs share them (small images keep a GPU busier that way).",
+    ),
 ]
 StorageOption = Annotated[
     list[str] | None,
