@@ -2,8 +2,8 @@
 """Decode throughput: bare torch loops against the full pipeline, measured in one run.
 
     python bench/decode.py [--count 20000] [--workers 1 2] [--device auto|cpu|cuda]
-                           [--min-seconds S] [--passes 3] [--json] [--model DIR]
-                           [--workdir DIR]
+                           [--min-seconds S] [--passes 3] [--json] [--save FILE]
+                           [--model DIR] [--workdir DIR]
 
 Rows of the table, all on the same model and the same latents:
 
@@ -29,7 +29,7 @@ machine one pass can be 30 % slower than the next: both sides take their best pa
 pipeline's workers decode on CUDA when the machine has it (the embedded cluster's rule).
 ``--min-seconds`` repeats the bare loops until they have run that long (to keep a fast
 GPU busy long enough to measure); the best pass counts. ``--json`` prints the numbers as
-one JSON object.
+one JSON object, ``--save FILE`` writes it beside the table.
 """
 
 from __future__ import annotations
@@ -263,6 +263,7 @@ def main() -> None:
         "--passes", type=int, default=3, help="timed pipeline decodes per worker count"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--save", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -354,6 +355,8 @@ def main() -> None:
         rows.append((name, run["rate"], ratios))
     model_id = read_info(model_dir).short_id
     numbers["model_id"] = model_id
+    if args.save:
+        args.save.write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
     if args.json:
         print(json.dumps(numbers, indent=2, sort_keys=True))
         return
