@@ -80,7 +80,7 @@ def worker_settings() -> dict[str, Any]:
     ``latentbatch stack up``): Dask's statistical profiler off, unless
     ``$DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED`` says otherwise. It samples every
     thread's stack every 10 ms for the dashboard's Profile page; a CPU decode worker
-    spends about 3 % more CPU time with it (README, Benchmark)."""
+    spent 3.6 % more CPU time with it (README, Benchmark)."""
     if PROFILER_ENV in os.environ:
         return {}
     return {"distributed.worker.profile.enabled": False}
