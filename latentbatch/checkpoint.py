@@ -80,6 +80,13 @@ class ModelInfo:
         return is_remote(self.location)
 
     @property
+    def rate_lambda(self) -> float | None:
+        """The lambda a ``codec`` model was trained with (``--lambda``), else None."""
+        trained = self.meta.get("training", {}).get("config", {})
+        value = trained.get("rate_lambda") if isinstance(trained, dict) else None
+        return float(value) if value is not None else None
+
+    @property
     def quantization(self) -> dict[str, Any] | None:
         """A quantised model's step, range and prior (see ``LogisticPrior.describe``)."""
         found = self.meta.get("latent", {}).get("quantization")
@@ -318,7 +325,7 @@ def summary(info: ModelInfo) -> dict[str, Any]:
         "val_ssim": final.get("val_ssim"),
         **(
             {
-                "lambda": info.meta["training"]["config"].get("rate_lambda"),
+                "lambda": info.rate_lambda,
                 "val_bpp": final.get("val_bpp"),
             }
             if info.config.quantized

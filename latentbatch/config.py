@@ -124,7 +124,11 @@ def preset_config(name: str, channels: int = 1, image_size: int = 28) -> ModelCo
         if image_size >= 64:
             return ModelConfig("codec", channels, image_size, (96, 96), 32)
         return ModelConfig("codec", channels, image_size, (96,), 16)
-    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    raise _unknown_preset(name)
+
+
+def _unknown_preset(name: str) -> ConfigError:
+    return ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 DEFAULT_LAMBDA = 0.01
@@ -175,7 +179,7 @@ class TrainConfig:
         instead: the ``codec`` preset trains 40 epochs of 64 images at learning rate 2e-3
         on rate + lambda x MSE (lambda 0.01); the others 10 epochs of 32 at 1e-3 on BCE."""
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise _unknown_preset(preset)
         defaults: dict[str, Any] = (
             {"epochs": 40, "batch_size": 64, "learning_rate": 2e-3, "loss": "mse",
              "rate_lambda": DEFAULT_LAMBDA}

@@ -225,12 +225,6 @@ def codec_point(images: np.ndarray, codec: str, quality: int) -> Point:
     return _measure(images, decoded, 8 * total / pixels, quality)
 
 
-def _rate_lambda(info: ModelInfo) -> float | None:
-    trained = info.meta.get("training", {}).get("config", {})
-    value = trained.get("rate_lambda") if isinstance(trained, dict) else None
-    return float(value) if value is not None else None
-
-
 def evaluate(
     model_dirs: ModelLocation | Sequence[ModelLocation],
     source_spec: str,
@@ -265,7 +259,7 @@ def evaluate(
             ModelPoint(
                 model_id=info.model_id,
                 preset=info.config.preset,
-                rate_lambda=_rate_lambda(info),
+                rate_lambda=info.rate_lambda,
                 point=model_point(model, info, images),
             )
         )

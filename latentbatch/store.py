@@ -468,7 +468,7 @@ def create_store(
 ) -> LatentStore:
     """Create an empty store with room for ``capacity`` latents of the model ``model_id``
     whose architecture is ``config``; a quantised model's latents are int8, and
-    ``quantization`` (the step, range and prior of :func:`quantization_of`) describes them."""
+    ``quantization`` (the step, range and prior of ``ModelInfo.quantization``) describes them."""
     layout = layout or Layout()
     if config.latent_dtype is not None and layout.latent_dtype not in (None, config.latent_dtype):
         raise StoreError(
