@@ -4,7 +4,8 @@
     python3 dev.py demo          install (data extra), then run the reconstruction-pipeline
                                  flow (python -m flows.pipeline) on embedded defaults
     python3 dev.py test [ARGS]   install (dev extra), then ruff check + format --check, mypy
-                                 (strict, on latentbatch/ and flows/), pytest ARGS
+                                 (strict, on latentbatch/ and flows/), lint-imports (the
+                                 layers in pyproject.toml), pytest ARGS
 
 Needs only python3 (3.11+). Installs use constraints.txt, which pins the CPU torch wheel.
 Re-running skips the install while pyproject.toml and constraints.txt are unchanged.
@@ -115,7 +116,13 @@ def main(argv: list[str]) -> int:
         return subprocess.run(demo, cwd=ROOT, env=env).returncode
     ensure_env("dev")
     ensure_system_packages()
-    for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]):
+    checks = (
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["mypy"],
+        ["lint-imports", "--no-cache"],
+    )
+    for check in checks:
         print("+", " ".join(check), flush=True)
         code = subprocess.run([str(BIN / check[0]), *check[1:]], cwd=ROOT, env=env).returncode
         if code:

@@ -54,14 +54,16 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentbatch.checkpoint import load_model, read_info
+from latentbatch.checkpoint import read_info
 from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.decode import ImageEncoding, batch_for, decode, decode_latents
+from latentbatch.decode import ImageEncoding, decode
 from latentbatch.encode import encode
 from latentbatch.images import CODECS, PNG, check_codec
+from latentbatch.kernel import batch_for, decode_latents
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
+from latentbatch.weights import load_model
 from latentbatch.workers import encoder_threads
 
 MATMUL_SIZE = 4096

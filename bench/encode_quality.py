@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentbatch.checkpoint import load_model
 from latentbatch.config import TrainConfig, preset_config
 from latentbatch.datasets import Geometry, open_source
-from latentbatch.encode import encode_images, stored_quality
+from latentbatch.encode import stored_quality
+from latentbatch.kernel import encode_images
 from latentbatch.train import train
+from latentbatch.weights import load_model
 
 SHARD = 1024
 

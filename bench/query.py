@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentbatch.checkpoint import read_info, save_model
+from latentbatch.checkpoint import read_info
 from latentbatch.config import preset_config
 from latentbatch.model import Autoencoder
 from latentbatch.query import nearest
 from latentbatch.store import Layout, create_store, open_store, shard_ranges
+from latentbatch.weights import save_model
 
 
 def peak_rss_mib() -> float:

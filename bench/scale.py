@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import load_model, read_info
+from latentbatch.checkpoint import read_info
 from latentbatch.config import TrainConfig, preset_config
 from latentbatch.datasets import Geometry, open_source
-from latentbatch.encode import encode_images
+from latentbatch.kernel import encode_images
 from latentbatch.store import create_store, open_store, shard_ranges
 from latentbatch.train import train
+from latentbatch.weights import load_model
 
 BIN = Path(sys.executable).parent
 KEYS = (

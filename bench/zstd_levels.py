@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from latentbatch.checkpoint import load_model
 from latentbatch.datasets import Geometry, open_source
-from latentbatch.encode import encode_images
+from latentbatch.kernel import encode_images
 from latentbatch.store import INTEGER_ZSTD_LEVEL
+from latentbatch.weights import load_model
 
 
 def best_seconds(work: object, passes: int = 3) -> float:

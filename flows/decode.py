@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from pydantic import Field
 
+from flows.orchestration import (
+    ProgressReporter,
+    preview_artifact,
+    retrying_task,
+    storage_options,
+    summary_artifact,
+)
 from flows.params import (
     ImageCodecName,
     ImagesPerShard,
@@ -20,27 +26,15 @@ from flows.params import (
     Workers,
     described,
 )
+from latentbatch.choices import Format
 from latentbatch.decode import DecodeResult, decode
 from latentbatch.images import check_codec
-from latentbatch.orchestration import (
-    ProgressReporter,
-    preview_artifact,
-    retry_transient,
-    storage_options,
-    summary_artifact,
-)
-from latentbatch.shards import Format, read_output
+from latentbatch.shards import read_output
 
 PREVIEW = 16
 
 
-@task(
-    name="decode",
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@retrying_task("decode")
 def decode_task(
     model_dir: str,
     store: str,

@@ -4,31 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from pydantic import Field
 
-from flows.params import DataSource, ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
-from latentbatch.encode import EncodeResult, encode
-from latentbatch.orchestration import (
+from flows.orchestration import (
     ProgressReporter,
     preview_artifact,
-    retry_transient,
+    retrying_task,
     storage_options,
     summary_artifact,
 )
-from latentbatch.pipeline import encode_preview
+from flows.params import DataSource, ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
+from latentbatch.encode import EncodeResult, encode
+from latentbatch.previews import encode_preview
 
 PREVIEW = 8
 
 
-@task(
-    name="encode",
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@retrying_task("encode")
 def encode_task(
     model_dir: str,
     data: str,

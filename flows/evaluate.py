@@ -11,10 +11,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.orchestration import picture_artifact, storage_options, summary_artifact
 from flows.params import DataSource, ModelDir, StorageBlock, described
-from latentbatch.evaluation import QUALITIES, Evaluation, evaluate
+from latentbatch.choices import QUALITIES
+from latentbatch.evaluation import Evaluation, evaluate
 from latentbatch.figures import save_rate_distortion
-from latentbatch.orchestration import picture_artifact, storage_options, summary_artifact
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

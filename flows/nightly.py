@@ -17,6 +17,13 @@ from prefect.states import Completed, Failed
 from pydantic import Field
 
 from flows.decode import decode_summary
+from flows.orchestration import (
+    ProgressReporter,
+    preview_artifact,
+    retrying_task,
+    storage_options,
+    summary_artifact,
+)
 from flows.params import (
     ImageCodecName,
     ImagesPerShard,
@@ -28,18 +35,11 @@ from flows.params import (
     described,
 )
 from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
+from latentbatch.choices import Format
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
 from latentbatch.images import ImageCodec, check_codec
-from latentbatch.orchestration import (
-    ProgressReporter,
-    preview_artifact,
-    retry_transient,
-    storage_options,
-    summary_artifact,
-)
-from latentbatch.pipeline import decoded_preview
-from latentbatch.shards import Format
+from latentbatch.previews import decoded_preview
 from latentbatch.store import open_store
 
 PREVIEW_STORES, PREVIEW_IMAGES = 3, 8
@@ -54,14 +54,7 @@ def plan_task(root: str, out_root: str, options: dict[str, Any] | None) -> list[
     return plan_bulk(root, out_root, options)
 
 
-@task(
-    name="decode-store",
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    task_run_name="decode {item.entry.relative}",
-)
+@retrying_task("decode-store", task_run_name="decode {item.entry.relative}")
 def decode_store(
     item: BulkItem,
     models: dict[str, str],

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import sys
 import typing
 from collections.abc import Callable
 from typing import Annotated, Literal, TypeVar
@@ -26,8 +25,9 @@ def described(fn: F) -> F:
         text = next((m.description for m in metadata if isinstance(m, FieldInfo)), None)
         if text:
             lines.append(f"    {name}: {text}")
-    # a summary line first (the flow's own, else its module's), or no Args are found
-    module_doc = sys.modules[fn.__module__].__doc__ or fn.__name__
+    # a summary line first (the flow's own, else its module's), or no Args are found; the
+    # module's docstring from the function's globals, however the file was loaded
+    module_doc = fn.__globals__.get("__doc__") or fn.__name__
     doc = inspect.cleandoc(fn.__doc__ or module_doc.strip().splitlines()[0])
     fn.__doc__ = f"{doc}\n\nArgs:\n" + "\n".join(lines) if lines else doc
     return fn

@@ -17,16 +17,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from pydantic import Field
 
-from flows.params import DataSource, Scheduler, Workers, described
-from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
-from latentbatch.cluster import VERBOSE_ENV
-from latentbatch.orchestration import (
+from flows.orchestration import (
     ProgressReporter,
     picture_artifact,
     preview_artifact,
     summary_artifact,
 )
-from latentbatch.pipeline import PipelineResult, output_preview, run_pipeline
+from flows.params import DataSource, Scheduler, Workers, described
+from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
+from latentbatch.pipeline import PipelineResult, run_pipeline
+from latentbatch.previews import output_preview
+from latentbatch.progress import VERBOSE_ENV
 
 PREVIEW = 8
 

@@ -9,10 +9,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.orchestration import preview_artifact, summary_artifact
 from flows.params import StoreUrl, described
 from latentbatch import query
-from latentbatch.orchestration import preview_artifact, summary_artifact
-from latentbatch.pipeline import selection_preview
+from latentbatch.previews import selection_preview
 from latentbatch.store import open_store
 
 PREVIEW = 16
@@ -34,21 +34,25 @@ def query_task(
     """The first :data:`SHOWN` rows of the answer and how many rows it has (a selection
     is streamed a store shard at a time, so its size does not matter)."""
     store = open_store(store_url)
-    if near:
-        latent, row = query.latent_of(store, near)
-        found = query.nearest(store, latent, k, metric, exclude=[row])
-        results = query.result_rows(store, [n.row for n in found], found)
-        return [{**r, "distance": round(r["distance"], 5)} for r in results], len(results)
-    if worst:
-        results = query.result_rows(store, query.worst(store, worst))
-        return results, len(results)
-    ranges = [query.parse_rows(rows)] if rows else None
+    found = query.answer(
+        store,
+        ids=ids,
+        rows=[query.parse_rows(rows)] if rows else None,
+        label=label,
+        where=where,
+        near=near or None,
+        worst_k=worst or None,
+        k=k,
+        metric=metric,
+    )
     shown: list[dict[str, Any]] = []
     count = 0
-    for part in query.iter_select(store, ids=ids, rows=ranges, label=label, where=where):
+    for part in found.chunks:
         if len(shown) < SHOWN:
-            shown += query.result_rows(store, part[: SHOWN - len(shown)])
+            shown += query.result_rows(store, part[: SHOWN - len(shown)], found.neighbours)
         count += len(part)
+    if found.neighbours is not None:
+        shown = [{**r, "distance": round(r["distance"], 5)} for r in shown]
     return shown, count
 
 

@@ -9,21 +9,28 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.orchestration import picture_artifact, summary_artifact
 from flows.params import DataSource, described
+from latentbatch.checkpoint import model_dir_for
 from latentbatch.config import DEFAULT_LAMBDA, TrainConfig
-from latentbatch.orchestration import picture_artifact, summary_artifact
 from latentbatch.train import TrainResult, model_config_for, train
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
-    data: str, preset: str, epochs: int | None, seed: int, out: str, rate_lambda: float | None
+    data: str,
+    preset: str,
+    epochs: int | None,
+    seed: int,
+    out: str | None,
+    rate_lambda: float | None,
 ) -> TrainResult:
     config = model_config_for(preset, data)
     settings = TrainConfig.for_preset(
         preset, data, epochs=epochs, seed=seed, rate_lambda=rate_lambda
     )
-    return train(config, settings, Path(out), progress=False)
+    directory = Path(out) if out else model_dir_for(preset, data)
+    return train(config, settings, directory, progress=False)
 
 
 @flow(name="train-autoencoder", log_prints=True)
@@ -39,7 +46,9 @@ def train_autoencoder(
         Field(ge=1, description="Total epochs; empty: the preset's (10, codec 40)"),
     ] = None,
     seed: Annotated[int, Field(description="Seed of split, weights and batch order")] = 0,
-    out: Annotated[str, Field(description="Model directory")] = "models/seed-mnist5k",
+    out: Annotated[
+        str | None, Field(description="Model directory; empty: models/PRESET-DATA")
+    ] = None,
     rate_lambda: Annotated[
         float | None,
         Field(

@@ -22,9 +22,10 @@ them ``train``, ``encode`` and ``decode``, the names of the modules that hold th
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("latentbatch")  # pyproject.toml's, one source
 
 # public name → (module that owns it, its name there)
 _RENAMED = {
@@ -39,7 +40,7 @@ _EXPORTS = {
     "TrainConfig": "config",
     "preset_config": "config",
     "TrainResult": "train",
-    "load_model": "checkpoint",
+    "load_model": "weights",
     "read_info": "checkpoint",
     "ModelInfo": "checkpoint",
     "LatentStore": "store",
@@ -102,7 +103,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from latentbatch.checkpoint import ModelInfo, load_model, read_info
+    from latentbatch.checkpoint import ModelInfo, read_info
     from latentbatch.cluster import connect
     from latentbatch.config import ModelConfig, TrainConfig, preset_config
     from latentbatch.decode import DecodeResult, decode_selection
@@ -126,6 +127,7 @@ if TYPE_CHECKING:
     from latentbatch.store import LatentStore, Layout, create_store, open_store
     from latentbatch.train import TrainResult
     from latentbatch.train import train as train_model
+    from latentbatch.weights import load_model
 
 
 def __getattr__(name: str) -> Any:

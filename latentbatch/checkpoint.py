@@ -1,4 +1,4 @@
-"""Model directories: ``model.safetensors`` + ``config.json``, and nothing executable.
+"""Model directories: what ``config.json`` says, the model id, where weights are found.
 
 ::
 
@@ -9,8 +9,8 @@
       reconstructions.png    originals above, reconstructions below
       curves.png             loss and validation PSNR/SSIM per epoch
 
-Loading reads safetensors only, so nothing is ever unpickled; a weights file whose tensor
-names or shapes do not fit ``config.json`` is refused with a message listing the misfits.
+Everything here is metadata and bytes: no torch, so listing, showing and checking models
+is quick. Turning weights into modules is :mod:`latentbatch.weights`' job.
 
 A model is a location: a local folder or any fsspec URL (``s3://bucket/models/NAME`` with
 storage options). For a URL only ``config.json`` is read to learn the model (its recorded
@@ -18,6 +18,8 @@ id is the expected one); whoever loads the weights copies ``config.json`` and
 ``model.safetensors`` once into a local cache keyed by that id
 (``$LATENTBATCH_MODEL_CACHE``, default ``~/.cache/latentbatch/models/ID``) and checks
 their sha256 against it first, so weights altered after training are refused by id.
+
+Model directories are named by one rule, :func:`model_dir_for`: ``ROOT/PRESET-SOURCE``.
 """
 
 from __future__ import annotations
@@ -25,20 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save
+from typing import Any
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
-from latentbatch.model import Autoencoder, build_decoder, build_encoder
 from latentbatch.storage import (
     TEMPORARY_SUFFIX,
     StorageOptions,
@@ -46,8 +43,6 @@ from latentbatch.storage import (
     is_remote,
     join,
     sha256_file,
-    write_bytes,
-    write_json,
 )
 
 WEIGHTS = "model.safetensors"
@@ -59,6 +54,17 @@ FORMAT = 1
 NORMALISATION = {"pixels": "uint8 / 255 -> [0, 1]", "output": "sigmoid in [0, 1]"}
 MODEL_CACHE_ENV = "LATENTBATCH_MODEL_CACHE"
 ModelLocation = str | Path  # a local model directory or an fsspec URL of one
+MODELS_ROOT = Path("models")
+_MODEL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def model_dir_for(preset: str, source: str, root: ModelLocation = MODELS_ROOT) -> Path:
+    """The one naming rule of model directories: ``ROOT/PRESET-SOURCE``, a folder source's
+    path flattened into the name (``folder:data/cats`` → ``compact-data-cats``) and a
+    source's ``:`` argument joined by a dash (``synthetic:512`` → ``seed-synthetic-512``).
+    ``latentbatch train``, the pipeline, the train flow and the deployments all use it."""
+    name = source.removeprefix("folder:").rstrip("/").replace("/", "-").replace(":", "-")
+    return Path(root) / f"{preset}-{name}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,68 +99,12 @@ class ModelInfo:
         return dict(found) if isinstance(found, dict) else None
 
 
-def _describe_not_safetensors(path: Path) -> str:
-    head = path.read_bytes()[:4]
-    if head.startswith(b"PK"):
-        kind = "a zip archive (a torch.save checkpoint?)"
-    elif head[:1] == b"\x80":
-        kind = "a pickle"
-    else:
-        kind = "not a safetensors file"
-    return (
-        f"{path} is {kind}; latentbatch loads safetensors only and never unpickles. "
-        "Convert the weights with safetensors.torch.save_file"
-    )
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, refusing anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(_describe_not_safetensors(path)) from exc
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically (byte-identical for identical tensors)."""
-    write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
-
-
 def model_id(directory: Path) -> str:
     """The model id: sha256 of ``model.safetensors``."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model directory: {WEIGHTS} is missing")
     return sha256_file(path)
-
-
-def save_model(directory: Path, model: Autoencoder, meta: dict[str, Any]) -> str:
-    """Write weights, then ``config.json`` (with the new id); return the model id."""
-    directory = Path(directory)
-    write_tensors(directory / WEIGHTS, model.state_dict())
-    new_id = model_id(directory)
-    payload = {
-        **meta,
-        "format": FORMAT,
-        "model": model.config.to_dict(),
-        "image": {
-            "height": model.config.image_size,
-            "width": model.config.image_size,
-            "mode": model.config.mode,
-        },
-        "latent": {
-            "shape": list(model.config.latent_shape),
-            "quantization": model.prior.describe() if model.prior is not None else None,
-        },
-        "normalisation": NORMALISATION,
-        "model_id": new_id,
-    }
-    write_json(directory / CONFIG, payload)
-    return new_id
 
 
 def _parse_config(text: str | bytes, where: str) -> tuple[dict[str, Any], ModelConfig]:
@@ -181,10 +131,10 @@ def _read_remote_info(url: str, options: StorageOptions | None) -> ModelInfo:
         ) from None
     meta, config = _parse_config(text, where)
     recorded = meta.get("model_id")
-    if not isinstance(recorded, str) or len(recorded) != 64:
+    if not isinstance(recorded, str) or not _MODEL_ID.fullmatch(recorded):
         raise CheckpointError(
-            f"{where} records no model id, so its weights cannot be checked where they "
-            "are loaded; copy a model directory written by latentbatch train"
+            f"{where} records no model id (64 hex digits), so its weights cannot be checked "
+            "where they are loaded; copy a model directory written by latentbatch train"
         )
     return ModelInfo(
         location=url,
@@ -195,20 +145,18 @@ def _read_remote_info(url: str, options: StorageOptions | None) -> ModelInfo:
     )
 
 
-def read_info(location: ModelLocation, options: StorageOptions | None = None) -> ModelInfo:
-    """Read ``config.json`` and the model id. A local directory's weights are hashed and
-    must be the file its config was written for; a URL's id is the one its config
-    records (checked against the weights wherever they are loaded)."""
-    if is_remote(location):
-        return _read_remote_info(str(location), options)
-    directory = Path(location)
+def _local_config(directory: Path) -> tuple[dict[str, Any], ModelConfig]:
     config_path = directory / CONFIG
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
     if not config_path.is_file():
         raise CheckpointError(f"{directory} is not a model directory: {CONFIG} is missing")
-    meta, config = _parse_config(config_path.read_text(), str(config_path))
-    actual = model_id(directory)
+    return _parse_config(config_path.read_text(), str(config_path))
+
+
+def _local_info(
+    directory: Path, meta: dict[str, Any], config: ModelConfig, actual: str
+) -> ModelInfo:
     recorded = meta.get("model_id")
     if recorded is not None and recorded != actual:
         raise CheckpointError(
@@ -216,6 +164,49 @@ def read_info(location: ModelLocation, options: StorageOptions | None = None) ->
             f"(id {str(recorded)[:12]}); restore the weights or retrain"
         )
     return ModelInfo(location=str(directory), model_id=actual, config=config, meta=meta)
+
+
+def read_info(location: ModelLocation, options: StorageOptions | None = None) -> ModelInfo:
+    """Read ``config.json`` and the model id. A local directory's weights are hashed and
+    must be the file its config was written for; a URL's id is the one its config
+    records (checked against the weights wherever they are loaded)."""
+    if is_remote(location):
+        return _read_remote_info(str(location), options)
+    directory = Path(location)
+    meta, config = _local_config(directory)
+    return _local_info(directory, meta, config, model_id(directory))
+
+
+def read_model(
+    location: ModelLocation, options: StorageOptions | None = None
+) -> tuple[ModelInfo, bytes]:
+    """:func:`read_info` and the weights' bytes, read once and checked against the id
+    (what loading a model needs: :func:`latentbatch.weights.load_model`)."""
+    if is_remote(location):
+        info = _read_remote_info(str(location), options)
+        return info, weights_bytes(info)
+    directory = Path(location)
+    meta, config = _local_config(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"{directory} is not a model directory: {WEIGHTS} is missing")
+    data = (directory / WEIGHTS).read_bytes()
+    return _local_info(directory, meta, config, hashlib.sha256(data).hexdigest()), data
+
+
+def weights_bytes(info: ModelInfo) -> bytes:
+    """The bytes of ``info``'s weights, checked against its id: from its directory, or for
+    a URL from this host's cached copy (:func:`local_copy`, fetched on first use)."""
+    local = not info.is_remote
+    path = (Path(info.location) if local else model_cache() / info.model_id) / WEIGHTS
+    data = path.read_bytes() if path.is_file() else b""
+    if hashlib.sha256(data).hexdigest() == info.model_id:
+        return data
+    if local:
+        raise CheckpointError(
+            f"{path} is no longer the weights of model {info.short_id} (changed or removed "
+            "since its config was read); run again"
+        )
+    return (local_copy(info) / WEIGHTS).read_bytes()
 
 
 def model_cache() -> Path:
@@ -332,75 +323,3 @@ def summary(info: ModelInfo) -> dict[str, Any]:
             else {}
         ),
     }
-
-
-def _check_fit(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str
-) -> None:
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
-    problems += [
-        f"{k} has shape {tuple(found[k].shape)}, config needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:6]) + (
-            f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-        )
-        raise CheckpointError(f"weights in {where} do not fit its {CONFIG}: {shown}")
-
-
-Part = Literal["autoencoder", "encoder", "decoder"]
-
-
-def build_model(
-    config: ModelConfig, tensors: dict[str, torch.Tensor], part: Part, where: str
-) -> torch.nn.Module:
-    """The ``part`` of the autoencoder ``config`` describes, with weights from ``tensors``
-    (checked against the architecture first), in eval mode and channels-last, which about
-    doubles CPU convolution and up-sampling speed."""
-    full = Autoencoder(config)
-    _check_fit(full.state_dict(), tensors, where)
-    module: torch.nn.Module
-    if part == "autoencoder":
-        module, state = full, tensors
-    else:
-        module = build_encoder(config) if part == "encoder" else build_decoder(config)
-        prefix = f"{part}."
-        state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    module.load_state_dict(state)
-    # torch's stubs for Module.to omit memory_format, which it accepts
-    return module.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload,no-any-return]
-
-
-def load_model(
-    location: ModelLocation,
-    part: Part = "autoencoder",
-    device: str | torch.device = "cpu",
-    options: StorageOptions | None = None,
-) -> tuple[torch.nn.Module, ModelInfo]:
-    """Load a model directory's model (or only its encoder or decoder), and its info; a
-    URL's through the checked local copy (:func:`local_copy`)."""
-    info = read_info(location, options)
-    weights = local_copy(info) / WEIGHTS
-    module = build_model(info.config, read_tensors(weights), part, str(weights))
-    return module.to(device), info
-
-
-def load_model_bytes(
-    weights: bytes, config: ModelConfig, expected_id: str, part: Part = "autoencoder"
-) -> torch.nn.Module:
-    """Like :func:`load_model`, from the bytes of a ``model.safetensors`` file whose sha256
-    must be ``expected_id`` (what a worker receives instead of a path)."""
-    digest = hashlib.sha256(weights).hexdigest()
-    if digest != expected_id:
-        raise CheckpointError(
-            f"model bytes have id {digest[:12]}, expected {expected_id[:12]}; "
-            "the model directory changed while it was being sent: run again"
-        )
-    try:
-        tensors = load_safetensors(weights)
-    except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"model {expected_id[:12]} is not a safetensors file") from exc
-    return build_model(config, tensors, part, f"model {expected_id[:12]}")

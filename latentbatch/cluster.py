@@ -26,17 +26,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import dask.config
-import torch
 from dask.base import tokenize
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
+from latentbatch.progress import Progress, verbose
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
-VERBOSE_ENV = "LATENTBATCH_VERBOSE"
 PROFILER_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
 _LOG_LEVEL_ENV = "DASK_LOGGING__DISTRIBUTED"
+HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
+HOST_WORKERS_ENV = "LATENTBATCH_HOST_GPU_WORKERS"  # GPU workers started on its host
 R = TypeVar("R")
 
 
@@ -46,6 +46,8 @@ class ClusterError(LatentbatchError):
 
 def default_workers() -> int:
     """Workers of the embedded cluster: one per GPU, else one per core."""
+    import torch  # the engine's: only a cluster that is started needs it
+
     if torch.cuda.is_available():
         return torch.cuda.device_count()
     return max(1, os.cpu_count() or 1)
@@ -97,6 +99,8 @@ def worker_env() -> dict[str, str]:
 
 def _local_cluster(workers: int | None) -> SpecCluster:
     """The embedded cluster (see the module docstring)."""
+    import torch
+
     n = workers or default_workers()
     if not torch.cuda.is_available():
         return LocalCluster(
@@ -127,7 +131,10 @@ def _local_cluster(workers: int | None) -> SpecCluster:
 def gpu_worker_specs(count: int, gpus: int | None = None) -> dict[str, dict[str, Any]]:
     """Dask worker specs of ``count`` single-threaded nanny workers, worker ``i`` pinned
     to GPU ``i mod gpus`` through ``CUDA_VISIBLE_DEVICES`` and advertising ``GPU=1``."""
-    gpus = gpus or max(1, torch.cuda.device_count())
+    if not gpus:
+        import torch
+
+        gpus = max(1, torch.cuda.device_count())
     return {
         f"gpu-{i}": {
             "cls": Nanny,
@@ -151,12 +158,6 @@ def gpu_cluster(count: int, gpus: int | None = None) -> SpecCluster:
     """A local cluster of :func:`gpu_worker_specs` workers (no dask-cuda needed)."""
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
     return SpecCluster(workers=gpu_worker_specs(count, gpus), scheduler=scheduler)
-
-
-def verbose() -> bool:
-    """Whether INFO logs of Dask (and the engine) are wanted: ``$LATENTBATCH_VERBOSE``,
-    which ``latentbatch -v`` sets."""
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 @contextmanager
@@ -202,25 +203,6 @@ def gpu_resources(client: Client) -> dict[str, float] | None:
     if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
         return {"GPU": 1}
     return None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Progress:
-    """Where a run of tasks stands."""
-
-    done_items: int
-    total_items: int
-    done_tasks: int
-    total_tasks: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.done_items / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        return (self.total_items - self.done_items) / self.rate if self.rate > 0 else None
 
 
 @dataclass(frozen=True)

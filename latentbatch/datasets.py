@@ -37,12 +37,12 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from latentbatch.choices import SOURCES
 from latentbatch.errors import DataError
 from latentbatch.ids import slug, unique
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("mnist5k", "digits", "photos", "synthetic", "folder:PATH")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 MAX_PIXELS = 64 * 2**20

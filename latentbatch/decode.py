@@ -10,7 +10,7 @@
       only for shards not finished,                (named by row and id, nothing written)
       a bounded number in flight                 read latents a batch ahead (a reader
                                                    thread), refuse NaN/Inf rows
-                                                 decode in batches (inference_mode,
+                                                 decode in batches (latentbatch.kernel:
                                                    autocast on CUDA) while a thread pool
                                                    encodes the previous batch (PNG,
                                                    WebP or JPEG)
@@ -30,7 +30,7 @@ the grouping follows the store's shards the bytes do not depend on the number of
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,14 @@ import torch
 from distributed import Client
 
 from latentbatch.canary import CanaryResult, check_canary, has_canary
-from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
-from latentbatch.cluster import Progress, gpu_resources, map_bounded, run_task, using
+from latentbatch.canary_task import canary_on, canary_pixels
+from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.choices import Format
+from latentbatch.cluster import gpu_resources, map_bounded, using
 from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
 from latentbatch.images import PNG, ImageCodec
+from latentbatch.kernel import batch_for, decode_batches, decode_latents, refuse_nonfinite
 from latentbatch.manifest import (
     Manifest,
     ShardRecord,
@@ -55,9 +58,8 @@ from latentbatch.manifest import (
     write_manifest,
     write_record,
 )
-from latentbatch.model import to_uint8
+from latentbatch.progress import Progress
 from latentbatch.shards import (
-    Format,
     check_format,
     create_zarr_output,
     remove_temporaries,
@@ -65,6 +67,7 @@ from latentbatch.shards import (
 )
 from latentbatch.storage import StorageOptions, is_remote
 from latentbatch.store import LatentStore, Rows, StoreError, open_store, shard_ranges
+from latentbatch.weights import LoadedModel, loaded
 from latentbatch.workers import (
     cached_model,
     cached_store,
@@ -75,26 +78,12 @@ from latentbatch.workers import (
     worker_threads,
 )
 
-DECODE_BATCH = 256
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
-CUDA_DECODE_BATCH = 4096
-
-
-def batch_for(device: torch.device) -> int:
-    """Latents per decoder call when none is asked for: small on CPU (cache-friendly),
-    large on a GPU (to fill it)."""
-    return CUDA_DECODE_BATCH if device.type == "cuda" else DECODE_BATCH
-
-
 ProgressCallback = Callable[[Progress], None]
 
 
 class ModelMismatchError(LatentbatchError):
     """The store was encoded by another model."""
-
-
-class NonFiniteLatentsError(LatentbatchError):
-    """Latents hold NaN or Inf."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,104 +154,6 @@ class ImageEncoding:
         return [png for part in self._parts for png in part.result()]
 
 
-def decode_latents(
-    decoder: torch.nn.Module,
-    latents: np.ndarray,
-    device: torch.device,
-    batch_size: int = DECODE_BATCH,
-    on_batch: Callable[[np.ndarray], None] | None = None,
-) -> np.ndarray:
-    """Latents ``(n, C, h, w)`` → ``uint8 (n, H, W, C)`` images, quantised by rounding,
-    in batches of ``batch_size`` (see :func:`decode_batches`)."""
-    starts = range(0, len(latents), batch_size)
-    return decode_batches(decoder, (latents[i : i + batch_size] for i in starts), device, on_batch)
-
-
-def decode_batches(
-    decoder: torch.nn.Module,
-    batches: Iterable[np.ndarray],
-    device: torch.device,
-    on_batch: Callable[[np.ndarray], None] | None = None,
-) -> np.ndarray:
-    """Batches of latents ``(b, C, h, w)`` → all their ``uint8 (n, H, W, C)`` images.
-
-    Batches are decoded in float32 on CPU (autocast to float16 on CUDA,
-    :func:`_decode_on_cuda`), channels-last: load the decoder with
-    :func:`latentbatch.checkpoint.load_model`, which makes it channels-last (it is never
-    changed here: worker threads share it). ``on_batch`` sees each batch's images as soon
-    as they exist. ``batches`` may be read ahead (:func:`read_ahead`). On CPU the result
-    is bit-identical whatever the thread count or batch size (tested).
-    """
-    if device.type == "cuda":
-        return _decode_on_cuda(decoder, batches, device, on_batch)
-    out = []
-    with torch.inference_mode():
-        for latents in batches:
-            batch = torch.from_numpy(np.ascontiguousarray(latents))
-            batch = batch.float().contiguous(memory_format=torch.channels_last)
-            pixels = to_uint8(decoder(batch)).numpy()
-            if on_batch is not None:
-                on_batch(pixels)
-            out.append(pixels)
-    return np.concatenate(out)
-
-
-def _decode_on_cuda(
-    decoder: torch.nn.Module,
-    batches: Iterable[np.ndarray],
-    device: torch.device,
-    on_batch: Callable[[np.ndarray], None] | None,
-) -> np.ndarray:
-    """The CUDA path of :func:`decode_batches`, three stages deep::
-
-        copy stream   H2D batch i+1 (pinned, async)
-        compute       decode batch i, D2H its images into pinned memory (async)
-        this thread   hand batch i-1's images to ``on_batch`` (the encoders)
-
-    The host never waits for the GPU except for the images it hands on next.
-    """
-    copies = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    compute = torch.cuda.current_stream(device)
-    out: list[np.ndarray] = []
-
-    def upload(latents: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
-        pinned = torch.from_numpy(np.ascontiguousarray(latents)).pin_memory()
-        with torch.cuda.stream(copies):
-            batch = pinned.to(device, non_blocking=True)
-            return batch, copies.record_event()
-
-    def hand_on(images: torch.Tensor, ready: torch.cuda.Event) -> None:
-        ready.synchronize()
-        pixels = images.numpy()
-        if on_batch is not None:
-            on_batch(pixels)
-        out.append(pixels)
-
-    queue = iter(batches)
-    first = next(queue, None)
-    upcoming = upload(first) if first is not None else None
-    previous: tuple[torch.Tensor, torch.cuda.Event] | None = None
-    with torch.inference_mode():
-        while upcoming is not None:
-            batch, uploaded = upcoming
-            compute.wait_event(uploaded)
-            batch.record_stream(compute)  # allocated on the copy stream, used here
-            following = next(queue, None)
-            upcoming = upload(following) if following is not None else None
-            batch = batch.float().contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16):
-                images = to_uint8(decoder(batch))
-            host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(images, non_blocking=True)
-            done = compute.record_event()
-            if previous is not None:
-                hand_on(*previous)
-            previous = (host, done)
-        if previous is not None:
-            hand_on(*previous)
-    return np.concatenate(out)
-
-
 def read_ahead(
     read: Callable[[int, int], np.ndarray], start: int, stop: int, batch_size: int
 ) -> Iterator[np.ndarray]:
@@ -278,78 +169,6 @@ def read_ahead(
         yield latents
 
 
-def _finite_rows(rows: np.ndarray) -> np.ndarray:
-    """Whether each row of a 2-D float array is all finite. For float16 (the stores'
-    dtype) on its bits: NaN and Inf are the values whose exponent bits are all ones, and
-    numpy's float16 ``isfinite`` costs ten times as much."""
-    if rows.dtype == np.float16:
-        exponent = np.uint16(0x7C00)
-        return np.asarray(((rows.view(np.uint16) & exponent) != exponent).all(axis=1))
-    return np.asarray(np.isfinite(rows).all(axis=1))
-
-
-def _refuse_nonfinite(latents: np.ndarray, rows: list[int], ids: list[str], where: str) -> None:
-    """Refuse latents holding NaN or Inf, naming their rows and ids."""
-    bad = np.flatnonzero(~_finite_rows(latents.reshape(len(latents), -1)))
-    if len(bad):
-        shown = ", ".join(f"{rows[i]} ({ids[i]})" for i in bad[:5])
-        raise NonFiniteLatentsError(
-            f"{len(bad)} latents in {where} hold NaN or Inf: rows {shown}"
-            f"{' ...' if len(bad) > 5 else ''}; re-encode those images"
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class CanaryJob:
-    """The canary rows of a store, to decode with a model's decoder on a worker."""
-
-    store_url: str
-    storage_options: dict[str, Any]
-    model_id: str
-    rows: tuple[int, ...]
-
-
-def canary_pixels(
-    decoder: torch.nn.Module, store: LatentStore, rows: Sequence[int], device: torch.device
-) -> np.ndarray | None:
-    """The canary ``rows`` of ``store`` decoded as a decode task would, in row order;
-    None when a canary row's latents hold NaN or Inf (the decode task of its shard
-    refuses it, naming every such row of the shard)."""
-    ordered = sorted(rows)
-    parts = []
-    for first in sorted({r - r % store.shard_rows for r in ordered}):  # a read per shard,
-        inside = [r - first for r in ordered if first <= r < first + store.shard_rows]
-        block = store.read_latents(first + inside[0], first + inside[-1] + 1)  # so that an
-        parts.append(block[[i - inside[0] for i in inside]])  # error names a row range
-    latents = np.concatenate(parts)
-    if not _finite_rows(latents.reshape(len(latents), -1)).all():
-        return None
-    return decode_latents(decoder, latents.astype(np.float32), device)
-
-
-def decode_canary(job: CanaryJob) -> tuple[np.ndarray | None, str]:
-    """Worker side: :func:`canary_pixels` with the worker's decoder, and the device that
-    decoded them."""
-    decoder, device = cached_model(job.model_id, "decoder")
-    store = open_store(job.store_url, job.storage_options)
-    return canary_pixels(decoder, store, job.rows, device), str(device)
-
-
-def canary_on(
-    client: Client, store: LatentStore, model_id: str, rows: list[int]
-) -> tuple[np.ndarray | None, str]:
-    """The canary ``rows`` decoded on one of ``client``'s workers (a GPU one when there
-    is one), whose decoder plugin is registered (see :func:`decode_canary`)."""
-    job = CanaryJob(
-        store_url=store.url,
-        storage_options=dict(store.storage_options),
-        model_id=model_id,
-        rows=tuple(rows),
-    )
-    pixels, device = run_task(client, decode_canary, job, resources=gpu_resources(client))
-    return pixels, device
-
-
 def decode_shard(job: DecodeJob) -> dict[str, Any]:
     """Worker side: decode one shard and write it; return its record."""
     decoder, device = cached_model(job.model_id, "decoder")
@@ -360,7 +179,7 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     def read_checked(start: int, stop: int) -> np.ndarray:
         latents = store.read_latents(start, stop)
         rows = range(start, stop)
-        _refuse_nonfinite(latents, list(rows), ids[start - job.start : stop - job.start], where)
+        refuse_nonfinite(latents, list(rows), ids[start - job.start : stop - job.start], where)
         return latents
 
     threads = min(encoder_threads(device, worker_threads()), job.codec.useful_threads)
@@ -606,43 +425,44 @@ def decode(
 
 
 def decode_in_process(
-    model_dir: ModelLocation, latents: np.ndarray, options: StorageOptions | None = None
+    model: ModelLocation | LoadedModel, latents: np.ndarray, options: StorageOptions | None = None
 ) -> np.ndarray:
-    """Decode latents ``(n, C, h, w)`` in this process on the CPU: ``uint8 (n, H, W, C)``."""
-    decoder, _ = load_model(model_dir, "decoder", options=options)
+    """Decode latents ``(n, C, h, w)`` in this process on the CPU: ``uint8 (n, H, W, C)``.
+    ``model`` is a location, or a model already loaded (:func:`latentbatch.weights.loaded`)."""
+    decoder = loaded(model, options).decoder
     return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
 
 
 def _decode_selected(
-    model_dir: ModelLocation, store: LatentStore, rows: list[int]
+    model: ModelLocation | LoadedModel, store: LatentStore, rows: list[int]
 ) -> tuple[np.ndarray, list[str], ModelInfo]:
     """Images, ids and model info of chosen rows, decoded with the engine's checks (the
-    store's canary first); the model is read and hashed once."""
+    store's canary first); the model is read and hashed once (not at all when loaded)."""
     if len(rows) == 0:
         raise StoreError("the selection is empty; there is nothing to decode")
-    decoder, info = load_model(model_dir, "decoder", options=store.storage_options)
-    check_model(store, info)
+    model = loaded(model, store.storage_options)
+    check_model(store, model.info)
     cpu = torch.device("cpu")
     if has_canary(store):
-        pixels = canary_pixels(decoder, store, store.meta["canary"]["rows"], cpu)
+        pixels = canary_pixels(model.decoder, store, store.meta["canary"]["rows"], cpu)
         if pixels is not None:  # else the selection's NaN rows are refused below
             check_canary(store, pixels)
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
-    _refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
-    images = decode_latents(decoder, latents.astype(np.float32), cpu)
-    return images, ids, info
+    refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
+    images = decode_latents(model.decoder, latents.astype(np.float32), cpu)
+    return images, ids, model.info
 
 
-def decode_rows(model_dir: ModelLocation, store: LatentStore, rows: Rows) -> np.ndarray:
+def decode_rows(model: ModelLocation | LoadedModel, store: LatentStore, rows: Rows) -> np.ndarray:
     """Decode chosen committed rows of a store in this process, with the engine's checks
     (the store's model, safe ids, finite latents): ``uint8 (n, H, W, C)``."""
-    images, _, _ = _decode_selected(model_dir, store, [int(r) for r in rows])
+    images, _, _ = _decode_selected(model, store, [int(r) for r in rows])
     return images
 
 
 def decode_selection(
-    model_dir: ModelLocation,
+    model: ModelLocation | LoadedModel,
     store: LatentStore,
     rows: Rows,
     out: str,
@@ -657,7 +477,7 @@ def decode_selection(
     if read_manifest(out, options) is not None:
         raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
     rows = [int(r) for r in rows]
-    images, ids, info = _decode_selected(model_dir, store, rows)
+    images, ids, info = _decode_selected(model, store, rows)
     if fmt == "zarr":
         create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
     labels = store.read_labels_at(rows).tolist() if store.has_labels else None

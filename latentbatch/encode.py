@@ -35,8 +35,9 @@ import torch
 from distributed import Client
 
 from latentbatch.canary import canary_rows, has_canary, record_canary
-from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model, read_info
-from latentbatch.cluster import Progress, gpu_resources, map_bounded, using
+from latentbatch.canary_task import canary_on
+from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.cluster import gpu_resources, map_bounded, using
 from latentbatch.datasets import (
     MAX_PIXELS,
     Geometry,
@@ -46,10 +47,11 @@ from latentbatch.datasets import (
     open_image,
     open_source,
 )
-from latentbatch.decode import canary_on, decode_latents
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
+from latentbatch.kernel import decode_latents, encode_images
 from latentbatch.model import to_unit
+from latentbatch.progress import Progress
 from latentbatch.quality import psnr_per_image
 from latentbatch.storage import StorageOptions, filesystem
 from latentbatch.store import (
@@ -59,10 +61,10 @@ from latentbatch.store import (
     create_store,
     open_store,
 )
+from latentbatch.weights import LoadedModel, loaded
 from latentbatch.workers import cached_model, register_model
 
 ProgressCallback = Callable[[Progress], None]
-ENCODE_BATCH = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,19 +106,6 @@ class EncodeResult:
             "rows": list(self.rows),
             "images_per_second": self.images_per_second,
         }
-
-
-def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), ENCODE_BATCH):
-            batch = to_unit(torch.from_numpy(np.array(images[i : i + ENCODE_BATCH]))).to(device)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                latents = encoder(batch)
-            out.append(latents.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def stored_quality(
@@ -327,7 +316,7 @@ def encode(
 
 
 def encode_file(
-    model_dir: ModelLocation,
+    model: ModelLocation | LoadedModel,
     path: Path,
     expected_model_id: str | None = None,
     options: StorageOptions | None = None,
@@ -336,12 +325,14 @@ def encode_file(
 
     The image is made to fit the model by the conversion rule of
     :mod:`latentbatch.datasets` (any size or mode). With ``expected_model_id`` (a store's),
-    a model that did not make that store is refused.
+    a model that did not make that store is refused. ``model`` is a location, or a model
+    already loaded (:func:`latentbatch.weights.loaded`).
     """
-    encoder, info = load_model(model_dir, "encoder", options=options)
+    model = loaded(model, options)
+    info = model.info
     if expected_model_id is not None and info.model_id != expected_model_id:
         raise StoreError(
-            f"{model_dir} is model {info.model_id[:12]} but the store holds latents of "
+            f"{info.location} is model {info.model_id[:12]} but the store holds latents of "
             f"{expected_model_id[:12]}; pass the model that made the store"
         )
     try:
@@ -349,5 +340,5 @@ def encode_file(
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from exc
     pixels = conform(image, Geometry(info.config.image_size, info.config.channels))
-    latents: np.ndarray = encode_images(encoder, pixels[None], torch.device("cpu"))[0]
+    latents: np.ndarray = encode_images(model.encoder, pixels[None], torch.device("cpu"))[0]
     return latents

@@ -25,20 +25,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentbatch.checkpoint import ModelInfo, ModelLocation, load_model
+from latentbatch.checkpoint import ModelInfo, ModelLocation
+from latentbatch.choices import QUALITIES
 from latentbatch.config import TrainConfig
 from latentbatch.datasets import Geometry, open_source
-from latentbatch.decode import decode_latents
-from latentbatch.encode import encode_images
 from latentbatch.errors import ConfigError
+from latentbatch.kernel import decode_latents, encode_images
 from latentbatch.model import Autoencoder, to_unit
 from latentbatch.quality import ms_ssim, psnr
 from latentbatch.storage import StorageOptions
 from latentbatch.store import create_store, shard_ranges
 from latentbatch.train import split as training_split
+from latentbatch.weights import load_model
 
 Split = Literal["validation", "all"]
-QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 CODECS = ("jpeg", "webp")
 
 

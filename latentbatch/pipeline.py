@@ -9,9 +9,8 @@ and both lay a run out the same way (:func:`pipeline_paths`)::
       SOURCE-PRESET.zarr             the latent store
       SOURCE-PRESET-decoded/         tar shards + manifest.json
 
-:func:`encode_preview`, :func:`output_preview`, :func:`decoded_preview` and
-:func:`selection_preview` make the
-pictures that the flows publish and ``latentbatch query --grid`` saves.
+The model directory is named by :func:`latentbatch.checkpoint.model_dir_for`, the rule
+``latentbatch train`` and the flows use too.
 """
 
 from __future__ import annotations
@@ -21,42 +20,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from latentbatch.checkpoint import ModelLocation, load_model, read_info
-from latentbatch.cluster import Progress, connect
+from latentbatch.checkpoint import model_dir_for
+from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig
-from latentbatch.datasets import Geometry, ImageSource, open_source
-from latentbatch.decode import DecodeResult, decode, decode_in_process, decode_rows
+from latentbatch.datasets import Geometry, open_source
+from latentbatch.decode import DecodeResult, decode
 from latentbatch.encode import EncodeResult, encode
-from latentbatch.errors import LatentbatchError
-from latentbatch.manifest import read_manifest
 from latentbatch.model import to_unit
+from latentbatch.previews import source_images
+from latentbatch.progress import Progress
 from latentbatch.quality import psnr
 from latentbatch.shards import read_output
-from latentbatch.storage import StorageOptions
-from latentbatch.store import LatentStore, Rows, open_store
+from latentbatch.store import open_store
 from latentbatch.train import TrainResult, model_config_for, train
+from latentbatch.weights import load_model
 
 _EVAL_BATCH = 1024
-
-
-def _source_for(
-    model_dir: ModelLocation,
-    source_spec: str,
-    limit: int | None = None,
-    options: StorageOptions | None = None,
-) -> ImageSource:
-    """``source_spec`` opened at the geometry of the model in ``model_dir``."""
-    config = read_info(model_dir, options).config
-    return open_source(source_spec, Geometry(config.image_size, config.channels), limit)
-
-
-def _originals(source: ImageSource, ids: list[str]) -> np.ndarray:
-    """The source images with the given ids, in that order."""
-    index = {sample_id: i for i, sample_id in enumerate(source.ids)}
-    return source.read(0, len(source))[[index[i] for i in ids]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +58,10 @@ def measure_quality(
     model_dir: Path, source_spec: str, out_url: str, limit: int | None = None
 ) -> Quality:
     """Compare a finished decode with the source images it came from."""
-    model, _ = load_model(model_dir)
-    source = _source_for(model_dir, source_spec, limit)
+    model, info = load_model(model_dir)
+    source = open_source(source_spec, Geometry(info.config.image_size, info.config.channels), limit)
     ids, decoded = read_output(out_url)
-    reference = to_unit(torch.from_numpy(_originals(source, ids)))
+    reference = to_unit(torch.from_numpy(source_images(source, ids)))
     with torch.inference_mode():
         roundtrip = torch.cat(
             [model(reference[i : i + _EVAL_BATCH]) for i in range(0, len(reference), _EVAL_BATCH)]
@@ -90,68 +71,6 @@ def measure_quality(
         pipeline_psnr=psnr(reference, to_unit(torch.from_numpy(decoded))),
         float32_psnr=psnr(reference, roundtrip),
     )
-
-
-def output_preview(model_dir: Path, source_spec: str, out_url: str, n: int = 8) -> list[np.ndarray]:
-    """Rows of a picture: the first ``n`` decoded images of ``out_url`` (bottom) under the
-    source images they came from (top)."""
-    ids, decoded = read_output(out_url, limit=n)
-    return [_originals(_source_for(model_dir, source_spec), ids), decoded]
-
-
-def decoded_preview(
-    model_dir: ModelLocation, out_url: str, n: int = 8, options: StorageOptions | None = None
-) -> list[np.ndarray]:
-    """Rows of a picture of any finished decode: its first ``n`` images (bottom) under the
-    source images they came from (top) when the store's first source still opens and
-    holds them; only the decoded row otherwise."""
-    ids, decoded = read_output(out_url, options, limit=n)
-    manifest = read_manifest(out_url, options)
-    try:
-        sources = open_store(manifest.store.url, options).meta["sources"] if manifest else []
-    except LatentbatchError:  # the store is gone: the decoded row alone
-        sources = []
-    try:
-        originals = _originals(_source_for(model_dir, sources[0]["spec"], None, options), ids)
-    except (LatentbatchError, IndexError, KeyError):  # gone, moved, or not these ids
-        return [decoded]
-    return [originals, decoded]
-
-
-def encode_preview(
-    model_dir: ModelLocation,
-    source_spec: str,
-    store_url: str,
-    n: int = 8,
-    options: StorageOptions | None = None,
-) -> list[np.ndarray]:
-    """Rows of a picture: the first ``n`` images of a source encoded into a store (top)
-    over their stored latents decoded in this process (bottom)."""
-    source = _source_for(model_dir, source_spec, None, options)
-    store = open_store(store_url, options)
-    records = [s for s in store.meta["sources"] if s["spec"] == source.spec]
-    start = int(records[-1]["rows"][0]) if records else 0
-    stop = min(store.count, start + n)
-    ids = store.read_ids(start, stop)
-    decoded = decode_in_process(model_dir, store.read_latents(start, stop), options)
-    return [_originals(source, ids), decoded]
-
-
-def selection_preview(
-    model_dir: ModelLocation,
-    store: LatentStore,
-    rows: Rows,
-    query_latent: np.ndarray | None = None,
-    per_row: int = 8,
-) -> list[np.ndarray]:
-    """Rows of a picture of a query's answer: the first ``4 * per_row`` selected rows
-    decoded, ``per_row`` to a line; for a nearest-neighbour query, one line holding the
-    query decoded and then its first ten neighbours."""
-    images = decode_rows(model_dir, store, list(rows)[: 4 * per_row])
-    if query_latent is not None:
-        query_image = decode_in_process(model_dir, query_latent[None], store.storage_options)
-        return [np.concatenate([query_image, images[:10]])]
-    return [images[i : i + per_row] for i in range(0, len(images), per_row)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,7 +88,7 @@ def pipeline_paths(
     """The layout of the module docstring (``models`` replaces ``WORKDIR/models``)."""
     workdir = Path(workdir)
     return PipelinePaths(
-        model_dir=(workdir / "models" if models is None else Path(models)) / f"{preset}-{source}",
+        model_dir=model_dir_for(preset, source, workdir / "models" if models is None else models),
         store=workdir / f"{source}-{preset}.zarr",
         out=workdir / f"{source}-{preset}-decoded",
     )

@@ -11,23 +11,26 @@
 - :func:`nearest`: exact L2 or cosine neighbours of a query latent over the committed
   rows, streamed a window of shards at a time through Dask (each block keeps only its own
   top k, merged into the best k so far), so memory stays bounded whatever the store size.
+- :func:`worst`: the rows reconstructed worst at encode time.
+- :func:`answer`: which of those a query asks for (the command line and the query flow
+  both ask it).
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import xarray as xr
-from dask.base import compute
-from dask.delayed import delayed
 
 from latentbatch.errors import LatentbatchError
 from latentbatch.store import LatentStore, Rows
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 Metric = Literal["l2", "cosine"]
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
@@ -172,6 +175,8 @@ def read_rows(store: LatentStore, rows: Rows) -> np.ndarray:
 
 def to_xarray(store: LatentStore, rows: np.ndarray) -> xr.DataArray:
     """Selected latents as an ``xarray.DataArray`` (dims sample, channel, y, x)."""
+    import xarray as xr  # with pandas, half a second: only for this
+
     return xr.DataArray(
         read_rows(store, rows),
         dims=("sample", "channel", "y", "x"),
@@ -227,6 +232,9 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
     read :data:`NEAREST_WINDOW` shards at a time (in parallel within a window), each
     shard's moments merged into the running ones, so memory and the task graph stay the
     same whatever the store's size."""
+    from dask.base import compute  # only the scans that run on Dask import it
+    from dask.delayed import delayed
+
     if store.count == 0:
         raise QueryError(f"{store.url} has no committed rows")
     total: np.ndarray | None = None
@@ -336,6 +344,9 @@ def nearest(
         raise QueryError(
             f"-k must be between 1 and {available} (the rows of {store.url} one can return)"
         )
+    from dask.base import compute
+    from dask.delayed import delayed
+
     flat_query = query.reshape(-1).astype(np.float32)
     want = k + len(exclude)
     best = np.zeros((0, 2))
@@ -403,3 +414,72 @@ def result_rows(
             entry["distance"] = neighbours[i].distance
         results.append(entry)
     return results
+
+
+@dataclass(frozen=True, kw_only=True)
+class Answer:
+    """What a query found: its rows as chunks of row numbers (a selection's streamed a
+    store shard at a time), and for a nearest-neighbour query the query latent and the
+    neighbours, in the order of the rows."""
+
+    chunks: Iterable[np.ndarray]
+    query_latent: np.ndarray | None = None
+    neighbours: list[Neighbour] | None = None
+
+
+def answer(
+    store: LatentStore,
+    *,
+    ids: Sequence[str] | None = None,
+    rows: Sequence[tuple[int, int]] | None = None,
+    label: int | None = None,
+    where: Sequence[str] = (),
+    near: str | None = None,
+    near_latent: np.ndarray | None = None,
+    worst_k: int | None = None,
+    k: int = 10,
+    metric: str = "l2",
+) -> Answer:
+    """The one place that decides what a query is: the ``k`` nearest neighbours of the
+    row holding id ``near`` (itself left out) or of ``near_latent``, else the ``worst_k``
+    rows reconstructed worst, else the selection by ``ids``, ``rows``, ``label`` and
+    ``where`` (:func:`iter_select`). A ranking ranks the whole store, so combining it with
+    a selection is refused rather than silently ignoring the selection."""
+    ranking = [
+        name
+        for name, given in (
+            ("--near", near is not None),
+            ("--near-image", near_latent is not None),
+            ("--worst", worst_k is not None),
+        )
+        if given
+    ]
+    if len(ranking) > 1:
+        raise QueryError(f"{' and '.join(ranking)} are two questions; ask one at a time")
+    selection = [
+        name
+        for name, given in (
+            ("--ids", bool(ids)),
+            ("--rows", bool(rows)),
+            ("--label", label is not None),
+            ("--where", bool(where)),
+        )
+        if given
+    ]
+    if ranking and selection:
+        raise QueryError(
+            f"{ranking[0]} ranks every row of the store and cannot be combined with "
+            f"{', '.join(selection)}; drop the selection, or select first and rank the "
+            "selected rows yourself"
+        )
+    exclude: list[int] = []
+    if near is not None:
+        near_latent, row = latent_of(store, near)
+        exclude = [row]
+    if near_latent is not None:
+        found = nearest(store, near_latent, k, check_metric(metric), exclude)
+        chunk = np.array([n.row for n in found], dtype=np.int64)
+        return Answer(chunks=[chunk], query_latent=near_latent, neighbours=found)
+    if worst_k is not None:
+        return Answer(chunks=[worst(store, worst_k)])
+    return Answer(chunks=iter_select(store, ids=ids, rows=rows, label=label, where=where))

@@ -20,11 +20,11 @@ import hashlib
 import io
 import tarfile
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import zarr
 
+from latentbatch.choices import FORMATS, Format
 from latentbatch.errors import OutputError
 from latentbatch.images import PNG, ImageCodec, codec_of_settings, decode_image
 from latentbatch.manifest import (
@@ -45,8 +45,6 @@ from latentbatch.storage import (
 )
 from latentbatch.store import open_store
 
-Format = Literal["tar", "zarr", "png"]
-FORMATS: tuple[Format, ...] = ("tar", "zarr", "png")
 ZARR_NAME = "images.zarr"
 
 

@@ -30,11 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
-from latentbatch.cluster import worker_env
 from latentbatch.errors import LatentbatchError
-from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
 
 DEFAULT_HOME = Path(".scratch/stack")
 WORK_POOL = "latentbatch-local"
@@ -206,6 +203,10 @@ def up(
             ],
             env,
         )
+        import torch  # the engine: only `stack up` needs it, not status or down
+
+        from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV, worker_env
+
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         workers = workers or gpus or 2
         gpu = ["--resources", "GPU=1"] if gpus else []

@@ -10,6 +10,7 @@ the same model id.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import platform
 import time
 from collections.abc import Callable
@@ -22,7 +23,6 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-import latentbatch
 from latentbatch import checkpoint
 from latentbatch.config import ModelConfig, TrainConfig, preset_config
 from latentbatch.datasets import Geometry, native_geometry, open_source
@@ -30,6 +30,7 @@ from latentbatch.errors import CheckpointError, ConfigError
 from latentbatch.figures import reconstruction_grid, save_picture, save_training_curves
 from latentbatch.model import Autoencoder, to_uint8, to_unit
 from latentbatch.quality import psnr, ssim
+from latentbatch.weights import read_tensors, save_model, write_tensors
 
 EpochCallback = Callable[[dict[str, float]], None]
 _EVAL_BATCH = 512
@@ -82,12 +83,6 @@ def model_config_for(
     if latent_channels is None:
         return config
     return dataclasses.replace(config, latent_channels=latent_channels)
-
-
-def default_model_dir(preset: str, source: str, models: Path = Path("models")) -> Path:
-    """``models/PRESET-SOURCE`` (a folder source's path flattened into the name)."""
-    name = source.removeprefix("folder:").rstrip("/").replace("/", "-").replace(":", "-")
-    return Path(models) / f"{preset}-{name}"
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +162,7 @@ def evaluate(
 
 def _versions() -> dict[str, str]:
     return {
-        "latentbatch": latentbatch.__version__,
+        "latentbatch": importlib.metadata.version("latentbatch"),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -229,9 +224,8 @@ def train(
     model = Autoencoder(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
     if history:
-        weights = checkpoint.read_tensors(out / checkpoint.WEIGHTS)
-        model.load_state_dict(weights)
-        _load_optimizer(optimizer, checkpoint.read_tensors(out / checkpoint.OPTIMIZER))
+        model.load_state_dict(read_tensors(out / checkpoint.WEIGHTS))
+        _load_optimizer(optimizer, read_tensors(out / checkpoint.OPTIMIZER))
     if len(history) >= train_config.epochs:
         if (
             not (out / checkpoint.RECONSTRUCTIONS).is_file()
@@ -303,8 +297,8 @@ def train(
                 epoch + 1,
                 elapsed,
             )
-            checkpoint.write_tensors(out / checkpoint.OPTIMIZER, _optimizer_tensors(optimizer))
-            checkpoint.save_model(out, model, {**meta, "training": training})
+            write_tensors(out / checkpoint.OPTIMIZER, _optimizer_tensors(optimizer))
+            save_model(out, model, {**meta, "training": training})
             if on_epoch is not None:
                 on_epoch(metrics)
 

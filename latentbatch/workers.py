@@ -10,7 +10,7 @@
            model, or the model's URL)            bytes, or the URL's copy in this host's
                                                  model cache (checked against the id),
                                                  built into the part asked for (through
-                                                 checkpoint.load_model_bytes) into the
+                                                 weights.load_model_bytes) into the
                                                  cache keyed by (model id, part)
     tasks carry only the model id      ───►   cached_model(model_id, part) → (module, device)
 
@@ -31,23 +31,22 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
 
 import torch
 from distributed import Client, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from latentbatch.checkpoint import WEIGHTS, ModelInfo, Part, load_model_bytes, local_copy
+from latentbatch.checkpoint import ModelInfo, weights_bytes
+from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import StorageOptions
 from latentbatch.store import LatentStore, StoreError, open_store
+from latentbatch.weights import Part, load_model_bytes
 
 _MODELS: dict[tuple[str, Part], tuple[torch.nn.Module, torch.device]] = {}
 _PLUGINS: dict[tuple[str, Part], ModelPlugin] = {}
 _INSTALLING = threading.Lock()
-HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
-HOST_WORKERS_ENV = "LATENTBATCH_HOST_GPU_WORKERS"  # GPU workers started on its host
 GPU_ON_CPU_ENV = "LATENTBATCH_GPU_ON_CPU"  # "1": a GPU=1 worker without CUDA uses its CPU
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_THRESHOLD = 64 * 2**20
@@ -207,7 +206,7 @@ class ModelPlugin(WorkerPlugin):
         self.part: Part = part
         # a local model travels as bytes (the workers may be other hosts); a URL's
         # weights are fetched by each host into its model cache
-        self.weights = None if info.is_remote else (Path(info.location) / WEIGHTS).read_bytes()
+        self.weights = None if info.is_remote else weights_bytes(info)
         self.name = f"latentbatch-{part}-{info.model_id[:16]}"
 
     def install(self, worker: Worker | None) -> None:
@@ -217,7 +216,7 @@ class ModelPlugin(WorkerPlugin):
                 return
             device = worker_device(worker)
             try:
-                weights = self.weights or (local_copy(self.info) / WEIGHTS).read_bytes()
+                weights = self.weights or weights_bytes(self.info)
                 install_model(weights, self.info.config, self.info.model_id, self.part, device)
             except LatentbatchError as exc:
                 who = "this process" if worker is None else f"Dask worker {worker.name}"

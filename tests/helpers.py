@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from latentbatch import checkpoint
+from latentbatch import checkpoint, weights
 from latentbatch.config import ModelConfig, TrainConfig
 from latentbatch.model import Autoencoder
 from latentbatch.train import TrainResult, train
@@ -70,9 +70,9 @@ def altered_model(tiny_model: Path, out: Path, change: float = 0.1) -> Path:
     """``tiny_model`` with one weight changed a little (the last decoder layer's bias),
     saved as a model directory of its own (so it has another id)."""
     info = checkpoint.read_info(tiny_model)
-    tensors = checkpoint.read_tensors(tiny_model / checkpoint.WEIGHTS)
+    tensors = weights.read_tensors(tiny_model / checkpoint.WEIGHTS)
     tensors["decoder.6.bias"] = tensors["decoder.6.bias"] + change
     model = Autoencoder(info.config)
     model.load_state_dict(tensors)
-    checkpoint.save_model(out, model, {k: v for k, v in info.meta.items() if k != "model_id"})
+    weights.save_model(out, model, {k: v for k, v in info.meta.items() if k != "model_id"})
     return out

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -12,37 +11,12 @@ import fsspec
 import pytest
 import torch
 
-from latentbatch import checkpoint
+from latentbatch import checkpoint, weights
 from latentbatch.errors import CheckpointError
-from latentbatch.model import Autoencoder, Decoder, Encoder
 
 
 def _copy(tiny_model: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_model, tmp_path / "copy"))
-
-
-def test_round_trip_gives_the_same_outputs(tiny_model: Path) -> None:
-    model, info = checkpoint.load_model(tiny_model)
-    assert isinstance(model, Autoencoder) and not model.training
-    weights = checkpoint.read_tensors(tiny_model / checkpoint.WEIGHTS)
-    fresh = Autoencoder(info.config)
-    fresh.load_state_dict(weights)
-    fresh = fresh.to(memory_format=torch.channels_last)
-    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.rand(3, *info.config.image_shape).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        torch.testing.assert_close(model(x), fresh.eval()(x), rtol=0, atol=0)
-
-
-def test_parts_load_alone(tiny_model: Path) -> None:
-    encoder, info = checkpoint.load_model(tiny_model, "encoder")
-    decoder, _ = checkpoint.load_model(tiny_model, "decoder")
-    full, _ = checkpoint.load_model(tiny_model)
-    assert isinstance(encoder, Encoder) and isinstance(decoder, Decoder)
-    x = torch.rand(2, *info.config.image_shape)
-    with torch.inference_mode():
-        torch.testing.assert_close(decoder(encoder(x)), full(x), rtol=0, atol=0)
 
 
 def test_model_id_is_sha256_of_weights(tiny_model: Path) -> None:
@@ -52,49 +26,12 @@ def test_model_id_is_sha256_of_weights(tiny_model: Path) -> None:
     assert info.meta["model_id"] == digest
 
 
-def test_saving_again_is_byte_identical(tiny_model: Path, tmp_path: Path) -> None:
-    model, info = checkpoint.load_model(tiny_model)
-    new_id = checkpoint.save_model(tmp_path, model, {})
-    assert new_id == info.model_id
-
-
-def test_config_that_does_not_fit_the_weights_is_refused(tiny_model: Path, tmp_path: Path) -> None:
-    copy = _copy(tiny_model, tmp_path)
-    meta = json.loads((copy / checkpoint.CONFIG).read_text())
-    meta["model"]["latent_channels"] = 5
-    (copy / checkpoint.CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"do not fit its config\.json: .*shape"):
-        checkpoint.load_model(copy)
-
-
-def test_pickle_passed_as_weights_is_refused_without_unpickling(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    copy = _copy(tiny_model, tmp_path)
-    marker = tmp_path / "unpickled"
-
-    class Trap:
-        def __reduce__(self) -> tuple:
-            return (Path.touch, (marker,))
-
-    (copy / checkpoint.WEIGHTS).write_bytes(pickle.dumps(Trap()))
-    meta = json.loads((copy / checkpoint.CONFIG).read_text())
-    del meta["model_id"]
-    (copy / checkpoint.CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="a pickle; latentbatch loads safetensors only"):
-        checkpoint.load_model(copy)
-    torch.save({"w": torch.zeros(1)}, copy / checkpoint.WEIGHTS)
-    with pytest.raises(CheckpointError, match="zip archive"):
-        checkpoint.read_tensors(copy / checkpoint.WEIGHTS)
-    assert not marker.exists()
-
-
 def test_replaced_weights_are_noticed(tiny_model: Path, tmp_path: Path) -> None:
     copy = _copy(tiny_model, tmp_path)
-    model, _ = checkpoint.load_model(copy)
+    model, _ = weights.load_model(copy)
     with torch.no_grad():
         next(model.parameters()).add_(1)
-    checkpoint.write_tensors(copy / checkpoint.WEIGHTS, model.state_dict())
+    weights.write_tensors(copy / checkpoint.WEIGHTS, model.state_dict())
     with pytest.raises(CheckpointError, match=r"is not the file config\.json was written for"):
         checkpoint.read_info(copy)
 
@@ -135,8 +72,8 @@ def test_a_model_at_a_url_is_fetched_once_into_the_cache_and_loads_alike(
     assert info.is_remote and info.location == remote_model
     assert info.model_id == checkpoint.model_id(tiny_model)
     assert not (fresh_cache / info.model_id).exists()  # reading the config fetches nothing
-    decoder, _ = checkpoint.load_model(remote_model, "decoder")
-    local, _ = checkpoint.load_model(tiny_model, "decoder")
+    decoder, _ = weights.load_model(remote_model, "decoder")
+    local, _ = weights.load_model(tiny_model, "decoder")
     copy = fresh_cache / info.model_id
     assert sorted(p.name for p in copy.iterdir()) == [checkpoint.CONFIG, checkpoint.WEIGHTS]
     assert checkpoint.read_info(copy).model_id == info.model_id  # a model directory itself
@@ -192,3 +129,40 @@ def test_find_models_under_a_url_prefix(remote_model: str, tiny_model: Path) -> 
     assert listing.models[0].model_id == checkpoint.model_id(tiny_model)
     assert [path for path, _ in listing.broken] == [f"{root}/broken"]
     assert checkpoint.find_models("memory://no/such/root").models == ()
+
+
+def test_model_directories_are_named_by_one_rule() -> None:
+    assert checkpoint.model_dir_for("seed", "mnist5k") == Path("models/seed-mnist5k")
+    assert checkpoint.model_dir_for("codec", "synthetic:512", "m") == Path("m/codec-synthetic-512")
+    assert checkpoint.model_dir_for("compact", "folder:data/cats/") == Path(
+        "models/compact-data-cats"
+    )
+
+
+def test_read_model_reads_the_weights_once_and_checks_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    info, data = checkpoint.read_model(tiny_model)
+    assert hashlib.sha256(data).hexdigest() == info.model_id == checkpoint.model_id(tiny_model)
+    assert checkpoint.weights_bytes(info) == data
+    copy = _copy(tiny_model, tmp_path)
+    info = checkpoint.read_info(copy)
+    (copy / checkpoint.WEIGHTS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="no longer the weights of model"):
+        checkpoint.weights_bytes(info)
+    with pytest.raises(CheckpointError, match=r"is not the file config\.json was written for"):
+        checkpoint.read_model(copy)
+    (copy / checkpoint.WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        checkpoint.read_model(copy)
+
+
+@pytest.mark.parametrize("recorded", ["../../" + "a" * 58, "A" * 64, "g" * 64, "a" * 63])
+def test_a_url_model_id_must_be_64_hex_digits(remote_model: str, recorded: str) -> None:
+    """The recorded id becomes a cache folder's name: nothing else may pass."""
+    fs = fsspec.filesystem("memory")
+    config = json.loads(fs.cat_file(f"{remote_model}/{checkpoint.CONFIG}"))
+    config["model_id"] = recorded
+    fs.pipe_file(f"{remote_model}/{checkpoint.CONFIG}", json.dumps(config).encode())
+    with pytest.raises(CheckpointError, match="64 hex digits"):
+        checkpoint.read_info(remote_model)

@@ -13,7 +13,6 @@ from distributed import Client, LocalCluster
 
 from latentbatch.cluster import (
     PROFILER_ENV,
-    VERBOSE_ENV,
     ClusterError,
     Progress,
     connect,
@@ -23,6 +22,7 @@ from latentbatch.cluster import (
     worker_settings,
 )
 from latentbatch.errors import DataError
+from latentbatch.progress import VERBOSE_ENV
 
 
 def _interval(seconds: float) -> tuple[float, float]:
@@ -190,8 +190,7 @@ def test_bad_input_comes_back_as_its_error_without_worker_tracebacks(
 def test_gpu_workers_are_pinned_one_device_each() -> None:
     """The embedded cluster's GPU workers without dask-cuda: each worker process sees only
     its own device (started here on CPU; what CUDA makes of it is test_gpu's)."""
-    from latentbatch.cluster import gpu_cluster
-    from latentbatch.workers import HOST_GPUS_ENV, HOST_WORKERS_ENV
+    from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV, gpu_cluster
 
     def pinned() -> tuple[str | None, ...]:
         names = ("CUDA_VISIBLE_DEVICES", HOST_GPUS_ENV, HOST_WORKERS_ENV)

@@ -12,22 +12,17 @@ import zarr
 from distributed import Client, LocalCluster
 
 from latentbatch.canary import CanaryError
-from latentbatch.checkpoint import load_model
 from latentbatch.datasets import Geometry, open_source
-from latentbatch.decode import (
-    ImageEncoding,
-    ModelMismatchError,
-    NonFiniteLatentsError,
-    decode,
-    decode_latents,
-)
+from latentbatch.decode import ImageEncoding, ModelMismatchError, decode
 from latentbatch.encode import encode
 from latentbatch.ids import InvalidIdError
 from latentbatch.images import check_codec, encode_pngs
+from latentbatch.kernel import NonFiniteLatentsError, decode_latents
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr, psnr_per_image
 from latentbatch.shards import OutputError, read_output
 from latentbatch.store import ATTRS, Layout, StoreError, open_store
+from latentbatch.weights import load_model
 from tests.helpers import mtimes, sha256s
 
 
@@ -254,25 +249,6 @@ def test_an_unsafe_id_in_the_last_shard_fails_its_task_naming_row_and_id(
     assert not list(tmp_path.rglob("x.png"))
 
 
-def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
-    mnist_store: Path, seed_model: Path
-) -> None:
-    decoder, _ = load_model(seed_model, "decoder")
-    latents = open_store(str(mnist_store)).read_latents(0, 700)
-    threads = torch.get_num_threads()
-    cpu = torch.device("cpu")
-    try:
-        torch.set_num_threads(1)
-        one_thread = decode_latents(decoder, latents, cpu, batch_size=256)
-        small_batches = decode_latents(decoder, latents, cpu, batch_size=33)
-        torch.set_num_threads(2)
-        two_threads = decode_latents(decoder, latents, cpu, batch_size=256)
-    finally:
-        torch.set_num_threads(threads)
-    np.testing.assert_array_equal(one_thread, small_batches)
-    np.testing.assert_array_equal(one_thread, two_threads)
-
-
 def test_image_encoding_keeps_the_order_of_images_across_chunks() -> None:
     images = np.random.default_rng(1).integers(0, 256, (11, 5, 4, 1), dtype=np.uint8)
     encoding = ImageEncoding(3)
@@ -317,18 +293,6 @@ def test_lossy_tar_members_open_with_webdataset_and_other_settings_are_refused(
     assert sha256s(out) == before
     with pytest.raises(OutputError, match="needs --format tar"):
         decode(seed_model, str(mnist_store), str(tmp_path / "p"), fmt="png", codec=codec)
-
-
-def test_finite_check_on_float16_bits_matches_numpy() -> None:
-    from latentbatch.decode import _finite_rows
-
-    rows = np.random.default_rng(3).standard_normal((40, 17)).astype(np.float16)
-    rows[3, 1], rows[7, 0], rows[9, 16] = np.nan, np.inf, -np.inf
-    rows[11, 2], rows[12, 3] = np.float16(65504), np.float16(6e-8)  # largest, subnormal
-    np.testing.assert_array_equal(_finite_rows(rows), np.isfinite(rows).all(axis=1))
-    np.testing.assert_array_equal(np.flatnonzero(~_finite_rows(rows)), [3, 7, 9])
-    as32 = rows.astype(np.float32)
-    np.testing.assert_array_equal(_finite_rows(as32), _finite_rows(rows))
 
 
 def test_output_shards_group_whole_store_shards(

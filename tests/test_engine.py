@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from distributed import Client
 
-from latentbatch.cluster import Progress
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.images import ImageCodec, check_codec
+from latentbatch.progress import Progress
 from latentbatch.store import Layout
 from tests.helpers import mtimes, sha256s
 from tests.servers import dask_cluster

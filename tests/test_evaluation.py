@@ -13,7 +13,7 @@ import torch
 from distributed import Client
 from PIL import Image
 
-from latentbatch.checkpoint import load_model, read_info
+from latentbatch.checkpoint import read_info
 from latentbatch.cli import main
 from latentbatch.config import DEFAULT_LAMBDA
 from latentbatch.decode import decode_rows
@@ -23,6 +23,7 @@ from latentbatch.evaluation import codec_point, evaluate, evaluation_images
 from latentbatch.model import to_unit
 from latentbatch.quality import psnr
 from latentbatch.store import open_store
+from latentbatch.weights import load_model
 from tests.helpers import train_tiny_codec
 
 

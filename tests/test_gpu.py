@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from latentbatch.checkpoint import load_model
 from latentbatch.cluster import connect, gpu_resources
-from latentbatch.decode import decode, decode_latents
+from latentbatch.decode import decode
+from latentbatch.kernel import decode_latents
 from latentbatch.shards import read_output
 from latentbatch.store import open_store
+from latentbatch.weights import load_model
 from latentbatch.workers import loaded_models
 from tests.helpers import sha256s
 

@@ -17,6 +17,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from latentbatch.checkpoint import model_dir_for
 from tests.conftest import ROOT, needs
 from tests.servers import kube_discovery
 
@@ -179,17 +180,40 @@ def test_flow_jobs_mount_the_models_where_deployments_look() -> None:
     assert claims["models"] == storage["PersistentVolumeClaim"]["metadata"]["name"]
     assert "ReadWriteMany" in storage["PersistentVolumeClaim"]["spec"]["accessModes"]
     deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
-    model_dirs = [
+    trained = [
+        str(model_dir_for(d["parameters"]["preset"], d["parameters"]["data"]))
+        for d in deployments
+        if d["entrypoint"] == "flows/train.py:train_autoencoder" and "out" not in d["parameters"]
+    ]
+    model_dirs = trained + [
         value
         for d in deployments
         for key, value in (d.get("parameters") or {}).items()
-        if key in ("model_dir", "models_root") or (key == "out" and "models" in str(value))
+        if key in ("model_dir", "models_root")
     ]
-    assert model_dirs
+    assert len(trained) == 2, "the train deployments name their model by the rule"
     for model_dir in model_dirs:
         resolved = Path(container["workingDir"]) / model_dir
         assert Path(mounts["models"]) in (resolved, *resolved.parents), model_dir
     assert storage["ConfigMap"]["data"]["LATENTBATCH_MODELS"] == mounts["models"]
+
+
+def test_deployments_decode_with_the_models_the_train_deployments_make() -> None:
+    """One naming rule (checkpoint.model_dir_for): the model directory every encode,
+    decode and query deployment names is one a train deployment writes."""
+    deployments = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
+    trained = {
+        str(model_dir_for(d["parameters"]["preset"], d["parameters"]["data"]))
+        for d in deployments
+        if d["entrypoint"] == "flows/train.py:train_autoencoder"
+    }
+    used = {
+        d["parameters"]["model_dir"]
+        for d in deployments
+        if (d.get("parameters") or {}).get("model_dir")
+    }
+    assert used
+    assert used <= trained, used - trained
 
 
 def test_compose_volumes_are_writable_by_the_services_user() -> None:

@@ -9,11 +9,10 @@ import torch
 from distributed import Client
 
 from latentbatch.checkpoint import read_info
+from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
 from latentbatch.errors import CheckpointError
 from latentbatch.model import Decoder, Encoder
 from latentbatch.workers import (
-    HOST_GPUS_ENV,
-    HOST_WORKERS_ENV,
     ModelPlugin,
     WorkerStateError,
     cached_model,

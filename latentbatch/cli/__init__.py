@@ -2,6 +2,10 @@
 
 Every sub-command exits 0 on success and, on bad input, 1 with a one-line ``error: ...``
 on stderr. ``--json`` output is stable for scripts.
+
+Quick questions start quickly: at import only typer, rich and the engine-free modules
+(choices, config, checkpoint, errors, progress) load; each command imports the engine
+(torch, distributed, xarray, matplotlib) when it needs it, in its body.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from latentbatch import checkpoint
+from latentbatch.choices import FORMATS, SOURCES
 from latentbatch.cli.common import (
     ImageCodecOption,
     JsonOption,
@@ -35,18 +40,13 @@ from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
 from latentbatch.cli.stores import query_command, stats_command, stores_command
-from latentbatch.cluster import VERBOSE_ENV
 from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
-from latentbatch.datasets import SOURCES
-from latentbatch.decode import decode
-from latentbatch.encode import encode
 from latentbatch.errors import LatentbatchError
-from latentbatch.images import check_codec
-from latentbatch.pipeline import run_pipeline
-from latentbatch.shards import FORMATS, check_format
+from latentbatch.progress import VERBOSE_ENV
 from latentbatch.storage import parse_options
-from latentbatch.store import Layout, open_store
-from latentbatch.train import TrainResult, default_model_dir, model_config_for, train
+
+if TYPE_CHECKING:
+    from latentbatch.train import TrainResult
 
 app = typer.Typer(
     name="latentbatch",
@@ -129,6 +129,8 @@ def train_command(
     as_json: JsonOption = False,
 ) -> None:
     """Train an autoencoder and write a model directory with pictures of what it learned."""
+    from latentbatch.train import model_config_for, train
+
     model_config = model_config_for(
         preset, data, image_size=image_size, channels=channels, latent_channels=latent_channels
     )
@@ -143,7 +145,7 @@ def train_command(
         limit=limit,
         rate_lambda=rate_lambda,
     )
-    out = out or default_model_dir(preset, data)
+    out = out or checkpoint.model_dir_for(preset, data)
     result = train(
         model_config, train_config, out, resume=resume, progress=progress and not as_json
     )
@@ -179,6 +181,9 @@ def encode_command(
     as_json: JsonOption = False,
 ) -> None:
     """Encode a data source into a latent store (one Dask task per store shard)."""
+    from latentbatch.encode import encode
+    from latentbatch.store import Layout
+
     with task_progress("encoding", progress and not as_json) as update:
         result = encode(
             model,
@@ -239,6 +244,10 @@ def decode_command(
     as_json: JsonOption = False,
 ) -> None:
     """Decode a latent store into image shards (one Dask task per output shard)."""
+    from latentbatch.decode import decode
+    from latentbatch.images import check_codec
+    from latentbatch.shards import check_format
+
     with task_progress("decoding", progress and not as_json) as update:
         result = decode(
             model,
@@ -273,6 +282,8 @@ def inspect_command(
     as_json: JsonOption = False,
 ) -> None:
     """Show a latent store: rows, shapes, chunking, model, bytes and bits per pixel."""
+    from latentbatch.store import open_store
+
     report = open_store(store, parse_options(storage_option)).report()
     if as_json:
         emit_json(report)
@@ -336,6 +347,8 @@ def demo_command(
 ) -> None:
     """The main job on embedded defaults: train (or reuse) the seed model on mnist5k,
     encode all 5,000 images, decode them to tar shards on a local Dask cluster."""
+    from latentbatch.pipeline import run_pipeline
+
     with task_progress("decoding", progress and not as_json) as update:
         result = run_pipeline(
             workdir,

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from latentbatch.cluster import Progress as TaskProgress
+from latentbatch.progress import Progress as TaskProgress
 
 
 def make_console(stderr: bool = False) -> Console:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
+from latentbatch.choices import QUALITIES
 from latentbatch.cli.common import JsonOption, StorageOption, emit_json, make_console
 from latentbatch.errors import ConfigError
-from latentbatch.evaluation import QUALITIES, Split, evaluate
-from latentbatch.figures import save_rate_distortion
 from latentbatch.storage import is_remote, parse_options
+
+if TYPE_CHECKING:
+    from latentbatch.evaluation import Split
 
 PLOT = "rate-distortion.png"
 
@@ -42,6 +44,9 @@ def evaluate_command(
 ) -> None:
     """PSNR, MS-SSIM and stored bits per pixel of a model's latent store (or several
     models'), beside Pillow's JPEG and WebP on the same images, with a rate-distortion plot."""
+    from latentbatch.evaluation import evaluate
+    from latentbatch.figures import save_rate_distortion
+
     if split not in ("validation", "all"):
         raise ConfigError(f"--split {split!r} is not validation or all")
     chosen: Split = "validation" if split == "validation" else "all"

@@ -1,4 +1,7 @@
-"""``latentbatch stores``, ``query`` and ``stats``: questions about latent stores."""
+"""``latentbatch stores``, ``query`` and ``stats``: questions about latent stores.
+
+Each command imports what it needs when it runs: a query that decodes or encodes loads
+torch (and the model's weights, once); the others never do."""
 
 from __future__ import annotations
 
@@ -8,11 +11,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from latentbatch import catalog, query
 from latentbatch.cli.common import (
     ImageCodecOption,
     JsonOption,
@@ -22,15 +23,8 @@ from latentbatch.cli.common import (
     emit_json,
     make_console,
 )
-from latentbatch.decode import decode_selection
-from latentbatch.encode import encode_file
 from latentbatch.errors import LatentbatchError
-from latentbatch.figures import image_grid, save_picture
-from latentbatch.images import check_codec
-from latentbatch.pipeline import selection_preview
-from latentbatch.shards import check_format
 from latentbatch.storage import parse_options
-from latentbatch.store import open_store
 
 SHOWN = 200  # rows of a query's table; --json prints them all, a row at a time
 
@@ -44,6 +38,8 @@ def stores_command(
     as_json: JsonOption = False,
 ) -> None:
     """List every latent store under ROOT: rows, latents, model, created, bytes, output."""
+    from latentbatch import catalog
+
     rows = catalog.describe_stores(root, outputs, parse_options(storage_option))
     if as_json:
         emit_json({"root": root, "stores": rows})
@@ -103,43 +99,57 @@ def query_command(
     as_json: JsonOption = False,
 ) -> None:
     """Select rows of a store, or find nearest neighbours, without decoding the store."""
+    import numpy as np
+
+    from latentbatch import query
+    from latentbatch.images import check_codec
+    from latentbatch.store import open_store
+
     codec = check_codec(image_codec, quality)
     store = open_store(store_url, parse_options(storage_option))
     if (decode_to or grid or near_image) and model is None:
         raise LatentbatchError(
             "--near-image, --decode and --grid need --model (the store's model directory)"
         )
-    neighbours = None
-    query_latent = None
-    exclude: list[int] = []
-    if near is not None:
-        query_latent, row = query.latent_of(store, near)
-        exclude = [row]
-    elif near_image is not None and model is not None:
-        query_latent = encode_file(model, near_image, store.model_id, store.storage_options)
-    chunks: Iterable[np.ndarray]
-    if query_latent is not None:
-        neighbours = query.nearest(store, query_latent, k, query.check_metric(metric), exclude)
-        chunks = [np.array([n.row for n in neighbours], dtype=np.int64)]
-    elif worst is not None:
-        chunks = [query.worst(store, worst)]
-    else:
-        chunks = query.iter_select(
-            store,
-            ids=ids.split(",") if ids else None,
-            rows=[query.parse_rows(r) for r in rows] if rows else None,
-            label=label,
-            where=where or (),
-        )
-    if model is not None and (decode_to is not None or grid is not None):
+    loaded_model = None
+    near_latent = None
+    if model is not None and (decode_to or grid or near_image):
+        from latentbatch.weights import loaded  # torch: only for the queries that need it
+
+        loaded_model = loaded(model, store.storage_options)  # read and checked once
+    if near_image is not None and loaded_model is not None:
+        from latentbatch.encode import encode_file
+
+        near_latent = encode_file(loaded_model, near_image, store.model_id)
+    found = query.answer(
+        store,
+        ids=ids.split(",") if ids else None,
+        rows=[query.parse_rows(r) for r in rows] if rows else None,
+        label=label,
+        where=where or (),
+        near=near,
+        near_latent=near_latent,
+        worst_k=worst,
+        k=k,
+        metric=metric,
+    )
+    chunks: Iterable[np.ndarray] = found.chunks
+    if loaded_model is not None and (decode_to is not None or grid is not None):
+        from latentbatch.decode import decode_selection
+        from latentbatch.figures import image_grid, save_picture
+        from latentbatch.previews import selection_preview
+        from latentbatch.shards import check_format
+
         parts = list(chunks)  # decoding needs the whole selection
         selected = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         if decode_to is not None:
-            decode_selection(model, store, selected, decode_to, check_format(output_format), codec)
+            fmt = check_format(output_format)
+            decode_selection(loaded_model, store, selected, decode_to, fmt, codec)
         if grid is not None and len(selected):
-            pictures = selection_preview(model, store, selected, query_latent)
+            pictures = selection_preview(loaded_model, store, selected, found.query_latent)
             save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
         chunks = [selected]
+    neighbours = found.neighbours
     results = _checked(
         entry for part in chunks for entry in query.result_rows(store, part, neighbours)
     )
@@ -199,6 +209,9 @@ def stats_command(
     as_json: JsonOption = False,
 ) -> None:
     """Per-channel mean, std, min and max of the committed latents, and 1/std scaling."""
+    from latentbatch import query
+    from latentbatch.store import open_store
+
     store = open_store(store_url, parse_options(storage_option), writable=save)
     stats = query.statistics(store, save=save)
     if as_json:

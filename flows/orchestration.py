@@ -1,7 +1,7 @@
-"""Prefect helpers for the flows: artifacts, retry rules, offline settings.
+"""Prefect helpers for the flows: artifacts, storage blocks, and the retrying task.
 
-The only library module that imports Prefect; flows in ``flows/`` stay thin and call
-the library for everything else.
+Prefect lives in ``flows/`` only (an import-linter contract in ``pyproject.toml`` keeps
+it out of ``latentbatch``); the flows stay thin and call the library for the work.
 """
 
 from __future__ import annotations
@@ -10,27 +10,32 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import numpy as np
 from PIL import Image
-from prefect import Task
+from prefect import Task, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-from latentbatch.cluster import ClusterError, Progress
+from latentbatch.cluster import ClusterError
 from latentbatch.errors import LatentbatchError
 from latentbatch.figures import image_grid
+from latentbatch.progress import Progress
 
 PREVIEW_MAX_BYTES = 60_000
+RETRIES, RETRY_DELAY_SECONDS = 2, 5
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class StorageBlockError(LatentbatchError):
@@ -88,6 +93,23 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
     except BaseException as error:
         return is_transient(error)
     return False
+
+
+def retrying_task(
+    name: str, task_run_name: str | None = None
+) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """Prefect's ``@task`` for work that reads and writes stores on a cluster: retried
+    :data:`RETRIES` times, :data:`RETRY_DELAY_SECONDS` apart, when the failure is
+    transient (:func:`is_transient`), and never cached (a rerun must look at the store
+    again). The one definition the encode, decode and nightly flows use."""
+    return task(
+        name=name,
+        task_run_name=task_run_name,
+        retries=RETRIES,
+        retry_delay_seconds=RETRY_DELAY_SECONDS,
+        retry_condition_fn=retry_transient,
+        cache_policy=NO_CACHE,
+    )
 
 
 def png_data_url(picture: Image.Image, max_bytes: int = PREVIEW_MAX_BYTES) -> str:

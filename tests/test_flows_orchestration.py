@@ -6,9 +6,9 @@ import io
 import numpy as np
 from PIL import Image
 
+from flows.orchestration import is_transient, png_data_url
 from latentbatch.cluster import ClusterError
 from latentbatch.errors import DataError
-from latentbatch.orchestration import is_transient, png_data_url
 from latentbatch.store import StoreError
 
 

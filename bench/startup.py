@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""How fast the command line answers quick questions: wall time and heavy imports.
+
+    python bench/startup.py [--count 20480] [--passes 5] [--workdir DIR] [--json]
+
+Builds (once) a store of --count seeded random latents of the `compact` preset's shape
+with labels 0-9, then runs each command in a fresh process --passes times and keeps the
+best wall time: `latentbatch --help`, `inspect STORE`, `stores ROOT` and
+`query STORE --label 3 --json`. A further run of each under `python -X importtime` names
+the heavy modules it imported (none of torch, distributed, xarray, pandas or matplotlib
+should be among them). The ratio column divides by a bare `python -c pass`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentbatch.checkpoint import read_info
+from latentbatch.config import preset_config
+from latentbatch.model import Autoencoder
+from latentbatch.store import Layout, create_store, open_store, shard_ranges
+from latentbatch.weights import save_model
+
+HEAVY = (
+    "torch",
+    "distributed",
+    "xarray",
+    "pandas",
+    "matplotlib",
+    "prefect",
+    "sklearn",
+    "skimage",
+    "scipy",
+    "dask",
+    "zarr",
+    "numpy",
+)
+ENGINE = ("torch", "distributed", "xarray", "pandas", "matplotlib")
+
+
+def build(workdir: Path, count: int) -> Path:
+    """A store of ``count`` random latents with labels, under ``workdir/stores``."""
+    path = workdir / "stores" / f"random-{count}.zarr"
+    if path.exists() and open_store(str(path)).count == count:
+        return path
+    model_dir = workdir / "compact-random"
+    if not (model_dir / "model.safetensors").exists():
+        torch.manual_seed(0)
+        save_model(model_dir, Autoencoder(preset_config("compact")), {})
+    info = read_info(model_dir)
+    store = create_store(
+        str(path),
+        model_id=info.model_id,
+        config=info.config,
+        capacity=count,
+        layout=Layout(1024, 128),
+    )
+    rng = np.random.default_rng(0)
+    for a, b in shard_ranges(0, count, store.shard_rows):
+        latents = rng.standard_normal((b - a, *store.latent_shape), dtype=np.float32)
+        labels = np.arange(a, b) % 10
+        store.write_rows(a, latents, [f"r{i:08d}" for i in range(a, b)], labels)
+    store.write_meta(count=count, labels=True)
+    return path
+
+
+def best_seconds(command: list[str], passes: int) -> tuple[float, list[float]]:
+    """The best wall time of ``passes`` fresh runs of ``command`` (each must succeed)."""
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return min(times), times
+
+
+def heavy_modules(script: str, args: list[str]) -> list[str]:
+    """The modules of :data:`HEAVY` that running ``script args`` imported."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", script, *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in run.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return [name for name in HEAVY if name in imported]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=20_480)
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-startup-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = str(build(workdir, args.count))
+    script = str(Path(sys.executable).parent / "latentbatch")
+    commands = {
+        "help": ["--help"],
+        "inspect": ["inspect", store],
+        "stores": ["stores", str(workdir / "stores")],
+        "query": ["query", store, "--label", "3", "--json"],
+    }
+    placeholders = {store: "STORE", str(workdir / "stores"): "ROOT"}
+    python_s, _ = best_seconds([sys.executable, "-c", "pass"], args.passes)
+    result: dict[str, object] = {
+        "count": args.count,
+        "passes": args.passes,
+        "python_s": python_s,
+        "cpus": os.cpu_count(),
+    }
+    for name, command in commands.items():
+        seconds, every = best_seconds([script, *command], args.passes)
+        result[f"{name}_s"] = seconds
+        result[f"{name}_passes"] = every
+        result[f"{name}_modules"] = heavy_modules(script, command)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"latentbatch start-up, best of {args.passes} fresh processes ({args.count:,}-row store)")
+    print(f"{'command':<44} {'seconds':>8} {'x python':>9}  heavy modules imported")
+    print(f"{'python -c pass':<44} {python_s:>8.3f} {1:>9.1f}")
+    for name, command in commands.items():
+        seconds = float(result[f"{name}_s"])  # type: ignore[arg-type]
+        modules = result[f"{name}_modules"]
+        assert isinstance(modules, list)
+        engine = [m for m in modules if m in ENGINE]
+        shown = ", ".join(modules) or "none"
+        shown_args = [placeholders.get(c, c) for c in command]
+        label = "latentbatch " + " ".join(shown_args)
+        flag = f"  (engine: {', '.join(engine)})" if engine else ""
+        print(f"{label:<44} {seconds:>8.3f} {seconds / python_s:>9.1f}  {shown}{flag}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Pictures of what the engine did, for the flows' artifacts and ``--grid`` files: rows
+of ``uint8 (n, H, W, C)`` images that :func:`latentbatch.figures.image_grid` lays out.
+
+- :func:`encode_preview`: a source's first images over their stored latents decoded;
+- :func:`output_preview`, :func:`decoded_preview`: a finished decode under its originals;
+- :func:`selection_preview`: a query's answer (a nearest-neighbour query's query first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from latentbatch.checkpoint import ModelLocation, read_info
+from latentbatch.datasets import Geometry, ImageSource, open_source
+from latentbatch.decode import decode_in_process, decode_rows
+from latentbatch.errors import LatentbatchError
+from latentbatch.manifest import read_manifest
+from latentbatch.shards import read_output
+from latentbatch.storage import StorageOptions
+from latentbatch.store import LatentStore, Rows, open_store
+from latentbatch.weights import LoadedModel, loaded
+
+
+def source_for(
+    model_dir: ModelLocation,
+    source_spec: str,
+    limit: int | None = None,
+    options: StorageOptions | None = None,
+) -> ImageSource:
+    """``source_spec`` opened at the geometry of the model in ``model_dir``."""
+    config = read_info(model_dir, options).config
+    return open_source(source_spec, Geometry(config.image_size, config.channels), limit)
+
+
+def source_images(source: ImageSource, ids: list[str]) -> np.ndarray:
+    """The source images with the given ids, in that order."""
+    index = {sample_id: i for i, sample_id in enumerate(source.ids)}
+    return source.read(0, len(source))[[index[i] for i in ids]]
+
+
+def output_preview(model_dir: Path, source_spec: str, out_url: str, n: int = 8) -> list[np.ndarray]:
+    """Rows of a picture: the first ``n`` decoded images of ``out_url`` (bottom) under the
+    source images they came from (top)."""
+    ids, decoded = read_output(out_url, limit=n)
+    return [source_images(source_for(model_dir, source_spec), ids), decoded]
+
+
+def decoded_preview(
+    model_dir: ModelLocation, out_url: str, n: int = 8, options: StorageOptions | None = None
+) -> list[np.ndarray]:
+    """Rows of a picture of any finished decode: its first ``n`` images (bottom) under the
+    source images they came from (top) when the store's first source still opens and
+    holds them; only the decoded row otherwise."""
+    ids, decoded = read_output(out_url, options, limit=n)
+    manifest = read_manifest(out_url, options)
+    try:
+        sources = open_store(manifest.store.url, options).meta["sources"] if manifest else []
+    except LatentbatchError:  # the store is gone: the decoded row alone
+        sources = []
+    try:
+        originals = source_images(source_for(model_dir, sources[0]["spec"], None, options), ids)
+    except (LatentbatchError, IndexError, KeyError):  # gone, moved, or not these ids
+        return [decoded]
+    return [originals, decoded]
+
+
+def encode_preview(
+    model_dir: ModelLocation,
+    source_spec: str,
+    store_url: str,
+    n: int = 8,
+    options: StorageOptions | None = None,
+) -> list[np.ndarray]:
+    """Rows of a picture: the first ``n`` images of a source encoded into a store (top)
+    over their stored latents decoded in this process (bottom)."""
+    source = source_for(model_dir, source_spec, None, options)
+    store = open_store(store_url, options)
+    records = [s for s in store.meta["sources"] if s["spec"] == source.spec]
+    start = int(records[-1]["rows"][0]) if records else 0
+    stop = min(store.count, start + n)
+    ids = store.read_ids(start, stop)
+    decoded = decode_in_process(model_dir, store.read_latents(start, stop), options)
+    return [source_images(source, ids), decoded]
+
+
+def selection_preview(
+    model: ModelLocation | LoadedModel,
+    store: LatentStore,
+    rows: Rows,
+    query_latent: np.ndarray | None = None,
+    per_row: int = 8,
+) -> list[np.ndarray]:
+    """Rows of a picture of a query's answer: the first ``4 * per_row`` selected rows
+    decoded, ``per_row`` to a line; for a nearest-neighbour query, one line holding the
+    query decoded and then its first ten neighbours. ``model`` is a location, or a model
+    already loaded (:func:`latentbatch.weights.loaded`)."""
+    model = loaded(model, store.storage_options)
+    images = decode_rows(model, store, list(rows)[: 4 * per_row])
+    if query_latent is not None:
+        query_image = decode_in_process(model, query_latent[None])
+        return [np.concatenate([query_image, images[:10]])]
+    return [images[i : i + per_row] for i in range(0, len(images), per_row)]

@@ -1,0 +1,79 @@
+"""The device kernel: batches through the encoder and decoder, and the NaN/Inf check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentbatch.datasets import Geometry, open_source
+from latentbatch.kernel import (
+    NonFiniteLatentsError,
+    decode_batches,
+    decode_latents,
+    encode_images,
+    finite_rows,
+    refuse_nonfinite,
+)
+from latentbatch.store import open_store
+from latentbatch.weights import load_model
+
+
+def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
+    mnist_store: Path, seed_model: Path
+) -> None:
+    decoder, _ = load_model(seed_model, "decoder")
+    latents = open_store(str(mnist_store)).read_latents(0, 700)
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(1)
+        one_thread = decode_latents(decoder, latents, cpu, batch_size=256)
+        small_batches = decode_latents(decoder, latents, cpu, batch_size=33)
+        torch.set_num_threads(2)
+        two_threads = decode_latents(decoder, latents, cpu, batch_size=256)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one_thread, small_batches)
+    np.testing.assert_array_equal(one_thread, two_threads)
+
+
+def test_finite_check_on_float16_bits_matches_numpy() -> None:
+    rows = np.random.default_rng(3).standard_normal((40, 17)).astype(np.float16)
+    rows[3, 1], rows[7, 0], rows[9, 16] = np.nan, np.inf, -np.inf
+    rows[11, 2], rows[12, 3] = np.float16(65504), np.float16(6e-8)  # largest, subnormal
+    np.testing.assert_array_equal(finite_rows(rows), np.isfinite(rows).all(axis=1))
+    np.testing.assert_array_equal(np.flatnonzero(~finite_rows(rows)), [3, 7, 9])
+    as32 = rows.astype(np.float32)
+    np.testing.assert_array_equal(finite_rows(as32), finite_rows(rows))
+
+
+def test_encode_then_decode_in_batches_is_the_model_in_one_call(tiny_model: Path) -> None:
+    model, info = load_model(tiny_model)
+    images = open_source("synthetic:300", Geometry(info.config.image_size, 1)).read(0, 300)
+    cpu = torch.device("cpu")
+    latents = encode_images(model.encoder, images, cpu)  # 256 + 44
+    assert latents.shape == (300, *info.config.latent_shape) and latents.dtype == np.float32
+    with torch.inference_mode():
+        whole = model.encoder(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)).numpy()
+    np.testing.assert_allclose(latents, whole, rtol=0, atol=1e-5)
+    handed: list[np.ndarray] = []
+    batches = (latents[i : i + 100] for i in range(0, 300, 100))
+    decoded = decode_batches(model.decoder, batches, cpu, handed.append)
+    assert [len(h) for h in handed] == [100, 100, 100]
+    np.testing.assert_array_equal(np.concatenate(handed), decoded)
+    np.testing.assert_array_equal(decoded, decode_latents(model.decoder, latents, cpu))
+    assert decoded.shape == (300, *images.shape[1:]) and decoded.dtype == np.uint8
+
+
+def test_nonfinite_latents_are_refused_naming_rows_and_ids() -> None:
+    latents = np.zeros((8, 2, 3, 3), np.float16)
+    refuse_nonfinite(latents, list(range(10, 18)), [f"id{i}" for i in range(8)], "here")
+    latents[2, 1, 0, 0], latents[6, 0, 2, 2] = np.nan, -np.inf
+    rows, ids = list(range(10, 18)), [f"id{i}" for i in range(8)]
+    with pytest.raises(
+        NonFiniteLatentsError, match=r"2 latents in here .* rows 12 \(id2\), 16 \(id6\)"
+    ):
+        refuse_nonfinite(latents, rows, ids, "here")
