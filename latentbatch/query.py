@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +44,19 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 NEAREST_WINDOW = 32  # store shards scanned at once by nearest()
 _PREDICATE = re.compile(r"^\s*(row|label|psnr)\s*(==|!=|<=|>=|<|>)\s*(-?\d+(?:\.\d*)?)\s*$")
+
+
+def _scheduler() -> Callable[..., Any] | None:
+    """Dask's own choice of scheduler (the active distributed client's, when there is
+    one), except where ``distributed`` was never imported: then no client can be active,
+    and the threaded scheduler, which Dask would pick, is handed over as a function, the
+    one form that keeps Dask from importing ``distributed`` (half a second) to look for a
+    client."""
+    if "distributed" in sys.modules:
+        return None
+    from dask.threaded import get
+
+    return get
 
 
 class QueryError(LatentbatchError):
@@ -244,7 +258,7 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
             delayed(_moments, pure=False)(store.latents, a, b)
             for a, b in store.each_shard(first, min(first + window, store.count))
         ]
-        for part in compute(*parts):
+        for part in compute(*parts, scheduler=_scheduler()):
             total = part if total is None else _merge(total, part)
     assert total is not None
     count, mean, deviations, low, high = total
@@ -356,7 +370,7 @@ def nearest(
             delayed(_rows_top_k, pure=False)(store.latents, a, b, flat_query, want, metric)
             for a, b in store.each_shard(first, min(first + window, store.count))
         ]
-        candidates = np.concatenate([best, *compute(*parts)])
+        candidates = np.concatenate([best, *compute(*parts, scheduler=_scheduler())])
         best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:want]
     excluded = set(exclude)
     chosen = [(float(d), int(r)) for d, r in best if int(r) not in excluded][:k]

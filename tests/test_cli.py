@@ -194,3 +194,61 @@ def test_engine_commands_refuse_bad_input(
 ) -> None:
     assert main(argv) == 1
     assert capsys.readouterr().err.startswith(message)
+
+
+ENGINE = ("torch", "distributed", "matplotlib", "pandas", "xarray")
+_PROBE = """
+import json, sys
+from latentbatch.cli import main
+code = main(sys.argv[2:])
+print(json.dumps([m for m in {engine!r} if m in sys.modules]), file=open(sys.argv[1], "w"))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["inspect", "{store}"],
+        ["stores", "{root}"],
+        ["models", "list", "{models}"],
+        ["models", "show", "{model}"],
+        ["query", "{store}", "--label", "3"],
+        ["query", "{store}", "--label", "3", "--json"],
+        ["stats", "{store}"],
+    ],
+    ids=lambda argv: " ".join(a for a in argv if not a.startswith("{")),
+)
+def test_quick_commands_import_no_engine(
+    argv: list[str], mnist_store: Path, seed_model: Path, tmp_path: Path
+) -> None:
+    """Each in a fresh process: torch, distributed, matplotlib, pandas and xarray stay
+    unimported (the engine is imported by the commands that need it, when they run)."""
+    places = {
+        "{store}": str(mnist_store),
+        "{root}": str(mnist_store.parent),
+        "{models}": str(seed_model.parent),
+        "{model}": str(seed_model),
+    }
+    args = [places.get(a, a) for a in argv]
+    found = tmp_path / "modules.json"
+    probe = _PROBE.format(engine=ENGINE)
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(found), *args], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    assert json.loads(found.read_text()) == []
+
+
+def test_a_command_that_decodes_imports_the_engine(mnist_store: Path, tmp_path: Path) -> None:
+    """The probe above can see the engine: ``query --near`` runs Dask."""
+    found = tmp_path / "modules.json"
+    argv = ["query", str(mnist_store), "--near", "mnist5k-00001", "-k", "2"]
+    probe = _PROBE.format(engine=("distributed", "dask"))
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(found), *argv], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "dask" in json.loads(found.read_text())

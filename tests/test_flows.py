@@ -100,9 +100,10 @@ def test_evaluate_flow_leaves_the_table_and_the_plot(tiny_model: Path) -> None:
     _check_preview(found["evaluate-plot"])
 
 
-def test_train_flow(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    state = train_autoencoder("digits", "compact", 1, 0, str(out), return_state=True)
+def test_train_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "models" / "compact-digits"  # no out: named by the one rule
+    state = train_autoencoder("digits", "compact", 1, 0, return_state=True)
     assert state.is_completed()
     summary = state.result()
     assert summary["epochs"] == 1

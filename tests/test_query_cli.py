@@ -4,6 +4,7 @@ the store read by other Zarr v3 readers (xarray, tensorstore)."""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from distributed import Client
 from PIL import Image
 
+from latentbatch.checkpoint import WEIGHTS
 from latentbatch.cli import main
 from latentbatch.datasets import open_source
 from latentbatch.encode import encode
@@ -70,6 +72,31 @@ def test_query_commands(
     assert stats["scaling_factor"] > 0
 
 
+_WEIGHT_OPENS: list[str] = []
+
+
+def _count_weight_opens(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and str(args[0]).endswith(WEIGHTS):
+        _WEIGHT_OPENS.append(str(args[0]))
+
+
+sys.addaudithook(_count_weight_opens)  # every open of a weights file, by this process
+
+
+def test_a_query_that_encodes_decodes_and_draws_reads_the_weights_once(
+    tmp_path: Path, mnist_store: Path, seed_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digit = Image.fromarray(open_source("mnist5k").read(7, 8)[0, :, :, 0])
+    digit.save(tmp_path / "digit.png")
+    argv = ["query", str(mnist_store), "--near-image", str(tmp_path / "digit.png")]
+    argv += ["--model", str(seed_model), "--decode", str(tmp_path / "d"), "--grid"]
+    _WEIGHT_OPENS.clear()
+    assert main([*argv, str(tmp_path / "grid.png")]) == 0
+    assert [str(seed_model / WEIGHTS)] == _WEIGHT_OPENS
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "d" / "manifest.json").is_file()
+    assert "mnist5k-00007" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -78,6 +105,12 @@ def test_query_commands(
         (["--near", "mnist5k-00001", "-k", "6000"], "error: -k must be between 1 and 4999"),
         (["--rows", "12"], "error: row range '12' is not I:J"),
         (["--grid", "x.png"], "error: --near-image, --decode and --grid need --model"),
+        (
+            ["--worst", "3", "--label", "2", "--rows", "0:9"],
+            "error: --worst ranks every row of the store and cannot be combined with --rows, "
+            "--label",
+        ),
+        (["--near", "mnist5k-00001", "--worst", "3"], "error: --near and --worst are two"),
     ],
 )
 def test_bad_queries(
