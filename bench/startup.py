@@ -2,6 +2,7 @@
 """How fast the command line answers quick questions: wall time and heavy imports.
 
     python bench/startup.py [--count 20480] [--passes 5] [--workdir DIR] [--json]
+                            [--checkout DIR] [--save FILE]
 
 Builds (once) a store of --count seeded random latents of the `compact` preset's shape
 with labels 0-9, then runs each command in a fresh process --passes times and keeps the
@@ -9,6 +10,8 @@ best wall time: `latentbatch --help`, `inspect STORE`, `stores ROOT` and
 `query STORE --label 3 --json`. A further run of each under `python -X importtime` names
 the heavy modules it imported (none of torch, distributed, xarray, pandas or matplotlib
 should be among them). The ratio column divides by a bare `python -c pass`.
+``--checkout DIR`` times another checkout's command line instead (its
+``latentbatch.cli.main`` with DIR first on the path), e.g. a worktree of an earlier release.
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ def best_seconds(command: list[str], passes: int) -> tuple[float, list[float]]:
     return min(times), times
 
 
-def heavy_modules(script: str, args: list[str]) -> list[str]:
-    """The modules of :data:`HEAVY` that running ``script args`` imported."""
+def heavy_modules(launch: list[str], args: list[str]) -> list[str]:
+    """The modules of :data:`HEAVY` that running ``launch args`` imported."""
     run = subprocess.run(
-        [sys.executable, "-X", "importtime", script, *args],
+        [sys.executable, "-X", "importtime", *launch[1:], *args],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -109,11 +112,21 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    parser.add_argument("--checkout", type=Path, help="Time this checkout's command line.")
+    parser.add_argument("--save", type=Path, help="Also write the JSON to this file.")
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-startup-bench-"))
+    save = args.save.resolve() if args.save else None
+    workdir = (
+        args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-startup-bench-"))
+    ).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     store = str(build(workdir, args.count))
-    script = str(Path(sys.executable).parent / "latentbatch")
+    launch = [sys.executable, str(Path(sys.executable).parent / "latentbatch")]
+    if args.checkout:  # that checkout's modules first, in every child process
+        os.environ["PYTHONPATH"] = str(args.checkout.resolve())
+        os.chdir(args.checkout)  # `python -c` puts the working folder first
+        code = "import sys; from latentbatch.cli import main; sys.exit(main())"
+        launch = [sys.executable, "-c", code]
     commands = {
         "help": ["--help"],
         "inspect": ["inspect", store],
@@ -127,12 +140,15 @@ def main() -> None:
         "passes": args.passes,
         "python_s": python_s,
         "cpus": os.cpu_count(),
+        "checkout": str(args.checkout) if args.checkout else None,
     }
     for name, command in commands.items():
-        seconds, every = best_seconds([script, *command], args.passes)
+        seconds, every = best_seconds([*launch, *command], args.passes)
         result[f"{name}_s"] = seconds
         result[f"{name}_passes"] = every
-        result[f"{name}_modules"] = heavy_modules(script, command)
+        result[f"{name}_modules"] = heavy_modules(launch, command)
+    if save:
+        save.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
         return
