@@ -20,11 +20,11 @@ device). Stores without a canary (earlier releases) decode as before, reported `
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 import zarr
 
 from latentbatch.errors import LatentbatchError
@@ -70,6 +70,12 @@ def has_canary(store: LatentStore) -> bool:
     return isinstance(store.meta.get("canary"), dict) and ARRAY in store.group
 
 
+def _torch_version() -> str:
+    import torch  # loaded already by whoever decoded the canary
+
+    return str(torch.__version__)
+
+
 def record_canary(store: LatentStore, rows: list[int], pixels: np.ndarray, device: str) -> None:
     """Keep ``pixels`` (the decoded ``rows``) as the store's canary."""
     store.group.create_array(
@@ -85,37 +91,54 @@ def record_canary(store: LatentStore, rows: list[int], pixels: np.ndarray, devic
             "rows": rows,
             "sha256": digest(pixels),
             "device": device,
-            "torch": torch.__version__,
+            "torch": _torch_version(),
             "tolerance": TOLERANCE,
         }
     )
 
 
-def check_canary(store: LatentStore, pixels: np.ndarray) -> CanaryResult:
-    """Compare a decode's pixels of the canary rows with the store's; raise
-    :class:`CanaryError` naming the store and the drift when beyond the tolerance."""
+def check_canary(
+    store: LatentStore, pixels: np.ndarray, rows: Sequence[int] | None = None
+) -> CanaryResult:
+    """Compare a decode's pixels of the canary ``rows`` (all of them when not given; a
+    decode leaves out the rows whose latents are not finite) with the store's; raise
+    :class:`CanaryError` naming the store and the drift when beyond the tolerance, or
+    when no row is left to compare."""
     meta: dict[str, Any] = store.meta["canary"]
-    if digest(pixels) == meta["sha256"]:
+    recorded = [int(r) for r in meta["rows"]]
+    rows = recorded if rows is None else [int(r) for r in rows]
+    if not rows:
+        raise CanaryError(
+            f"{store.url}: all {len(recorded)} canary rows hold NaN or Inf, so the decoder "
+            "cannot be checked and nothing was decoded; re-encode those rows, or pass "
+            "--skip-canary to decode without the check"
+        )
+    if rows == recorded and digest(pixels) == meta["sha256"]:
         return CanaryResult(status="exact")
     array = store.group[ARRAY]
     if not isinstance(array, zarr.Array):
         raise CanaryError(f"{store.url}/{ARRAY} is a group, not the canary array; it is damaged")
-    expected = np.asarray(array[...])
+    position = {r: i for i, r in enumerate(recorded)}
+    expected = np.asarray(array[...])[[position[r] for r in rows]]
     if expected.shape != pixels.shape:
         raise CanaryError(
             f"{store.url}: the canary decodes to images of shape {pixels.shape[1:]}, not "
             f"{expected.shape[1:]}; the decoder is not the one the store was written with"
         )
+    if digest(pixels) == digest(expected):
+        return CanaryResult(status="exact")
     difference = np.abs(expected.astype(np.int16) - pixels.astype(np.int16))
     largest, mean = int(difference.max()), float(difference.mean())
     tolerance = meta.get("tolerance", TOLERANCE)
     if largest > tolerance["max_levels"] or mean > tolerance["mean_levels"]:
+        left_out = len(recorded) - len(rows)
         raise CanaryError(
             f"{store.url}: the canary drifted: its {len(pixels)} rows decode up to "
             f"{largest} levels (mean {mean:.3f}) away from the pixels recorded at encode "
             f"time on {meta.get('device')} with torch {meta.get('torch')}, beyond the "
-            f"tolerance of {tolerance['max_levels']} (mean {tolerance['mean_levels']}); "
-            "nothing was decoded: check the model's weights and the workers' torch (or pass "
-            "--skip-canary for a decoder changed on purpose)"
+            f"tolerance of {tolerance['max_levels']} (mean {tolerance['mean_levels']})"
+            + (f" ({left_out} rows holding NaN or Inf left out)" if left_out else "")
+            + "; nothing was decoded: check the model's weights and the workers' torch (or "
+            "pass --skip-canary for a decoder changed on purpose)"
         )
     return CanaryResult(status="within", max_levels=largest, mean_levels=mean)

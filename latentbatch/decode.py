@@ -30,6 +30,7 @@ the grouping follows the store's shards the bytes do not depend on the number of
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.canary import CanaryResult, check_canary, has_canary
-from latentbatch.canary_task import canary_on, canary_pixels
+from latentbatch.canary import CanaryResult, has_canary
+from latentbatch.canary_task import check_first, check_here, check_on_worker
 from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
 from latentbatch.choices import Format
 from latentbatch.cluster import gpu_resources, map_bounded, using
@@ -49,6 +50,7 @@ from latentbatch.errors import LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
 from latentbatch.images import PNG, ImageCodec
 from latentbatch.kernel import batch_for, decode_batches, decode_latents, refuse_nonfinite
+from latentbatch.lease import leased
 from latentbatch.manifest import (
     Manifest,
     ShardRecord,
@@ -103,6 +105,8 @@ class DecodeJob:
     identity: dict[str, Any]
     codec: ImageCodec = PNG
     batch_size: int | None = None
+    check_canary: bool = True  # each worker checks the store's canary before its first shard
+    run: str = ""  # this decode's token: a worker checks the canary once per run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +177,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     """Worker side: decode one shard and write it; return its record."""
     decoder, device = cached_model(job.model_id, "decoder")
     store = cached_store(job.store_url, job.storage_options, job.store_uuid, job.stop)
+    if job.check_canary:
+        check_on_worker(store, job.model_id, job.run)  # once per worker process and run
     ids = validate_ids(store.read_ids(job.start, job.stop), start=job.start, where=job.store_url)
     where = f"rows [{job.start}, {job.stop}) of {job.store_url}"
 
@@ -334,84 +340,89 @@ def decode(
     rows = rows_per_output_shard(images_per_shard, store.shard_rows)
     settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
     identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
-    _refuse_other_output(out_url, out_options, store, info, fmt, settings)
-    started = time.perf_counter()
     shards = -(-store.count // rows)
+    recorded = has_canary(store)
+    check = recorded and not skip_canary
+    canary = CanaryResult(status="skipped" if skip_canary and recorded else "none")
+    written: dict[int, ShardRecord] = {}
+    started = time.perf_counter()
+    run_token = uuid.uuid4().hex
 
     def rows_of(index: int) -> tuple[int, int]:
         return index * rows, min((index + 1) * rows, store.count)
 
-    done = read_records(out_url, out_options, identity)
-    done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
-    if fmt == "zarr":
-        config = info.config
-        shape = (config.image_size, config.image_size, config.channels)
-        chunk_rows = store.meta["layout"]["chunk_rows"]
-        create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
-    jobs = (  # drawn as tasks are submitted: the client holds only those in flight
-        DecodeJob(
-            store_url=store_url,
-            storage_options=dict(storage_options or {}),
-            store_uuid=store.uuid,
+    with leased(out_url, f"decode of {source.url}", out_options) as lease:
+        _refuse_other_output(out_url, out_options, store, info, fmt, settings)
+        done = read_records(out_url, out_options, identity)
+        done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
+        jobs = (  # drawn as tasks are submitted: the client holds only those in flight
+            DecodeJob(
+                store_url=store_url,
+                storage_options=dict(storage_options or {}),
+                store_uuid=store.uuid,
+                model_id=info.model_id,
+                index=index,
+                start=a,
+                stop=b,
+                out_url=out_url,
+                out_options=dict(out_options or {}),
+                fmt=fmt,
+                identity=identity,
+                codec=codec,
+                batch_size=batch_size,
+                check_canary=check,
+                run=run_token,
+            )
+            for index in range(shards)
+            if index not in done
+            for a, b in [rows_of(index)]
+        )
+        todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
+
+        def collect(record: dict[str, Any], progress: Progress) -> None:
+            lease.check()  # taken over while this decode stalled: record nothing more
+            written[record["index"]] = ShardRecord.from_dict(record)
+            if on_progress is not None:
+                on_progress(progress)
+
+        def run(c: Client) -> None:
+            nonlocal started, canary
+            started = time.perf_counter()  # throughput counts from a ready cluster
+            register_model(c, info, "decoder")
+            if check:  # before anything of the output exists
+                canary = check_first(c, store, info.model_id, run_token)
+            if fmt == "zarr":
+                config = info.config
+                shape = (config.image_size, config.image_size, config.channels)
+                chunk_rows = store.meta["layout"]["chunk_rows"]
+                create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
+            map_bounded(
+                c,
+                decode_shard,
+                jobs,
+                items=lambda j: j.stop - j.start,
+                max_in_flight=max_in_flight,
+                resources=gpu_resources(c),
+                on_result=collect,
+                totals=todo,
+            )
+
+        if todo[0]:
+            with using(client, scheduler, workers) as c:
+                run(c)
+        remove_temporaries(out_url, out_options)
+        records = {**done, **written}
+        lease.check()
+        manifest = write_manifest(
+            out_url,
+            out_options,
+            store=source,
             model_id=info.model_id,
-            index=index,
-            start=a,
-            stop=b,
-            out_url=out_url,
-            out_options=dict(out_options or {}),
-            fmt=fmt,
-            identity=identity,
-            codec=codec,
-            batch_size=batch_size,
+            output_format=fmt,
+            format_settings={**settings, "batch_size": batch_size or "auto"},
+            count=store.count,
+            shards=[records[i] for i in sorted(records)],
         )
-        for index in range(shards)
-        if index not in done
-        for a, b in [rows_of(index)]
-    )
-    todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
-    written: dict[int, ShardRecord] = {}
-    recorded = has_canary(store)
-    canary = CanaryResult(status="skipped" if skip_canary and recorded else "none")
-
-    def collect(record: dict[str, Any], progress: Progress) -> None:
-        written[record["index"]] = ShardRecord.from_dict(record)
-        if on_progress is not None:
-            on_progress(progress)
-
-    def run(c: Client) -> None:
-        nonlocal started, canary
-        started = time.perf_counter()  # throughput counts from a ready cluster
-        register_model(c, info, "decoder")
-        if recorded and not skip_canary:  # before anything is written
-            pixels = canary_on(c, store, info.model_id, store.meta["canary"]["rows"])[0]
-            if pixels is not None:  # else a task refuses the NaN rows, naming them
-                canary = check_canary(store, pixels)
-        map_bounded(
-            c,
-            decode_shard,
-            jobs,
-            items=lambda j: j.stop - j.start,
-            max_in_flight=max_in_flight,
-            resources=gpu_resources(c),
-            on_result=collect,
-            totals=todo,
-        )
-
-    if todo[0]:
-        with using(client, scheduler, workers) as c:
-            run(c)
-    remove_temporaries(out_url, out_options)
-    records = {**done, **written}
-    manifest = write_manifest(
-        out_url,
-        out_options,
-        store=source,
-        model_id=info.model_id,
-        output_format=fmt,
-        format_settings={**settings, "batch_size": batch_size or "auto"},
-        count=store.count,
-        shards=[records[i] for i in sorted(records)],
-    )
     return DecodeResult(
         out=out_url,
         manifest=manifest,
@@ -444,9 +455,7 @@ def _decode_selected(
     check_model(store, model.info)
     cpu = torch.device("cpu")
     if has_canary(store):
-        pixels = canary_pixels(model.decoder, store, store.meta["canary"]["rows"], cpu)
-        if pixels is not None:  # else the selection's NaN rows are refused below
-            check_canary(store, pixels)
+        check_here(model.decoder, store, cpu)
     ids = validate_ids(store.read_ids_at(rows))
     latents = store.read_latents_at(rows)
     refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")

@@ -50,6 +50,7 @@ from latentbatch.datasets import (
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
 from latentbatch.kernel import decode_latents, encode_images
+from latentbatch.lease import leased, without_leases
 from latentbatch.model import to_unit
 from latentbatch.progress import Progress
 from latentbatch.quality import psnr_per_image
@@ -153,7 +154,7 @@ def _prepare(
     """Open or create the store; return it, the store row of source row 0, and whether
     this resumes an interrupted encode. None when the source is already encoded."""
     fs, path = filesystem(store_url, storage_options)
-    if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+    if not fs.exists(path) or (fs.isdir(path) and not without_leases(fs.ls(path, detail=False))):
         store = create_store(
             store_url,
             model_id=info.model_id,
@@ -214,105 +215,107 @@ def encode(
     geometry = Geometry(info.config.image_size, info.config.channels)
     source = open_source(source_spec, geometry, limit)
     validate_ids(source.ids)
-    started = time.perf_counter()
-    prepared = _prepare(store_url, info, source, append, layout, storage_options)
-    if prepared is None:
+    with leased(store_url, f"encode of {source.spec}", storage_options) as lease:
+        started = time.perf_counter()
+        prepared = _prepare(store_url, info, source, append, layout, storage_options)
+        if prepared is None:
+            return EncodeResult(
+                store=store_url,
+                model_id=info.model_id,
+                source=source.spec,
+                rows=(0, 0),
+                encoded=0,
+                seconds=0.0,
+                skipped=True,
+            )
+        store, base, resumed = prepared
+        stop = base + len(source)
+        labels = source.labels if source.labels is not None else np.full(len(source), -1, np.int32)
+        store.write_meta(
+            pending={
+                "source": source.spec,
+                "description": source.description,
+                "start": base,
+                "stop": stop,
+            }
+        )
+        store.resize(stop)
+        first_new = store.count
+        first_shard = first_new - first_new % store.shard_rows
+        tasks = -(-(stop - first_shard) // store.shard_rows)
+
+        def jobs() -> Iterator[ShardJob]:  # drawn as tasks are submitted
+            for a in range(first_shard, stop, store.shard_rows):
+                b = min(a + store.shard_rows, stop)
+                keep = max(0, first_new - a)
+                s0, s1 = a + keep - base, b - base
+                yield ShardJob(
+                    store_url=store_url,
+                    storage_options=dict(storage_options or {}),
+                    model_id=info.model_id,
+                    start=a,
+                    stop=b,
+                    keep=keep,
+                    rows=source.ref(s0, s1),
+                    ids=source.ids[s0:s1],
+                    labels=tuple(int(v) for v in labels[s0:s1]),
+                )
+
+        finished: dict[int, int] = {}
+
+        def commit(result: dict[str, int], progress: Progress) -> None:
+            finished[result["start"]] = result["stop"]
+            count = store.count
+            while count in finished:
+                count = finished.pop(count)
+            if count != store.count:
+                lease.check()  # taken over while this encode stalled: commit nothing more
+                store.write_meta(count=count)
+            if on_progress is not None:
+                on_progress(progress)
+
+        def run(c: Client) -> None:
+            nonlocal started
+            started = time.perf_counter()  # throughput counts from a ready cluster
+            register_model(c, info, "encoder")
+            register_model(c, info, "decoder")  # each row's PSNR, measured as it is stored
+            map_bounded(
+                c,
+                encode_shard,
+                jobs(),
+                items=lambda j: j.stop - j.start - j.keep,
+                resources=gpu_resources(c),
+                on_result=commit,
+                totals=(tasks, stop - first_new),
+            )
+            if store.count and not has_canary(store):  # rows every later decode checks first
+                decoded = canary_on(c, store, info.model_id, canary_rows(store))
+                if decoded.rows:  # rows whose latents the encoder made NaN are left out
+                    record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)
+
+        with using(client, scheduler, workers) as c:
+            run(c)
+        lease.check()
+        sources = [
+            *store.meta["sources"],
+            {"spec": source.spec, "description": source.description, "rows": [base, stop]},
+        ]
+        store.write_meta(
+            count=stop,
+            pending=None,
+            sources=sources,
+            labels=bool(store.meta.get("labels")) or bool((labels >= 0).any()),
+        )
         return EncodeResult(
             store=store_url,
             model_id=info.model_id,
             source=source.spec,
-            rows=(0, 0),
-            encoded=0,
-            seconds=0.0,
-            skipped=True,
+            rows=(base, stop),
+            encoded=stop - first_new,
+            seconds=time.perf_counter() - started,
+            resumed=resumed,
+            shards=tasks,
         )
-    store, base, resumed = prepared
-    stop = base + len(source)
-    labels = source.labels if source.labels is not None else np.full(len(source), -1, np.int32)
-    store.write_meta(
-        pending={
-            "source": source.spec,
-            "description": source.description,
-            "start": base,
-            "stop": stop,
-        }
-    )
-    store.resize(stop)
-    first_new = store.count
-    first_shard = first_new - first_new % store.shard_rows
-    tasks = -(-(stop - first_shard) // store.shard_rows)
-
-    def jobs() -> Iterator[ShardJob]:  # drawn as tasks are submitted
-        for a in range(first_shard, stop, store.shard_rows):
-            b = min(a + store.shard_rows, stop)
-            keep = max(0, first_new - a)
-            s0, s1 = a + keep - base, b - base
-            yield ShardJob(
-                store_url=store_url,
-                storage_options=dict(storage_options or {}),
-                model_id=info.model_id,
-                start=a,
-                stop=b,
-                keep=keep,
-                rows=source.ref(s0, s1),
-                ids=source.ids[s0:s1],
-                labels=tuple(int(v) for v in labels[s0:s1]),
-            )
-
-    finished: dict[int, int] = {}
-
-    def commit(result: dict[str, int], progress: Progress) -> None:
-        finished[result["start"]] = result["stop"]
-        count = store.count
-        while count in finished:
-            count = finished.pop(count)
-        if count != store.count:
-            store.write_meta(count=count)
-        if on_progress is not None:
-            on_progress(progress)
-
-    def run(c: Client) -> None:
-        nonlocal started
-        started = time.perf_counter()  # throughput counts from a ready cluster
-        register_model(c, info, "encoder")
-        register_model(c, info, "decoder")  # each row's PSNR, measured as it is stored
-        map_bounded(
-            c,
-            encode_shard,
-            jobs(),
-            items=lambda j: j.stop - j.start - j.keep,
-            resources=gpu_resources(c),
-            on_result=commit,
-            totals=(tasks, stop - first_new),
-        )
-        if store.count and not has_canary(store):  # rows every later decode checks first
-            rows = canary_rows(store)
-            pixels, device = canary_on(c, store, info.model_id, rows)
-            if pixels is not None:  # an encoder that gave NaN has nothing to compare
-                record_canary(store, rows, pixels, device)
-
-    with using(client, scheduler, workers) as c:
-        run(c)
-    sources = [
-        *store.meta["sources"],
-        {"spec": source.spec, "description": source.description, "rows": [base, stop]},
-    ]
-    store.write_meta(
-        count=stop,
-        pending=None,
-        sources=sources,
-        labels=bool(store.meta.get("labels")) or bool((labels >= 0).any()),
-    )
-    return EncodeResult(
-        store=store_url,
-        model_id=info.model_id,
-        source=source.spec,
-        rows=(base, stop),
-        encoded=stop - first_new,
-        seconds=time.perf_counter() - started,
-        resumed=resumed,
-        shards=tasks,
-    )
 
 
 def encode_file(

@@ -139,7 +139,7 @@ def write_tar_shard(
     return _record(index, name, start, len(ids), len(data), hashlib.sha256(data).hexdigest())
 
 
-def _folder_digest(files: Sequence[tuple[str, bytes]]) -> str:
+def folder_digest(files: Sequence[tuple[str, bytes]]) -> str:
     listing = "".join(f"{n}\0{hashlib.sha256(d).hexdigest()}\n" for n, d in sorted(files))
     return hashlib.sha256(listing.encode()).hexdigest()
 
@@ -158,7 +158,7 @@ def write_png_shard(
     files = [(f"{i}.png", png) for i, png in zip(ids, pngs, strict=True)]
     write_folder(join(out_url, name), files, options)
     size = sum(len(d) for _, d in files)
-    return _record(index, name, start, len(ids), size, _folder_digest(files))
+    return _record(index, name, start, len(ids), size, folder_digest(files))
 
 
 def create_zarr_output(

@@ -50,6 +50,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
+from latentbatch.lease import without_leases
 from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
 
 FLOAT_FORMAT, INTEGER_FORMAT = 1, 2
@@ -479,7 +480,8 @@ def create_store(
         raise StoreError(f"a store of the {config.preset} preset needs its quantization")
     latent_dtype = config.latent_dtype or layout.latent_dtype or "float16"
     fs, path = filesystem(url, storage_options)
-    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+    held = fs.ls(path, detail=False) if fs.isdir(path) else []
+    if fs.exists(path) and (not fs.isdir(path) or without_leases(held)):
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
     group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))
     shape = config.latent_shape

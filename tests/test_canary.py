@@ -22,6 +22,7 @@ from latentbatch.canary import (
 )
 from latentbatch.decode import decode, decode_rows
 from latentbatch.encode import encode
+from latentbatch.errors import LatentbatchError
 from latentbatch.store import Layout, open_store
 from tests.helpers import altered_model
 
@@ -113,3 +114,60 @@ def test_in_process_decodes_check_the_canary_too(
     record_canary(store, store.meta["canary"]["rows"], shifted, "cpu")
     with pytest.raises(CanaryError, match=f"{copy}: the canary drifted: .* 20 levels"):
         decode_rows(tiny_model, open_store(str(copy)), [0, 1])
+
+
+def _with_nan_rows(canary_store: str, copy: Path, count: int) -> list[int]:
+    """A copy of the store whose first ``count`` canary rows hold a NaN."""
+    import shutil
+
+    shutil.copytree(canary_store, copy)
+    store = open_store(str(copy), writable=True)
+    rows = store.meta["canary"]["rows"][:count]
+    for row in rows:
+        start = row - row % store.shard_rows
+        block = store.read_latents(start, start + store.shard_rows)
+        block[row - start, 0, 0, 0] = np.nan
+        store.latents[start : start + store.shard_rows] = block
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tar"])
+def test_a_nan_canary_row_does_not_switch_the_canary_off(
+    canary_store: str, tiny_model: Path, tmp_path: Path, client: Client, fmt: str
+) -> None:
+    """The NaN row is left out; the other rows still catch a drifted decoder, before
+    anything of the output exists (a zarr output's metadata included)."""
+    copy = tmp_path / "nan.zarr"
+    _with_nan_rows(canary_store, copy, 1)
+    altered = altered_model(tiny_model, tmp_path / "altered")
+    out = tmp_path / "out"
+    drift = r"the canary drifted: its 15 rows .*\(1 rows holding NaN or Inf left out\)"
+    with pytest.raises(CanaryError, match=drift):
+        decode(altered, str(copy), str(out), fmt=fmt, allow_model_mismatch=True, client=client)  # type: ignore[arg-type]
+    assert not out.exists() or not list(out.rglob("*"))
+
+
+def test_a_canary_of_nan_rows_only_refuses_unless_skipped(
+    canary_store: str, tiny_model: Path, tmp_path: Path, client: Client
+) -> None:
+    copy = tmp_path / "nan.zarr"
+    _with_nan_rows(canary_store, copy, 16)
+    with pytest.raises(CanaryError, match="all 16 canary rows hold NaN or Inf"):
+        decode(tiny_model, str(copy), str(tmp_path / "out"), client=client)
+    with pytest.raises(LatentbatchError, match="hold NaN or Inf: rows"):  # the task's refusal
+        decode(tiny_model, str(copy), str(tmp_path / "out"), skip_canary=True, client=client)
+
+
+def test_every_worker_checks_the_canary_before_its_first_shard(
+    canary_store: str, tiny_model: Path, tmp_path: Path, process_client: Client
+) -> None:
+    from latentbatch import canary_task
+
+    result = decode(
+        tiny_model, canary_store, str(tmp_path / "out"), images_per_shard=16, client=process_client
+    )
+    assert result.canary == "exact" and len(result.shards_written) == 5
+    checked = process_client.run(lambda: list(canary_task._CHECKED))
+    assert len(checked) == 2  # both workers decoded shards of this run, and checked first
+    runs = [set(runs) for runs in checked.values()]
+    assert runs[0] & runs[1]

@@ -31,10 +31,10 @@ def test_canary_rows_decode_in_row_order_across_store_shards(
     decoder, _ = load_model(tiny_model, "decoder")
     rows = [40, 3, 17, 18]  # three store shards, given out of order
     cpu = torch.device("cpu")
-    pixels = canary_pixels(decoder, store, rows, cpu)
+    decoded = canary_pixels(decoder, store, rows, cpu)
     expected = decode_latents(decoder, store.read_latents_at(sorted(rows)).astype("f4"), cpu)
-    assert pixels is not None
-    np.testing.assert_array_equal(pixels, expected)
+    assert decoded.rows == (3, 17, 18, 40) and decoded.device == "cpu"
+    np.testing.assert_array_equal(decoded.pixels, expected)
 
 
 def test_a_worker_decodes_the_canary_as_this_process_does(
@@ -44,13 +44,13 @@ def test_a_worker_decodes_the_canary_as_this_process_does(
     decoder, info = load_model(tiny_model, "decoder")
     register_model(client, info, "decoder")
     rows = store.meta["canary"]["rows"]
-    pixels, device = canary_on(client, store, info.model_id, rows)
-    assert device == "cpu"
-    assert pixels is not None
-    np.testing.assert_array_equal(pixels, canary_pixels(decoder, store, rows, torch.device("cpu")))
+    decoded = canary_on(client, store, info.model_id, rows)
+    here = canary_pixels(decoder, store, rows, torch.device("cpu"))
+    assert decoded.device == "cpu" and decoded.rows == here.rows == tuple(rows)
+    np.testing.assert_array_equal(decoded.pixels, here.pixels)
 
 
-def test_a_nonfinite_canary_row_gives_no_pixels(
+def test_a_nonfinite_canary_row_is_left_out_not_the_canary(
     tmp_path: Path, store_url: str, tiny_model: Path
 ) -> None:
     import shutil
@@ -61,4 +61,9 @@ def test_a_nonfinite_canary_row_gives_no_pixels(
     latents[5, 0, 0, 0] = np.nan
     store.latents[0:16] = latents
     decoder, _ = load_model(tiny_model, "decoder")
-    assert canary_pixels(decoder, open_store(copy), [2, 5, 30], torch.device("cpu")) is None
+    decoded = canary_pixels(decoder, open_store(copy), [30, 5, 2], torch.device("cpu"))
+    assert decoded.rows == (2, 30) and len(decoded.pixels) == 2
+    latents[[2, 5], 0, 0, 0] = np.nan
+    store.latents[0:16] = latents
+    decoded = canary_pixels(decoder, open_store(copy), [2, 5], torch.device("cpu"))
+    assert decoded.rows == () and len(decoded.pixels) == 0

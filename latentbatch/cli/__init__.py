@@ -331,6 +331,47 @@ def inspect_command(
         console.print(f"{key:>10}  {value}", highlight=False)
 
 
+@app.command("verify")
+def verify_command(
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Output folder: path or s3:// URL.")],
+    store: Annotated[
+        str | None,
+        typer.Option(help="Also check that OUT's ids are exactly this store's committed rows."),
+    ] = None,
+    full: Annotated[
+        bool, typer.Option(help="Hash every shard (sha256), not only its size.")
+    ] = False,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check an output against its manifest: every shard there with its recorded size
+    (--full: sha256), none extra, and with --store the store's ids in order."""
+    from latentbatch.verify import VerifyError, verify_output
+
+    result = verify_output(out, parse_options(storage_option), store_url=store, full=full)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        console = make_console()
+        for problem in result.problems:
+            line = f"{problem.kind:>10}  {problem.shard}: {problem.detail}"
+            console.print(line, highlight=False, soft_wrap=True)
+        how = "sha256" if full else "sizes"
+        ids = f", ids against {store}" if store else ""
+        verdict = "ok" if result.ok else f"{len(result.problems)} problems"
+        console.print(
+            f"{out}: {result.shards} shards, {result.images} images checked ({how}{ids}): "
+            f"{verdict}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if not result.ok:
+        raise VerifyError(
+            f"{out} does not match its manifest ({len(result.problems)} problems, each named "
+            "above); run the decode again into a new folder, or remove the output"
+        )
+
+
 @app.command("demo")
 def demo_command(
     workdir: Annotated[Path, typer.Option(help="Where the store and decoded shards go.")] = Path(
