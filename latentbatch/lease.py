@@ -2,8 +2,9 @@
 
 ::
 
-    OUT/.latentbatch-lease-000003.json     {"holder": "decode of s.zarr", "host": ...,
-    STORE/.latentbatch-lease-000000.json    "pid": ..., "token": ..., "heartbeat": ...}
+    OUT/.latentbatch-lease-000003.json     {"what": "decode of s.zarr", "host": ...,
+    STORE/.latentbatch-lease-000000.json    "pid": ..., "token": ..., "heartbeat": ...,
+                                            "timeout": ...}
 
 A writer takes the lease before it writes anything and gives it back when it ends: the
 lease is an object created only if it does not exist (``O_CREAT | O_EXCL`` on a local
@@ -14,7 +15,8 @@ heartbeat is older than the timeout (``$LATENTBATCH_LEASE_TIMEOUT`` seconds, def
 :data:`DEFAULT_TIMEOUT`) was left by a writer that died (a killed client must not block
 the output forever): the next writer takes it over, with a warning, by creating the next
 generation's object (created exclusively too, so of two takers one wins) and removing the
-stale one. A holder whose lease was taken over (it stalled past the timeout) finds a
+stale one (the holder's own timeout, recorded in its lease, is the one that counts). A
+holder whose lease was taken over (it stalled past the timeout) finds a
 newer generation at its next renewal and stops before it records anything
 (:meth:`Lease.check`).
 """
@@ -114,6 +116,11 @@ class Holder:
     pid: int
     token: str
     heartbeat: float
+    timeout: float  # the holder's: it renews the heartbeat well within this
+
+    @property
+    def stale(self) -> bool:
+        return time.time() - self.heartbeat > self.timeout
 
     def describe(self) -> str:
         age = time.time() - self.heartbeat
@@ -144,6 +151,7 @@ def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
                     pid=int(meta["pid"]),
                     token=str(meta["token"]),
                     heartbeat=float(meta["heartbeat"]),
+                    timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
                 )
             )
         except FileNotFoundError:
@@ -151,7 +159,7 @@ def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
         except (ValueError, KeyError, TypeError):
             found.append(
                 Holder(generation=generation, what="a write", host="?", pid=0, token="?",
-                       heartbeat=time.time())
+                       heartbeat=time.time(), timeout=DEFAULT_TIMEOUT)
             )  # fmt: skip
     return sorted(found, key=lambda h: -h.generation)
 
@@ -196,11 +204,11 @@ class Lease:
         for _ in range(8):  # each pass loses only to another writer's creation
             holders = _holders(self.root, self.options)
             current = holders[0] if holders else None
-            if current is not None and time.time() - current.heartbeat <= self.timeout:
+            if current is not None and not current.stale:
                 raise LeaseHeldError(
                     f"{self.root} is being written by another {current.describe()}; wait "
-                    f"for it to finish, or if that process is gone, run again after "
-                    f"{self.timeout:.0f} s without a heartbeat (${TIMEOUT_ENV})"
+                    f"for it to finish, or if that process is gone, run again once its "
+                    f"heartbeat is {current.timeout:.0f} s old (its ${TIMEOUT_ENV})"
                 )
             self.generation = 0 if current is None else current.generation + 1
             if _create(self.url, self._payload(), self.options):
@@ -225,17 +233,23 @@ class Lease:
             fs.rm_file(path)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.timeout * RENEW_EVERY):
-            holders = _holders(self.root, self.options)
-            if not holders or holders[0].token != self.token:
-                newer = holders[0].describe() if holders else "nobody (it was removed)"
-                self._lost = f"its lease on {self.root} was taken over by {newer}"
-                return
-            fs, path = filesystem(self.url, self.options)
-            try:
-                fs.pipe_file(path, self._payload())
-            except OSError as exc:  # a moment's outage: the next renewal tries again
-                logger.warning("lease of %s not renewed: %s", self.root, exc)
+        while not self._stop.wait(self.timeout * RENEW_EVERY) and self._renew_once():
+            pass
+
+    def _renew_once(self) -> bool:
+        """Write a fresh heartbeat, unless the lease was taken over (then remember why,
+        for :meth:`check`); whether it is still held."""
+        holders = _holders(self.root, self.options)
+        if not holders or holders[0].token != self.token:
+            newer = holders[0].describe() if holders else "nobody (it was removed)"
+            self._lost = f"its lease on {self.root} was taken over by {newer}"
+            return False
+        fs, path = filesystem(self.url, self.options)
+        try:
+            fs.pipe_file(path, self._payload())
+        except OSError as exc:  # a moment's outage: the next renewal tries again
+            logger.warning("lease of %s not renewed: %s", self.root, exc)
+        return True
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` when the lease was taken over."""

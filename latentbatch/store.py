@@ -483,7 +483,8 @@ def create_store(
     held = fs.ls(path, detail=False) if fs.isdir(path) else []
     if fs.exists(path) and (not fs.isdir(path) or without_leases(held)):
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
-    group = zarr.open_group(url, mode="w", storage_options=zarr_options(url, storage_options))
+    # "a", not "w": the folder may hold the lease of the encode creating it (nothing else)
+    group = zarr.open_group(url, mode="a", storage_options=zarr_options(url, storage_options))
     shape = config.latent_shape
     _, height, width = shape
     integer = np.dtype(latent_dtype).kind == "i"

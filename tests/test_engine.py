@@ -19,6 +19,7 @@ from distributed import Client
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.images import ImageCodec, check_codec
+from latentbatch.lease import TIMEOUT_ENV
 from latentbatch.progress import Progress
 from latentbatch.store import Layout
 from tests.helpers import mtimes, sha256s
@@ -141,7 +142,8 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     args = [str(cli), "decode", "--model", str(seed_model), "--store", str(small_shards)]
     args += ["--out", str(out), "--scheduler", address, "--no-progress"]
     args += ["--image-codec", codec.name, "--images-per-shard", str(SHARD_ROWS)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, TIMEOUT_ENV: "2"}  # its lease is stale 2 s after the kill
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / ".records"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -151,7 +153,7 @@ def test_killed_client_then_rerun_decodes_only_missing_shards(
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "manifest.json").exists()
-    time.sleep(2)  # tasks already running on the cluster may still finish their shard
+    time.sleep(2.5)  # tasks still running may finish their shard; the lease goes stale
     before = mtimes(out, "shard-*.tar")
     recorded = {int(p.stem.split("-")[1]) for p in records.glob("*.json")}
     assert 4 <= len(recorded) < SHARDS

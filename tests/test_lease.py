@@ -1,0 +1,210 @@
+"""One writer per output and per store: leases, locally, in memory and on moto's S3, and
+between real processes (two decodes, two first encodes, a killed client)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import s3fs
+from distributed import Client
+
+from latentbatch.encode import encode
+from latentbatch.lease import (
+    TIMEOUT_ENV,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
+    current_holder,
+    is_lease,
+    leased,
+)
+from latentbatch.store import Layout, open_store
+from latentbatch.verify import verify_output
+from tests.servers import moto_server
+
+CLI = str(Path(sys.executable).with_name("latentbatch"))
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    with leased(out, "decode of a.zarr") as lease:
+        assert is_lease(Path(lease.url).name) and Path(lease.url).is_file()
+        with pytest.raises(LeaseHeldError, match=r"out is being written by another decode of "
+                           rf"a\.zarr by process {os.getpid()} on "):  # fmt: skip
+            Lease(out, None, "decode of b.zarr", 60).acquire()
+        holder = current_holder(out)
+        assert holder is not None and holder["what"] == "decode of a.zarr"
+    assert current_holder(out) is None
+    assert not Path(out).exists()  # made for the lease and left empty: removed
+
+
+def test_an_abandoned_lease_is_taken_over_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = str(tmp_path / "out")
+    dead = Lease(out, None, "decode of a.zarr", timeout=0.5)
+    dead.acquire()
+    dead._stop.set()  # the process "dies": no more heartbeats, the object stays
+    with pytest.raises(LeaseHeldError):
+        Lease(out, None, "decode of b.zarr", 60).acquire()
+    time.sleep(0.8)
+    with caplog.at_level(logging.WARNING, logger="latentbatch.lease"):
+        taker = Lease(out, None, "decode of b.zarr", 60)
+        taker.acquire()
+    assert "took over the lease" in caplog.text and "decode of a.zarr" in caplog.text
+    assert taker.generation == 1 and taker.took_over is not None
+    assert [p.name for p in Path(out).iterdir()] == [".latentbatch-lease-000001.json"]
+    taker.release()
+
+
+def test_a_holder_whose_lease_was_taken_over_stops(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    slow = Lease(out, None, "decode of a.zarr", timeout=0.4)
+    slow.acquire()
+    slow._stop.set()  # stalled past its timeout
+    slow._thread.join()  # type: ignore[union-attr]
+    time.sleep(0.6)
+    taker = Lease(out, None, "decode of b.zarr", 60)
+    taker.acquire()
+    slow._stop.clear()
+    slow._renew_once()
+    with pytest.raises(LeaseLostError, match=r"taken over by decode of b\.zarr"):
+        slow.check()
+    slow.release()  # leaves the new holder's lease alone
+    assert current_holder(out) is not None
+    taker.release()
+
+
+def test_of_many_writers_starting_at_once_exactly_one_gets_it(tmp_path: Path) -> None:
+    """Threads stand in for processes here; the real processes are below."""
+    import threading
+
+    out = str(tmp_path / "out")
+    won: list[Lease] = []
+    refused: list[str] = []
+    start = threading.Barrier(8)
+
+    def attempt(i: int) -> None:
+        lease = Lease(out, None, f"decode {i}", 60)
+        start.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except LeaseHeldError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7
+    won[0].release()
+
+
+def test_leases_on_an_object_store(tmp_path: Path) -> None:
+    (tmp_path / "moto").mkdir()
+    with moto_server(tmp_path / "moto") as endpoint:
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        s3fs.S3FileSystem(**options).mkdir("leases")
+        out = "s3://leases/outputs/o"
+        held = pytest.raises(LeaseHeldError, match="being written by another decode of a")
+        with leased(out, "decode of a.zarr", options), held:
+            Lease(out, options, "decode of b.zarr", 60).acquire()
+        assert current_holder(out, options) is None
+    memory = f"memory://leases/{uuid.uuid4().hex}"
+    with leased(memory, "encode"), pytest.raises(LeaseHeldError):
+        Lease(memory, None, "encode", 60).acquire()
+
+
+# real processes ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_stores(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: Client
+) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("two")
+    t, s = str(root / "t.zarr"), str(root / "s.zarr")
+    encode(tiny_model, "synthetic:3000", t, layout=Layout(256, 64), client=client)
+    encode(tiny_model, "digits", s, layout=Layout(256, 64), limit=1500, client=client)
+    return t, s
+
+
+def _decode(model: Path, store: str, out: Path) -> list[str]:
+    return [CLI, "decode", "--model", str(model), "--store", store, "--out", str(out),
+            "--images-per-shard", "256", "--workers", "1", "--no-progress"]  # fmt: skip
+
+
+def _run_together(commands: list[list[str]], env: dict[str, str] | None = None) -> list[Any]:
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for c in commands
+    ]
+    return [(p.wait(timeout=300), *p.communicate()) for p in processes]
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["different stores", "same store"])
+def test_two_decodes_into_one_output_at_once(
+    two_stores: tuple[str, str], tiny_model: Path, tmp_path: Path, same: bool
+) -> None:
+    t, s = two_stores
+    out = tmp_path / "o2"
+    first, second = (s, s) if same else (t, s)
+    results = _run_together([_decode(tiny_model, first, out), _decode(tiny_model, second, out)])
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    err = next(r[2] for r in results if r[0] == 1)
+    assert err.startswith(f"error: {out} is being written by another decode of ")
+    assert " by process " in err and len(err.strip().splitlines()) == 1
+    store = (first, second)[next(i for i, r in enumerate(results) if r[0] == 0)]
+    assert verify_output(str(out), store_url=store, full=True).ok
+
+
+def test_two_first_encodes_of_one_store_at_once(tiny_model: Path, tmp_path: Path) -> None:
+    store = tmp_path / "new.zarr"
+    command = [CLI, "encode", "--model", str(tiny_model), "--store", str(store),
+               "--workers", "1", "--no-progress"]  # fmt: skip
+    results = _run_together([[*command, "--data", "synthetic:600"], [*command, "--data", "digits"]])
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    refused = next(r for r in results if r[0] == 1)
+    assert refused[2].startswith(f"error: {store} is being written by another encode of ")
+    opened = open_store(str(store))
+    assert opened.count in (600, 1797) and opened.pending is None
+    assert not [p for p in store.iterdir() if is_lease(p.name)]
+
+
+def test_a_killed_clients_lease_is_taken_over_after_its_timeout(
+    two_stores: tuple[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    t, _ = two_stores
+    out = tmp_path / "out"
+    env = {**os.environ, TIMEOUT_ENV: "3"}
+    process = subprocess.Popen(
+        _decode(tiny_model, t, out), env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob(".records/*.json")):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the client and its local cluster
+    process.wait()
+    leases = [p for p in out.iterdir() if is_lease(p.name)]
+    assert len(leases) == 1 and json.loads(leases[0].read_text())["timeout"] == 3
+    again = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
+    assert again.returncode == 1 and "is being written by another decode" in again.stderr
+    time.sleep(3.5)
+    taken = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
+    assert taken.returncode == 0, taken.stderr
+    assert "took over the lease" in taken.stderr
+    assert verify_output(str(out), store_url=t, full=True).ok
+    assert not [p for p in out.iterdir() if is_lease(p.name)]
