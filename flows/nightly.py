@@ -3,7 +3,10 @@
 A store that fails (its canary drifted, say), is damaged, or whose output folder holds
 another store's decode does not stop the others; the run then ends Failed and names each.
 The report has a row per store: what was done, why, and for a decoded store its model id,
-how its canary compared, shards written and skipped, seconds and images/s.
+how its canary compared, shards written and skipped, seconds and images/s. An output that
+another writer holds (a manual decode, a second stack) is skipped, not failed; an output
+considered up to date is verified against its manifest (sizes; ``verify_full``: sha256)
+and fails, named, when it does not match.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from latentbatch.choices import Format
 from latentbatch.cluster import connect
 from latentbatch.decode import decode
 from latentbatch.images import ImageCodec, check_codec
+from latentbatch.lease import LeaseHeldError
 from latentbatch.previews import decoded_preview
 from latentbatch.store import open_store
+from latentbatch.verify import verify_output
 
 PREVIEW_STORES, PREVIEW_IMAGES = 3, 8
 # the numbers of a decoded store's row (decode_summary's); empty for the other rows
@@ -68,18 +73,28 @@ def decode_store(
     if model_id not in models:
         raise LookupError(f"no model with id {model_id[:12]} under the models root")
     progress = ProgressReporter("nightly-progress", f"Decoding {item.entry.url}")
-    result = decode(
-        models[model_id],
-        item.entry.url,
-        item.out,
-        fmt=fmt,
-        codec=codec,
-        images_per_shard=images_per_shard,
-        storage_options=options,
-        client=client,
-        on_progress=progress,
-    )
+    try:
+        result = decode(
+            models[model_id],
+            item.entry.url,
+            item.out,
+            fmt=fmt,
+            codec=codec,
+            images_per_shard=images_per_shard,
+            storage_options=options,
+            client=client,
+            on_progress=progress,
+        )
+    except LeaseHeldError as held:  # another writer is at it: its output, not our failure
+        return {"held": str(held)}
     return decode_summary(result, item.entry.url)
+
+
+@task(name="verify", cache_policy=NO_CACHE, task_run_name="verify {item.entry.relative}")
+def verify_task(item: BulkItem, options: dict[str, Any] | None, full: bool) -> list[str]:
+    """What is wrong with an up-to-date output, a line per problem (empty: it verifies)."""
+    found = verify_output(item.out, options, full=full)
+    return [f"{p.shard}: {p.kind}, {p.detail}" for p in found.problems]
 
 
 @flow(name="nightly-bulk-decode", log_prints=True)
@@ -102,6 +117,13 @@ def nightly_bulk_decode(
     quality: Quality = None,
     storage_block: StorageBlock = None,
     images_per_shard: ImagesPerShard = None,
+    verify_full: Annotated[
+        bool,
+        Field(
+            description="Hash every shard of the up-to-date outputs (sha256) instead of "
+            "checking sizes"
+        ),
+    ] = False,
 ) -> State[Any]:
     options = storage_options(storage_block)
     codec = check_codec(image_codec, quality)
@@ -124,7 +146,15 @@ def nightly_bulk_decode(
                 reason = item.detail or "it holds the decode of another store"
                 row |= {"action": "failed", "detail": f"output not ours: {reason}"}
             elif not item.needs_decode:
-                row |= {"action": "skipped", "detail": f"output is {item.status}"}
+                problems = verify_task(item, options, verify_full)
+                if problems:
+                    failed.append(item.entry.url)
+                    shown = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+                    detail = f"output does not match its manifest ({len(problems)}): {shown}"
+                    row |= {"action": "failed", "detail": detail}
+                else:
+                    how = "sha256" if verify_full else "sizes"
+                    row |= {"action": "skipped", "detail": f"output is {item.status} ({how} ok)"}
             else:
                 state = decode_store(
                     item,
@@ -136,7 +166,9 @@ def nightly_bulk_decode(
                     images_per_shard,
                     return_state=True,
                 )
-                if state.is_completed():
+                if state.is_completed() and "held" in state.result():
+                    row |= {"action": "skipped", "detail": str(state.result()["held"])[:300]}
+                elif state.is_completed():
                     summary = state.result()
                     row |= {"action": "decoded", "detail": f"{summary['decoded']} images"}
                     row |= {key: summary[key] for key in NUMBERS}

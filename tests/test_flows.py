@@ -33,6 +33,7 @@ from flows.train import train_autoencoder
 from latentbatch.checkpoint import model_id, read_info
 from latentbatch.decode import decode
 from latentbatch.encode import encode
+from latentbatch.lease import Lease
 from latentbatch.store import Layout, open_store
 from tests.helpers import altered_model, sha256s
 from tests.servers import TcpProxy, moto_server
@@ -178,11 +179,16 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
     root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
     shutil.copytree(tiny_model, models / "tiny")
     layout = Layout(16, 8)
-    for name in ("done", "grown", "corrupt", "broken", "stolen"):
+    for name in ("done", "grown", "corrupt", "broken", "stolen", "held", "tampered"):
         encode(tiny_model, "synthetic:30", str(root / f"{name}.zarr"), layout=layout, client=client)
         decode(tiny_model, str(root / f"{name}.zarr"), str(out_root / name), images_per_shard=16,
                client=client)  # fmt: skip
     encode(tiny_model, "digits", str(root / "grown.zarr"), append=True, limit=10, client=client)
+    encode(tiny_model, "digits", str(root / "held.zarr"), append=True, limit=10, client=client)
+    holder = Lease(str(out_root / "held"), None, "decode by hand", 60)
+    holder.acquire()  # another writer (a manual decode, say) is at it
+    tampered = out_root / "tampered" / "shard-000001.tar"
+    tampered.write_bytes(tampered.read_bytes()[:-512])
     shutil.rmtree(out_root / "corrupt")
     (root / "corrupt.zarr" / "latents" / "zarr.json").write_text("{ not json")
     (root / "broken.zarr" / "zarr.json").write_text("{ not json")  # the store's own metadata
@@ -200,10 +206,11 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
         images_per_shard=16,
         return_state=True,
     )
+    holder.release()
     assert state.is_failed()
-    for name in ("corrupt", "broken", "stolen"):
+    for name in ("corrupt", "broken", "stolen", "tampered"):
         assert str(root / f"{name}.zarr") in str(state.message)
-    assert "3 of 5 stores failed" in str(state.message)
+    assert "4 of 7 stores failed" in str(state.message)
     assert sha256s(out_root / "done") == done_before
     manifest = json.loads((out_root / "grown" / "manifest.json").read_text())
     assert manifest["count"] == 40
@@ -214,7 +221,12 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
         "done": "skipped",
         "grown": "decoded",
         "stolen": "failed",
+        "held": "skipped",
+        "tampered": "failed",
     }
+    assert rows["done"]["detail"] == "output is complete (sizes ok)"
+    assert "being written by another decode by hand" in rows["held"]["detail"]
+    assert "shard-000001.tar: size" in rows["tampered"]["detail"]
     assert "damaged" in rows["broken"]["detail"] and "damaged" in rows["corrupt"]["detail"]
     assert "another store" in rows["stolen"]["detail"]
     _check_preview(artifacts(state)["nightly-preview"])
