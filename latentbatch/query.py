@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.store import LatentStore, Rows
+from latentbatch.store import LatentStore, Rows, read_checked
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -221,10 +221,11 @@ class Statistics:
         return {**self.__dict__, "scaling_factor": self.scaling_factor}
 
 
-def _moments(latents: Any, start: int, stop: int) -> np.ndarray:
+def _moments(url: str, latents: Any, start: int, stop: int) -> np.ndarray:
     """Per channel of rows ``[start, stop)``: values, mean, sum of squared deviations,
     min and max (float64), as a ``(5, C)`` array."""
-    block = np.asarray(latents[start:stop], dtype=np.float64)
+    where = f"rows [{start}, {stop})"
+    block = read_checked(url, latents, where, slice(start, stop)).astype(np.float64)
     values = block.transpose(1, 0, 2, 3).reshape(block.shape[1], -1)
     mean = values.mean(axis=1)
     deviations = ((values - mean[:, None]) ** 2).sum(axis=1)
@@ -255,7 +256,7 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
     window = NEAREST_WINDOW * store.shard_rows
     for first in range(0, store.count, window):
         parts = [
-            delayed(_moments, pure=False)(store.latents, a, b)
+            delayed(_moments, pure=False)(store.url, store.latents, a, b)
             for a, b in store.each_shard(first, min(first + window, store.count))
         ]
         for part in compute(*parts, scheduler=_scheduler()):
@@ -331,9 +332,10 @@ def _block_top_k(
 
 
 def _rows_top_k(
-    latents: Any, start: int, stop: int, query: np.ndarray, k: int, metric: Metric
+    url: str, latents: Any, start: int, stop: int, query: np.ndarray, k: int, metric: Metric
 ) -> np.ndarray:
-    return _block_top_k(np.asarray(latents[start:stop]), query, k, metric, start)
+    block = read_checked(url, latents, f"rows [{start}, {stop})", slice(start, stop))
+    return _block_top_k(block, query, k, metric, start)
 
 
 def nearest(
@@ -367,7 +369,9 @@ def nearest(
     window = NEAREST_WINDOW * store.shard_rows
     for first in range(0, store.count, window):
         parts = [
-            delayed(_rows_top_k, pure=False)(store.latents, a, b, flat_query, want, metric)
+            delayed(_rows_top_k, pure=False)(
+                store.url, store.latents, a, b, flat_query, want, metric
+            )
             for a, b in store.each_shard(first, min(first + window, store.count))
         ]
         candidates = np.concatenate([best, *compute(*parts, scheduler=_scheduler())])

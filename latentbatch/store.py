@@ -70,6 +70,22 @@ class StoreError(LatentbatchError):
     """A path is not a valid latent store, or an operation does not fit the store."""
 
 
+def read_checked(url: str, array: zarr.Array[Any], where: str, selection: Any) -> np.ndarray:
+    """``array[selection]`` (a slice of rows, or row numbers), with a damaged chunk (its
+    checksum does not match, or it does not decompress) reported as a
+    :class:`StoreError` naming the store, the array and the rows: every read of a store's
+    arrays goes through here, on the client or in a Dask task."""
+    try:
+        if isinstance(selection, slice):
+            return np.asarray(array[selection])
+        return np.asarray(array.get_orthogonal_selection((selection,)))
+    except ValueError as exc:
+        raise StoreError(
+            f"{url}: the '{array.basename}' array cannot be read at {where} ({exc}); "
+            "a chunk is damaged: restore the store from a copy or re-encode its images"
+        ) from None
+
+
 def _codecs(level: int = 3) -> list[ZstdCodec | Crc32cCodec]:
     return [ZstdCodec(level=level), Crc32cCodec()]
 
@@ -196,18 +212,7 @@ class LatentStore:
             )
 
     def _read(self, array: zarr.Array[Any], where: str, selection: Any) -> np.ndarray:
-        """``array[selection]``, with a damaged chunk (its checksum does not match, or it
-        does not decompress) reported as a :class:`StoreError` naming store, array, rows."""
-        try:
-            if isinstance(selection, slice):
-                return np.asarray(array[selection])
-            return np.asarray(array.get_orthogonal_selection((selection,)))
-        except ValueError as exc:
-            name = array.basename
-            raise StoreError(
-                f"{self.url}: the '{name}' array cannot be read at {where} ({exc}); "
-                "a chunk is damaged: restore the store from a copy or re-encode its images"
-            ) from None
+        return read_checked(self.url, array, where, selection)
 
     def read_latents(self, start: int, stop: int) -> np.ndarray:
         self._check_rows(start, stop)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from distributed import Client
+from PIL import Image
 
 from latentbatch.encode import encode
 from latentbatch.errors import OutputError
@@ -86,6 +87,57 @@ def test_damaged_chunk(
     found = re.search(r"rows \[(\d+), (\d+)\)", message)
     assert found is not None and 16 <= int(found[1]) < int(found[2]) <= 32, message
     assert not list(out.glob("shard-000001*"))
+
+
+def _flip(store: Path, array: str, shard: int = 1) -> None:
+    """One byte flipped inside a chunk of ``array``'s store shard ``shard``."""
+    folder = store / array / "c" / str(shard)
+    chunk = next(p for p in sorted(folder.rglob("*")) if p.is_file()) if folder.is_dir() else folder
+    data = bytearray(chunk.read_bytes())
+    data[12] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("array", "argv"),
+    [
+        ("latents", ["stats", "{store}"]),
+        ("latents", ["query", "{store}", "--near", "synthetic-0000001"]),
+        ("latents", ["query", "{store}", "--near-image", "{image}", "--model", "{model}"]),
+        ("latents", ["query", "{store}", "--rows", "10:30", "--model", "{model}", "--decode",
+                     "{out}"]),
+        ("quality", ["query", "{store}", "--worst", "3"]),
+        ("quality", ["query", "{store}", "--where", "psnr < 20"]),
+        ("labels", ["query", "{store}", "--label", "1"]),
+        ("ids", ["query", "{store}", "--ids", "synthetic-0000020"]),
+        ("zarr.json", ["inspect", "{store}"]),
+        ("latents/zarr.json", ["inspect", "{store}"]),
+        ("weights", ["evaluate", "{model}", "--data", "synthetic:40"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(a for a in v if "{" not in a),
+)  # fmt: skip
+def test_every_read_of_a_damaged_store_is_one_sentence(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, array: str, argv: list[str]
+) -> None:
+    """Each command, through the installed command, reading what was damaged: the arrays
+    (a byte flipped in a chunk of the second store shard), the metadata, the weights."""
+    store = Path(shutil.copytree(decoded[0], tmp_path / "s.zarr"))
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    if array.endswith("zarr.json"):
+        (store / array).write_text("{ damaged")
+    elif array == "weights":
+        weights = model / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    else:
+        _flip(store, array)
+    image = tmp_path / "grey.png"
+    Image.new("L", (16, 16), 128).save(image)
+    places = {"{store}": str(store), "{model}": str(model), "{image}": str(image),
+              "{out}": str(tmp_path / "out")}  # fmt: skip
+    named = str(model / "model.safetensors") if array == "weights" else str(store)
+    _fails([places.get(a, a) for a in argv], named)
 
 
 def test_damaged_store_metadata(tmp_path: Path, decoded: tuple[Path, Path]) -> None:
