@@ -164,6 +164,19 @@ def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
     return sorted(found, key=lambda h: -h.generation)
 
 
+_ACTIVE: set[str] = set()  # tokens of the leases this process holds now
+
+
+def _ours_abandoned(holder: Holder) -> bool:
+    """Whether ``holder`` is a lease of this very process that it no longer holds (its
+    release failed, say, while the object store was away): a retry takes it at once."""
+    return (
+        holder.pid == os.getpid()
+        and holder.host == socket.gethostname()
+        and holder.token not in _ACTIVE
+    )
+
+
 class Lease:
     """A held lease on ``root``; renewed by a thread until :meth:`release`."""
 
@@ -204,7 +217,7 @@ class Lease:
         for _ in range(8):  # each pass loses only to another writer's creation
             holders = _holders(self.root, self.options)
             current = holders[0] if holders else None
-            if current is not None and not current.stale:
+            if current is not None and not current.stale and not _ours_abandoned(current):
                 raise LeaseHeldError(
                     f"{self.root} is being written by another {current.describe()}; wait "
                     f"for it to finish, or if that process is gone, run again once its "
@@ -224,6 +237,7 @@ class Lease:
                 break
         else:
             raise LeaseHeldError(f"{self.root}: other writers keep taking its lease; run again")
+        _ACTIVE.add(self.token)
         self._thread = threading.Thread(target=self._renew, name="latentbatch-lease", daemon=True)
         self._thread.start()
 
@@ -265,8 +279,12 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _ACTIVE.discard(self.token)
         if self._lost is None and self.generation >= 0:
-            self._remove(self.url)
+            try:
+                self._remove(self.url)
+            except Exception as exc:  # the store is away: the lease goes stale, taken over
+                logger.warning("lease of %s not given back (%s); it expires", self.root, exc)
         if self._made_folder:  # made for the lease, left empty: nothing was written
             with suppress(OSError):
                 Path(self.root.removeprefix("file://")).rmdir()
