@@ -214,6 +214,14 @@ class Lease:
 
     def acquire(self) -> None:
         """Create the lease, taking over an abandoned one; refuse a live one."""
+        _ACTIVE.add(self.token)  # before the object exists: never "abandoned" by us
+        try:
+            self._acquire()
+        except BaseException:
+            _ACTIVE.discard(self.token)
+            raise
+
+    def _acquire(self) -> None:
         for _ in range(8):  # each pass loses only to another writer's creation
             holders = _holders(self.root, self.options)
             current = holders[0] if holders else None
@@ -237,7 +245,6 @@ class Lease:
                 break
         else:
             raise LeaseHeldError(f"{self.root}: other writers keep taking its lease; run again")
-        _ACTIVE.add(self.token)
         self._thread = threading.Thread(target=self._renew, name="latentbatch-lease", daemon=True)
         self._thread.start()
 
