@@ -2,7 +2,7 @@
 """Does the engine's cost per run stay flat as a collection grows? Measured in one run.
 
     python bench/scale.py [--count 100000 2000000] [--formats tar zarr] [--workers 2]
-                          [--model DIR] [--workdir DIR] [--json]
+                          [--model DIR] [--workdir DIR] [--listing-only] [--json]
 
 For each ``--count`` a store of compact (4×7×7) latents is built directly (mnist5k's
 latents under the model, tiled, with unique ids: no encode run), then decoded with
@@ -14,9 +14,14 @@ format. Without ``--model`` a compact model is trained for one epoch (seconds).
 One row per decode: rows, images/s (from a ready cluster, the decode's own figure), the
 client's and the scheduler's peak RSS (VmHWM, read from /proc while they run),
 ``manifest.json``'s bytes and the number of objects the output holds; then, per format,
-the ratios of the largest count's figures to the smallest's. ``--json`` prints the rows
-as a JSON list of objects with the keys ``count``, ``format``, ``images_per_second``,
-``client_rss_mib``, ``scheduler_rss_mib``, ``manifest_bytes`` and ``objects``.
+the ratios of the largest count's figures to the smallest's. Then, per store, the wall
+time of ``latentbatch inspect STORE`` and ``latentbatch stores ROOT`` (each in a fresh
+process, best of 3; ``inspect --bytes``, which lists every object, beside them), which
+should not grow with the store. ``--listing-only`` skips the decodes. ``--json`` prints
+``{"decodes": [...], "listings": [...]}``: the decode rows with the keys ``count``,
+``format``, ``images_per_second``, ``client_rss_mib``, ``scheduler_rss_mib``,
+``manifest_bytes`` and ``objects``, and the listing rows with ``count``, ``inspect_s``,
+``stores_s`` and ``inspect_bytes_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +71,7 @@ def base_latents(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_store(model_dir: Path, workdir: Path, count: int, base: tuple[np.ndarray, ...]) -> Path:
     """A store of ``count`` rows, written shard by shard (memory stays at one shard)."""
-    path = workdir / f"scale-{count}.zarr"
+    path = workdir / f"root-{count}" / "scale.zarr"  # alone under its root, for `stores`
     if path.exists() and open_store(str(path)).count == count:
         return path
     shutil.rmtree(path, ignore_errors=True)
@@ -196,6 +202,46 @@ def decode_run(
     }
 
 
+def _best_of(command: list[str], passes: int = 3) -> float:
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def listing_run(store: Path, count: int) -> dict[str, Any]:
+    """Wall times of the quick commands on ``store`` (alone under its root)."""
+    cli = str(BIN / "latentbatch")
+    return {
+        "count": count,
+        "inspect_s": _best_of([cli, "inspect", str(store)]),
+        "stores_s": _best_of([cli, "stores", str(store.parent)]),
+        "inspect_bytes_s": _best_of([cli, "inspect", str(store), "--bytes"]),
+    }
+
+
+def print_listings(rows: list[dict[str, Any]]) -> None:
+    print("\nquick commands on each store (fresh process, best of 3)")
+    header = f"{'rows':>10} {'inspect':>9} {'stores':>9} {'inspect --bytes':>16}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['count']:>10,} {r['inspect_s']:>8.3f}s {r['stores_s']:>8.3f}s "
+            f"{r['inspect_bytes_s']:>15.3f}s"
+        )
+    if len(rows) > 1:
+        small, large = rows[0], rows[-1]
+        print(
+            f"{large['count'] / small['count']:>9.0f}x "
+            f"{large['inspect_s'] / small['inspect_s']:>8.2f}x "
+            f"{large['stores_s'] / small['stores_s']:>8.2f}x "
+            f"{large['inspect_bytes_s'] / small['inspect_bytes_s']:>15.2f}x   (largest / smallest)"
+        )
+
+
 def print_table(rows: list[dict[str, Any]], model_id: str, workers: int) -> None:
     print(f"\nlatentbatch scale benchmark: model {model_id} (compact), {workers} workers")
     header = f"{'rows':>10} {'format':<6} {'images/s':>9} {'client RSS':>11} "
@@ -232,6 +278,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model", type=Path, help="a compact model (default: train one)")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--listing-only", action="store_true", help="skip the decodes")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-scale-"))
@@ -243,18 +290,22 @@ def main() -> None:
             train(preset_config("compact"), TrainConfig("mnist5k", 1), model_dir, progress=False)
     base = base_latents(model_dir)
     rows = []
+    listings = []
     for count in sorted(args.count):
         store = build_store(model_dir, workdir, count, base)
-        for fmt in args.formats:
+        listings.append(listing_run(store, count))
+        for fmt in [] if args.listing_only else args.formats:
             out = workdir / f"out-{count}-{fmt}"
             rows.append(decode_run(model_dir, store, out, fmt, args.workers, workdir))
             shutil.rmtree(out)
             if not args.json:
                 print(f"  decoded {count:,} rows to {fmt}", file=sys.stderr)
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
+        print(json.dumps({"decodes": rows, "listings": listings}, indent=2))
+        return
+    if rows:
         print_table(rows, read_info(model_dir).short_id, args.workers)
+    print_listings(listings)
 
 
 if __name__ == "__main__":

@@ -129,12 +129,17 @@ def plan_bulk(root: str, out_root: str, options: StorageOptions | None = None) -
 
 
 def describe_stores(
-    root: str, outputs: str | None = None, options: StorageOptions | None = None
+    root: str,
+    outputs: str | None = None,
+    options: StorageOptions | None = None,
+    with_bytes: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per store under ``root`` (what ``latentbatch stores`` shows): rows, latent
-    shape and dtype, model id, creation time, bytes, and with ``outputs`` the status of
-    its bulk-decode output under that root. A store that cannot be opened gets a row
-    with only ``store`` and ``damaged`` (the reason), and the listing carries on."""
+    shape and dtype, model id, creation time, and with ``outputs`` the status of its
+    bulk-decode output under that root; all from metadata, so a store's size does not
+    matter. ``with_bytes`` adds each store's bytes on disk (a listing of all its objects;
+    None otherwise). A store that cannot be opened gets a row with only ``store`` and
+    ``damaged`` (the reason), and the listing carries on."""
     rows: list[dict[str, Any]] = []
     for entry in find_stores(root, options):
         damage = entry.damage
@@ -160,7 +165,7 @@ def describe_stores(
                 "latent_dtype": str(store.latents.dtype),
                 "model_id": store.model_id,
                 "created": store.meta["created"],
-                "bytes": store.bytes_on_disk()["total"],
+                "bytes": store.bytes_on_disk()["total"] if with_bytes else None,
                 "output": status,
                 "damaged": None,
             }

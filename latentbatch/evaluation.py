@@ -175,7 +175,7 @@ def model_point(model: Autoencoder, info: ModelInfo, images: np.ndarray) -> Poin
             ids = [f"evaluate-{i:07d}" for i in range(start, stop)]
             store.write_rows(start, latents, ids, np.full(stop - start, -1, np.int32))
         store.write_meta(count=len(images))
-        bpp = float(store.report()["bits_per_pixel"])
+        bpp = float(store.report(with_bytes=True)["bits_per_pixel"])
         stored = store.read_latents(0, len(images)).astype(np.float32)
     decoded = decode_latents(decoder, stored, cpu)
     estimated = None

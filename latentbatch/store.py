@@ -327,10 +327,13 @@ class LatentStore:
         sizes["total"] = int(fs.du(root))
         return sizes
 
-    def report(self) -> dict[str, Any]:
-        """Everything ``latentbatch inspect`` shows: rows, layout, model, bytes, bits per
-        pixel (the latents' bytes on disk over the committed images' pixels)."""
-        sizes = self.bytes_on_disk()
+    def report(self, with_bytes: bool = False) -> dict[str, Any]:
+        """Everything ``latentbatch inspect`` shows: rows, layout, model, and from the
+        store's metadata alone, so its cost does not grow with the store. ``with_bytes``
+        adds what needs a listing of every object (``--bytes``): bytes on disk, bits per
+        pixel (the latents' bytes over the committed images' pixels) and the rows that
+        shard objects cover (``written_rows``); they are None otherwise."""
+        sizes = self.bytes_on_disk() if with_bytes else None
         meta = self.meta
         pixels = self.count * meta["image"]["height"] * meta["image"]["width"]
         return {
@@ -339,7 +342,7 @@ class LatentStore:
             "uuid": self.uuid,
             "created": meta["created"],
             "count": self.count,
-            "written_rows": self.written_rows(),
+            "written_rows": self.written_rows() if with_bytes else None,
             "capacity": self.capacity,
             "pending": self.pending,
             "latent_shape": list(self.latent_shape),
@@ -362,7 +365,7 @@ class LatentStore:
             ),
             "sources": meta["sources"],
             "bytes": sizes,
-            "bits_per_pixel": 8 * sizes["latents"] / pixels if pixels else None,
+            "bits_per_pixel": 8 * sizes["latents"] / pixels if sizes and pixels else None,
         }
 
     def written_rows(self) -> int:

@@ -123,7 +123,7 @@ def _engine_cli(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str])
     assert "already in" in capsys.readouterr().out
     assert main(["decode", "--model", str(model), "--store", store, "--out", out, *common]) == 0
     assert "decoded 40 of 40 images" in capsys.readouterr().out
-    assert main(["inspect", store, "--json"]) == 0
+    assert main(["inspect", store, "--bytes", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -140,10 +140,17 @@ def test_encode_decode_inspect(
     assert report["bits_per_pixel"] == pytest.approx(
         8 * report["bytes"]["latents"] / (40 * 16 * 16)
     )
-    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    assert main(["inspect", str(tmp_path / "s.zarr"), "--bytes"]) == 0
     text = capsys.readouterr().out
     assert "40 committed, 40 written" in text
     assert "bits/pixel" in text
+    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0  # metadata only
+    text = capsys.readouterr().out
+    assert "40 committed, capacity 40" in text and "bits/pixel" not in text
+    assert "not measured: --bytes lists every object of the store" in text
+    assert main(["inspect", str(tmp_path / "s.zarr"), "--json"]) == 0
+    quick = json.loads(capsys.readouterr().out)
+    assert (quick["bytes"], quick["bits_per_pixel"], quick["written_rows"]) == (None, None, None)
 
 
 def test_models_show_gives_a_codec_models_lambda_and_estimated_rate(

@@ -35,7 +35,7 @@ def test_the_models_point_is_what_a_store_of_those_images_holds(
     store_url = str(tmp_path / "s.zarr")
     encode(tiny_model, "synthetic:40", store_url, client=client)
     store = open_store(store_url)
-    assert result.model.bpp == store.report()["bits_per_pixel"]  # bytes on disk, as inspect
+    assert result.model.bpp == store.report(with_bytes=True)["bits_per_pixel"]  # as inspect
     images = evaluation_images(read_info(tiny_model), "synthetic:40", "all")[0]
     decoded = decode_rows(tiny_model, store, range(40))
     expected = psnr(to_unit(torch.from_numpy(images)), to_unit(torch.from_numpy(decoded)))

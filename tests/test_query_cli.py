@@ -143,8 +143,12 @@ def test_stores_catalog(
     ]
     assert {s["count"] for s in got["stores"]} == {20}
     assert {s["output"] for s in got["stores"]} == {"missing"}
+    assert {s["bytes"] for s in got["stores"]} == {None}  # from metadata only
+    sized = _json(["stores", str(tmp_path / "root"), "--bytes"], capsys)["stores"]
+    assert all(s["bytes"] > 0 for s in sized)
     assert main(["stores", str(tmp_path / "root")]) == 0
-    assert "a.zarr" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "a.zarr" in text and "bytes not measured: --bytes lists every object" in text
 
 
 def test_other_zarr_readers_see_the_same_latents(mnist_store: Path) -> None:

@@ -94,7 +94,7 @@ def test_cli_on_s3(
     ]
     assert main([*argv, *opts, *common]) == 0
     assert json.loads(capsys.readouterr().out)["encoded"] == 40
-    assert main(["inspect", store, *opts, "--json"]) == 0
+    assert main(["inspect", store, "--bytes", *opts, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 40
     assert report["bits_per_pixel"] > 0

@@ -278,22 +278,28 @@ def decode_command(
 @app.command("inspect")
 def inspect_command(
     store: StoreArgument,
+    with_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--bytes",
+            help="Also list every object for bytes on disk and bits per pixel (grows with "
+            "the store).",
+        ),
+    ] = False,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show a latent store: rows, shapes, chunking, model, bytes and bits per pixel."""
+    """Show a latent store: rows, shapes, chunking, model (--bytes: bytes, bits/pixel)."""
     from latentbatch.store import open_store
 
-    report = open_store(store, parse_options(storage_option)).report()
+    report = open_store(store, parse_options(storage_option)).report(with_bytes)
     if as_json:
         emit_json(report)
         return
     console = make_console()
     bpp = report["bits_per_pixel"]
-    rows_text = (
-        f"{report['count']} committed, {report['written_rows']} written, "
-        f"capacity {report['capacity']}"
-    )
+    written = "" if report["written_rows"] is None else f"{report['written_rows']} written, "
+    rows_text = f"{report['count']} committed, {written}capacity {report['capacity']}"
     per_chunk = (
         f"{report['chunk_shape'][0]} rows per chunk"
         if report["chunk_shape"][1:] == report["latent_shape"]
@@ -324,9 +330,13 @@ def inspect_command(
         ("PSNR", "each row's at encode time" if report["quality"] else "not recorded"),
         ("canary", report["canary"] or "none"),
         ("sources", sources or "none"),
-        ("on disk", f"{report['bytes']['total']:,} bytes (latents {report['bytes']['latents']:,})"),
-        ("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"),
     ]
+    if report["bytes"] is None:
+        rows.append(("on disk", "not measured: --bytes lists every object of the store"))
+    else:
+        sizes = report["bytes"]
+        rows.append(("on disk", f"{sizes['total']:,} bytes (latents {sizes['latents']:,})"))
+        rows.append(("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"))
     for key, value in rows:
         console.print(f"{key:>10}  {value}", highlight=False)
 

@@ -34,13 +34,19 @@ def stores_command(
     outputs: Annotated[
         str | None, typer.Option(help="Output root of bulk decodes, to report each store's output.")
     ] = None,
+    with_bytes: Annotated[
+        bool,
+        typer.Option("--bytes", help="Also list every object of each store for its bytes."),
+    ] = False,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List every latent store under ROOT: rows, latents, model, created, bytes, output."""
+    """List every latent store under ROOT: rows, latents, model, created, output (--bytes:
+    bytes on disk)."""
     from latentbatch import catalog
 
-    rows = catalog.describe_stores(root, outputs, parse_options(storage_option))
+    options = parse_options(storage_option)
+    rows = catalog.describe_stores(root, outputs, options, with_bytes)
     if as_json:
         emit_json({"root": root, "stores": rows})
         return
@@ -55,10 +61,13 @@ def stores_command(
             "x".join(map(str, row["latent_shape"])) + f" {row['latent_dtype']}",
             row["model_id"][:12],
             row["created"],
-            f"{row['bytes']:,}",
+            "-" if row["bytes"] is None else f"{row['bytes']:,}",
             row["output"] or "-",
         )
-    make_console().print(table)
+    console = make_console()
+    console.print(table)
+    if not with_bytes and rows:
+        console.print("bytes not measured: --bytes lists every object of every store")
 
 
 def query_command(
