@@ -81,6 +81,7 @@ from latentbatch.workers import (
 )
 
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
+SELECTION_LIMIT = DEFAULT_IMAGES_PER_SHARD  # rows an in-process decode of a selection takes
 ProgressCallback = Callable[[Progress], None]
 
 
@@ -479,10 +480,18 @@ def decode_selection(
     codec: ImageCodec | None = None,
 ) -> Manifest:
     """Decode chosen rows into ``out`` as one shard (tar, png or zarr) plus a manifest
-    that lists them, with :func:`decode_rows`' checks and :func:`decode`'s writers."""
+    that lists them, with :func:`decode_rows`' checks and :func:`decode`'s writers. It
+    runs in this process, so a selection of more than :data:`SELECTION_LIMIT` rows (one
+    output shard's worth) is refused: decode the store with :func:`decode` instead."""
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     options = store.storage_options
+    if len(rows) > SELECTION_LIMIT:
+        raise OutputError(
+            f"the selection has more than {SELECTION_LIMIT:,} rows, which --decode decodes "
+            "in this process; narrow it (--rows, --label, --where), or decode the whole "
+            "store on the cluster with `latentbatch decode`"
+        )
     if read_manifest(out, options) is not None:
         raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
     rows = [int(r) for r in rows]

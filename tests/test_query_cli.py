@@ -197,3 +197,26 @@ def test_query_commands_on_s3(
             assert there == local
         listed = _json(["stores", "s3://queries/root", *opts], capsys)
         assert [s["store"] for s in listed["stores"]] == [remote]
+
+
+def test_query_decode_is_bounded(
+    tmp_path: Path,
+    mnist_store: Path,
+    seed_model: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An in-process decode of a selection takes at most SELECTION_LIMIT rows (one output
+    shard's worth; lowered here): more is refused before anything is read or written."""
+    from latentbatch import decode as decode_module
+
+    monkeypatch.setattr(decode_module, "SELECTION_LIMIT", 100)
+    argv = ["query", str(mnist_store), "--label", "3", "--model", str(seed_model)]
+    assert main([*argv, "--decode", str(tmp_path / "big")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the selection has more than 100 rows, which --decode")
+    assert "latentbatch decode" in err and not (tmp_path / "big").exists()
+    assert main([*argv, "--rows", "1500:1560", "--decode", str(tmp_path / "small"), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
+    assert manifest["count"] == answer["count"] == len(manifest["selection"]) <= 100

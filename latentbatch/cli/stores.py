@@ -9,7 +9,7 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -26,7 +26,11 @@ from latentbatch.cli.common import (
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage import parse_options
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SHOWN = 200  # rows of a query's table; --json prints them all, a row at a time
+GRID_ROWS = 32  # rows a --grid picture shows (selection_preview's 4 lines of 8)
 
 
 def stores_command(
@@ -108,7 +112,6 @@ def query_command(
     as_json: JsonOption = False,
 ) -> None:
     """Select rows of a store, or find nearest neighbours, without decoding the store."""
-    import numpy as np
 
     from latentbatch import query
     from latentbatch.images import check_codec
@@ -144,20 +147,20 @@ def query_command(
     )
     chunks: Iterable[np.ndarray] = found.chunks
     if loaded_model is not None and (decode_to is not None or grid is not None):
-        from latentbatch.decode import decode_selection
+        from latentbatch.decode import SELECTION_LIMIT, decode_selection
         from latentbatch.figures import image_grid, save_picture
         from latentbatch.previews import selection_preview
         from latentbatch.shards import check_format
 
-        parts = list(chunks)  # decoding needs the whole selection
-        selected = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        # the first rows only (a bounded number), the rest still streamed for the answer
+        wanted = SELECTION_LIMIT + 1 if decode_to is not None else GRID_ROWS
+        selected, chunks = _first_rows(chunks, wanted)
         if decode_to is not None:
             fmt = check_format(output_format)
             decode_selection(loaded_model, store, selected, decode_to, fmt, codec)
         if grid is not None and len(selected):
             pictures = selection_preview(loaded_model, store, selected, found.query_latent)
             save_picture(image_grid(pictures, scale=max(1, 64 // pictures[0].shape[1])), grid)
-        chunks = [selected]
     neighbours = found.neighbours
     results = _checked(
         entry for part in chunks for entry in query.result_rows(store, part, neighbours)
@@ -166,6 +169,21 @@ def query_command(
         _stream_json(store_url, results)
     else:
         _print_table(results, store.has_labels, store.has_quality, neighbours is not None)
+
+
+def _first_rows(chunks: Iterable[np.ndarray], n: int) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """The first ``n`` rows of a streamed answer, and the whole answer again (the chunks
+    taken, then the rest, still streamed)."""
+    import numpy as np
+
+    taken: list[np.ndarray] = []
+    rest = iter(chunks)
+    for part in rest:
+        taken.append(part)
+        if sum(len(t) for t in taken) >= n:
+            break
+    first = np.concatenate(taken)[:n] if taken else np.zeros(0, dtype=np.int64)
+    return first, itertools.chain(taken, rest)
 
 
 def _checked(results: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
