@@ -3,10 +3,12 @@ keep a bounded number of tasks in flight.
 
 - :func:`connect`: with no address (and no ``DASK_SCHEDULER_ADDRESS``) start a
   ``LocalCluster`` sized to the machine, one single-threaded worker process per core; on
-  a CUDA host one worker per GPU, each advertising ``GPU=1`` and pinned to its own device
-  (dask-cuda's ``LocalCUDACluster`` when installed, else ``CUDA_VISIBLE_DEVICES`` per
-  worker, :func:`gpu_worker_specs`); asked for more workers than GPUs, they share the
-  GPUs round-robin (``CUDA_VISIBLE_DEVICES``); with an address, use that cluster.
+  a CUDA host one worker per GPU the host gave us (the inherited ``CUDA_VISIBLE_DEVICES``,
+  indices or UUIDs, :func:`visible_gpus`), each advertising ``GPU=1`` and decoding on
+  its own device (dask-cuda's ``LocalCUDACluster`` when installed, which hands each
+  worker the list rotated to its device, :func:`dask_cuda_devices`; else one device's
+  ``CUDA_VISIBLE_DEVICES`` per worker, :func:`gpu_worker_specs`); asked for more workers
+  than GPUs, they share the GPUs round-robin; with an address, use that cluster.
 - :func:`gpu_resources`: ask for ``GPU=1`` whenever any worker has it.
 - :func:`map_bounded`: a window of tasks over many specs, with progress.
 
@@ -38,6 +40,7 @@ _LOG_LEVEL_ENV = "DASK_LOGGING__DISTRIBUTED"
 HOST_GPUS_ENV = "LATENTBATCH_HOST_GPUS"  # GPUs of the worker's host, when pinned to one
 HOST_WORKERS_ENV = "LATENTBATCH_HOST_GPU_WORKERS"  # GPU workers started on its host
 R = TypeVar("R")
+logger = logging.getLogger(__name__)
 
 
 class ClusterError(LatentbatchError):
@@ -49,7 +52,7 @@ def default_workers() -> int:
     import torch  # the engine's: only a cluster that is started needs it
 
     if torch.cuda.is_available():
-        return torch.cuda.device_count()
+        return len(_inherited_gpus())
     return max(1, os.cpu_count() or 1)
 
 
@@ -97,6 +100,39 @@ def worker_env() -> dict[str, str]:
     }
 
 
+def visible_gpus(inherited: str | None, device_count: int) -> list[str]:
+    """The GPUs this host gave us, as ``CUDA_VISIBLE_DEVICES`` names them: the inherited
+    list (indices such as ``2,3`` or UUIDs such as ``GPU-8f6a...``, kept as given) when
+    it is set, else every device torch counts (``0 .. device_count - 1``)."""
+    if inherited is not None:
+        return [name.strip() for name in inherited.split(",") if name.strip()]
+    return [str(i) for i in range(device_count)]
+
+
+def gpu_worker_env(index: int, devices: list[str], workers: int) -> dict[str, str]:
+    """The environment of GPU worker ``index`` of ``workers``: its one device, the
+    ``index mod len(devices)``-th the host gave us (workers beyond the devices share
+    them round-robin), and what it needs to size its encoding threads."""
+    return {
+        "CUDA_VISIBLE_DEVICES": devices[index % len(devices)],
+        HOST_GPUS_ENV: str(len(devices)),
+        HOST_WORKERS_ENV: str(workers),
+    }
+
+
+def dask_cuda_devices(devices: list[str], workers: int) -> list[str]:
+    """What dask-cuda's ``LocalCUDACluster`` sets as each worker's ``CUDA_VISIBLE_DEVICES``
+    when given ``devices``: the list rotated to start at the worker's own device, which
+    is the one it decodes on (``cuda`` = the first visible)."""
+    return [",".join(devices[i:] + devices[:i]) for i in range(workers)]
+
+
+def _inherited_gpus() -> list[str]:
+    import torch  # the engine's: only a cluster that is started needs it
+
+    return visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+
+
 def _local_cluster(workers: int | None) -> SpecCluster:
     """The embedded cluster (see the module docstring)."""
     import torch
@@ -111,15 +147,17 @@ def _local_cluster(workers: int | None) -> SpecCluster:
             host="127.0.0.1",
             silence_logs=False if verbose() else logging.WARNING,
         )
-    if n > torch.cuda.device_count():  # several workers share a GPU: dask-cuda cannot
-        return gpu_cluster(n)
+    devices = _inherited_gpus()
+    if n > len(devices):  # several workers share a GPU: dask-cuda cannot
+        return gpu_cluster(n, devices)
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        return gpu_cluster(n)
-    devices = ",".join(str(i) for i in range(n))
+        return gpu_cluster(n, devices)
+    for i, visible in enumerate(dask_cuda_devices(devices[:n], n)):
+        logger.info("dask-cuda worker %d decodes on GPU %s", i, visible.split(",")[0])
     cluster: SpecCluster = LocalCUDACluster(
-        CUDA_VISIBLE_DEVICES=devices,
+        CUDA_VISIBLE_DEVICES=",".join(devices[:n]),
         threads_per_worker=1,
         resources={"GPU": 1},
         dashboard_address=":0",
@@ -128,13 +166,11 @@ def _local_cluster(workers: int | None) -> SpecCluster:
     return cluster
 
 
-def gpu_worker_specs(count: int, gpus: int | None = None) -> dict[str, dict[str, Any]]:
+def gpu_worker_specs(count: int, devices: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Dask worker specs of ``count`` single-threaded nanny workers, worker ``i`` pinned
-    to GPU ``i mod gpus`` through ``CUDA_VISIBLE_DEVICES`` and advertising ``GPU=1``."""
-    if not gpus:
-        import torch
-
-        gpus = max(1, torch.cuda.device_count())
+    to one of ``devices`` (default: the GPUs the host gave us, :func:`visible_gpus`)
+    through :func:`gpu_worker_env` and advertising ``GPU=1``."""
+    devices = devices or _inherited_gpus() or ["0"]
     return {
         f"gpu-{i}": {
             "cls": Nanny,
@@ -143,21 +179,17 @@ def gpu_worker_specs(count: int, gpus: int | None = None) -> dict[str, dict[str,
                 "resources": {"GPU": 1},
                 "host": "127.0.0.1",
                 "dashboard_address": ":0",
-                "env": {
-                    "CUDA_VISIBLE_DEVICES": str(i % gpus),
-                    HOST_GPUS_ENV: str(gpus),
-                    HOST_WORKERS_ENV: str(count),
-                },
+                "env": gpu_worker_env(i, devices, count),
             },
         }
         for i in range(count)
     }
 
 
-def gpu_cluster(count: int, gpus: int | None = None) -> SpecCluster:
+def gpu_cluster(count: int, devices: list[str] | None = None) -> SpecCluster:
     """A local cluster of :func:`gpu_worker_specs` workers (no dask-cuda needed)."""
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
-    return SpecCluster(workers=gpu_worker_specs(count, gpus), scheduler=scheduler)
+    return SpecCluster(workers=gpu_worker_specs(count, devices), scheduler=scheduler)
 
 
 @contextmanager

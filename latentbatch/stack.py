@@ -205,21 +205,16 @@ def up(
         )
         import torch  # the engine: only `stack up` needs it, not status or down
 
-        from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV, worker_env
+        from latentbatch.cluster import gpu_worker_env, visible_gpus, worker_env
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        workers = workers or gpus or 2
+        inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = (
+            visible_gpus(inherited, torch.cuda.device_count()) if torch.cuda.is_available() else []
+        )
+        workers = workers or len(gpus) or 2
         gpu = ["--resources", "GPU=1"] if gpus else []
         for i in range(workers):
-            pinned = (
-                {
-                    "CUDA_VISIBLE_DEVICES": str(i % gpus),
-                    HOST_GPUS_ENV: str(gpus),
-                    HOST_WORKERS_ENV: str(workers),
-                }
-                if gpus
-                else {}
-            )
+            pinned = gpu_worker_env(i, gpus, workers) if gpus else {}
             launcher.start(
                 f"dask-worker-{i}",
                 [

@@ -196,11 +196,55 @@ def test_gpu_workers_are_pinned_one_device_each() -> None:
         names = ("CUDA_VISIBLE_DEVICES", HOST_GPUS_ENV, HOST_WORKERS_ENV)
         return tuple(os.environ.get(name) for name in names)
 
-    with gpu_cluster(3, gpus=2) as cluster, Client(cluster) as client:
+    with gpu_cluster(3, ["0", "1"]) as cluster, Client(cluster) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
         expected = [("0", "2", "3"), ("0", "2", "3"), ("1", "2", "3")]  # device, GPUs, workers
         assert sorted(client.run(pinned).values()) == expected
+
+
+@pytest.mark.parametrize(
+    ("inherited", "count", "devices"),
+    [
+        (None, 1, ["0"]),
+        (None, 2, ["0", "1"]),
+        (None, 4, ["0", "1", "2", "3"]),
+        ("2,3", 8, ["2", "3"]),  # a host limited to GPUs 2 and 3: never 0 and 1
+        ("GPU-5a1b,GPU-9c2d", 2, ["GPU-5a1b", "GPU-9c2d"]),  # UUIDs kept as given
+        ("MIG-0f1e", 1, ["MIG-0f1e"]),
+        ("", 4, []),  # the host gave us none
+    ],
+)
+def test_gpu_workers_get_the_devices_the_host_gave_us(
+    inherited: str | None, count: int, devices: list[str]
+) -> None:
+    """The mapping, without a GPU: one worker per visible device, each given exactly
+    one; with dask-cuda, each worker's rotated list starts with its own device."""
+    from latentbatch.cluster import (
+        HOST_GPUS_ENV,
+        HOST_WORKERS_ENV,
+        dask_cuda_devices,
+        gpu_worker_env,
+        gpu_worker_specs,
+        visible_gpus,
+    )
+
+    assert visible_gpus(inherited, count) == devices
+    if not devices:
+        return
+    workers = len(devices)
+    specs = gpu_worker_specs(workers, devices)
+    envs = [spec["options"]["env"] for spec in specs.values()]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == devices  # one each, in order
+    assert {(env[HOST_GPUS_ENV], env[HOST_WORKERS_ENV]) for env in envs} == {
+        (str(workers), str(workers))
+    }
+    rotated = dask_cuda_devices(devices, workers)
+    assert [r.split(",")[0] for r in rotated] == devices  # each decodes on its own
+    assert all(sorted(r.split(",")) == sorted(devices) for r in rotated)
+    shared = [gpu_worker_env(i, devices, 2 * workers)["CUDA_VISIBLE_DEVICES"]
+              for i in range(2 * workers)]  # fmt: skip
+    assert shared == devices + devices  # twice as many workers: round-robin
 
 
 def _fails_first_time(flag: str) -> str:

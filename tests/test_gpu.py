@@ -70,14 +70,31 @@ def test_embedded_cluster_has_one_worker_per_gpu() -> None:
 
 
 def test_embedded_cluster_pins_each_worker_to_its_own_device() -> None:
-    def seen() -> tuple[str | None, int]:
-        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+    def seen() -> str:  # the device this worker decodes on: its first visible one
+        return str(torch.cuda.get_device_properties(0).uuid)
 
     with connect() as client:
         pinned = list(client.run(seen).values())
     assert len(pinned) == torch.cuda.device_count()
-    assert all(count == 1 for _, count in pinned)  # each sees its device only
-    assert len({device for device, _ in pinned}) == len(pinned)  # never all on cuda:0
+    assert len(set(pinned)) == len(pinned)  # never all on cuda:0 (dask-cuda or not)
+
+
+@pytest.mark.parametrize("by", ["index", "uuid"])
+def test_workers_decode_on_the_device_the_host_gave_us(
+    by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inherited CUDA_VISIBLE_DEVICES, by index and by UUID, is what the workers use."""
+    last = torch.cuda.device_count() - 1
+    uuid = f"GPU-{torch.cuda.get_device_properties(last).uuid}"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(last) if by == "index" else uuid)
+
+    def seen() -> tuple[str | None, str]:
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), str(torch.cuda.get_device_properties(0).uuid)
+
+    with connect() as client:
+        found = list(client.run(seen).values())
+    assert len(found) == 1
+    assert found[0][1] == uuid.removeprefix("GPU-")
 
 
 def test_pipelined_cuda_decode_hands_batches_on_in_order(
@@ -104,7 +121,7 @@ def test_two_workers_sharing_a_gpu_write_the_same_bytes(
     with connect() as client:
         decode(seed_model, str(mnist_store), str(tmp_path / "one"), images_per_shard=1024,
                client=client)  # fmt: skip
-    with gpu_cluster(2, gpus=1) as cluster, Client(cluster) as client:
+    with gpu_cluster(2) as cluster, Client(cluster) as client:
         decode(seed_model, str(mnist_store), str(tmp_path / "two"), images_per_shard=1024,
                client=client)  # fmt: skip
     assert sha256s(tmp_path / "one") == sha256s(tmp_path / "two")
