@@ -198,6 +198,24 @@ def test_flow_jobs_mount_the_models_where_deployments_look() -> None:
     assert storage["ConfigMap"]["data"]["LATENTBATCH_MODELS"] == mounts["models"]
 
 
+def test_flow_jobs_can_write_the_volumes_they_mount() -> None:
+    """A fresh PersistentVolume is root-owned; the flow Job runs as uid 10001 and the train
+    deployments write into the models volume: the pod's fsGroup makes every writable
+    volume group-writable by the Job's group (or an init step must chown it)."""
+    spec = _job_of_the_work_pool()["spec"]["template"]["spec"]
+    context = spec["securityContext"]
+    writable = {m["name"] for m in spec["containers"][0]["volumeMounts"] if not m.get("readOnly")}
+    claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    assert writable & claims == {"models"}
+    assert context["runAsUser"] == 10001 and context["runAsNonRoot"] is True
+    chowns = any("chown" in " ".join(c.get("command", [])) for c in spec.get("initContainers", []))
+    assert context.get("fsGroup") == context.get("runAsGroup") == 10001 or chowns
+    for document in _documents(INFRA / "k8s" / "daskcluster.yaml"):
+        for role in ("worker", "scheduler"):
+            pod = document["spec"][role]["spec"]
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+
+
 def test_deployments_decode_with_the_models_the_train_deployments_make() -> None:
     """One naming rule (checkpoint.model_dir_for): the model directory every encode,
     decode and query deployment names is one a train deployment writes."""
