@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from latentbatch.errors import ConfigError
+from latentbatch.errors import ConfigError, LatentbatchError
 
 StorageOptions = Mapping[str, Any]
 TEMPORARY_SUFFIX = ".tmp"
@@ -89,7 +89,29 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
 
 
+class WriteError(LatentbatchError):
+    """Bytes could not be written to a local disk (full, out of quota, read-only, failing):
+    the write stopped and nothing half-written was kept or recorded."""
+
+
+def write_failed(what: str, exc: OSError) -> WriteError:
+    """The sentence for a failed local write: what, why, and that a re-run finishes it."""
+    reason = exc.strerror or str(exc)
+    return WriteError(
+        f"{what} could not be written: {reason}; nothing half-written was kept. Free space "
+        "(or fix the disk) and run the same command again: it keeps what is finished"
+    )
+
+
 def _write_local(path: Path, data: bytes) -> None:
+    try:
+        _write_file(path, data)
+    except OSError as exc:
+        raise write_failed(str(path), exc) from exc
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """``data`` into a temporary file beside ``path``, fsynced, renamed onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
@@ -139,12 +161,17 @@ def write_folder(
         return
     parent, _, base = final.rstrip("/").rpartition("/")
     tmp = join(parent, f".{base}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
-    fs.makedirs(tmp, exist_ok=True)
-    for name, data in files:
-        (Path(tmp) / name).write_bytes(data)  # the rename below is what makes it atomic
-    if fs.exists(final):
-        fs.rm(final, recursive=True)
-    fs.mv(tmp, final, recursive=True)
+    try:
+        fs.makedirs(tmp, exist_ok=True)
+        for name, data in files:
+            (Path(tmp) / name).write_bytes(data)  # the rename below makes it atomic
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+        fs.mv(tmp, final, recursive=True)
+    except OSError as exc:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise write_failed(url, exc) from exc
 
 
 def sha256_file(path: Path) -> str:

@@ -51,7 +51,14 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.lease import without_leases
-from latentbatch.storage import StorageOptions, filesystem, join, zarr_options
+from latentbatch.storage import (
+    StorageOptions,
+    filesystem,
+    is_remote,
+    join,
+    write_failed,
+    zarr_options,
+)
 
 FLOAT_FORMAT, INTEGER_FORMAT = 1, 2
 READABLE_FORMATS = (FLOAT_FORMAT, INTEGER_FORMAT)
@@ -314,11 +321,17 @@ class LatentStore:
             raise StoreError("latents, ids, labels and quality must have the same number of rows")
         if stop > self.capacity:
             raise StoreError(f"rows [{start}, {stop}) are past the capacity {self.capacity}")
-        self.latents[start:stop] = latents.astype(self.latents.dtype, copy=False)
-        self.ids[start:stop] = np.asarray(ids, dtype=object).astype(str)
-        self.labels[start:stop] = labels.astype(np.int32, copy=False)
-        if self.quality is not None:
-            self.quality[start:stop] = quality.astype(np.float32, copy=False)
+        try:
+            self.latents[start:stop] = latents.astype(self.latents.dtype, copy=False)
+            self.ids[start:stop] = np.asarray(ids, dtype=object).astype(str)
+            self.labels[start:stop] = labels.astype(np.int32, copy=False)
+            if self.quality is not None:
+                self.quality[start:stop] = quality.astype(np.float32, copy=False)
+        except OSError as exc:
+            if is_remote(self.url) and exc.errno is None:
+                raise  # an object store's trouble: the flows retry it
+            # not committed (count is not advanced): a re-run rewrites the whole shard
+            raise write_failed(f"rows [{start}, {stop}) of {self.url}", exc) from exc
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Bytes stored per array, and in total."""

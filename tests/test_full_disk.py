@@ -1,0 +1,129 @@
+"""A full disk loses nothing: a decode or encode that hits ENOSPC stops in one sentence
+naming the shard, records nothing half-written, and the same command completes once
+there is space again, with the bytes of an uninterrupted run. The disk "fills" by fault
+injection at the one place each write goes through (our atomic file write, zarr's local
+store), so what the engine does with the error is real."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr.storage
+from distributed import Client
+
+from latentbatch import storage
+from latentbatch.cli import main
+from latentbatch.decode import decode
+from latentbatch.encode import encode
+from latentbatch.storage import WriteError
+from latentbatch.store import Layout, open_store
+from tests.helpers import sha256s
+
+FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: Client) -> str:
+    url = str(tmp_path_factory.mktemp("full") / "s.zarr")
+    encode(tiny_model, "synthetic:80", url, layout=Layout(16, 8), client=client)
+    return url
+
+
+def _fills_at(name: str, original: Callable[[Path, bytes], None]) -> Callable[[Path, bytes], None]:
+    """A ``_write_file`` whose disk fills half-way through the file called ``name``."""
+
+    def write(path: Path, data: bytes) -> None:
+        if path.name != name:
+            original(path, data)
+            return
+        (path.parent / f".{name}.partial.tmp").write_bytes(data[: len(data) // 2])
+        raise FULL
+
+    return write
+
+
+@pytest.mark.parametrize("fmt", ["tar", "png"])
+def test_a_decode_that_fills_the_disk_stops_and_finishes_later(
+    tmp_path: Path,
+    store: str,
+    tiny_model: Path,
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+) -> None:
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    decode(tiny_model, store, str(reference), fmt=fmt, images_per_shard=16, client=client)  # type: ignore[arg-type]
+    shard = "shard-000002.tar" if fmt == "tar" else "shard-000002"
+    if fmt == "tar":
+        monkeypatch.setattr(storage, "_write_file", _fills_at(shard, storage._write_file))
+    else:  # a png folder's files are written one by one before the rename
+        original = Path.write_bytes
+
+        def write_bytes(self: Path, data: Any) -> int:
+            if self.parent.name.startswith(f".{shard}.") and self.name.endswith("-0000033.png"):
+                raise FULL
+            return original(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(WriteError, match=rf"{shard}.* could not be written: No space left"):
+        decode(tiny_model, store, str(out), fmt=fmt, images_per_shard=16, client=client)  # type: ignore[arg-type]
+    records = {p.name for p in (out / ".records").glob("*.json")}
+    assert "shard-000002.json" not in records  # nothing half-written is recorded
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()  # space freed
+    argv = ["decode", "--model", str(tiny_model), "--store", store, "--out", str(out),
+            "--format", fmt, "--images-per-shard", "16", "--scheduler",
+            client.scheduler.address, "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    skipped = {f"shard-{i:06d}.json" for i in result["shards_skipped"]}
+    assert 2 in result["shards_written"] and records <= skipped  # (in flight ones finished)
+    assert sha256s(out) == sha256s(reference)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_cli_says_it_in_one_sentence(
+    tmp_path: Path, store: str, tiny_model: Path, client: Client, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setattr(storage, "_write_file", _fills_at("shard-000001.tar", storage._write_file))
+    out = tmp_path / "out"
+    argv = ["decode", "--model", str(tiny_model), "--store", store, "--out", str(out),
+            "--images-per-shard", "16", "--scheduler", client.scheduler.address]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'shard-000001.tar'} could not be written: No space")
+    assert "run the same command again" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_encode_that_fills_the_disk_stops_and_resumes(
+    tmp_path: Path, tiny_model: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "s.zarr")
+    encode(tiny_model, "synthetic:80", reference, layout=Layout(16, 8), client=client)
+    original = zarr.storage.LocalStore.set
+
+    async def set_(self: Any, key: str, value: Any) -> None:
+        if key.startswith("latents/c/2/") and Path(str(self.root)).name == "s.zarr":
+            raise FULL
+        await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    with pytest.raises(WriteError, match=rf"rows \[32, 48\) of {url} could not be written"):
+        encode(tiny_model, "synthetic:80", url, layout=Layout(16, 8), client=client)
+    opened = open_store(url)
+    assert opened.count <= 32 and opened.pending is not None  # shard 2 not committed
+    monkeypatch.undo()
+    result = encode(tiny_model, "synthetic:80", url, layout=Layout(16, 8), client=client)
+    assert result.resumed
+    done, expected = open_store(url), open_store(reference)
+    assert done.count == 80 and done.pending is None
+    np.testing.assert_array_equal(done.read_latents(0, 80), expected.read_latents(0, 80))
+    assert done.read_ids(0, 80) == expected.read_ids(0, 80)
