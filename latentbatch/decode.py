@@ -492,32 +492,35 @@ def decode_selection(
             "in this process; narrow it (--rows, --label, --where), or decode the whole "
             "store on the cluster with `latentbatch decode`"
         )
-    if read_manifest(out, options) is not None:
-        raise OutputError(f"{out} already holds a decode; choose another folder for the selection")
-    rows = [int(r) for r in rows]
-    images, ids, info = _decode_selected(model, store, rows)
-    if fmt == "zarr":
-        create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
-    labels = store.read_labels_at(rows).tolist() if store.has_labels else None
-    record = write_shard(
-        out,
-        options,
-        fmt,
-        index=0,
-        start=0,
-        ids=ids,
-        images=images,
-        codec=codec,
-        labels=labels,
-    )
-    return write_manifest(
-        out,
-        options,
-        store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
-        model_id=info.model_id,
-        output_format=fmt,
-        format_settings=_settings(fmt, codec, info.config.channels),
-        count=len(rows),
-        selection=tuple(rows),
-        shards=[record],
-    )
+    with leased(out, f"decode of a selection of {store.url}", options):
+        if read_manifest(out, options) is not None:
+            raise OutputError(
+                f"{out} already holds a decode; choose another folder for the selection"
+            )
+        rows = [int(r) for r in rows]
+        images, ids, info = _decode_selected(model, store, rows)
+        if fmt == "zarr":
+            create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
+        labels = store.read_labels_at(rows).tolist() if store.has_labels else None
+        record = write_shard(
+            out,
+            options,
+            fmt,
+            index=0,
+            start=0,
+            ids=ids,
+            images=images,
+            codec=codec,
+            labels=labels,
+        )
+        return write_manifest(
+            out,
+            options,
+            store=StoreRef(url=store.url, uuid=store.uuid, count=store.count),
+            model_id=info.model_id,
+            output_format=fmt,
+            format_settings=_settings(fmt, codec, info.config.channels),
+            count=len(rows),
+            selection=tuple(rows),
+            shards=[record],
+        )
