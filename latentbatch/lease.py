@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.storage import StorageOptions, filesystem, is_remote, join, json_bytes
+from latentbatch.storage import (
+    StorageOptions,
+    filesystem,
+    is_remote,
+    join,
+    json_bytes,
+    write_bytes,
+    write_failed,
+)
 
 PREFIX = ".latentbatch-lease-"
 _NAME = re.compile(r"^\.latentbatch-lease-(\d{6})\.json$")
@@ -99,10 +107,14 @@ def _create(url: str, data: bytes, options: StorageOptions | None) -> bool:
         fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:  # a full disk, say: leave no empty lease behind
+        local.unlink(missing_ok=True)
+        raise write_failed(str(local), exc) from exc
     return True
 
 
@@ -128,8 +140,7 @@ class Holder:
 
 
 def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
-    """The lease objects under ``root``, newest generation first (unreadable ones, caught
-    half-written by a listing on a local disk, count as fresh: never taken over)."""
+    """The lease objects under ``root``, newest generation first."""
     fs, path = filesystem(root, options)
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -156,10 +167,10 @@ def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
             )
         except FileNotFoundError:
             continue  # given back or taken over while we listed
-        except (ValueError, KeyError, TypeError):
-            found.append(
+        except (ValueError, KeyError, TypeError):  # being written, or left empty: its age
+            found.append(  # is its object's, so it expires like any other
                 Holder(generation=generation, what="a write", host="?", pid=0, token="?",
-                       heartbeat=time.time(), timeout=DEFAULT_TIMEOUT)
+                       heartbeat=_modified(fs, join(path, name)), timeout=DEFAULT_TIMEOUT)
             )  # fmt: skip
     return sorted(found, key=lambda h: -h.generation)
 
@@ -175,6 +186,18 @@ def _ours_abandoned(holder: Holder) -> bool:
         and holder.host == socket.gethostname()
         and holder.token not in _ACTIVE
     )
+
+
+def _modified(fs: Any, path: str) -> float:
+    """When the object at ``path`` was last written (now, when that cannot be told)."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return time.time()
+    stamp = info.get("mtime", info.get("LastModified"))
+    if hasattr(stamp, "timestamp"):
+        return float(stamp.timestamp())
+    return float(stamp) if isinstance(stamp, int | float) else time.time()
 
 
 class Lease:
@@ -265,10 +288,9 @@ class Lease:
             newer = holders[0].describe() if holders else "nobody (it was removed)"
             self._lost = f"its lease on {self.root} was taken over by {newer}"
             return False
-        fs, path = filesystem(self.url, self.options)
         try:
-            fs.pipe_file(path, self._payload())
-        except OSError as exc:  # a moment's outage: the next renewal tries again
+            write_bytes(self.url, self._payload(), self.options)  # atomic: never torn
+        except (OSError, LatentbatchError) as exc:  # a moment's outage: the next one tries
             logger.warning("lease of %s not renewed: %s", self.root, exc)
         return True
 

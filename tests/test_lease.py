@@ -67,6 +67,21 @@ def test_an_abandoned_lease_is_taken_over_with_a_warning(
     taker.release()
 
 
+def test_an_empty_lease_left_by_a_full_disk_expires_by_its_age(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    empty = out / ".latentbatch-lease-000004.json"
+    empty.write_bytes(b"")
+    with pytest.raises(LeaseHeldError):  # as young as a lease being written
+        Lease(str(out), None, "decode of b.zarr", 60).acquire()
+    old = time.time() - 3600
+    os.utime(empty, (old, old))
+    lease = Lease(str(out), None, "decode of b.zarr", 60)
+    lease.acquire()
+    assert lease.generation == 5 and not empty.exists()
+    lease.release()
+
+
 def test_a_holder_whose_lease_was_taken_over_stops(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     slow = Lease(out, None, "decode of a.zarr", timeout=0.4)
