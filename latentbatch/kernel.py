@@ -56,10 +56,10 @@ def decode_batches(
 
     Batches are decoded in float32 on CPU (autocast to float16 on CUDA,
     :func:`_decode_on_cuda`), channels-last: load the decoder with
-    :func:`latentbatch.checkpoint.load_model`, which makes it channels-last (it is never
+    :func:`latentbatch.weights.load_model`, which makes it channels-last (it is never
     changed here: worker threads share it). ``on_batch`` sees each batch's images as soon
-    as they exist. ``batches`` may be read ahead (:func:`read_ahead`). On CPU the result
-    is bit-identical whatever the thread count or batch size (tested).
+    as they exist. ``batches`` may be read ahead (:func:`latentbatch.decode.read_ahead`).
+    On CPU the result is bit-identical whatever the thread count or batch size (tested).
     """
     if device.type == "cuda":
         return _decode_on_cuda(decoder, batches, device, on_batch)
