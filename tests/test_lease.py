@@ -208,7 +208,7 @@ def test_a_killed_clients_lease_is_taken_over_after_its_timeout(
 ) -> None:
     t, _ = two_stores
     out = tmp_path / "out"
-    env = {**os.environ, TIMEOUT_ENV: "3"}
+    env = {**os.environ, TIMEOUT_ENV: "6"}  # long enough for the re-run below to start
     process = subprocess.Popen(
         _decode(tiny_model, t, out), env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -219,10 +219,10 @@ def test_a_killed_clients_lease_is_taken_over_after_its_timeout(
     os.killpg(process.pid, signal.SIGKILL)  # the client and its local cluster
     process.wait()
     leases = [p for p in out.iterdir() if is_lease(p.name)]
-    assert len(leases) == 1 and json.loads(leases[0].read_text())["timeout"] == 3
+    assert len(leases) == 1 and json.loads(leases[0].read_text())["timeout"] == 6
     again = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
     assert again.returncode == 1 and "is being written by another decode" in again.stderr
-    time.sleep(3.5)
+    time.sleep(6.5)
     taken = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
     assert taken.returncode == 0, taken.stderr
     assert "took over the lease" in taken.stderr
