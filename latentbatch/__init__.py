@@ -54,6 +54,8 @@ _EXPORTS = {
     "read_manifest": "manifest",
     "iter_shards": "manifest",
     "read_output": "shards",
+    "verify_output": "verify",
+    "Verification": "verify",
     "select": "query",
     "iter_select": "query",
     "worst": "query",
@@ -78,6 +80,7 @@ __all__ = [
     "ModelInfo",
     "TrainConfig",
     "TrainResult",
+    "Verification",
     "connect",
     "create_store",
     "decode_selection",
@@ -99,6 +102,7 @@ __all__ = [
     "statistics",
     "to_xarray",
     "train_model",
+    "verify_output",
     "worst",
 ]
 
@@ -127,6 +131,7 @@ if TYPE_CHECKING:
     from latentbatch.store import LatentStore, Layout, create_store, open_store
     from latentbatch.train import TrainResult
     from latentbatch.train import train as train_model
+    from latentbatch.verify import Verification, verify_output
     from latentbatch.weights import load_model
 
 
