@@ -43,7 +43,7 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">": operator.gt,
 }
 NEAREST_WINDOW = 32  # store shards scanned at once by nearest()
-_PREDICATE = re.compile(r"^\s*(row|label|psnr)\s*(==|!=|<=|>=|<|>)\s*(-?\d+(?:\.\d*)?)\s*$")
+_PREDICATE = re.compile(r"^\s*(row|label|psnr|anomaly)\s*(==|!=|<=|>=|<|>)\s*(-?\d+(?:\.\d*)?)\s*$")
 
 
 def _scheduler() -> Callable[..., Any] | None:
@@ -57,6 +57,10 @@ def _scheduler() -> Callable[..., Any] | None:
     from dask.threaded import get
 
     return get
+
+
+_REAL_FIELDS = ("psnr", "anomaly")
+Ranking = Literal["psnr", "anomaly"]
 
 
 class QueryError(LatentbatchError):
@@ -76,15 +80,18 @@ def parse_rows(text: str) -> tuple[int, int]:
 
 def parse_predicate(text: str) -> tuple[str, Callable[[Any, Any], Any], float]:
     """``"label >= 5"`` → (field, operator, value); fields are ``row``, ``label`` (integer
-    values) and ``psnr`` (each row's PSNR in dB at encode time; any number)."""
+    values), ``psnr`` (each row's PSNR in dB at encode time) and ``anomaly`` (each row's
+    anomaly score, ``latentbatch score``; any number)."""
     match = _PREDICATE.match(text)
-    if match is None or (match[1] != "psnr" and "." in match[3]):
+    real = match is not None and match[1] in _REAL_FIELDS
+    if match is None or (not real and "." in match[3]):
         raise QueryError(
-            f"predicate {text!r} is not FIELD OP NUMBER with FIELD row, label (integers) or "
-            f"psnr and OP one of {' '.join(_OPS)} (for example 'label >= 5' or 'psnr < 20')"
+            f"predicate {text!r} is not FIELD OP NUMBER with FIELD row, label (integers), "
+            f"psnr or anomaly and OP one of {' '.join(_OPS)} (for example 'label >= 5' or "
+            "'psnr < 20')"
         )
     value = float(match[3])
-    return match[1], _OPS[match[2]], value if match[1] == "psnr" else int(value)
+    return match[1], _OPS[match[2]], value if real else int(value)
 
 
 def check_metric(metric: str) -> Metric:
@@ -131,6 +138,12 @@ def iter_select(
             f"{store.url} records no per-image PSNR (encoded by an earlier release); "
             "re-encode its images to query it"
         )
+    needs_anomaly = any(f == "anomaly" for f, _, _ in predicates)
+    if needs_anomaly and not store.has_anomaly:
+        raise QueryError(
+            f"{store.url} has no anomaly scores; score it first with "
+            "`latentbatch score STORE --reference REF`"
+        )
     wanted_ids = None if ids is None else set(ids)
     found_ids: set[str] = set()
     by_id: list[np.ndarray] = []
@@ -150,6 +163,7 @@ def iter_select(
             "row": numbers,
             "label": store.read_labels(start, stop) if needs_labels else None,
             "psnr": store.read_quality(start, stop) if needs_quality else None,
+            "anomaly": store.read_anomaly(start, stop) if needs_anomaly else None,
         }
         if label is not None:
             keep &= fields["label"] == label
@@ -382,20 +396,30 @@ def nearest(
     return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
 
 
-def worst(store: LatentStore, k: int = 10) -> np.ndarray:
-    """The ``k`` committed rows reconstructed worst at encode time (lowest stored PSNR
-    first; ties by row; rows never measured left out), scanned a store shard at a time
-    keeping only the worst ``k`` so far."""
+def worst(store: LatentStore, k: int = 10, by: Ranking = "psnr") -> np.ndarray:
+    """The ``k`` worst committed rows, scanned a store shard at a time keeping only the
+    worst ``k`` so far: by ``psnr``, those reconstructed worst at encode time (lowest PSNR
+    first); by ``anomaly``, the most anomalous (highest score first). Ties by row; rows
+    never measured are left out."""
     if k < 1:
         raise QueryError(f"--worst must be at least 1, got {k}")
-    if not store.has_quality:
+    if by not in ("psnr", "anomaly"):
+        raise QueryError(f"--by {by!r} is not psnr or anomaly")
+    if by == "psnr" and not store.has_quality:
         raise QueryError(
             f"{store.url} records no per-image PSNR (encoded by an earlier release); "
             "re-encode its images to find the worst reconstructed"
         )
+    if by == "anomaly" and not store.has_anomaly:
+        raise QueryError(
+            f"{store.url} has no anomaly scores; score it first with "
+            "`latentbatch score STORE --reference REF`"
+        )
+    read = store.read_quality if by == "psnr" else store.read_anomaly
+    sign = 1.0 if by == "psnr" else -1.0  # lowest PSNR first, highest anomaly first
     best = np.zeros((0, 2))
     for start, stop in store.each_shard():
-        values = store.read_quality(start, stop).astype(np.float64)
+        values = sign * read(start, stop).astype(np.float64)
         measured = np.flatnonzero(~np.isnan(values))
         candidates = np.concatenate(
             [best, np.stack([values[measured], (measured + start).astype(np.float64)], axis=1)]
@@ -415,12 +439,14 @@ def result_rows(
     store: LatentStore, rows: Rows, neighbours: Sequence[Neighbour] | None = None
 ) -> list[dict[str, Any]]:
     """One dict per row of a query's answer: ``row``, ``id``, ``label`` (when the store
-    has labels), ``psnr`` (when it records them; None where not measured) and
+    has labels), ``psnr`` (when it records them; None where not measured), ``anomaly``
+    (when it was scored; None where not) and
     ``distance`` (for neighbours), in the given order."""
     rows = [int(r) for r in rows]
     ids = store.read_ids_at(rows)
     labels = store.read_labels_at(rows).tolist() if store.has_labels else None
     quality = store.read_quality_at(rows).tolist() if store.has_quality else None
+    anomaly = store.read_anomaly_at(rows).tolist() if store.has_anomaly else None
     results: list[dict[str, Any]] = []
     for i, (row, sample_id) in enumerate(zip(rows, ids, strict=True)):
         entry: dict[str, Any] = {"row": row, "id": sample_id}
@@ -428,6 +454,8 @@ def result_rows(
             entry["label"] = int(labels[i])
         if quality is not None:
             entry["psnr"] = None if np.isnan(quality[i]) else round(float(quality[i]), 3)
+        if anomaly is not None:
+            entry["anomaly"] = None if np.isnan(anomaly[i]) else round(float(anomaly[i]), 4)
         if neighbours is not None:
             entry["distance"] = neighbours[i].distance
         results.append(entry)
@@ -455,6 +483,7 @@ def answer(
     near: str | None = None,
     near_latent: np.ndarray | None = None,
     worst_k: int | None = None,
+    by: Ranking = "psnr",
     k: int = 10,
     metric: str = "l2",
 ) -> Answer:
@@ -499,5 +528,5 @@ def answer(
         chunk = np.array([n.row for n in found], dtype=np.int64)
         return Answer(chunks=[chunk], query_latent=near_latent, neighbours=found)
     if worst_k is not None:
-        return Answer(chunks=[worst(store, worst_k)])
+        return Answer(chunks=[worst(store, worst_k, by)])
     return Answer(chunks=iter_select(store, ids=ids, rows=rows, label=label, where=where))

@@ -10,6 +10,8 @@
       quality  [N]               float32, each row's PSNR (dB) at encode time: its image
                                  decoded from the stored latent against the original
                                  (NaN = not measured; stores of earlier releases lack it)
+      anomaly  [N]               float32, each row's anomaly score (``latentbatch score``;
+                                 optional, NaN = not scored)
 
 Arrays are sharded along ``sample`` only; codecs bytes → zstd → crc32c, so a flipped
 byte fails loudly. Float latents are chunked along ``sample`` only (zstd level 3). Integer
@@ -67,6 +69,7 @@ DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
 INTEGER_ZSTD_LEVEL = 15
+ANOMALY = "anomaly"  # optional per-row scores of `latentbatch score`
 
 
 Rows = Sequence[int] | npt.NDArray[np.integer[Any]]
@@ -148,6 +151,7 @@ class LatentStore:
         self.ids = _array(url, group, "ids")
         self.labels = _array(url, group, "labels")
         self.quality = _array(url, group, "quality") if "quality" in group else None
+        self.anomaly = _array(url, group, ANOMALY) if ANOMALY in group else None
 
     # metadata --------------------------------------------------------------------------
     @property
@@ -249,6 +253,57 @@ class LatentStore:
         quality = self._quality()
         return self._read(quality, f"rows [{start}, {stop})", slice(start, stop))
 
+    @property
+    def has_anomaly(self) -> bool:
+        """Whether rows carry an anomaly score (``latentbatch score``)."""
+        return self.anomaly is not None
+
+    def _anomaly(self) -> zarr.Array[Any]:
+        if self.anomaly is None:
+            raise StoreError(
+                f"{self.url} has no anomaly scores; score it first with "
+                "`latentbatch score STORE --reference REF`"
+            )
+        return self.anomaly
+
+    def read_anomaly(self, start: int, stop: int) -> np.ndarray:
+        """Each row's anomaly score, float32 (NaN where not scored)."""
+        self._check_rows(start, stop)
+        return self._read(self._anomaly(), f"rows [{start}, {stop})", slice(start, stop))
+
+    def read_anomaly_at(self, rows: Rows) -> np.ndarray:
+        """Anomaly scores of the given committed rows, in the given order."""
+        anomaly = self._anomaly()
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return np.zeros(0, np.float32)
+        return self._read(anomaly, _where(selection), selection)
+
+    def write_anomaly(self, start: int, scores: np.ndarray) -> None:
+        """Write rows' anomaly scores (a whole store shard, by one writer), creating the
+        ``anomaly`` array (float32 along ``sample``, NaN = not scored) the first time."""
+        if self.anomaly is None:
+            layout = self.meta["layout"]
+            self.anomaly = self.group.create_array(
+                ANOMALY,
+                shape=(self.capacity,),
+                dtype="float32",
+                chunks=(layout["chunk_rows"],),
+                shards=(layout["shard_rows"],),
+                dimension_names=("sample",),
+                fill_value=float("nan"),
+                compressors=_codecs(),
+            )
+        stop = start + len(scores)
+        try:
+            self.anomaly[start:stop] = scores.astype(np.float32, copy=False)
+        except OSError as exc:
+            if is_remote(self.url) and exc.errno is None:
+                raise
+            raise write_failed(
+                f"anomaly scores of rows [{start}, {stop}) of {self.url}", exc
+            ) from exc
+
     def read_quality_at(self, rows: Rows) -> np.ndarray:
         """PSNRs of the given committed rows, in the given order."""
         quality = self._quality()
@@ -301,8 +356,8 @@ class LatentStore:
             array.resize((capacity, *array.shape[1:]))
 
     def _arrays(self) -> list[zarr.Array[Any]]:
-        arrays = [self.latents, self.ids, self.labels]
-        return arrays if self.quality is None else [*arrays, self.quality]
+        optional = [a for a in (self.quality, self.anomaly) if a is not None]
+        return [self.latents, self.ids, self.labels, *optional]
 
     def write_rows(
         self,
@@ -370,6 +425,7 @@ class LatentStore:
             "image": meta["image"],
             "labels": self.has_labels,
             "quality": self.has_quality,
+            "anomaly": self.meta.get("anomaly") if self.has_anomaly else None,
             "canary": (
                 f"{len(meta['canary']['rows'])} rows, decoded on {meta['canary']['device']} "
                 f"with torch {meta['canary']['torch']}"
@@ -447,7 +503,7 @@ def _validate(url: str, group: zarr.Group) -> None:
         raise StoreError(
             f"{url} lacks store metadata {missing}; it is damaged or not a latent store"
         )
-    names = ["latents", "ids", "labels", *(["quality"] if "quality" in group else [])]
+    names = ["latents", "ids", "labels", *(n for n in ("quality", ANOMALY) if n in group)]
     arrays = [_array(url, group, name) for name in names]
     latents = arrays[0]
     rows = {a.shape[0] for a in arrays}

@@ -39,7 +39,7 @@ from latentbatch.cli.common import (
 from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
-from latentbatch.cli.stores import query_command, stats_command, stores_command
+from latentbatch.cli.stores import query_command, score_command, stats_command, stores_command
 from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
 from latentbatch.errors import LatentbatchError
 from latentbatch.progress import VERBOSE_ENV
@@ -329,6 +329,13 @@ def inspect_command(
         ("labels", "yes" if report["labels"] else "no"),
         ("PSNR", "each row's at encode time" if report["quality"] else "not recorded"),
         ("canary", report["canary"] or "none"),
+        (
+            "anomaly",
+            "not scored"
+            if report["anomaly"] is None
+            else f"scored against {report['anomaly']['reference']['url']}, threshold "
+            f"{report['anomaly']['threshold']:.3f} (quantile {report['anomaly']['quantile']})",
+        ),
         ("sources", sources or "none"),
     ]
     if report["bytes"] is None:
@@ -433,6 +440,7 @@ def demo_command(
 app.command("stores")(stores_command)
 app.command("query")(query_command)
 app.command("stats")(stats_command)
+app.command("score")(score_command)
 app.command("evaluate")(evaluate_command)
 app.add_typer(models_app, name="models")
 app.add_typer(stack_app, name="stack")

@@ -81,13 +81,19 @@ def query_command(
     label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
     where: Annotated[
         list[str] | None,
-        typer.Option(help="Predicate such as 'label >= 5', 'row < 100' or 'psnr < 20'."),
+        typer.Option(
+            help="Predicate such as 'label >= 5', 'row < 100', 'psnr < 20' or 'anomaly > 3'."
+        ),
     ] = None,
     near: Annotated[str | None, typer.Option(help="Nearest neighbours of this id.")] = None,
     worst: Annotated[
         int | None,
-        typer.Option(help="The K rows reconstructed worst at encode time (lowest PSNR first)."),
+        typer.Option(
+            help="The K worst rows: reconstructed worst at encode time (lowest PSNR first), "
+            "or with --by anomaly the most anomalous (highest score first)."
+        ),
     ] = None,
+    by: Annotated[str, typer.Option(help="What --worst ranks by: psnr or anomaly.")] = "psnr",
     near_image: Annotated[
         Path | None, typer.Option(help="Nearest neighbours of this image (needs --model).")
     ] = None,
@@ -118,6 +124,8 @@ def query_command(
     from latentbatch.store import open_store
 
     codec = check_codec(image_codec, quality)
+    if by not in ("psnr", "anomaly"):
+        raise LatentbatchError(f"--by {by!r} is not psnr or anomaly")
     store = open_store(store_url, parse_options(storage_option))
     if (decode_to or grid or near_image) and model is None:
         raise LatentbatchError(
@@ -142,6 +150,7 @@ def query_command(
         near=near,
         near_latent=near_latent,
         worst_k=worst,
+        by="anomaly" if by == "anomaly" else "psnr",
         k=k,
         metric=metric,
     )
@@ -168,7 +177,8 @@ def query_command(
     if as_json:
         _stream_json(store_url, results)
     else:
-        _print_table(results, store.has_labels, store.has_quality, neighbours is not None)
+        columns = (store.has_labels, store.has_quality, store.has_anomaly, neighbours is not None)
+        _print_table(results, *columns)
 
 
 def _first_rows(chunks: Iterable[np.ndarray], n: int) -> tuple[np.ndarray, Iterator[np.ndarray]]:
@@ -204,10 +214,12 @@ def _stream_json(store_url: str, results: Iterable[dict[str, object]]) -> None:
 
 
 def _print_table(
-    results: Iterable[dict[str, Any]], labels: bool, psnrs: bool, distances: bool
+    results: Iterable[dict[str, Any]], labels: bool, psnrs: bool, anomalies: bool, distances: bool
 ) -> None:
     """The first :data:`SHOWN` rows as a table, and how many there were in all."""
-    optional = (("label", labels), ("PSNR", psnrs), ("distance", distances))
+    optional = (
+        ("label", labels), ("PSNR", psnrs), ("anomaly", anomalies), ("distance", distances)
+    )  # fmt: skip
     table = Table("row", "id", *(name for name, shown in optional if shown))
     count = 0
     for entry in results:
@@ -219,12 +231,47 @@ def _print_table(
             cells.append(str(entry["label"]))
         if psnrs:
             cells.append("-" if entry["psnr"] is None else f"{entry['psnr']:.2f} dB")
+        if anomalies:
+            cells.append("-" if entry["anomaly"] is None else f"{entry['anomaly']:.3f}")
         if distances:
             cells.append(f"{entry['distance']:.4f}")
         table.add_row(*cells)
     console = make_console()
     console.print(table)
     console.print(f"{count} rows" + (f" (first {SHOWN} shown)" if count > SHOWN else ""))
+
+
+def score_command(
+    store_url: StoreArgument,
+    reference: Annotated[
+        str, typer.Option(help="A store of normal images, encoded by the same model.")
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, help="Reference neighbours per row.")] = 5,
+    quantile: Annotated[
+        float,
+        typer.Option(help="The threshold: this quantile of the reference's own scores."),
+    ] = 0.99,
+    storage_option: StorageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Score each row's anomaly against a reference store (reconstruction PSNR and distance
+    to the nearest reference latents) into the store's anomaly array."""
+    from latentbatch.anomaly import score
+
+    result = score(
+        store_url, reference, k=k, quantile=quantile, storage_options=parse_options(storage_option)
+    )
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    make_console().print(
+        f"scored {result.scored} rows of {store_url} against {reference}: threshold "
+        f"{result.threshold:.3f} (the {quantile:g} quantile of the reference's own scores), "
+        f"{result.above} rows above it ({result.above / max(1, result.scored):.1%}; the "
+        f"reference: {result.reference_above:.1%}); query them with --worst K --by anomaly",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def stats_command(
