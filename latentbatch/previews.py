@@ -3,7 +3,8 @@ of ``uint8 (n, H, W, C)`` images that :func:`latentbatch.figures.image_grid` lay
 
 - :func:`encode_preview`: a source's first images over their stored latents decoded;
 - :func:`output_preview`, :func:`decoded_preview`: a finished decode under its originals;
-- :func:`selection_preview`: a query's answer (a nearest-neighbour query's query first).
+- :func:`selection_preview`: a query's answer (a nearest-neighbour query's query first);
+- :func:`anomaly_preview`: chosen rows' source images above their reconstructions.
 """
 
 from __future__ import annotations
@@ -102,3 +103,27 @@ def selection_preview(
         query_image = decode_in_process(model, query_latent[None])
         return [np.concatenate([query_image, images[:10]])]
     return [images[i : i + per_row] for i in range(0, len(images), per_row)]
+
+
+def anomaly_preview(
+    model: ModelLocation | LoadedModel, store: LatentStore, rows: Rows
+) -> list[np.ndarray]:
+    """Rows of a picture of chosen rows (the most anomalous, say): their source images
+    (top) above their reconstructions decoded from the store (bottom) when every row's
+    source still opens; the reconstructions alone otherwise."""
+    model = loaded(model, store.storage_options)
+    rows = [int(r) for r in rows]
+    decoded = decode_rows(model, store, rows)
+    geometry = Geometry(model.info.config.image_size, model.info.config.channels)
+    opened: dict[str, ImageSource] = {}
+    originals = []
+    try:
+        for row in rows:
+            record = next(s for s in store.meta["sources"] if s["rows"][0] <= row < s["rows"][1])
+            if record["spec"] not in opened:
+                opened[record["spec"]] = open_source(record["spec"], geometry)
+            index = row - int(record["rows"][0])
+            originals.append(opened[record["spec"]].read(index, index + 1)[0])
+    except (LatentbatchError, StopIteration, IndexError, KeyError):  # gone or moved
+        return [decoded]
+    return [np.stack(originals), decoded]

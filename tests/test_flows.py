@@ -23,6 +23,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.anomalies import find_anomalies
 from flows.decode import decode_latents
 from flows.encode import encode_images
 from flows.evaluate import evaluate_model
@@ -74,7 +75,7 @@ def _check_preview(artifact: Any) -> None:
 @pytest.mark.parametrize(
     "flow",
     [decode_latents, encode_images, nightly_bulk_decode, reconstruction_pipeline,
-     query_latents, train_autoencoder, evaluate_model],
+     query_latents, train_autoencoder, evaluate_model, find_anomalies],
     ids=lambda f: f.name,
 )  # fmt: skip
 def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
@@ -382,3 +383,22 @@ def test_query_flow(mnist_store: Path, seed_model: Path) -> None:
     assert [r["row"] for r in worst] == np.argsort(psnrs, kind="stable")[:3].tolist()
     state = query_latents(str(mnist_store), where=["row >= 1"], return_state=True)
     assert len(state.result()) == 1000  # the first 1,000 of 4,999 rows
+
+
+def test_find_anomalies_flow_leaves_the_scores_and_a_picture(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    reference, store = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    encode(tiny_model, "synthetic:120", reference, layout=Layout(32, 16), client=client)
+    encode(tiny_model, "digits", store, layout=Layout(32, 16), limit=20, client=client)
+    encode(tiny_model, "synthetic:60", store, append=True, client=client)
+    state = find_anomalies(store, reference, str(tiny_model), 5, 0.95, 8, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["scored"] == 80 and summary["k"] == 5
+    found = artifacts(state)
+    top = json.loads(found["anomaly-top"].data)
+    assert len(top) == 8
+    assert [r["anomaly"] for r in top] == sorted((r["anomaly"] for r in top), reverse=True)
+    assert sum(r["id"].startswith("digits") for r in top) >= 6  # the digits stand out
+    _check_preview(found["anomaly-preview"])
