@@ -361,8 +361,10 @@ def verify_command(
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check an output against its manifest: every shard there with its recorded size
-    (--full: sha256), none extra, and with --store the store's ids in order."""
+    """Check an output against its manifest (sizes, --full: sha256; --store: its ids).
+
+    Every listed shard there with its recorded size, none extra, no gap; with --store the
+    output is that store's decode and each shard holds the store's ids in order."""
     from latentbatch.verify import VerifyError, verify_output
 
     result = verify_output(out, parse_options(storage_option), store_url=store, full=full)
@@ -403,8 +405,10 @@ def demo_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """The main job on embedded defaults: train (or reuse) the seed model on mnist5k,
-    encode all 5,000 images, decode them to tar shards on a local Dask cluster."""
+    """The main job on embedded defaults: train, encode and decode mnist5k.
+
+    Train (or reuse) the seed model on mnist5k, encode all 5,000 images, decode them to
+    tar shards on a local Dask cluster."""
     from latentbatch.pipeline import run_pipeline
 
     with task_progress("decoding", progress and not as_json) as update:

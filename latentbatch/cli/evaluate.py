@@ -42,8 +42,10 @@ def evaluate_command(
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """PSNR, MS-SSIM and stored bits per pixel of a model's latent store (or several
-    models'), beside Pillow's JPEG and WebP on the same images, with a rate-distortion plot."""
+    """A model's stored bits per pixel, PSNR and MS-SSIM beside JPEG and WebP.
+
+    Of a model's latent store (or several models'), beside Pillow's JPEG and WebP on the
+    same images, with a rate-distortion plot."""
     from latentbatch.evaluation import evaluate
     from latentbatch.figures import save_rate_distortion
 

@@ -45,8 +45,10 @@ def stores_command(
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List every latent store under ROOT: rows, latents, model, created, output (--bytes:
-    bytes on disk)."""
+    """List every latent store under ROOT: rows, latents, model, created, output.
+
+    From each store's metadata; --bytes adds its bytes on disk (a listing of every
+    object)."""
     from latentbatch import catalog
 
     options = parse_options(storage_option)
@@ -254,8 +256,10 @@ def score_command(
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Score each row's anomaly against a reference store (reconstruction PSNR and distance
-    to the nearest reference latents) into the store's anomaly array."""
+    """Score each row's anomaly against a reference store of normal images.
+
+    The distance to the nearest reference latents and the encode-time PSNR, as z-scores
+    against the reference's own rows, into the store's anomaly array."""
     from latentbatch.anomaly import score
 
     result = score(
