@@ -20,14 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import random_store
 
-from latentbatch.checkpoint import read_info
-from latentbatch.config import preset_config
-from latentbatch.model import Autoencoder
 from latentbatch.query import nearest
-from latentbatch.store import Layout, create_store, open_store, shard_ranges
-from latentbatch.weights import save_model
+from latentbatch.store import Layout, open_store
 
 
 def peak_rss_mib() -> float:
@@ -38,28 +34,9 @@ def peak_rss_mib() -> float:
 
 
 def build(workdir: Path, count: int) -> Path:
-    path = workdir / f"random-{count}.zarr"
-    if path.exists() and open_store(str(path)).count == count:
-        return path
-    model_dir = workdir / "compact-random"
-    if not (model_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
-        save_model(model_dir, Autoencoder(preset_config("compact")), {})
-    info = read_info(model_dir)
-    store = create_store(
-        str(path),
-        model_id=info.model_id,
-        config=info.config,
-        capacity=count,
-        layout=Layout(8192, 1024),
-    )
-    rng = np.random.default_rng(0)
     started = time.perf_counter()
-    for a, b in shard_ranges(0, count, store.shard_rows):
-        latents = rng.standard_normal((b - a, *store.latent_shape), dtype=np.float32)
-        store.write_rows(a, latents, [f"r{i:08d}" for i in range(a, b)], np.full(b - a, -1))
-    store.write_meta(count=count)
-    print(f"built {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    path = random_store(workdir / f"random-{count}.zarr", count, Layout(8192, 1024))
+    print(f"store {path} ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return path
 
 

@@ -33,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import best_seconds
 from distributed import Client
 
 from latentbatch.checkpoint import read_info
@@ -202,23 +202,14 @@ def decode_run(
     }
 
 
-def _best_of(command: list[str], passes: int = 3) -> float:
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def listing_run(store: Path, count: int) -> dict[str, Any]:
     """Wall times of the quick commands on ``store`` (alone under its root)."""
     cli = str(BIN / "latentbatch")
     return {
         "count": count,
-        "inspect_s": _best_of([cli, "inspect", str(store)]),
-        "stores_s": _best_of([cli, "stores", str(store.parent)]),
-        "inspect_bytes_s": _best_of([cli, "inspect", str(store), "--bytes"]),
+        "inspect_s": best_seconds([cli, "inspect", str(store)], 3)[0],
+        "stores_s": best_seconds([cli, "stores", str(store.parent)], 3)[0],
+        "inspect_bytes_s": best_seconds([cli, "inspect", str(store), "--bytes"], 3)[0],
     }
 
 

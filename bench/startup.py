@@ -22,17 +22,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from common import best_seconds, random_store
 
-from latentbatch.checkpoint import read_info
-from latentbatch.config import preset_config
-from latentbatch.model import Autoencoder
-from latentbatch.store import Layout, create_store, open_store, shard_ranges
-from latentbatch.weights import save_model
+from latentbatch.store import Layout
 
 HEAVY = (
     "torch",
@@ -49,42 +43,6 @@ HEAVY = (
     "numpy",
 )
 ENGINE = ("torch", "distributed", "xarray", "pandas", "matplotlib")
-
-
-def build(workdir: Path, count: int) -> Path:
-    """A store of ``count`` random latents with labels, under ``workdir/stores``."""
-    path = workdir / "stores" / f"random-{count}.zarr"
-    if path.exists() and open_store(str(path)).count == count:
-        return path
-    model_dir = workdir / "compact-random"
-    if not (model_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
-        save_model(model_dir, Autoencoder(preset_config("compact")), {})
-    info = read_info(model_dir)
-    store = create_store(
-        str(path),
-        model_id=info.model_id,
-        config=info.config,
-        capacity=count,
-        layout=Layout(1024, 128),
-    )
-    rng = np.random.default_rng(0)
-    for a, b in shard_ranges(0, count, store.shard_rows):
-        latents = rng.standard_normal((b - a, *store.latent_shape), dtype=np.float32)
-        labels = np.arange(a, b) % 10
-        store.write_rows(a, latents, [f"r{i:08d}" for i in range(a, b)], labels)
-    store.write_meta(count=count, labels=True)
-    return path
-
-
-def best_seconds(command: list[str], passes: int) -> tuple[float, list[float]]:
-    """The best wall time of ``passes`` fresh runs of ``command`` (each must succeed)."""
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - started)
-    return min(times), times
 
 
 def heavy_modules(launch: list[str], args: list[str]) -> list[str]:
@@ -120,7 +78,14 @@ def main() -> None:
         args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-startup-bench-"))
     ).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    store = str(build(workdir, args.count))
+    store = str(
+        random_store(
+            workdir / "stores" / f"random-{args.count}.zarr",
+            args.count,
+            Layout(1024, 128),
+            labels=True,
+        )
+    )
     launch = [sys.executable, str(Path(sys.executable).parent / "latentbatch")]
     if args.checkout:  # that checkout's modules first, in every child process
         os.environ["PYTHONPATH"] = str(args.checkout.resolve())

@@ -164,6 +164,9 @@ def score(
     threshold = float(np.nanquantile(reference_scores, quantile))
     with leased(store.url, f"scoring of {store_url}", storage_options):
         store = open_store(store_url, storage_options, writable=True)
+        # until every shard is written the scores are marked unfinished: a scoring that
+        # stops half-way (the disk full, say) is never read as done
+        store.write_meta(anomaly={"pending": True, "reference": reference.url})
         above = 0
         terms = own if same else _terms(store, reference, k, False)
         for start, row_recon, row_distance in terms:

@@ -50,6 +50,16 @@ class CanaryPixels:
     device: str
 
 
+def _job(store: LatentStore, model_id: str, rows: Sequence[int], run: str = "") -> CanaryJob:
+    return CanaryJob(
+        store_url=store.url,
+        storage_options=dict(store.storage_options),
+        model_id=model_id,
+        rows=tuple(rows),
+        run=run,
+    )
+
+
 def canary_pixels(
     decoder: torch.nn.Module, store: LatentStore, rows: Sequence[int], device: torch.device
 ) -> CanaryPixels:
@@ -115,12 +125,7 @@ def decode_canary(job: CanaryJob) -> CanaryPixels:
 def canary_on(client: Client, store: LatentStore, model_id: str, rows: list[int]) -> CanaryPixels:
     """The canary ``rows`` decoded on one of ``client``'s workers (a GPU one when there
     is one), whose decoder plugin is registered (see :func:`decode_canary`)."""
-    job = CanaryJob(
-        store_url=store.url,
-        storage_options=dict(store.storage_options),
-        model_id=model_id,
-        rows=tuple(rows),
-    )
+    job = _job(store, model_id, rows)
     decoded: CanaryPixels = run_task(client, decode_canary, job, resources=gpu_resources(client))
     return decoded
 
@@ -133,12 +138,6 @@ def _check_remotely(job: CanaryJob) -> CanaryResult:
 def check_first(client: Client, store: LatentStore, model_id: str, run: str) -> CanaryResult:
     """The first check of a decode, on one worker (a GPU one when there is one) before
     anything of the output is created; every other worker checks at its first shard."""
-    job = CanaryJob(
-        store_url=store.url,
-        storage_options=dict(store.storage_options),
-        model_id=model_id,
-        rows=tuple(store.meta["canary"]["rows"]),
-        run=run,
-    )
+    job = _job(store, model_id, store.meta["canary"]["rows"], run)
     result: CanaryResult = run_task(client, _check_remotely, job, resources=gpu_resources(client))
     return result

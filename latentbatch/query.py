@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from latentbatch.errors import LatentbatchError
-from latentbatch.store import LatentStore, Rows, read_checked
+from latentbatch.lease import leased
+from latentbatch.store import LatentStore, Rows, open_store, read_checked
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -139,11 +140,8 @@ def iter_select(
             "re-encode its images to query it"
         )
     needs_anomaly = any(f == "anomaly" for f, _, _ in predicates)
-    if needs_anomaly and not store.has_anomaly:
-        raise QueryError(
-            f"{store.url} has no anomaly scores; score it first with "
-            "`latentbatch score STORE --reference REF`"
-        )
+    if needs_anomaly:
+        store.require_anomaly()
     wanted_ids = None if ids is None else set(ids)
     found_ids: set[str] = set()
     by_id: list[np.ndarray] = []
@@ -288,8 +286,10 @@ def statistics(store: LatentStore, save: bool = False) -> Statistics:
         max=[float(v) for v in high],
         overall_std=float(np.sqrt(overall / count.sum())),
     )
-    if save:
-        store.write_meta(stats=result.to_dict())
+    if save:  # one writer of the store's metadata at a time: its lease, then fresh metadata
+        with leased(store.url, f"saving statistics of {store.url}", store.storage_options):
+            fresh = open_store(store.url, store.storage_options, writable=True)
+            fresh.write_meta(stats=result.to_dict())
     return result
 
 
@@ -410,11 +410,8 @@ def worst(store: LatentStore, k: int = 10, by: Ranking = "psnr") -> np.ndarray:
             f"{store.url} records no per-image PSNR (encoded by an earlier release); "
             "re-encode its images to find the worst reconstructed"
         )
-    if by == "anomaly" and not store.has_anomaly:
-        raise QueryError(
-            f"{store.url} has no anomaly scores; score it first with "
-            "`latentbatch score STORE --reference REF`"
-        )
+    if by == "anomaly":
+        store.require_anomaly()
     read = store.read_quality if by == "psnr" else store.read_anomaly
     sign = 1.0 if by == "psnr" else -1.0  # lowest PSNR first, highest anomaly first
     best = np.zeros((0, 2))

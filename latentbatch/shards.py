@@ -37,11 +37,10 @@ from latentbatch.manifest import (
 from latentbatch.storage import (
     StorageOptions,
     filesystem,
-    is_remote,
     is_temporary,
     join,
+    named_write,
     write_bytes,
-    write_failed,
     write_folder,
     zarr_options,
 )
@@ -205,12 +204,8 @@ def write_zarr_shard(
     url = join(out_url, ZARR_NAME)
     array = zarr.open_array(url, mode="r+", storage_options=zarr_options(url, options))
     name = shard_name(index, "zarr")
-    try:
+    with named_write(url, join(out_url, name)):
         array[start : start + len(images)] = images
-    except OSError as exc:
-        if is_remote(url) and exc.errno is None:
-            raise  # an object store's trouble: the flows retry it
-        raise write_failed(join(out_url, name), exc) from exc
     fs, root = filesystem(out_url, options)
     data = fs.cat_file(join(root, name))
     return _record(index, name, start, len(images), len(data), hashlib.sha256(data).hexdigest())

@@ -17,7 +17,8 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,22 @@ def write_failed(what: str, exc: OSError) -> WriteError:
     )
 
 
-def _write_local(path: Path, data: bytes) -> None:
+@contextmanager
+def named_write(url: str | Path, what: str) -> Iterator[None]:
+    """A write to ``url`` whose failure is one sentence naming ``what``
+    (:func:`write_failed`). An object store's errors without an errno (a connection gone
+    for a moment) pass on as they are: the flows retry them."""
     try:
-        _write_file(path, data)
+        yield
     except OSError as exc:
-        raise write_failed(str(path), exc) from exc
+        if is_remote(url) and exc.errno is None:
+            raise
+        raise write_failed(what, exc) from exc
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    with named_write(path, str(path)):
+        _write_file(path, data)
 
 
 def _write_file(path: Path, data: bytes) -> None:

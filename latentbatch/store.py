@@ -56,9 +56,8 @@ from latentbatch.lease import without_leases
 from latentbatch.storage import (
     StorageOptions,
     filesystem,
-    is_remote,
     join,
-    write_failed,
+    named_write,
     zarr_options,
 )
 
@@ -225,19 +224,26 @@ class LatentStore:
     def _read(self, array: zarr.Array[Any], where: str, selection: Any) -> np.ndarray:
         return read_checked(self.url, array, where, selection)
 
-    def read_latents(self, start: int, stop: int) -> np.ndarray:
+    def _rows(self, array: zarr.Array[Any], start: int, stop: int) -> np.ndarray:
+        """Committed rows ``[start, stop)`` of ``array``, checked."""
         self._check_rows(start, stop)
-        return self._read(self.latents, f"rows [{start}, {stop})", slice(start, stop))
+        return self._read(array, f"rows [{start}, {stop})", slice(start, stop))
+
+    def _at(self, array: zarr.Array[Any], rows: Rows, empty: np.ndarray) -> np.ndarray:
+        """The given committed rows of ``array``, in their order (``empty`` for none)."""
+        selection = self._check_selection(rows)
+        if not len(selection):
+            return empty
+        return self._read(array, _where(selection), selection)
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        return self._rows(self.latents, start, stop)
 
     def read_ids(self, start: int, stop: int) -> list[str]:
-        self._check_rows(start, stop)
-        found = self._read(self.ids, f"rows [{start}, {stop})", slice(start, stop))
-        return [str(i) for i in found.tolist()]
+        return [str(i) for i in self._rows(self.ids, start, stop).tolist()]
 
     def read_labels(self, start: int, stop: int) -> np.ndarray:
-        self._check_rows(start, stop)
-        found = self._read(self.labels, f"rows [{start}, {stop})", slice(start, stop))
-        return found.astype(np.int32, copy=False)
+        return self._rows(self.labels, start, stop).astype(np.int32, copy=False)
 
     def _quality(self) -> zarr.Array[Any]:
         if self.quality is None:
@@ -249,35 +255,41 @@ class LatentStore:
 
     def read_quality(self, start: int, stop: int) -> np.ndarray:
         """Each row's PSNR (dB) at encode time, float32 (NaN where not measured)."""
-        self._check_rows(start, stop)
-        quality = self._quality()
-        return self._read(quality, f"rows [{start}, {stop})", slice(start, stop))
+        return self._rows(self._quality(), start, stop)
 
     @property
     def has_anomaly(self) -> bool:
-        """Whether rows carry an anomaly score (``latentbatch score``)."""
-        return self.anomaly is not None
+        """Whether rows carry anomaly scores of a finished ``latentbatch score`` (a scoring
+        that stopped half-way, the disk full say, is marked ``pending`` until re-run)."""
+        scored = self.meta.get("anomaly")
+        return self.anomaly is not None and isinstance(scored, dict) and not scored.get("pending")
 
     def _anomaly(self) -> zarr.Array[Any]:
+        """The ``anomaly`` array of a finished scoring, else a :class:`StoreError` saying
+        why there is none to read (never scored, or a scoring that did not finish)."""
         if self.anomaly is None:
             raise StoreError(
                 f"{self.url} has no anomaly scores; score it first with "
                 "`latentbatch score STORE --reference REF`"
             )
+        if not self.has_anomaly:
+            raise StoreError(
+                f"{self.url}: its anomaly scoring did not finish (it stopped, or the disk "
+                "filled); run `latentbatch score` again"
+            )
         return self.anomaly
+
+    def require_anomaly(self) -> None:
+        """Refuse, in a sentence, a store without finished anomaly scores."""
+        self._anomaly()
 
     def read_anomaly(self, start: int, stop: int) -> np.ndarray:
         """Each row's anomaly score, float32 (NaN where not scored)."""
-        self._check_rows(start, stop)
-        return self._read(self._anomaly(), f"rows [{start}, {stop})", slice(start, stop))
+        return self._rows(self._anomaly(), start, stop)
 
     def read_anomaly_at(self, rows: Rows) -> np.ndarray:
         """Anomaly scores of the given committed rows, in the given order."""
-        anomaly = self._anomaly()
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return np.zeros(0, np.float32)
-        return self._read(anomaly, _where(selection), selection)
+        return self._at(self._anomaly(), rows, np.zeros(0, np.float32))
 
     def write_anomaly(self, start: int, scores: np.ndarray) -> None:
         """Write rows' anomaly scores (a whole store shard, by one writer), creating the
@@ -295,22 +307,12 @@ class LatentStore:
                 compressors=_codecs(),
             )
         stop = start + len(scores)
-        try:
+        with named_write(self.url, f"anomaly scores of rows [{start}, {stop}) of {self.url}"):
             self.anomaly[start:stop] = scores.astype(np.float32, copy=False)
-        except OSError as exc:
-            if is_remote(self.url) and exc.errno is None:
-                raise
-            raise write_failed(
-                f"anomaly scores of rows [{start}, {stop}) of {self.url}", exc
-            ) from exc
 
     def read_quality_at(self, rows: Rows) -> np.ndarray:
         """PSNRs of the given committed rows, in the given order."""
-        quality = self._quality()
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return np.zeros(0, np.float32)
-        return self._read(quality, _where(selection), selection)
+        return self._at(self._quality(), rows, np.zeros(0, np.float32))
 
     def _check_selection(self, rows: Rows) -> np.ndarray:
         selection = np.asarray(rows, dtype=np.int64)
@@ -322,25 +324,17 @@ class LatentStore:
 
     def read_ids_at(self, rows: Rows) -> list[str]:
         """Ids of the given committed rows, in the given order."""
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return []
-        found = self._read(self.ids, _where(selection), selection)
-        return [str(i) for i in found.tolist()]
+        return [str(i) for i in self._at(self.ids, rows, np.zeros(0, object)).tolist()]
 
     def read_latents_at(self, rows: Rows) -> np.ndarray:
         """Latents of the given committed rows, in the given order."""
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return np.zeros((0, *self.latent_shape), self.latents.dtype)
-        return self._read(self.latents, _where(selection), selection)
+        empty = np.zeros((0, *self.latent_shape), self.latents.dtype)
+        return self._at(self.latents, rows, empty)
 
     def read_labels_at(self, rows: Rows) -> np.ndarray:
         """Labels of the given committed rows, in the given order."""
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return np.zeros(0, np.int32)
-        return self._read(self.labels, _where(selection), selection).astype(np.int32, copy=False)
+        found = self._at(self.labels, rows, np.zeros(0, np.int32))
+        return found.astype(np.int32, copy=False)
 
     # writing ---------------------------------------------------------------------------
     def write_meta(self, **updates: Any) -> None:
@@ -376,17 +370,13 @@ class LatentStore:
             raise StoreError("latents, ids, labels and quality must have the same number of rows")
         if stop > self.capacity:
             raise StoreError(f"rows [{start}, {stop}) are past the capacity {self.capacity}")
-        try:
+        # not committed (count is not advanced) if it fails: a re-run rewrites the shard
+        with named_write(self.url, f"rows [{start}, {stop}) of {self.url}"):
             self.latents[start:stop] = latents.astype(self.latents.dtype, copy=False)
             self.ids[start:stop] = np.asarray(ids, dtype=object).astype(str)
             self.labels[start:stop] = labels.astype(np.int32, copy=False)
             if self.quality is not None:
                 self.quality[start:stop] = quality.astype(np.float32, copy=False)
-        except OSError as exc:
-            if is_remote(self.url) and exc.errno is None:
-                raise  # an object store's trouble: the flows retry it
-            # not committed (count is not advanced): a re-run rewrites the whole shard
-            raise write_failed(f"rows [{start}, {stop}) of {self.url}", exc) from exc
 
     def bytes_on_disk(self) -> dict[str, int]:
         """Bytes stored per array, and in total."""

@@ -123,14 +123,11 @@ def _check_ids(
         yield Problem(shard=record.path, kind="unreadable", detail=str(exc))
         return
     if manifest.selection is not None:
-        rows = manifest.selection[record.start : record.stop]
-        expected = store.read_ids_at(list(rows))
-        if manifest.output_format == "png":
-            expected = sorted(expected)
+        expected = store.read_ids_at(list(manifest.selection[record.start : record.stop]))
     else:
         expected = store.read_ids(record.start, record.stop)
-        if manifest.output_format == "png":
-            expected = sorted(expected)
+    if manifest.output_format == "png":  # a folder's files come sorted by name
+        expected = sorted(expected)
     if found != expected:
         first = next(
             (i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),

@@ -99,3 +99,36 @@ def test_rows_appended_after_scoring_are_not_scored(
     scores = store.read_anomaly(0, store.count)
     assert store.count == 260 and np.isnan(scores[240:]).all()
     assert not np.isnan(scores[:240]).any()
+
+
+def test_a_scoring_the_full_disk_stops_is_never_read_as_done(
+    stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import shutil
+    from typing import Any
+
+    import zarr.storage
+
+    from latentbatch.storage import WriteError
+    from latentbatch.store import StoreError
+
+    copy = str(shutil.copytree(stores / "ref.zarr", tmp_path / "ref.zarr"))
+    original = zarr.storage.LocalStore.set
+
+    async def set_(self: Any, key: str, value: Any) -> None:
+        if key.startswith("anomaly/c/1"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    with pytest.raises(WriteError, match=r"anomaly scores of rows \[32, 64\) .* No space left"):
+        score(copy, copy, k=3)
+    half = open_store(copy)
+    assert not half.has_anomaly and half.meta["anomaly"]["pending"]
+    with pytest.raises(StoreError, match="its anomaly scoring did not finish"):
+        worst(half, 3, by="anomaly")
+    monkeypatch.undo()
+    score(copy, copy, k=3)
+    done = open_store(copy)
+    assert done.has_anomaly and not np.isnan(done.read_anomaly(0, done.count)).any()

@@ -210,3 +210,26 @@ def test_bad_neighbour_queries(mnist_store: Path, everything: np.ndarray) -> Non
         nearest(store, everything[0][:3])
     with pytest.raises(QueryError, match="unknown metric"):
         nearest(store, everything[0], metric="l1")  # type: ignore[arg-type]
+
+
+def test_saving_statistics_waits_for_no_writer_and_keeps_what_it_wrote(
+    tmp_path: Path, mnist_store: Path
+) -> None:
+    """stats --save rewrites the store's metadata: under the store's lease, from metadata
+    read afresh, so it neither races an encode nor puts back what another writer changed."""
+    import shutil
+
+    from latentbatch.lease import Lease, LeaseHeldError
+
+    url = str(shutil.copytree(mnist_store, tmp_path / "s.zarr"))
+    stale = open_store(url, writable=True)
+    holder = Lease(url, None, "encode of more digits", 60)
+    holder.acquire()
+    with pytest.raises(LeaseHeldError, match="being written by another encode of more digits"):
+        statistics(stale, save=True)
+    other = open_store(url, writable=True)
+    other.write_meta(labels=False)  # another writer's change, after `stale` was opened
+    holder.release()
+    statistics(stale, save=True)
+    saved = open_store(url).meta
+    assert "stats" in saved and saved["labels"] is False

@@ -189,10 +189,12 @@ def _first_rows(chunks: Iterable[np.ndarray], n: int) -> tuple[np.ndarray, Itera
     import numpy as np
 
     taken: list[np.ndarray] = []
+    count = 0
     rest = iter(chunks)
     for part in rest:
         taken.append(part)
-        if sum(len(t) for t in taken) >= n:
+        count += len(part)
+        if count >= n:
             break
     first = np.concatenate(taken)[:n] if taken else np.zeros(0, dtype=np.int64)
     return first, itertools.chain(taken, rest)

@@ -1,0 +1,52 @@
+"""What the benchmark scripts share: a store of seeded random latents, and the best wall
+time of fresh processes. Imported by the scripts beside it (``python bench/X.py`` puts
+this folder first on the path)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentbatch.checkpoint import read_info
+from latentbatch.config import preset_config
+from latentbatch.model import Autoencoder
+from latentbatch.store import Layout, create_store, open_store, shard_ranges
+from latentbatch.weights import save_model
+
+
+def random_store(path: Path, count: int, layout: Layout, labels: bool = False) -> Path:
+    """A store at ``path`` of ``count`` seeded random latents of the `compact` preset's
+    shape (a random-init model beside it, ``compact-random``), built once and reused; with
+    ``labels`` row ``i`` has label ``i mod 10``."""
+    if path.exists() and open_store(str(path)).count == count:
+        return path
+    model_dir = path.parent / "compact-random"
+    if not (model_dir / "model.safetensors").exists():
+        torch.manual_seed(0)
+        save_model(model_dir, Autoencoder(preset_config("compact")), {})
+    info = read_info(model_dir)
+    store = create_store(
+        str(path), model_id=info.model_id, config=info.config, capacity=count, layout=layout
+    )
+    rng = np.random.default_rng(0)
+    for a, b in shard_ranges(0, count, store.shard_rows):
+        latents = rng.standard_normal((b - a, *store.latent_shape), dtype=np.float32)
+        values = np.arange(a, b) % 10 if labels else np.full(b - a, -1)
+        store.write_rows(a, latents, [f"r{i:08d}" for i in range(a, b)], values)
+    store.write_meta(count=count, labels=labels)
+    return path
+
+
+def best_seconds(command: list[str], passes: int) -> tuple[float, list[float]]:
+    """The best wall time of ``passes`` fresh runs of ``command`` (each must succeed), and
+    every pass's."""
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return min(times), times
