@@ -4,7 +4,9 @@ of ``uint8 (n, H, W, C)`` images that :func:`latentbatch.figures.image_grid` lay
 - :func:`encode_preview`: a source's first images over their stored latents decoded;
 - :func:`output_preview`, :func:`decoded_preview`: a finished decode under its originals;
 - :func:`selection_preview`: a query's answer (a nearest-neighbour query's query first);
-- :func:`anomaly_preview`: chosen rows' source images above their reconstructions.
+- :func:`anomaly_preview`: chosen rows' source images above their reconstructions;
+- :func:`derived_preview`: a derived store (:mod:`latentbatch.derive`): a grid of
+  generated images per label, an interpolation strip, or before/after pairs of a shift.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 from latentbatch.checkpoint import ModelLocation, read_info
 from latentbatch.datasets import Geometry, ImageSource, open_source
 from latentbatch.decode import decode_in_process, decode_rows
+from latentbatch.derive import lineage_of
 from latentbatch.errors import LatentbatchError
 from latentbatch.manifest import read_manifest
+from latentbatch.query import select
 from latentbatch.shards import read_output
 from latentbatch.storage import StorageOptions
 from latentbatch.store import LatentStore, Rows, open_store
@@ -127,3 +131,38 @@ def anomaly_preview(
     except (LatentbatchError, StopIteration, IndexError, KeyError):  # gone or moved
         return [decoded]
     return [np.stack(originals), decoded]
+
+
+def derived_preview(
+    model: ModelLocation | LoadedModel, store: LatentStore, per_row: int = 10
+) -> list[np.ndarray]:
+    """Rows of a picture of a derived store, by its operation: for a generate, the first
+    ``per_row`` samples of each label (a line per label, at most 10 labels); for an
+    interpolation, its strip (``per_row`` evenly spaced steps, ends included, when it has
+    more); for a shift, the first ``per_row`` chosen rows decoded from the parent store
+    (top) above their shifted latents decoded (bottom)."""
+    lineage = lineage_of(store)
+    if lineage is None:
+        raise LatentbatchError(f"{store.url} is not a derived store; it has no lineage to picture")
+    model = loaded(model, store.storage_options)
+    operation = lineage["operation"]
+    if operation == "generate":
+        count = int(lineage["parameters"]["count"])
+        labels = lineage["parameters"]["labels"][:10]
+        return [
+            decode_rows(model, store, range(i * count, i * count + min(count, per_row)))
+            for i in range(len(labels))
+        ]
+    if operation == "interpolate":
+        steps = np.unique(np.linspace(0, store.count - 1, min(per_row, store.count)).round())
+        return [decode_rows(model, store, steps.astype(np.int64))]
+    shown = range(min(per_row, store.count))
+    prefix = f"shift-L{lineage['parameters']['from_label']}-L{lineage['parameters']['to_label']}-"
+    ids = [i.removeprefix(prefix) for i in store.read_ids_at(list(shown))]
+    shifted = decode_rows(model, store, shown)
+    try:
+        parent = open_store(lineage["parents"][0]["url"], store.storage_options)
+        rows = select(parent, ids=ids)  # ascending, as the shift wrote them
+    except LatentbatchError:  # the parent is gone or changed: the shifted row alone
+        return [shifted]
+    return [decode_rows(model, parent, rows), shifted]

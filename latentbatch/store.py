@@ -25,7 +25,8 @@ Metadata: ``format``, ``uuid``, ``created``, ``model_id``, ``model`` (architectu
 the step the integers count in, their clamp range, and the model's entropy model of them,
 a logistic per channel, ``loc`` and ``scale``), ``image`` (height, width, mode),
 ``sources`` (spec, description, rows), ``layout`` (shard_rows, chunk_rows), ``labels``
-(whether any are known), ``pending`` (an unfinished encode) and the committed ``count``.
+(whether any are known), ``pending`` (an unfinished encode), the committed ``count``, and
+for a derived store (:mod:`latentbatch.derive`) its ``lineage``.
 
 Format 2 is a store of integer latents (``latent.quantization`` set); stores of float
 latents are format 1, as they always were (``latent.quantization`` null, which earlier
@@ -423,6 +424,7 @@ class LatentStore:
                 else None
             ),
             "sources": meta["sources"],
+            "lineage": meta.get("lineage"),
             "bytes": sizes,
             "bits_per_pixel": 8 * sizes["latents"] / pixels if sizes and pixels else None,
         }

@@ -36,6 +36,7 @@ from latentbatch.cli.common import (
     make_console,
     task_progress,
 )
+from latentbatch.cli.derive import generate_command, interpolate_command, shift_command
 from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
@@ -327,7 +328,14 @@ def inspect_command(
             f"{report['image']['height']}x{report['image']['width']} {report['image']['mode']}",
         ),
         ("labels", "yes" if report["labels"] else "no"),
-        ("PSNR", "each row's at encode time" if report["quality"] else "not recorded"),
+        (
+            "PSNR",
+            "none: derived rows have no original images"
+            if report["lineage"]
+            else "each row's at encode time"
+            if report["quality"]
+            else "not recorded",
+        ),
         ("canary", report["canary"] or "none"),
         (
             "anomaly",
@@ -338,6 +346,12 @@ def inspect_command(
         ),
         ("sources", sources or "none"),
     ]
+    lineage = report["lineage"]
+    if lineage is not None:
+        parents = ", ".join(f"{p['url']} ({p['uuid'][:8]})" for p in lineage["parents"])
+        settings = ", ".join(f"{k} {v}" for k, v in lineage["parameters"].items())
+        seed = "" if lineage["seed"] is None else f", seed {lineage['seed']}"
+        rows.append(("lineage", f"{lineage['operation']} of {parents}: {settings}{seed}"))
     if report["bytes"] is None:
         rows.append(("on disk", "not measured: --bytes lists every object of the store"))
     else:
@@ -446,6 +460,9 @@ app.command("query")(query_command)
 app.command("stats")(stats_command)
 app.command("score")(score_command)
 app.command("evaluate")(evaluate_command)
+app.command("generate")(generate_command)
+app.command("interpolate")(interpolate_command)
+app.command("shift")(shift_command)
 app.add_typer(models_app, name="models")
 app.add_typer(stack_app, name="stack")
 
