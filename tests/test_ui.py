@@ -77,6 +77,36 @@ def _field(page: Any, label: str, tag: str = "textarea") -> Any:
     )
 
 
+def _custom_run(
+    page: Any, api_url: str, fields: dict[str, Any], run_name: str, shot: Path | None = None
+) -> str:
+    """From an open deployment's page: fill its Custom run form with ``fields`` (label →
+    value; each parameter's description shown with it), submit it, and return the run's
+    id, found through the API (the UI's toast with its link may come and go before a slow
+    machine looks)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    # the form fills its defaults in after it appears: wait for them, then fill ours
+    expect(_field(page, "model_dir ")).to_have_value("models/seed-mnist5k", timeout=30_000)
+    description = page.get_by_text("Latent store: local path or s3:// URL", exact=True)
+    expect(description.first).to_be_visible(timeout=30_000)
+    if shot is not None:
+        page.screenshot(path=shot, full_page=True)
+    for name, value in fields.items():
+        _field(page, name).fill(str(value))
+        expect(_field(page, name)).to_have_value(str(value))
+    _field(page, "Run Name", "input").fill(run_name)
+    expect(_field(page, "Run Name", "input")).to_have_value(run_name)
+    submit = page.get_by_role("button", name="Submit")
+    expect(submit).to_be_enabled(timeout=30_000)
+    submit.click()
+    run_id = _run_named(api_url, run_name)
+    assert run_id is not None, f"submitting the form created no run named {run_name}"
+    return run_id
+
+
 def test_decode_started_from_the_ui_form(
     running_stack: Any, tmp_path: Path, tiny_model: Path, client: Client
 ) -> None:
@@ -101,26 +131,13 @@ def test_decode_started_from_the_ui_form(
         deployment = page.get_by_role("link", name="decode-latents", exact=True).first
 
         deployment.click()
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Custom run").click()
-        # the form fills its defaults in after it appears: wait for them, then fill ours
-        expect(_field(page, "model_dir ")).to_have_value("models/seed-mnist5k", timeout=30_000)
-        # each parameter's description (from the flow's docstring) is shown with its field
-        description = page.get_by_text("Latent store: local path or s3:// URL", exact=True)
-        expect(description.first).to_be_visible(timeout=30_000)
-        page.screenshot(path=shots / "decode-form.png", full_page=True)
-        for name, value in (("model_dir ", tiny_model), ("store ", store), ("out ", out)):
-            _field(page, name).fill(str(value))
-            expect(_field(page, name)).to_have_value(str(value))
-        _field(page, "Run Name", "input").fill(run_name)
-        expect(_field(page, "Run Name", "input")).to_have_value(run_name)
-        submit = page.get_by_role("button", name="Submit")
-        expect(submit).to_be_enabled(timeout=30_000)
-        submit.click()
-        # the run is found through the API (the UI's toast with its link may come and go
-        # before a slow machine looks), then opened in the UI
-        run_id = _run_named(running_stack.api_url, run_name)
-        assert run_id is not None, f"submitting the form created no run named {run_name}"
+        run_id = _custom_run(
+            page,
+            running_stack.api_url,
+            {"model_dir ": tiny_model, "store ": store, "out ": out},
+            run_name,
+            shots / "decode-form.png",
+        )
         page.goto(f"{running_stack.ui_url}/runs/flow-run/{run_id}")
         run = _finished_run(running_stack.api_url, run_id)
         assert run["state_type"] == "COMPLETED", run["state"]
@@ -143,3 +160,33 @@ def test_decode_started_from_the_ui_form(
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"]
     assert json.loads(found["decode-summary"]["data"])[0]["out"] == str(out)
     assert float(found["decode-progress"]["data"]) == 100.0
+
+
+def test_find_anomalies_started_from_the_ui_form(
+    running_stack: Any, tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    reference, store = tmp_path / "normal.zarr", tmp_path / "new.zarr"
+    encode(tiny_model, "synthetic:80", str(reference), layout=Layout(16, 8), client=client)
+    encode(tiny_model, "digits", str(store), layout=Layout(16, 8), limit=24, client=client)
+    run_name = f"ui-anomalies-{tmp_path.name}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{running_stack.ui_url}/deployments")
+        page.get_by_role("link", name="find-anomalies", exact=True).first.click()
+        fields = {"store ": store, "reference ": reference, "model_dir ": tiny_model}
+        run_id = _custom_run(page, running_stack.api_url, fields, run_name)
+        run = _finished_run(running_stack.api_url, run_id)
+        assert run["state_type"] == "COMPLETED", run["state"]
+        assert run["parameters"]["reference"] == str(reference)
+        found = _artifacts(running_stack.api_url, run_id)
+        page.goto(f"{running_stack.ui_url}/artifacts/artifact/{found['anomaly-preview']['id']}")
+        image = page.locator("img[src^='data:image/png;base64,']").first
+        expect(image).to_be_visible(timeout=30_000)
+        assert image.evaluate("img => img.naturalWidth") > 0
+        page.screenshot(path=_screenshots() / "anomaly-artifact.png", full_page=True)
+        browser.close()
+    summary = json.loads(found["anomaly-summary"]["data"])[0]
+    assert summary["scored"] == 24 and summary["reference"] == str(reference)
