@@ -165,6 +165,7 @@ def describe_stores(
                 "latent_dtype": str(store.latents.dtype),
                 "model_id": store.model_id,
                 "created": store.meta["created"],
+                "derived": (store.meta.get("lineage") or {}).get("operation"),
                 "bytes": store.bytes_on_disk()["total"] if with_bytes else None,
                 "output": status,
                 "damaged": None,

@@ -15,7 +15,8 @@ from tests.helpers import train_tiny
 @pytest.mark.parametrize(
     "argv", [["--help"], ["train", "--help"], ["models", "--help"], ["models", "list", "--help"],
              ["models", "show", "--help"], ["demo", "--help"], ["encode", "--help"],
-             ["decode", "--help"], ["inspect", "--help"], ["verify", "--help"]]
+             ["decode", "--help"], ["inspect", "--help"], ["verify", "--help"],
+             ["generate", "--help"], ["interpolate", "--help"], ["shift", "--help"]]
 )  # fmt: skip
 def test_help_on_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0

@@ -27,6 +27,8 @@ from flows.anomalies import find_anomalies
 from flows.decode import decode_latents
 from flows.encode import encode_images
 from flows.evaluate import evaluate_model
+from flows.generate import generate_latents
+from flows.manipulate import manipulate_latents
 from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
 from flows.query import query_latents
@@ -75,7 +77,8 @@ def _check_preview(artifact: Any) -> None:
 @pytest.mark.parametrize(
     "flow",
     [decode_latents, encode_images, nightly_bulk_decode, reconstruction_pipeline,
-     query_latents, train_autoencoder, evaluate_model, find_anomalies],
+     query_latents, train_autoencoder, evaluate_model, find_anomalies, generate_latents,
+     manipulate_latents],
     ids=lambda f: f.name,
 )  # fmt: skip
 def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
@@ -402,3 +405,34 @@ def test_find_anomalies_flow_leaves_the_scores_and_a_picture(
     assert [r["anomaly"] for r in top] == sorted((r["anomaly"] for r in top), reverse=True)
     assert sum(r["id"].startswith("digits") for r in top) >= 6  # the digits stand out
     _check_preview(found["anomaly-preview"])
+
+
+def test_generate_and_manipulate_flows_leave_pictures(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    digits = str(tmp_path / "digits.zarr")
+    encode(tiny_model, "digits", digits, layout=Layout(64, 32), limit=300, client=client)
+    generated = str(tmp_path / "generated.zarr")
+    state = generate_latents(digits, generated, str(tiny_model), 6, [2, 5], 3, 1.0, None, 1,
+                             return_state=True)  # fmt: skip
+    assert state.is_completed()
+    assert state.result()["rows"] == 12 and open_store(generated).meta["lineage"]["seed"] == 3
+    found = artifacts(state)
+    assert json.loads(found["generate-summary"].data)[0]["store"] == generated
+    _check_preview(found["generate-preview"])
+    ids = open_store(digits).read_ids(0, 2)
+    strip = str(tmp_path / "strip.zarr")
+    state = manipulate_latents("interpolate", digits, strip, str(tiny_model), ids[0], ids[1],
+                               5, workers=1, return_state=True)  # fmt: skip
+    assert state.is_completed() and state.result()["rows"] == 5
+    _check_preview(artifacts(state)["manipulate-preview"])
+    shifted = str(tmp_path / "shifted.zarr")
+    state = manipulate_latents("shift", digits, shifted, str(tiny_model), from_label=4,
+                               to_label=9, workers=1, return_state=True)  # fmt: skip
+    assert state.is_completed()
+    assert open_store(shifted).meta["lineage"]["parameters"]["to_label"] == 9
+    _check_preview(artifacts(state)["manipulate-preview"])
+    state = manipulate_latents("interpolate", digits, str(tmp_path / "x.zarr"), str(tiny_model),
+                               return_state=True)  # fmt: skip
+    assert state.is_failed()
+    assert "interpolate needs from_id and to_id" in str(state.message)

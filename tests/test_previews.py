@@ -11,6 +11,7 @@ from distributed import Client
 from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
+from latentbatch.errors import LatentbatchError
 from latentbatch.previews import anomaly_preview, selection_preview
 from latentbatch.store import Layout, open_store
 
@@ -56,3 +57,32 @@ def test_selection_preview_lays_rows_out_eight_to_a_line(store: str, tiny_model:
         query_latent=open_store(store).read_latents(0, 1)[0],
     )
     assert [len(line) for line in near] == [11]  # the query, then its first ten neighbours
+
+
+def test_derived_previews_follow_the_operation(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    from latentbatch.generation import generate
+    from latentbatch.manipulation import interpolate, shift
+    from latentbatch.previews import derived_preview
+
+    digits = str(tmp_path / "digits.zarr")
+    encode(tiny_model, "digits", digits, layout=Layout(64, 32), limit=200, client=client)
+    generate(digits, str(tmp_path / "g.zarr"), count=12, labels=[1, 2, 3], client=client)
+    lines = derived_preview(tiny_model, open_store(str(tmp_path / "g.zarr")))
+    assert [len(line) for line in lines] == [10, 10, 10]  # a line per label
+    generated = open_store(str(tmp_path / "g.zarr"))
+    np.testing.assert_array_equal(lines[1], decode_rows(tiny_model, generated, range(12, 22)))
+    ids = open_store(digits).read_ids(0, 2)
+    interpolate(digits, *ids, str(tmp_path / "i.zarr"), steps=25, client=client)
+    (strip,) = derived_preview(tiny_model, open_store(str(tmp_path / "i.zarr")))
+    assert len(strip) == 10  # evenly spaced, both ends
+    shift(digits, str(tmp_path / "s.zarr"), from_label=7, to_label=1, client=client)
+    shifted = open_store(str(tmp_path / "s.zarr"))
+    before, after = derived_preview(tiny_model, shifted, per_row=4)
+    sevens = open_store(digits).read_labels(0, 200) == 7
+    first = np.flatnonzero(sevens)[:4]
+    np.testing.assert_array_equal(before, decode_rows(tiny_model, open_store(digits), first))
+    np.testing.assert_array_equal(after, decode_rows(tiny_model, shifted, range(4)))
+    with pytest.raises(LatentbatchError, match="not a derived store"):
+        derived_preview(tiny_model, open_store(digits))

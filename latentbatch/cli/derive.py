@@ -165,7 +165,11 @@ def shift_command(
     ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
     rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
     label: Annotated[
-        int | None, typer.Option(help="Only rows with this label \\[default: --from-label].")
+        int | None,
+        typer.Option(
+            help="Only rows with this label \\[default: --from-label, when nothing else "
+            "chooses rows]."
+        ),
     ] = None,
     where: Annotated[
         list[str] | None, typer.Option(help="Predicate such as 'row < 100' (repeatable).")

@@ -66,7 +66,7 @@ def stores_command(
             str(row["count"]),
             "x".join(map(str, row["latent_shape"])) + f" {row['latent_dtype']}",
             row["model_id"][:12],
-            row["created"],
+            row["created"] + (f" ({row['derived']})" if row["derived"] else ""),
             "-" if row["bytes"] is None else f"{row['bytes']:,}",
             row["output"] or "-",
         )
