@@ -70,8 +70,8 @@ def manipulate_latents(
         int, Field(ge=2, le=10_000, description="interpolate: latents, both ends included")
     ] = 9,
     interpolation: Annotated[
-        Literal["slerp", "linear"], Field(description="interpolate: along a great circle or a line")
-    ] = "slerp",
+        Literal["linear", "slerp"], Field(description="interpolate: along a line or a great circle")
+    ] = "linear",
     from_label: Annotated[
         int | None, Field(description="shift: the label of the rows shifted")
     ] = 3,

@@ -13,15 +13,17 @@ Fitted in two passes over the store, a shard at a time (memory: a shard, and the
    for labels with few rows).
 
 A sample of label ``L`` is ``L``'s mean, plus ``L``'s Gaussian in the subspace, plus the
-residual's isotropic noise outside it, clipped to the range the store's latents span. Why
-this model (``bench/uses.py``, seed model on mnist5k, re-encoded samples whose 10 nearest
-reference neighbours have the label asked for): one Gaussian per label with a diagonal
+residual's isotropic noise outside it, clipped to the range the store's latents span.
+Latents of a store without labels are one group, ``-1``.
+
+Why this model (``bench/uses.py``, mnist5k, the share of re-encoded samples' 10 nearest
+reference neighbours with the label asked for): one Gaussian per label with a diagonal
 covariance scores 0.93 but draws the label's mean digit with speckles, every sample
 alike; one covariance pooled over the labels draws varied digits but scores 0.71; a
-Gaussian per label in the top 64 directions draws varied digits and scores 0.88 (0.87 for
-the codec model, whose entropy model is one logistic per channel, blind to labels and to
-every spatial correlation: its samples decode to texture). Latents of a store without
-labels are one group, ``-1``.
+Gaussian per label in the top 64 directions draws varied digits and scores 0.86 (1,000
+samples per label, seed and codec models alike). The codec model's own entropy model is
+one logistic per channel, blind to labels and to every spatial correlation: its samples
+decode to strokes and blots, not digits (looked at, 16 samples).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_interpolation_ends_decode_to_the_two_rows(
     ends = decode_rows(tiny_model, store, [0, 6])
     np.testing.assert_array_equal(ends, decode_rows(tiny_model, parent, [0, 5]))
     assert store.meta["lineage"]["parameters"] == {
-        "from": first, "to": last, "steps": 7, "method": "slerp"
+        "from": first, "to": last, "steps": 7, "method": "linear"
     }  # fmt: skip
     again = str(tmp_path / "again.zarr")
     interpolate(digits, first, last, again, steps=7, client=client)

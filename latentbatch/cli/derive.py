@@ -117,7 +117,9 @@ def interpolate_command(
     to_id: Annotated[str, typer.Option("--to", help="The id it ends at.")],
     store: StoreOption,
     steps: Annotated[int, typer.Option(min=2, help="Latents, both ends included.")] = 9,
-    method: Annotated[str, typer.Option(help="slerp or linear.")] = "slerp",
+    method: Annotated[
+        str, typer.Option(help="linear (a straight line) or slerp (a great circle).")
+    ] = "linear",
     model: DerivedModelOption = None,
     grid: GridOption = None,
     scheduler: SchedulerOption = None,
