@@ -67,17 +67,29 @@ _EXPORTS = {
     "to_xarray": "query",
     "connect": "cluster",
     "run_pipeline": "pipeline",
+    "score": "anomaly",
+    "ScoreResult": "anomaly",
+    "generate": "generation",
+    "interpolate": "manipulation",
+    "shift": "manipulation",
+    "DeriveResult": "derive",
+    "lineage_of": "derive",
+    "fit_latents": "fit",
+    "LatentFit": "fit",
 }
 __all__ = [
     "DecodeResult",
+    "DeriveResult",
     "EncodeResult",
     "Evaluation",
+    "LatentFit",
     "LatentStore",
     "LatentbatchError",
     "Layout",
     "Manifest",
     "ModelConfig",
     "ModelInfo",
+    "ScoreResult",
     "TrainConfig",
     "TrainResult",
     "Verification",
@@ -87,8 +99,12 @@ __all__ = [
     "decode_store",
     "encode_source",
     "evaluate",
+    "fit_latents",
+    "generate",
+    "interpolate",
     "iter_select",
     "iter_shards",
+    "lineage_of",
     "load_model",
     "nearest",
     "open_store",
@@ -98,7 +114,9 @@ __all__ = [
     "read_output",
     "read_rows",
     "run_pipeline",
+    "score",
     "select",
+    "shift",
     "statistics",
     "to_xarray",
     "train_model",
@@ -107,16 +125,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from latentbatch.anomaly import ScoreResult, score
     from latentbatch.checkpoint import ModelInfo, read_info
     from latentbatch.cluster import connect
     from latentbatch.config import ModelConfig, TrainConfig, preset_config
     from latentbatch.decode import DecodeResult, decode_selection
     from latentbatch.decode import decode as decode_store
+    from latentbatch.derive import DeriveResult, lineage_of
     from latentbatch.encode import EncodeResult
     from latentbatch.encode import encode as encode_source
     from latentbatch.errors import LatentbatchError
     from latentbatch.evaluation import Evaluation, evaluate
+    from latentbatch.fit import LatentFit, fit_latents
+    from latentbatch.generation import generate
     from latentbatch.manifest import Manifest, iter_shards, read_manifest
+    from latentbatch.manipulation import interpolate, shift
     from latentbatch.pipeline import run_pipeline
     from latentbatch.query import (
         iter_select,
