@@ -47,9 +47,14 @@ class ModelConfig:
     image_size: int = 28
     widths: tuple[int, ...] = (32, 64)
     latent_channels: int = 64
+    diffusers: dict[str, Any] | None = None
+    """A diffusers autoencoder's own ``config.json`` (``preset`` is then its class,
+    ``AutoencoderKL`` or ``AutoencoderTiny``); None for latentbatch's presets."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.diffusers is not None:
+            object.__setattr__(self, "diffusers", dict(self.diffusers))
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
         if not self.widths or any(w < 1 for w in self.widths):
@@ -73,8 +78,31 @@ class ModelConfig:
 
     @property
     def levels(self) -> int:
-        """Down-sampling levels: each halves the image's side."""
+        """Down-sampling levels: each halves the image's side (a diffusers autoencoder's:
+        one per block but the last)."""
+        if self.diffusers is not None:
+            return len(self.widths) - 1
         return len(self.widths) + 1 if self.quantized else len(self.widths)
+
+    @property
+    def downsampling(self) -> int:
+        """How many pixels of a side one latent position covers."""
+        return int(2**self.levels)
+
+    @property
+    def scaling_factor(self) -> float:
+        """The factor latents are stored multiplied by (diffusers' ``scaling_factor``;
+        1 for latentbatch's presets, whose latents are stored as the encoder made them)."""
+        if self.diffusers is None:
+            return 1.0
+        return float(self.diffusers.get("scaling_factor") or 1.0)
+
+    @property
+    def shift_factor(self) -> float:
+        """What is subtracted before scaling (diffusers' ``shift_factor``; 0 without)."""
+        if self.diffusers is None:
+            return 0.0
+        return float(self.diffusers.get("shift_factor") or 0.0)
 
     @property
     def latent_dtype(self) -> str | None:
@@ -98,7 +126,10 @@ class ModelConfig:
         return (self.channels, self.image_size, self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "widths": list(self.widths)}
+        found = {**dataclasses.asdict(self), "widths": list(self.widths)}
+        if self.diffusers is None:  # latentbatch's presets: as earlier releases wrote them
+            del found["diffusers"]
+        return found
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -23,10 +23,11 @@ latents is an ordinary integer array to xarray or any Zarr reader.
 Metadata: ``format``, ``uuid``, ``created``, ``model_id``, ``model`` (architecture),
 ``latent`` (dtype, shape, and ``quantization``: null for float latents; for integer ones
 the step the integers count in, their clamp range, and the model's entropy model of them,
-a logistic per channel, ``loc`` and ``scale``), ``image`` (height, width, mode),
-``sources`` (spec, description, rows), ``layout`` (shard_rows, chunk_rows), ``labels``
-(whether any are known), ``pending`` (an unfinished encode), the committed ``count``, and
-for a derived store (:mod:`latentbatch.derive`) its ``lineage``.
+a logistic per channel, ``loc`` and ``scale``; and for a diffusers autoencoder's latents
+their ``convention``: scaled or not, ``scaling_factor``, ``shift_factor``), ``image``
+(height, width, mode), ``sources`` (spec, description, rows), ``layout`` (shard_rows,
+chunk_rows), ``labels`` (whether any are known), ``pending`` (an unfinished encode), the
+committed ``count``, and for a derived store (:mod:`latentbatch.derive`) its ``lineage``.
 
 Format 2 is a store of integer latents (``latent.quantization`` set); stores of float
 latents are format 1, as they always were (``latent.quantization`` null, which earlier
@@ -408,6 +409,7 @@ class LatentStore:
             "latent_dtype": str(self.latents.dtype),
             "chunk_shape": list(self.latents.chunks),
             "quantization": self.quantization,
+            "convention": meta["latent"].get("convention"),
             "chunk_rows": meta["layout"]["chunk_rows"],
             "shard_rows": meta["layout"]["shard_rows"],
             "shards": len(self.shards()),
@@ -526,6 +528,19 @@ def open_store(
     return LatentStore(url, group, storage_options)
 
 
+def convention(config: ModelConfig) -> dict[str, Any] | None:
+    """How a diffusers autoencoder's latents are stored (``latent.convention``): scaled,
+    ``(z - shift_factor) * scaling_factor``, as the diffusion model sees them; a decode
+    applies ``z / scaling_factor + shift_factor`` once. None for latentbatch's presets."""
+    if config.diffusers is None:
+        return None
+    return {
+        "scaled": True,
+        "scaling_factor": config.scaling_factor,
+        "shift_factor": config.shift_factor,
+    }
+
+
 def create_store(
     url: str,
     *,
@@ -593,6 +608,7 @@ def create_store(
             "dtype": latent_dtype,
             "shape": list(shape),
             "quantization": dict(quantization) if quantization is not None else None,
+            "convention": convention(config),
         },
         "image": {"height": config.image_size, "width": config.image_size, "mode": config.mode},
         "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},

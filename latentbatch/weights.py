@@ -116,7 +116,16 @@ def build_model(
 ) -> torch.nn.Module:
     """The ``part`` of the autoencoder ``config`` describes, with weights from ``tensors``
     (checked against the architecture first), in eval mode and channels-last, which about
-    doubles CPU convolution and up-sampling speed."""
+    doubles CPU convolution and up-sampling speed; a diffusers autoencoder's through
+    :mod:`latentbatch.vae`, in diffusers' own layout."""
+    if config.diffusers is not None:
+        from latentbatch import vae  # diffusers: imported only for its models
+
+        built = vae.build_vae(config, tensors, where)
+        parts = {"encoder": vae.VaeEncoder, "decoder": vae.VaeDecoder}
+        wrapper = vae.VaeAutoencoder if part == "autoencoder" else parts[part]
+        wrapped: torch.nn.Module = wrapper(built, config).eval()
+        return wrapped
     full = Autoencoder(config)
     _check_fit(full.state_dict(), tensors, where)
     module: torch.nn.Module
@@ -174,16 +183,20 @@ class LoadedModel:
     """A model's autoencoder, loaded once, with its info: what a command that encodes and
     decodes in this process hands to each step, so the weights are read once."""
 
-    autoencoder: Autoencoder
+    autoencoder: torch.nn.Module  # with .encoder and .decoder: Autoencoder, VaeAutoencoder
     info: ModelInfo
 
     @property
     def encoder(self) -> torch.nn.Module:
-        return self.autoencoder.encoder
+        encoder = self.autoencoder.encoder
+        assert isinstance(encoder, torch.nn.Module)
+        return encoder
 
     @property
     def decoder(self) -> torch.nn.Module:
-        return self.autoencoder.decoder
+        decoder = self.autoencoder.decoder
+        assert isinstance(decoder, torch.nn.Module)
+        return decoder
 
 
 def loaded(
@@ -193,5 +206,4 @@ def loaded(
     if isinstance(model, LoadedModel):
         return model
     autoencoder, info = load_model(model, "autoencoder", options=options)
-    assert isinstance(autoencoder, Autoencoder)
     return LoadedModel(autoencoder=autoencoder, info=info)

@@ -37,7 +37,7 @@ import torch
 from distributed import Client, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from latentbatch.checkpoint import WEIGHTS, ModelInfo, weights_bytes
+from latentbatch.checkpoint import ModelInfo, weights_bytes
 from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
 from latentbatch.config import ModelConfig
 from latentbatch.errors import LatentbatchError
@@ -208,7 +208,7 @@ class ModelPlugin(WorkerPlugin):
         # a local model travels as bytes (the workers may be other hosts); a URL's
         # weights are fetched by each host into its model cache
         # (checked against the id where they are built, naming the worker that refused)
-        self.weights = None if info.is_remote else (Path(info.location) / WEIGHTS).read_bytes()
+        self.weights = None if info.is_remote else (Path(info.location) / info.weights).read_bytes()
         self.name = f"latentbatch-{part}-{info.model_id[:16]}"
 
     def install(self, worker: Worker | None) -> None:

@@ -313,6 +313,12 @@ def inspect_command(
             f" (integers, step {report['quantization']['step']}; "
             f"entropy model: {report['quantization']['prior']} per channel)"
         )
+    held = report["convention"]
+    if held is not None:
+        latents += (
+            f" ({'scaled' if held['scaled'] else 'raw'}: a decode applies z / "
+            f"{held['scaling_factor']:g} + {held['shift_factor']:g})"
+        )
     sources = ", ".join(
         f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
     )
