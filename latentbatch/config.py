@@ -14,6 +14,8 @@ from typing import Any, Literal
 from latentbatch.errors import ConfigError
 
 PRESETS = ("seed", "compact", "codec")
+MAX_SIDE = 4096
+"""The longest image side a model that takes any size is given (pixels)."""
 LOSSES = ("bce", "mse")
 
 
@@ -108,6 +110,33 @@ class ModelConfig:
     def latent_dtype(self) -> str | None:
         """The dtype latents must be stored in, where the architecture fixes it."""
         return "int8" if self.quantized else None
+
+    @property
+    def any_size(self) -> bool:
+        """Whether the model takes images of any size (a diffusers autoencoder: any
+        multiple of its down-sampling factor up to :data:`MAX_SIDE`), or only its own."""
+        return self.diffusers is not None
+
+    def latent_shape_at(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape of one latent ``(C, h, w)`` of a ``height`` x ``width`` image, refused in
+        a sentence when the model does not take that size."""
+        if not self.any_size:
+            if (height, width) != (self.image_size, self.image_size):
+                raise ConfigError(
+                    f"the {self.preset} model takes {self.image_size}x{self.image_size} images "
+                    f"only, not {height}x{width}; leave the size out"
+                )
+            return self.latent_shape
+        factor = self.downsampling
+        sides_fit = all(
+            factor <= side <= MAX_SIDE and side % factor == 0 for side in (height, width)
+        )
+        if not sides_fit:
+            raise ConfigError(
+                f"{height}x{width} images do not fit the {self.preset}: each side must be a "
+                f"multiple of {factor} from {factor} to {MAX_SIDE} px"
+            )
+        return (self.latent_channels, height // factor, width // factor)
 
     @property
     def mode(self) -> Literal["L", "RGB"]:

@@ -12,7 +12,8 @@ Sources are named by a spec string::
 ``read(start, stop)`` returns ``uint8`` images ``(n, H, W, C)`` in the requested geometry.
 The conversion rule, used whenever an image's geometry differs from the one asked for:
 EXIF orientation applied, converted to the model's mode (``L`` or ``RGB``; alpha dropped),
-centre-cropped to a square on its shorter side, resized with Lanczos to the model's size.
+centre-cropped to the aspect ratio asked for (a square, unless a width is given), resized
+with Lanczos to that size.
 
 Folders: ids are the relative path without extension, separators replaced by ``__`` and
 other unsafe characters by ``-`` (repeats get ``-2``, ``-3`` in sorted path order); the
@@ -51,16 +52,30 @@ SYNTHETIC_COUNT = 1024
 
 @dataclass(frozen=True)
 class Geometry:
-    """Square image geometry: side length in pixels and channel count (1 or 3)."""
+    """Image geometry: height (``size``) and width in pixels (``width`` 0: square) and
+    channel count (1 or 3)."""
 
     size: int
     channels: int
+    width: int = 0
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise DataError(f"image size must be positive, got {self.size}")
+        if self.size < 1 or self.width < 0:
+            shown = f"{self.size}x{self.width}" if self.width else str(self.size)
+            raise DataError(f"image size must be positive, got {shown}")
         if self.channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {self.channels}")
+        if self.width == self.size:
+            object.__setattr__(self, "width", 0)  # one spelling of a square
+
+    @property
+    def height(self) -> int:
+        return self.size
+
+    @property
+    def columns(self) -> int:
+        """The width in pixels (``size`` for a square)."""
+        return self.width or self.size
 
     @property
     def mode(self) -> Literal["L", "RGB"]:
@@ -80,10 +95,11 @@ def conform(image: Image.Image, geometry: Geometry) -> np.ndarray:
     image = ImageOps.exif_transpose(image)
     if image.mode != geometry.mode:
         image = image.convert(geometry.mode)
-    if image.size != (geometry.size, geometry.size):
-        image = ImageOps.fit(image, (geometry.size, geometry.size), Image.Resampling.LANCZOS)
+    target = (geometry.columns, geometry.height)  # PIL's (width, height)
+    if image.size != target:
+        image = ImageOps.fit(image, target, Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
-    return array.reshape(geometry.size, geometry.size, geometry.channels)
+    return array.reshape(geometry.height, geometry.columns, geometry.channels)
 
 
 @dataclass(frozen=True)
@@ -128,9 +144,8 @@ class ImageSource:
         if not 0 <= start <= stop <= len(self):
             raise DataError(f"rows [{start}, {stop}) are outside source {self.spec} of {len(self)}")
         if start == stop:
-            return np.zeros(
-                (0, self.geometry.size, self.geometry.size, self.geometry.channels), np.uint8
-            )
+            shape = (0, self.geometry.height, self.geometry.columns, self.geometry.channels)
+            return np.zeros(shape, np.uint8)
         return self._read(start, stop)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
@@ -155,7 +170,7 @@ class ArraySource(ImageSource):
         labels: np.ndarray | None,
         geometry: Geometry | None = None,
     ) -> None:
-        native = Geometry(images.shape[1], images.shape[3])
+        native = Geometry(images.shape[1], images.shape[3], images.shape[2])
         self.spec, self.description = spec, description
         self._images = images
         self.geometry = geometry or native
@@ -225,15 +240,16 @@ def photos(geometry: Geometry | None = None, limit: int | None = None) -> ImageS
             "source photos needs the data extra: pip install 'latentbatch[data]'"
         ) from exc
     geometry = geometry or Geometry(64, 3)
-    size, stride = geometry.size, max(1, geometry.size // 2)
+    size, across = geometry.height, geometry.columns
+    stride = max(1, size // 2)
     patches, ids, labels = [], [], []
     for label, name in enumerate(PHOTOS):
         photo = Image.fromarray(getattr(skimage.data, name)()).convert(geometry.mode)
         pixels = np.asarray(photo).reshape(photo.height, photo.width, geometry.channels)
         k = 0
         for y in range(0, photo.height - size + 1, stride):
-            for x in range(0, photo.width - size + 1, stride):
-                patches.append(pixels[y : y + size, x : x + size])
+            for x in range(0, photo.width - across + 1, stride):
+                patches.append(pixels[y : y + size, x : x + across])
                 ids.append(f"photos-{name.replace('_', '-')}-{k:04d}")
                 labels.append(label)
                 k += 1
@@ -265,11 +281,12 @@ class SyntheticSource(ImageSource):
     def _draw(self, index: int) -> np.ndarray:
         rng = self._rng(index)
         kind = int(rng.integers(3))
-        s = self.geometry.size
-        image = Image.new(self.geometry.mode, (s, s))
+        s, w = self.geometry.height, self.geometry.columns
+        image = Image.new(self.geometry.mode, (w, s))
         draw = ImageDraw.Draw(image)
-        r = rng.uniform(0.15, 0.35) * s
+        r = rng.uniform(0.15, 0.35) * min(s, w)
         cx, cy = rng.uniform(r, s - r, size=2)
+        cx = cx / s * w if w != s else cx  # the same shape, across a wider canvas
         fill = tuple(int(v) for v in rng.integers(96, 256, size=self.geometry.channels))
         box = (cx - r, cy - r, cx + r, cy + r)
         if kind == 0:
@@ -278,7 +295,7 @@ class SyntheticSource(ImageSource):
             draw.rectangle(box, fill=fill)
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        return np.asarray(image, np.uint8).reshape(s, s, self.geometry.channels)
+        return np.asarray(image, np.uint8).reshape(s, w, self.geometry.channels)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         return np.stack([self._draw(i) for i in range(start, stop)])
@@ -388,6 +405,36 @@ def _read_files(
 @functools.lru_cache(maxsize=8)
 def _cached_source(spec: str, geometry: Geometry, seed: int) -> ImageSource:
     return open_source(spec, geometry, seed=seed)
+
+
+def native_size(spec: str) -> tuple[int, int]:
+    """The one size (height, width) of a source's images: a folder's files, read from
+    their headers (EXIF rotation applied), refused in a sentence when they differ."""
+    if not spec.startswith("folder:"):
+        geometry = native_geometry(spec)
+        return geometry.height, geometry.columns
+    root = Path(spec.removeprefix("folder:"))
+    if not root.is_dir():
+        raise DataError(f"{spec}: no such folder")
+    sizes: dict[tuple[int, int], str] = {}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn
+                    width, height = height, width
+        except OSError:
+            continue  # not an image: the folder source skips it and says so
+        sizes.setdefault((height, width), str(path.relative_to(root)))
+    if not sizes:
+        raise DataError(f"{spec} holds no PNG, JPEG or WebP images")
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({name})" for (h, w), name in list(sizes.items())[:3])
+        raise DataError(
+            f"{spec} holds images of {len(sizes)} sizes ({shown}); pass --size HEIGHTxWIDTH "
+            "to centre-crop and resize them all to one"
+        )
+    return next(iter(sizes))
 
 
 def native_geometry(spec: str) -> Geometry:

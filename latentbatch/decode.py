@@ -46,7 +46,7 @@ from latentbatch.canary_task import check_first, check_here, check_on_worker
 from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
 from latentbatch.choices import Format
 from latentbatch.cluster import gpu_resources, map_bounded, using
-from latentbatch.errors import LatentbatchError, OutputError
+from latentbatch.errors import ConfigError, LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
 from latentbatch.images import PNG, ImageCodec
 from latentbatch.kernel import batch_for, decode_batches, decode_latents, refuse_nonfinite
@@ -222,10 +222,14 @@ def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool 
             f"{store.url} was encoded by model {store.model_id} but the model given is "
             f"{info.model_id}; pass --allow-model-mismatch to decode anyway"
         )
-    if store.latent_shape != info.config.latent_shape:
+    try:
+        expected = info.config.latent_shape_at(*store.image_size)
+    except ConfigError as exc:
+        raise StoreError(f"{store.url}: {exc}; use the model that made the store") from None
+    if store.latent_shape != expected:
         raise StoreError(
             f"{store.url} holds latents of shape {store.latent_shape} (C, h, w) but the decoder "
-            f"of {info.location} takes {info.config.latent_shape}; use the model that made "
+            f"of {info.location} takes {expected}; use the model that made "
             "the store"
         )
 
@@ -393,8 +397,7 @@ def decode(
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
             if fmt == "zarr":
-                config = info.config
-                shape = (config.image_size, config.image_size, config.channels)
+                shape = (*store.image_size, info.config.channels)
                 chunk_rows = store.meta["layout"]["chunk_rows"]
                 create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
             map_bounded(

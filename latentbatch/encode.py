@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,10 +44,11 @@ from latentbatch.datasets import (
     ImageSource,
     RowsRef,
     conform,
+    native_size,
     open_image,
     open_source,
 )
-from latentbatch.errors import DataError
+from latentbatch.errors import ConfigError, DataError
 from latentbatch.ids import validate_ids
 from latentbatch.kernel import decode_latents, encode_images
 from latentbatch.lease import leased, without_leases
@@ -150,6 +151,7 @@ def _prepare(
     append: bool,
     layout: Layout | None,
     storage_options: StorageOptions | None,
+    image: tuple[int, int],
 ) -> tuple[LatentStore, int, bool] | None:
     """Open or create the store; return it, the store row of source row 0, and whether
     this resumes an interrupted encode. None when the source is already encoded."""
@@ -163,6 +165,7 @@ def _prepare(
             layout=layout,
             quantization=info.quantization,
             storage_options=storage_options,
+            image=image,
         )
         return store, 0, False
     store = open_store(store_url, storage_options, writable=True)
@@ -170,6 +173,12 @@ def _prepare(
         raise StoreError(
             f"{store_url} holds latents of model {store.model_id[:12]}, not of "
             f"{info.model_id[:12]}; encode into another store"
+        )
+    if store.image_size != image:
+        raise StoreError(
+            f"{store_url} holds {store.image_size[0]}x{store.image_size[1]} images, not "
+            f"{image[0]}x{image[1]}; pass --size {store.image_size[0]}x{store.image_size[1]} "
+            "or encode into another store"
         )
     pending = store.pending
     if pending is not None:
@@ -209,15 +218,27 @@ def encode(
     scheduler: str | None = None,
     workers: int | None = None,
     on_progress: ProgressCallback | None = None,
+    size: tuple[int, int] | Literal["native"] | None = None,
 ) -> EncodeResult:
-    """Encode every image of a source into a store (see the module docstring)."""
+    """Encode every image of a source into a store (see the module docstring). ``size``
+    (height, width), for a model that takes any size (a diffusers autoencoder): the
+    images are made that size by the conversion rule; ``"native"`` keeps the source's
+    one size (refusing mixed sizes); default: the model's own."""
     info = read_info(model_dir, storage_options)
-    geometry = Geometry(info.config.image_size, info.config.channels)
+    if size is None:
+        image = (info.config.image_size, info.config.image_size)
+    else:
+        image = native_size(source_spec) if size == "native" else size
+    try:
+        info.config.latent_shape_at(*image)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
+    geometry = Geometry(image[0], info.config.channels, image[1])
     source = open_source(source_spec, geometry, limit)
     validate_ids(source.ids)
     with leased(store_url, f"encode of {source.spec}", storage_options) as lease:
         started = time.perf_counter()
-        prepared = _prepare(store_url, info, source, append, layout, storage_options)
+        prepared = _prepare(store_url, info, source, append, layout, storage_options, image)
         if prepared is None:
             return EncodeResult(
                 store=store_url,

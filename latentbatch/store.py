@@ -53,7 +53,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from latentbatch.config import ModelConfig
-from latentbatch.errors import LatentbatchError
+from latentbatch.errors import ConfigError, LatentbatchError
 from latentbatch.lease import without_leases
 from latentbatch.storage import (
     StorageOptions,
@@ -176,6 +176,11 @@ class LatentStore:
     def latent_shape(self) -> tuple[int, int, int]:
         channels, height, width = self.latents.shape[1:]
         return (channels, height, width)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The images' height and width in pixels."""
+        return int(self.meta["image"]["height"]), int(self.meta["image"]["width"])
 
     @property
     def quantization(self) -> dict[str, Any] | None:
@@ -550,10 +555,13 @@ def create_store(
     layout: Layout | None = None,
     quantization: Mapping[str, Any] | None = None,
     storage_options: StorageOptions | None = None,
+    image: tuple[int, int] | None = None,
 ) -> LatentStore:
     """Create an empty store with room for ``capacity`` latents of the model ``model_id``
     whose architecture is ``config``; a quantised model's latents are int8, and
-    ``quantization`` (the step, range and prior of ``ModelInfo.quantization``) describes them."""
+    ``quantization`` (the step, range and prior of ``ModelInfo.quantization``) describes them.
+    ``image`` (height, width) is the images' size, for a model that takes any size
+    (default: the model's own)."""
     layout = layout or Layout()
     if config.latent_dtype is not None and layout.latent_dtype not in (None, config.latent_dtype):
         raise StoreError(
@@ -569,7 +577,11 @@ def create_store(
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
     # "a", not "w": the folder may hold the lease of the encode creating it (nothing else)
     group = zarr.open_group(url, mode="a", storage_options=zarr_options(url, storage_options))
-    shape = config.latent_shape
+    image_height, image_width = image or (config.image_size, config.image_size)
+    try:
+        shape = config.latent_shape_at(image_height, image_width)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
     _, height, width = shape
     integer = np.dtype(latent_dtype).kind == "i"
     group.create_array(
@@ -610,7 +622,7 @@ def create_store(
             "quantization": dict(quantization) if quantization is not None else None,
             "convention": convention(config),
         },
-        "image": {"height": config.image_size, "width": config.image_size, "mode": config.mode},
+        "image": {"height": image_height, "width": image_width, "mode": config.mode},
         "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
         "sources": [],
         "labels": False,

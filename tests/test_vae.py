@@ -200,3 +200,61 @@ def test_models_show_names_the_convention(
     assert main(["models", "show", str(kl_model)]) == 0
     shown = capsys.readouterr().out
     assert "AutoencoderKL" in shown and "0.18215" in shown and "downsampling" in shown
+
+
+@pytest.mark.parametrize("codec_name", ["png", "webp", "jpeg"])
+def test_non_square_latents_decode_to_tar_shards_webdataset_reads(
+    codec_name: str, tiny_vae: Path, tmp_path: Path, client: Client
+) -> None:
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from latentbatch.images import check_codec
+
+    info = read_info(tiny_vae)
+    url = str(tmp_path / "wide.zarr")
+    store = create_store(url, model_id=info.model_id, config=info.config, capacity=3,
+                         layout=Layout(4, 2), image=(512, 768))  # fmt: skip
+    assert store.latent_shape == (4, 64, 96) and store.image_size == (512, 768)
+    latents = np.random.default_rng(0).standard_normal((3, 4, 64, 96), dtype=np.float32)
+    store.write_rows(0, latents, ["a", "b", "c"], np.full(3, -1))
+    store.write_meta(count=3)
+    out = tmp_path / codec_name
+    decode(tiny_vae, url, str(out), codec=check_codec(codec_name), client=client)
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    extension = check_codec(codec_name).extension
+    assert [s["__key__"] for s in samples] == ["a", "b", "c"]
+    for sample in samples:
+        with Image.open(io.BytesIO(sample[extension])) as image:
+            assert image.size == (768, 512)  # width, height
+
+
+def test_encode_at_a_size_and_native_sizes(
+    kl_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"p{i}.png")
+    url = str(tmp_path / "native.zarr")
+    argv = ["encode", "--model", str(kl_model), "--data", f"folder:{folder}", "--store", url,
+            "--size", "native", "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    store = open_store(url)
+    assert store.image_size == (48, 80) and store.latent_shape == (4, 6, 10)
+    assert main(["inspect", url]) == 0
+    assert "scaled: a decode applies z / 0.18215 + 0" in capsys.readouterr().out
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "sq.png")
+    assert main([*argv[:6], str(tmp_path / "mixed.zarr"), *argv[7:]]) == 1
+    assert "holds images of 2 sizes (48x80 (p0.png), 40x40 (sq.png))" in capsys.readouterr().err
+    sized = str(tmp_path / "sized.zarr")
+    assert main([*argv[:6], sized, "--size", "64x32", *argv[9:]]) == 0
+    assert open_store(sized).latent_shape == (4, 8, 4)
+    assert main([*argv[:6], str(tmp_path / "odd.zarr"), "--size", "60", *argv[9:]]) == 1
+    assert "60x60 images do not fit the AutoencoderKL" in capsys.readouterr().err

@@ -28,12 +28,14 @@ from latentbatch.cli.common import (
     ProgressOption,
     QualityOption,
     SchedulerOption,
+    SizeOption,
     StorageOption,
     StoreArgument,
     StoreOption,
     WorkersOption,
     emit_json,
     make_console,
+    parse_size,
     task_progress,
 )
 from latentbatch.cli.derive import generate_command, interpolate_command, shift_command
@@ -177,6 +179,7 @@ def encode_command(
             help="float16 or float32 (new stores) \\[default: float16; codec models: int8]."
         ),
     ] = None,
+    size: SizeOption = None,
     storage_option: StorageOption = None,
     progress: ProgressOption = True,
     as_json: JsonOption = False,
@@ -197,6 +200,7 @@ def encode_command(
             scheduler=scheduler,
             workers=workers,
             on_progress=update,
+            size=parse_size(size),
         )
     if as_json:
         emit_json(result.to_dict())

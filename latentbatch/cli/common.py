@@ -6,12 +6,13 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from latentbatch.errors import LatentbatchError
 from latentbatch.progress import Progress as TaskProgress
 
 
@@ -88,3 +89,29 @@ def task_progress(label: str, enabled: bool) -> Iterator[Callable[[TaskProgress]
 
 def emit_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, sort_keys=True))
+
+
+SizeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="Image size for a model that takes any size (a diffusers autoencoder): SIDE, "
+        "HEIGHTxWIDTH, or native (the folder's one size) \\[default: the model's own].",
+    ),
+]
+
+
+def parse_size(text: str | None) -> tuple[int, int] | Literal["native"] | None:
+    """``--size``: ``512`` → (512, 512), ``512x768`` → height 512, width 768; ``native``."""
+    if text is None:
+        return None
+    if text == "native":
+        return "native"
+    height, _, width = text.lower().partition("x")
+    try:
+        sides = (int(height), int(width or height))
+    except ValueError:
+        raise LatentbatchError(
+            f"--size {text!r} is not SIDE, HEIGHTxWIDTH or native; e.g. --size 512x768"
+        ) from None
+    return sides
