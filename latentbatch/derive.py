@@ -28,7 +28,6 @@ from latentbatch.canary import canary_rows, has_canary, record_canary
 from latentbatch.canary_task import canary_on
 from latentbatch.checkpoint import ModelLocation, read_info
 from latentbatch.cluster import map_bounded, using
-from latentbatch.decode import check_model
 from latentbatch.ids import validate_ids
 from latentbatch.lease import leased, without_leases
 from latentbatch.progress import Progress
@@ -136,9 +135,30 @@ def write_part(job: DeriveJob) -> dict[str, int]:
     return {"start": job.start, "stop": job.stop}
 
 
+def like(parent: LatentStore, url: str, rows: int, options: StorageOptions | None) -> LatentStore:
+    """A new store at ``url`` of ``rows`` rows like ``parent``: its model, latent dtype,
+    layout and image size."""
+    dtype = str(parent.latents.dtype)
+    layout = Layout(
+        shard_rows=parent.shard_rows,
+        chunk_rows=int(parent.meta["layout"]["chunk_rows"]),
+        latent_dtype=dtype if parent.quantization is None else None,
+    )
+    return create_store(
+        url,
+        model_id=parent.model_id,
+        config=parent.model_config,
+        capacity=rows,
+        layout=layout,
+        quantization=parent.quantization,
+        storage_options=options,
+        image=parent.image_size,
+    )
+
+
 def _prepare(
     url: str,
-    parent: LatentStore,
+    create: Callable[[], LatentStore],
     lineage: Lineage,
     rows: int,
     options: StorageOptions | None,
@@ -160,26 +180,11 @@ def _prepare(
             f"{url} already exists (made {made}, with other inputs); write the "
             f"{lineage.operation} into another --store"
         )
-    dtype = str(parent.latents.dtype)
-    layout = Layout(
-        shard_rows=parent.shard_rows,
-        chunk_rows=int(parent.meta["layout"]["chunk_rows"]),
-        latent_dtype=dtype if parent.quantization is None else None,
-    )
-    store = create_store(
-        url,
-        model_id=parent.model_id,
-        config=parent.model_config,
-        capacity=rows,
-        layout=layout,
-        quantization=parent.quantization,
-        storage_options=options,
-    )
+    store = create()
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     store.write_meta(
         lineage={**record, "created": created},
         pending={"operation": lineage.operation, "rows": rows},
-        image=parent.meta["image"],
     )
     return store, False
 
@@ -187,7 +192,8 @@ def _prepare(
 def derive(
     url: str,
     *,
-    parent: LatentStore,
+    create: Callable[[], LatentStore],
+    model_id: str,
     lineage: Lineage,
     rows: int,
     part: Callable[[int, int], Part],
@@ -198,17 +204,22 @@ def derive(
     workers: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> DeriveResult:
-    """Write ``rows`` rows into the derived store ``url``, rows ``[a, b)`` of each shard
-    computed by ``part(a, b)`` in a Dask task (see the module docstring). With ``model``
-    (the parent's), the store's canary is decoded and recorded as an encode does."""
+    """Write ``rows`` rows into the derived store ``url`` (made by ``create`` when it does
+    not exist: :func:`like` a parent store), rows ``[a, b)`` of each shard computed by
+    ``part(a, b)`` in a Dask task (see the module docstring). With ``model`` (the one
+    whose id is ``model_id``), the store's canary is decoded and recorded as an encode
+    does."""
     if rows < 1:
         raise StoreError(f"the {lineage.operation} has no rows to write")
     info = read_info(model, storage_options) if model is not None else None
-    if info is not None:
-        check_model(parent, info)
+    if info is not None and info.model_id != model_id:
+        raise StoreError(
+            f"{info.location} is model {info.short_id}, but the {lineage.operation} writes "
+            f"latents of model {model_id[:12]}; pass that model"
+        )
     with leased(url, f"{lineage.operation} into {url}", storage_options) as lease:
         started = time.perf_counter()
-        prepared = _prepare(url, parent, lineage, rows, storage_options)
+        prepared = _prepare(url, create, lineage, rows, storage_options)
         if prepared is None:
             return DeriveResult(
                 store=url, operation=lineage.operation, rows=rows, written=0, shards=0,

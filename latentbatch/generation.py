@@ -16,7 +16,7 @@ import numpy as np
 from distributed import Client
 
 from latentbatch.checkpoint import ModelLocation
-from latentbatch.derive import DeriveResult, Lineage, Parent, derive
+from latentbatch.derive import DeriveResult, Lineage, Parent, derive, like
 from latentbatch.errors import LatentbatchError
 from latentbatch.fit import UNLABELLED, LatentFit, fit_latents, requested_labels
 from latentbatch.progress import Progress
@@ -96,7 +96,8 @@ def generate(
     )
     return derive(
         store_url,
-        parent=reference,
+        create=lambda: like(reference, store_url, count * len(chosen), storage_options),
+        model_id=reference.model_id,
         lineage=lineage,
         rows=count * len(chosen),
         part=lambda a, b: SamplePart(

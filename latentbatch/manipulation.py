@@ -29,7 +29,7 @@ import numpy as np
 from distributed import Client
 
 from latentbatch.checkpoint import ModelLocation
-from latentbatch.derive import DeriveResult, Lineage, Parent, derive
+from latentbatch.derive import DeriveResult, Lineage, Parent, derive, like
 from latentbatch.errors import LatentbatchError
 from latentbatch.fit import LatentFit, fit_latents
 from latentbatch.progress import Progress
@@ -120,7 +120,8 @@ def interpolate(
     )
     return derive(
         out_url,
-        parent=store,
+        create=lambda: like(store, out_url, steps, storage_options),
+        model_id=store.model_id,
         lineage=lineage,
         rows=steps,
         part=lambda a, b: InterpolatePart(
@@ -278,7 +279,8 @@ def shift(
 
     return derive(
         out_url,
-        parent=store,
+        create=lambda: like(store, out_url, total, storage_options),
+        model_id=store.model_id,
         lineage=lineage,
         rows=total,
         part=part,

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from latentbatch.derive import Lineage, Parent, as_stored, derive, lineage_of
+from latentbatch.derive import (
+    DeriveResult,
+    Lineage,
+    Parent,
+    as_stored,
+    derive,
+    like,
+    lineage_of,
+)
 from latentbatch.encode import encode
 from latentbatch.store import Layout, StoreError, open_store
 
@@ -51,16 +59,23 @@ def _lineage(parent: str, **parameters: object) -> Lineage:
     )  # fmt: skip
 
 
+def _derive(url: str, parent: str, rows: int, client: Client, **options: object) -> DeriveResult:
+    """A derive of ``rows`` counting rows into ``url``, like ``parent``."""
+    opened = open_store(parent)
+    return derive(
+        url, create=lambda: like(opened, url, rows, None), model_id=opened.model_id,
+        lineage=_lineage(parent, n=rows), rows=rows, client=client,
+        part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
+        **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
 def test_a_derived_store_records_its_lineage_and_its_rows(
     tmp_path: Path, parent: str, tiny_model: Path, client: Client
 ) -> None:
     opened = open_store(parent)
     url = str(tmp_path / "d.zarr")
-    result = derive(
-        url, parent=opened, lineage=_lineage(parent, n=50), rows=50,
-        part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
-        model=tiny_model, client=client,
-    )  # fmt: skip
+    result = _derive(url, parent, 50, client, model=tiny_model)
     assert (result.rows, result.written, result.shards) == (50, 50, 4)  # shards of 16 rows
     store = open_store(url)
     assert store.count == 50 and store.pending is None and store.has_labels
@@ -73,24 +88,12 @@ def test_a_derived_store_records_its_lineage_and_its_rows(
     np.testing.assert_array_equal(store.read_latents(0, 50)[:, 0, 0, 0], np.arange(50))
     assert store.read_ids(48, 50) == ["row-48", "row-49"]
     assert store.report()["lineage"] == lineage
-    again = derive(
-        url, parent=opened, lineage=_lineage(parent, n=50), rows=50,
-        part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
-        client=client,
-    )  # fmt: skip
+    again = _derive(url, parent, 50, client)
     assert again.skipped and again.written == 0
     with pytest.raises(StoreError, match=r"already exists \(made by count, with other inputs\)"):
-        derive(
-            url, parent=opened, lineage=_lineage(parent, n=51), rows=51,
-            part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
-            client=client,
-        )  # fmt: skip
+        _derive(url, parent, 51, client)
     with pytest.raises(StoreError, match="made by an encode"):
-        derive(
-            parent, parent=opened, lineage=_lineage(parent, n=1), rows=1,
-            part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
-            client=client,
-        )  # fmt: skip
+        _derive(parent, parent, 1, client)
 
 
 def test_a_failed_derive_is_never_read_as_done_and_resumes(
@@ -107,11 +110,27 @@ def test_a_failed_derive_is_never_read_as_done_and_resumes(
         )
 
     with pytest.raises(OSError, match="failed on purpose"):
-        derive(url, parent=opened, lineage=_lineage(parent), rows=64, part=part, client=client)
+        derive(
+            url,
+            create=lambda: like(opened, url, 64, None),
+            model_id=opened.model_id,
+            lineage=_lineage(parent),
+            rows=64,
+            part=part,
+            client=client,
+        )
     store = open_store(url)
     assert store.pending is not None and store.count <= 32  # the failed shard: not committed
     flag.unlink()
-    result = derive(url, parent=opened, lineage=_lineage(parent), rows=64, part=part, client=client)
+    result = derive(
+        url,
+        create=lambda: like(opened, url, 64, None),
+        model_id=opened.model_id,
+        lineage=_lineage(parent),
+        rows=64,
+        part=part,
+        client=client,
+    )
     assert result.resumed and result.written == 64 - store.count
     done = open_store(url)
     assert done.pending is None and done.count == 64
