@@ -71,6 +71,8 @@ DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
 INTEGER_ZSTD_LEVEL = 15
 ANOMALY = "anomaly"  # optional per-row scores of `latentbatch score`
+SCALE_TOLERANCE = 2.0
+"""How far (times) scaled latents' std may lie from 1 before a store warns."""
 
 
 Rows = Sequence[int] | npt.NDArray[np.integer[Any]]
@@ -181,6 +183,36 @@ class LatentStore:
     def image_size(self) -> tuple[int, int]:
         """The images' height and width in pixels."""
         return int(self.meta["image"]["height"]), int(self.meta["image"]["width"])
+
+    def scale_warning(self) -> str | None:
+        """For a diffusers autoencoder's latents, stored scaled (which gives them about unit
+        standard deviation: what the scaling factor is chosen for), a sentence when the
+        first shard's median per-channel std is more than :data:`SCALE_TOLERANCE` times
+        off, naming the likely cause; None otherwise (and for latentbatch's presets)."""
+        convention = self.meta["latent"].get("convention")
+        if not isinstance(convention, Mapping) or self.count == 0:
+            return None
+        stop = min(self.count, self.shard_rows)
+        latents = self.read_latents(0, stop).astype(np.float64)
+        std = float(np.median(latents.std(axis=(0, 2, 3))))
+        if 1 / SCALE_TOLERANCE <= std <= SCALE_TOLERANCE:
+            return None
+        factor = convention["scaling_factor"]
+        if std > SCALE_TOLERANCE:
+            cause = (
+                "they look unscaled (raw latents declared scaled?); if so, import them "
+                "again with --latents raw"
+            )
+        else:
+            cause = (
+                "they look scaled twice (scaled latents declared raw?); if so, import them "
+                "again with --latents scaled"
+            )
+        return (
+            f"{self.url}: the latents' standard deviation is {std:.3g} per channel (median, "
+            f"first {stop} rows), far from the 1 of latents scaled by {factor:g}: {cause}; "
+            "decoded, they would be garbage"
+        )
 
     @property
     def quantization(self) -> dict[str, Any] | None:

@@ -133,3 +133,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("models") / "tiny").model_dir
+
+
+@pytest.fixture(scope="session")
+def kl_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-init diffusers AutoencoderKL (SD's layout) directory."""
+    from tests.helpers import save_kl_vae
+
+    return save_kl_vae(tmp_path_factory.mktemp("vae") / "kl")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-init diffusers AutoencoderTiny (TAESD's layout) directory."""
+    from tests.helpers import save_tiny_vae
+
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from latentbatch import checkpoint, weights
@@ -76,3 +78,57 @@ def altered_model(tiny_model: Path, out: Path, change: float = 0.1) -> Path:
     model.load_state_dict(tensors)
     weights.save_model(out, model, {k: v for k, v in info.meta.items() if k != "model_id"})
     return out
+
+
+def save_kl_vae(folder: Path, sample_size: int = 32) -> Path:
+    """A seeded random-init diffusers AutoencoderKL of SD's block layout (4 levels: 8x
+    down-sampling, 4 latent channels, SD's scaling factor) at small widths, saved by
+    diffusers (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(str(folder))
+    return folder
+
+
+def save_tiny_vae(folder: Path, sample_size: int = 32) -> Path:
+    """A seeded random-init diffusers AutoencoderTiny (TAESD's layout at small widths),
+    its config given a ``sample_size`` (TAESD's records none)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(1)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+    vae.save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sample_size": sample_size}))
+    return folder
+
+
+def diffusers_decode(model_dir: Path, latents: np.ndarray, raw: bool = False) -> np.ndarray:
+    """What diffusers itself decodes, uint8 ``(n, H, W, C)``: ``vae.decode(z / scaling +
+    shift)`` of stored (scaled) latents, or ``vae.decode(z)`` of ``raw`` ones."""
+    import diffusers
+
+    config = json.loads((model_dir / "config.json").read_text())
+    vae = getattr(diffusers, config["_class_name"]).from_pretrained(str(model_dir)).eval()
+    scaling, shift = config.get("scaling_factor", 1.0), config.get("shift_factor") or 0.0
+    z = torch.from_numpy(np.asarray(latents, np.float32))
+    with torch.no_grad():
+        sample = vae.decode(z if raw else z / scaling + shift).sample
+    pixels = ((sample + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()

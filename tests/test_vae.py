@@ -22,62 +22,7 @@ from latentbatch.errors import CheckpointError
 from latentbatch.shards import read_output
 from latentbatch.store import Layout, create_store, open_store
 from latentbatch.weights import load_model
-
-
-def _save(model: torch.nn.Module, folder: Path) -> Path:
-    model.save_pretrained(str(folder))  # type: ignore[operator]
-    return folder
-
-
-@pytest.fixture(scope="module")
-def kl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random-init AutoencoderKL of SD's block layout (4 levels: 8x down-sampling,
-    4 latent channels, SD's scaling factor) at small widths, saved by diffusers."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=32,
-        scaling_factor=0.18215,
-    )
-    return _save(vae, tmp_path_factory.mktemp("vae") / "kl")
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random-init AutoencoderTiny (TAESD's layout, small widths)."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(1)
-    vae = AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    )
-    folder = _save(vae, tmp_path_factory.mktemp("vae") / "tiny")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "sample_size": 32}))
-    return folder
-
-
-def _reference(model_dir: Path, latents: np.ndarray) -> np.ndarray:
-    """What diffusers itself decodes: ``vae.decode(z / scaling + shift)`` → uint8."""
-    import diffusers
-
-    config = json.loads((model_dir / "config.json").read_text())
-    vae = getattr(diffusers, config["_class_name"]).from_pretrained(str(model_dir)).eval()
-    scaling, shift = config.get("scaling_factor", 1.0), config.get("shift_factor") or 0.0
-    with torch.no_grad():
-        sample = vae.decode(torch.from_numpy(latents) / scaling + shift).sample
-    pixels = ((sample + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
+from tests.helpers import diffusers_decode
 
 
 def _store(url: Path, model_dir: Path, rows: int = 20, seed: int = 0) -> str:
@@ -96,14 +41,14 @@ def _store(url: Path, model_dir: Path, rows: int = 20, seed: int = 0) -> str:
     return str(url)
 
 
-def test_a_diffusers_directory_is_a_model(kl_model: Path, tiny_vae: Path) -> None:
-    info = read_info(kl_model)
+def test_a_diffusers_directory_is_a_model(kl_vae: Path, tiny_vae: Path) -> None:
+    info = read_info(kl_vae)
     assert info.weights == "diffusion_pytorch_model.safetensors"
     assert info.config.preset == "AutoencoderKL" and info.config.latent_shape == (4, 4, 4)
     assert (info.config.downsampling, info.config.scaling_factor) == (8, 0.18215)
     shown = summary(info)
     assert shown["class"] == "AutoencoderKL" and shown["latent_channels"] == 4
-    vae_params = sum(p.numel() for p in load_model(kl_model)[0].parameters())
+    vae_params = sum(p.numel() for p in load_model(kl_vae)[0].parameters())
     assert shown["parameters"] == vae_params
     tiny = summary(read_info(tiny_vae))
     assert (tiny["class"], tiny["downsampling"], tiny["scaling_factor"]) == (
@@ -111,31 +56,31 @@ def test_a_diffusers_directory_is_a_model(kl_model: Path, tiny_vae: Path) -> Non
     )  # fmt: skip
 
 
-def test_variants_snapshots_and_refusals(kl_model: Path, tmp_path: Path) -> None:
-    fp16 = shutil.copytree(kl_model, tmp_path / "fp16")
+def test_variants_snapshots_and_refusals(kl_vae: Path, tmp_path: Path) -> None:
+    fp16 = shutil.copytree(kl_vae, tmp_path / "fp16")
     (fp16 / "diffusion_pytorch_model.safetensors").rename(
         fp16 / "diffusion_pytorch_model.fp16.safetensors"
     )
-    assert read_info(fp16).model_id == read_info(kl_model).model_id
+    assert read_info(fp16).model_id == read_info(kl_vae).model_id
     snapshot = tmp_path / "snapshots" / "abc123"  # a Hugging Face cache snapshot: links
     snapshot.mkdir(parents=True)
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        (snapshot / name).symlink_to(kl_model / name)
-    assert read_info(snapshot).model_id == read_info(kl_model).model_id
-    pickled = shutil.copytree(kl_model, tmp_path / "pickled")
+        (snapshot / name).symlink_to(kl_vae / name)
+    assert read_info(snapshot).model_id == read_info(kl_vae).model_id
+    pickled = shutil.copytree(kl_vae, tmp_path / "pickled")
     (pickled / "diffusion_pytorch_model.safetensors").rename(
         pickled / "diffusion_pytorch_model.bin"
     )
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin, a pickle"):
         read_info(pickled)
-    other = shutil.copytree(kl_model, tmp_path / "other")
+    other = shutil.copytree(kl_vae, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderDC"}))
     with pytest.raises(CheckpointError, match="AutoencoderDC; latentbatch decodes AutoencoderKL"):
         read_info(other)
 
 
-@pytest.mark.parametrize("which", ["kl_model", "tiny_vae"])
+@pytest.mark.parametrize("which", ["kl_vae", "tiny_vae"])
 def test_decode_equals_diffusers_and_is_the_same_everywhere(
     which: str, request: pytest.FixtureRequest, tmp_path: Path, client: Client,
     process_client: Client,
@@ -164,26 +109,26 @@ def test_decode_equals_diffusers_and_is_the_same_everywhere(
     for other_ids, other_images in outputs.values():
         assert other_ids == ids
         np.testing.assert_array_equal(other_images, images)
-    expected = _reference(model_dir, store.read_latents(0, 20))
+    expected = diffusers_decode(model_dir, store.read_latents(0, 20))
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_a_store_of_one_vae_refuses_the_other(
-    kl_model: Path, tiny_vae: Path, tmp_path: Path, client: Client
+    kl_vae: Path, tiny_vae: Path, tmp_path: Path, client: Client
 ) -> None:
-    url = _store(tmp_path / "z.zarr", kl_model, rows=4)
+    url = _store(tmp_path / "z.zarr", kl_vae, rows=4)
     with pytest.raises(ModelMismatchError, match="was encoded by model"):
         decode(tiny_vae, url, str(tmp_path / "out"), client=client)
 
 
-def test_encode_stores_the_scaled_mean(kl_model: Path, tmp_path: Path, client: Client) -> None:
+def test_encode_stores_the_scaled_mean(kl_vae: Path, tmp_path: Path, client: Client) -> None:
     import diffusers
 
     url = str(tmp_path / "e.zarr")
-    encode(kl_model, "synthetic:6", url, layout=Layout(8, 4, "float32"), client=client)
+    encode(kl_vae, "synthetic:6", url, layout=Layout(8, 4, "float32"), client=client)
     store = open_store(url)
     assert store.count == 6 and store.latent_shape == (4, 4, 4)
-    vae = diffusers.AutoencoderKL.from_pretrained(str(kl_model)).eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(str(kl_vae)).eval()
     from latentbatch.datasets import Geometry, open_source
 
     images = open_source("synthetic:6", Geometry(32, 3)).read(0, 6)
@@ -194,10 +139,8 @@ def test_encode_stores_the_scaled_mean(kl_model: Path, tmp_path: Path, client: C
     assert not np.isnan(store.read_quality(0, 6)).any()
 
 
-def test_models_show_names_the_convention(
-    kl_model: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["models", "show", str(kl_model)]) == 0
+def test_models_show_names_the_convention(kl_vae: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "show", str(kl_vae)]) == 0
     shown = capsys.readouterr().out
     assert "AutoencoderKL" in shown and "0.18215" in shown and "downsampling" in shown
 
@@ -232,7 +175,7 @@ def test_non_square_latents_decode_to_tar_shards_webdataset_reads(
 
 
 def test_encode_at_a_size_and_native_sizes(
-    kl_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    kl_vae: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from PIL import Image
 
@@ -243,7 +186,7 @@ def test_encode_at_a_size_and_native_sizes(
         pixels = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"p{i}.png")
     url = str(tmp_path / "native.zarr")
-    argv = ["encode", "--model", str(kl_model), "--data", f"folder:{folder}", "--store", url,
+    argv = ["encode", "--model", str(kl_vae), "--data", f"folder:{folder}", "--store", url,
             "--size", "native", "--workers", "1", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     store = open_store(url)

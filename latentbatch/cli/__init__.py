@@ -38,7 +38,12 @@ from latentbatch.cli.common import (
     parse_size,
     task_progress,
 )
-from latentbatch.cli.derive import generate_command, interpolate_command, shift_command
+from latentbatch.cli.derive import (
+    generate_command,
+    import_command,
+    interpolate_command,
+    shift_command,
+)
 from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
@@ -473,6 +478,7 @@ app.command("evaluate")(evaluate_command)
 app.command("generate")(generate_command)
 app.command("interpolate")(interpolate_command)
 app.command("shift")(shift_command)
+app.command("import")(import_command)
 app.add_typer(models_app, name="models")
 app.add_typer(stack_app, name="stack")
 

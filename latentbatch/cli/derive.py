@@ -1,5 +1,5 @@
-"""``latentbatch generate``, ``interpolate`` and ``shift``: operations that write a derived
-store (see :mod:`latentbatch.derive`), and with ``--grid`` a picture of it."""
+"""``latentbatch generate``, ``interpolate``, ``shift`` and ``import``: operations that write
+a derived store (see :mod:`latentbatch.derive`), and with ``--grid`` a picture of it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def _report(result: DeriveResult, as_json: bool, what: str) -> None:
     if result.skipped:
         message = f"{result.store} already holds this {result.operation}; nothing to do"
     else:
-        verb = "resumed" if result.resumed else "wrote"
+        verb = {"import": "imported"}.get(result.operation, "wrote")
+        verb = "resumed, and wrote" if result.resumed else verb
         message = f"{verb} {result.written} {what} into {result.store} in {result.seconds:.1f} s"
     make_console().print(message, highlight=False, soft_wrap=True)
 
@@ -213,3 +214,71 @@ def shift_command(
         )
     _grid(grid, model, store, options)
     _report(result, as_json, "shifted rows")
+
+
+def import_command(
+    model: Annotated[str, typer.Option(help="The autoencoder that made the latents: path or URL.")],
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="The latents: a folder or .zip of .npy files (dataset.json labels), an "
+            ".npy/.npz array, .safetensors, WebDataset .tar, or a Zarr store (PATH::ARRAY).",
+        ),
+    ],
+    store: StoreOption,
+    latents: Annotated[
+        str,
+        typer.Option(
+            help="scaled (as the diffusion model sees them) or raw (the autoencoder's own)."
+        ),
+    ] = "scaled",
+    scaling_factor: Annotated[
+        float | None,
+        typer.Option(help="The source's scaling factor \\[default: the model's config]."),
+    ] = None,
+    shift: Annotated[
+        float | None,
+        typer.Option(help="The source's shift factor \\[default: the model's config]."),
+    ] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per shard.")] = 1024,
+    chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per inner chunk.")] = 128,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    storage_option: StorageOption = None,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Import latents made elsewhere into a store (one Dask task per store shard)."""
+    from latentbatch.imports import import_latents
+    from latentbatch.store import Layout
+
+    if latents not in ("scaled", "raw"):
+        raise LatentbatchError(f"--latents {latents!r} is not scaled or raw")
+    with task_progress("importing", progress and not as_json) as update:
+        result = import_latents(
+            model,
+            source,
+            store,
+            latents="raw" if latents == "raw" else "scaled",
+            scaling_factor=scaling_factor,
+            shift_factor=shift,
+            layout=Layout(shard_rows, chunk_rows),
+            storage_options=parse_options(storage_option),
+            scheduler=scheduler,
+            workers=workers,
+            on_progress=update,
+        )
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _report(result.derived, False, "rows")
+        if result.mean_of_mean_and_std:
+            make_console().print(
+                "its arrays hold a mean and a std per channel: the means are stored",
+                highlight=False,
+            )
+    if result.warning is not None:
+        make_console(stderr=True).print(
+            f"warning: {result.warning}", highlight=False, soft_wrap=True
+        )
