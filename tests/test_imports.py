@@ -34,11 +34,10 @@ def _scaled(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
 
 
-def _decoded(
-    model: Path, store_url: str, out: Path, client: Client
-) -> tuple[list[str], np.ndarray]:
+def _decoded(model: Path, store_url: str, out: Path, client: Client) -> np.ndarray:
+    """The store decoded by latentbatch (its images, in row order)."""
     decode(model, store_url, str(out), fmt="png", client=client)
-    return read_output(str(out))
+    return read_output(str(out))[1]
 
 
 def _npy(array: np.ndarray) -> bytes:
