@@ -70,6 +70,8 @@ _EXPORTS = {
     "score": "anomaly",
     "ScoreResult": "anomaly",
     "generate": "generation",
+    "import_latents": "imports",
+    "ImportResult": "imports",
     "interpolate": "manipulation",
     "shift": "manipulation",
     "DeriveResult": "derive",
@@ -82,6 +84,7 @@ __all__ = [
     "DeriveResult",
     "EncodeResult",
     "Evaluation",
+    "ImportResult",
     "LatentFit",
     "LatentStore",
     "LatentbatchError",
@@ -101,6 +104,7 @@ __all__ = [
     "evaluate",
     "fit_latents",
     "generate",
+    "import_latents",
     "interpolate",
     "iter_select",
     "iter_shards",
@@ -138,6 +142,7 @@ if TYPE_CHECKING:
     from latentbatch.evaluation import Evaluation, evaluate
     from latentbatch.fit import LatentFit, fit_latents
     from latentbatch.generation import generate
+    from latentbatch.imports import ImportResult, import_latents
     from latentbatch.manifest import Manifest, iter_shards, read_manifest
     from latentbatch.manipulation import interpolate, shift
     from latentbatch.pipeline import run_pipeline

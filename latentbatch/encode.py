@@ -96,6 +96,7 @@ class EncodeResult:
     resumed: bool = False
     skipped: bool = False
     shards: int = 0
+    warning: str | None = None  # the latents' spread looks wrong for the model's convention
 
     @property
     def images_per_second(self) -> float:
@@ -336,6 +337,7 @@ def encode(
             seconds=time.perf_counter() - started,
             resumed=resumed,
             shards=tasks,
+            warning=store.scale_warning(),
         )
 
 

@@ -153,6 +153,8 @@ def derived_preview(
             decode_rows(model, store, range(i * count, i * count + min(count, per_row)))
             for i in range(len(labels))
         ]
+    if operation == "import":  # the first rows
+        return [decode_rows(model, store, range(min(per_row, store.count)))]
     if operation == "interpolate":
         steps = np.unique(np.linspace(0, store.count - 1, min(per_row, store.count)).round())
         return [decode_rows(model, store, steps.astype(np.int64))]

@@ -28,6 +28,7 @@ from flows.decode import decode_latents
 from flows.encode import encode_images
 from flows.evaluate import evaluate_model
 from flows.generate import generate_latents
+from flows.imports import import_latents_flow
 from flows.manipulate import manipulate_latents
 from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
@@ -78,7 +79,7 @@ def _check_preview(artifact: Any) -> None:
     "flow",
     [decode_latents, encode_images, nightly_bulk_decode, reconstruction_pipeline,
      query_latents, train_autoencoder, evaluate_model, find_anomalies, generate_latents,
-     manipulate_latents],
+     manipulate_latents, import_latents_flow],
     ids=lambda f: f.name,
 )  # fmt: skip
 def test_every_flow_parameter_has_a_description_for_the_ui(flow: Any) -> None:
@@ -436,3 +437,18 @@ def test_generate_and_manipulate_flows_leave_pictures(
                                return_state=True)  # fmt: skip
     assert state.is_failed()
     assert "interpolate needs from_id and to_id" in str(state.message)
+
+
+def test_import_flow_leaves_a_summary_and_a_picture(tmp_path: Path, kl_vae: Path) -> None:
+    raw = np.random.default_rng(0).standard_normal((6, 4, 4, 4), dtype=np.float32) / 0.18215
+    np.save(tmp_path / "raw.npy", raw)
+    store = str(tmp_path / "imported.zarr")
+    state = import_latents_flow(str(tmp_path / "raw.npy"), store, str(kl_vae), "scaled",
+                                workers=1, return_state=True)  # fmt: skip
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["rows"] == 6 and summary["layout"] == "array"
+    assert "look unscaled" in summary["warning"]  # raw latents declared scaled
+    found = artifacts(state)
+    assert json.loads(found["import-summary"].data)[0]["store"] == store
+    _check_preview(found["import-preview"])

@@ -218,6 +218,8 @@ def encode_command(
             f"rows {result.rows[0]}-{result.rows[1]} in {result.seconds:.1f} s "
             f"({result.images_per_second:.0f} images/s)"
         )
+    if result.warning is not None:
+        make_console(stderr=True).print(f"warning: {result.warning}", highlight=False)
 
 
 @app.command("decode")

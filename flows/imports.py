@@ -1,0 +1,97 @@
+"""import-latents: latents made elsewhere (npy files, arrays, safetensors, WebDataset tars,
+Zarr) into a latent store of the autoencoder that made them; leaves a summary and a
+picture of the first rows decoded."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from prefect import flow
+from pydantic import Field
+
+from flows.orchestration import (
+    preview_artifact,
+    retrying_task,
+    storage_options,
+    summary_artifact,
+)
+from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
+from latentbatch.imports import ImportResult, import_latents
+from latentbatch.previews import derived_preview
+from latentbatch.store import open_store
+
+
+@retrying_task("import")
+def import_task(
+    model_dir: str,
+    source: str,
+    store: str,
+    latents: Literal["scaled", "raw"],
+    scaling_factor: float | None,
+    shift_factor: float | None,
+    scheduler: str | None,
+    workers: int | None,
+    options: dict[str, Any] | None,
+) -> ImportResult:
+    return import_latents(
+        model_dir,
+        source,
+        store,
+        latents=latents,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        storage_options=options,
+        scheduler=scheduler,
+        workers=workers,
+    )
+
+
+@flow(name="import-latents", log_prints=True)
+@described
+def import_latents_flow(
+    source: Annotated[
+        str,
+        Field(
+            description="The latents: a folder or .zip of .npy files (dataset.json labels), "
+            ".npy/.npz, .safetensors, WebDataset .tar, or a Zarr store (PATH::ARRAY)"
+        ),
+    ] = "latents/",
+    store: StoreUrl = "out/stores/imported.zarr",
+    model_dir: ModelDir = "models/sd-vae",
+    latents: Annotated[
+        Literal["scaled", "raw"],
+        Field(description="scaled (as the diffusion model sees them) or raw (the autoencoder's)"),
+    ] = "scaled",
+    scaling_factor: Annotated[
+        float | None, Field(description="The source's scaling factor (empty: the model's)")
+    ] = None,
+    shift_factor: Annotated[
+        float | None, Field(description="The source's shift factor (empty: the model's)")
+    ] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
+    storage_block: StorageBlock = None,
+) -> dict[str, object]:
+    options = storage_options(storage_block)
+    result = import_task(
+        model_dir, source, store, latents, scaling_factor, shift_factor, scheduler, workers,
+        options,
+    )  # fmt: skip
+    summary = result.to_dict()
+    summary_artifact("import-summary", f"Imported into {store}", [summary])
+    opened = open_store(store, options)
+    preview_artifact(
+        "import-preview",
+        "The first imported rows, decoded",
+        derived_preview(model_dir, opened),
+        result.warning or f"{result.derived.rows} rows from {source} ({result.layout})",
+        scale=max(1, 64 // opened.image_size[0]),
+    )
+    if result.warning is not None:
+        print(f"warning: {result.warning}")
+    print(f"{result.derived.rows} rows in {store} ({result.derived.written} written now)")
+    return summary
+
+
+if __name__ == "__main__":
+    import_latents_flow()
