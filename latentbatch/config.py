@@ -138,6 +138,16 @@ class ModelConfig:
             )
         return (self.latent_channels, height // factor, width // factor)
 
+    def decode_bytes(self, height: int, width: int) -> int:
+        """An estimate of the float32 memory one ``height`` x ``width`` image takes
+        through the decoder: 32 bytes per value of each level's activations (a level's
+        input, its convolutions' and normalisations' outputs alive at once), summed over
+        the levels, the widest at the coarsest. For SD's decoder at 512x512, 1.8 GiB."""
+        total = 0
+        for level, channels in enumerate(self.widths):  # widths[0] at full resolution
+            total += (height >> level) * (width >> level) * channels * 32
+        return total
+
     @property
     def mode(self) -> Literal["L", "RGB"]:
         """The PIL mode of the images the model takes."""

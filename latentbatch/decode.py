@@ -49,7 +49,13 @@ from latentbatch.cluster import gpu_resources, map_bounded, using
 from latentbatch.errors import ConfigError, LatentbatchError, OutputError
 from latentbatch.ids import validate_ids
 from latentbatch.images import PNG, ImageCodec
-from latentbatch.kernel import batch_for, decode_batches, decode_latents, refuse_nonfinite
+from latentbatch.kernel import (
+    batch_for,
+    decode_batches,
+    decode_latents,
+    refuse_nonfinite,
+    tiled,
+)
 from latentbatch.lease import leased
 from latentbatch.manifest import (
     Manifest,
@@ -120,6 +126,7 @@ class DecodeResult:
     shards_skipped: tuple[int, ...]
     seconds: float
     canary: str = "none"  # how the store's canary compared (latentbatch.canary)
+    tiled: bool = False  # each image over the memory budget, decoded in tiles
 
     @property
     def images_per_second(self) -> float:
@@ -137,6 +144,7 @@ class DecodeResult:
             "images_per_second": self.images_per_second,
             "model_id": self.manifest.model_id,
             "canary": self.canary,
+            "tiled": self.tiled,
         }
 
 
@@ -191,7 +199,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
 
     threads = min(encoder_threads(device, worker_threads()), job.codec.useful_threads)
     encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
-    batch_size = job.batch_size or batch_for(device)
+    image_bytes = store.model_config.decode_bytes(*store.image_size)
+    batch_size = job.batch_size or batch_for(device, image_bytes)
     blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, store.shard_rows))
     batches = (b[i : i + batch_size] for b in blocks for i in range(0, len(b), batch_size))
     images = decode_batches(
@@ -436,6 +445,7 @@ def decode(
         shards_skipped=tuple(sorted(done)),
         seconds=time.perf_counter() - started,
         canary=str(canary),
+        tiled=info.config.any_size and tiled(info.config.decode_bytes(*store.image_size)),
     )
 
 

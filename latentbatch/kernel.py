@@ -10,6 +10,7 @@ named by row and id, before anything is decoded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -23,10 +24,31 @@ ENCODE_BATCH = 256
 CUDA_DECODE_BATCH = 4096
 
 
-def batch_for(device: torch.device) -> int:
+MEMORY_ENV = "LATENTBATCH_DECODE_MEMORY_MIB"
+DEFAULT_MEMORY_MIB = 4096
+"""The memory a decoder call may take per worker (``$LATENTBATCH_DECODE_MEMORY_MIB``)."""
+
+
+def memory_budget() -> int:
+    """Bytes one decoder call may take (:data:`MEMORY_ENV`, default 4 GiB)."""
+    return int(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_MIB)) * 2**20
+
+
+def batch_for(device: torch.device, image_bytes: int = 0) -> int:
     """Latents per decoder call when none is asked for: small on CPU (cache-friendly),
-    large on a GPU (to fill it)."""
-    return CUDA_DECODE_BATCH if device.type == "cuda" else DECODE_BATCH
+    large on a GPU (to fill it), and no more than fit the memory budget when one image
+    takes ``image_bytes`` (:meth:`latentbatch.config.ModelConfig.decode_bytes`); at least
+    one (a larger image is decoded in tiles: :func:`tiled`)."""
+    cap = CUDA_DECODE_BATCH if device.type == "cuda" else DECODE_BATCH
+    if image_bytes <= 0:
+        return cap
+    return max(1, min(cap, memory_budget() // image_bytes))
+
+
+def tiled(image_bytes: int) -> bool:
+    """Whether one image is over the memory budget, so that a decoder that can (a
+    diffusers autoencoder) decodes it in overlapping tiles."""
+    return image_bytes > memory_budget()
 
 
 class NonFiniteLatentsError(LatentbatchError):

@@ -8,7 +8,8 @@ speak latentbatch's conventions, so the device kernel, the canary and every chec
 them like the presets':
 
 - :class:`VaeDecoder`: stored latents → images in [0, 1]: ``vae.decode(z / scaling +
-  shift)``, exactly as diffusers' pipelines undo the convention, then ``(x + 1) / 2``;
+  shift)``, exactly as diffusers' pipelines undo the convention, then ``(x + 1) / 2``; an
+  image over the memory budget (:func:`latentbatch.kernel.tiled`) in diffusers' tiles;
 - :class:`VaeEncoder`: images in [0, 1] → stored latents: the mean of the latent
   distribution (deterministic; TAESD's latents as they are), then ``(z - shift) *
   scaling``.
@@ -26,6 +27,7 @@ import torch
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError
+from latentbatch.kernel import tiled
 
 
 def _diffusers_class(name: str) -> Any:
@@ -65,11 +67,22 @@ class VaeDecoder(torch.nn.Module):
     def __init__(self, vae: Any, config: ModelConfig) -> None:
         super().__init__()
         self.vae = vae
+        self.config = config
         self.scaling = config.scaling_factor
         self.shift = config.shift_factor
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        sample: torch.Tensor = self.vae.decode(latents / self.scaling + self.shift).sample
+        z = latents / self.scaling + self.shift
+        side = self.config.downsampling
+        image_bytes = self.config.decode_bytes(z.shape[-2] * side, z.shape[-1] * side)
+        sample: torch.Tensor
+        if tiled(image_bytes):  # over the memory budget: diffusers' tiled decode
+            if hasattr(self.vae, "tiled_decode"):
+                sample = self.vae.tiled_decode(z).sample
+            else:
+                sample = self.vae._tiled_decode(z)
+        else:
+            sample = self.vae.decode(z).sample
         return (sample + 1) / 2
 
 

@@ -77,3 +77,22 @@ def test_nonfinite_latents_are_refused_naming_rows_and_ids() -> None:
         NonFiniteLatentsError, match=r"2 latents in here .* rows 12 \(id2\), 16 \(id6\)"
     ):
         refuse_nonfinite(latents, rows, ids, "here")
+
+
+def test_batches_follow_the_image_size_within_the_memory_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from latentbatch.config import ModelConfig
+    from latentbatch.kernel import MEMORY_ENV, batch_for, tiled
+
+    sd = ModelConfig("AutoencoderKL", 3, 512, (128, 256, 512, 512), 4, diffusers={})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv(MEMORY_ENV, "4096")
+    assert batch_for(cpu) == 256 and batch_for(cuda) == 4096  # no size: the device's batch
+    assert batch_for(cpu, sd.decode_bytes(256, 256)) == 8
+    assert batch_for(cuda, sd.decode_bytes(512, 512)) == 2
+    assert batch_for(cuda, sd.decode_bytes(1024, 1024)) == 1 and tiled(sd.decode_bytes(1024, 1024))
+    assert not tiled(sd.decode_bytes(512, 512))
+    monkeypatch.setenv(MEMORY_ENV, "16384")
+    assert batch_for(cuda, sd.decode_bytes(512, 512)) == 8
+    assert not tiled(sd.decode_bytes(1024, 1024))

@@ -201,3 +201,33 @@ def test_encode_at_a_size_and_native_sizes(
     assert open_store(sized).latent_shape == (4, 8, 4)
     assert main([*argv[:6], str(tmp_path / "odd.zarr"), "--size", "60", *argv[9:]]) == 1
     assert "60x60 images do not fit the AutoencoderKL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["kl_vae", "tiny_vae"])
+def test_images_over_the_memory_budget_decode_in_tiles(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path, client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from latentbatch.kernel import MEMORY_ENV
+
+    model_dir: Path = request.getfixturevalue(which)
+    info = read_info(model_dir)
+    url = str(tmp_path / "big.zarr")
+    store = create_store(url, model_id=info.model_id, config=info.config, capacity=2,
+                         layout=Layout(2, 2), image=(128, 192))  # fmt: skip
+    latents = np.random.default_rng(0).standard_normal((2, 4, 16, 24), dtype=np.float32)
+    store.write_rows(0, latents, ["a", "b"], np.full(2, -1))
+    store.write_meta(count=2)
+    whole = decode(model_dir, url, str(tmp_path / "whole"), fmt="png", client=client)
+    assert not whole.tiled
+    monkeypatch.setenv(MEMORY_ENV, "1")  # 1 MiB: under one 128x192 image's estimate
+    assert info.config.decode_bytes(128, 192) > 2**20
+    parts = decode(model_dir, url, str(tmp_path / "tiles"), fmt="png", client=client)
+    assert parts.tiled
+    _, tiles = read_output(str(tmp_path / "tiles"))
+    _, images = read_output(str(tmp_path / "whole"))
+    assert tiles.shape == images.shape == (2, 128, 192, 3)
+    if which == "kl_vae":  # group norms see one tile at a time: other pixels
+        assert not np.array_equal(tiles, images)
+    else:  # TAESD's receptive field fits in its tiles' overlap: the same pixels
+        assert np.abs(tiles.astype(int) - images.astype(int)).max() <= 1

@@ -285,6 +285,13 @@ def decode_command(
         f"in {result.seconds:.1f} s ({result.images_per_second:.0f} images/s); "
         f"canary {result.canary}"
     )
+    if result.tiled:
+        make_console().print(
+            "each image is over the decode memory budget per worker, so it was decoded in "
+            "tiles (diffusers' tiled decode; raise $LATENTBATCH_DECODE_MEMORY_MIB to decode "
+            "whole images)",
+            highlight=False,
+        )
 
 
 @app.command("inspect")
