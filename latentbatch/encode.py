@@ -50,7 +50,13 @@ from latentbatch.datasets import (
 )
 from latentbatch.errors import ConfigError, DataError
 from latentbatch.ids import validate_ids
-from latentbatch.kernel import decode_latents, encode_images
+from latentbatch.kernel import (
+    DECODE_BATCH,
+    ENCODE_BATCH,
+    batch_for,
+    decode_latents,
+    encode_images,
+)
 from latentbatch.lease import leased, without_leases
 from latentbatch.model import to_unit
 from latentbatch.progress import Progress
@@ -112,11 +118,15 @@ class EncodeResult:
 
 
 def stored_quality(
-    decoder: torch.nn.Module, images: np.ndarray, stored: np.ndarray, device: torch.device
+    decoder: torch.nn.Module,
+    images: np.ndarray,
+    stored: np.ndarray,
+    device: torch.device,
+    batch_size: int = DECODE_BATCH,
 ) -> np.ndarray:
     """Each image's PSNR (dB, float32) against its decoding from ``stored``, the latents as
     the store holds them (its dtype), decoded the way a decode does."""
-    decoded = decode_latents(decoder, stored.astype(np.float32), device)
+    decoded = decode_latents(decoder, stored.astype(np.float32), device, batch_size)
     reference = to_unit(torch.from_numpy(np.asarray(images)))
     return psnr_per_image(reference, to_unit(torch.from_numpy(decoded))).numpy()
 
@@ -127,13 +137,15 @@ def encode_shard(job: ShardJob) -> dict[str, int]:
     encoder, device = cached_model(job.model_id, "encoder")
     store = open_store(job.store_url, job.storage_options, writable=True)
     images = job.rows.read()
-    latents = encode_images(encoder, images, device).astype(store.latents.dtype)
+    image_bytes = store.model_config.decode_bytes(*store.image_size)  # the encoder's alike
+    batch = min(ENCODE_BATCH, batch_for(device, image_bytes))
+    latents = encode_images(encoder, images, device, batch).astype(store.latents.dtype)
     ids = list(job.ids)
     labels = np.asarray(job.labels, np.int32)
     quality = None
     if store.has_quality:
         decoder, _ = cached_model(job.model_id, "decoder")
-        quality = stored_quality(decoder, images, latents, device)
+        quality = stored_quality(decoder, images, latents, device, batch_for(device, image_bytes))
     if job.keep:
         before = job.start, job.start + job.keep
         latents = np.concatenate([store.read_latents(*before), latents])

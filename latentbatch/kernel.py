@@ -153,12 +153,17 @@ def _decode_on_cuda(
     return np.concatenate(out)
 
 
-def encode_images(encoder: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+def encode_images(
+    encoder: torch.nn.Module,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = ENCODE_BATCH,
+) -> np.ndarray:
     """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches."""
     out = []
     with torch.inference_mode():
-        for i in range(0, len(images), ENCODE_BATCH):
-            batch = to_unit(torch.from_numpy(np.array(images[i : i + ENCODE_BATCH]))).to(device)
+        for i in range(0, len(images), batch_size):
+            batch = to_unit(torch.from_numpy(np.array(images[i : i + batch_size]))).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 latents = encoder(batch)
