@@ -3,7 +3,7 @@
 
     python bench/decode.py [--count 20000] [--workers 1 2] [--device auto|cpu|cuda]
                            [--min-seconds S] [--passes 3] [--json] [--save FILE]
-                           [--model DIR] [--workdir DIR]
+                           [--model DIR | --vae sd|sdxl|taesd] [--size 256] [--workdir DIR]
 
 Rows of the table, all on the same model and the same latents:
 
@@ -22,7 +22,13 @@ Rows of the table, all on the same model and the same latents:
                        for the decoder's GFLOP/s
 
 The latents are mnist5k encoded by the model, tiled to --count rows. Without --model a
-seed model is trained for one epoch (a few seconds). The pipeline rows of each worker
+seed model is trained for one epoch (a few seconds). With a diffusers autoencoder
+(``--model`` a diffusers directory, or ``--vae`` one of the published architectures built
+from diffusers' configs, randomly initialised with seed 0, so no download is needed: SD's
+AutoencoderKL, SDXL's, TAESD's AutoencoderTiny) the latents are seeded N(0, 1) ones, as
+scaled latents are, for --size x --size images; the store's shards and the output shards
+then hold --count / (2 x the most workers) rows each, so that every worker gets whole
+tasks, and the bare loops take the decode's memory-budgeted batch. The pipeline rows of each worker
 count run in a child process so that its peak RSS is the client's alone; cluster
 start-up and a warm-up decode of two shards per worker are not timed. On a shared
 machine one pass can be 30 % slower than the next: both sides take their best pass. The
@@ -67,6 +73,59 @@ from latentbatch.weights import load_model
 from latentbatch.workers import encoder_threads
 
 MATMUL_SIZE = 4096
+_KL = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+VAES: dict[str, tuple[str, dict[str, Any]]] = {
+    # diffusers' configs of stabilityai/sd-vae-ft-mse and of the SDXL VAE; TAESD's
+    # (madebyollin/taesd) are AutoencoderTiny's defaults
+    "sd": ("AutoencoderKL", {**_KL, "sample_size": 512, "scaling_factor": 0.18215}),
+    "sdxl": ("AutoencoderKL", {**_KL, "sample_size": 1024, "scaling_factor": 0.13025}),
+    "taesd": ("AutoencoderTiny", {}),
+}
+
+
+def build_vae(name: str, workdir: Path) -> Path:
+    """A randomly initialised (seed 0) diffusers autoencoder of a published architecture,
+    saved with ``save_pretrained`` (reused when there)."""
+    import diffusers
+
+    folder = workdir / f"vae-{name}"
+    if (folder / "config.json").exists():
+        return folder
+    class_name, settings = VAES[name]
+    torch.manual_seed(0)
+    getattr(diffusers, class_name)(**settings).save_pretrained(str(folder))
+    return folder
+
+
+def build_latents(model_dir: Path, workdir: Path, count: int, size: int, shard: int) -> Path:
+    """Seeded N(0, 1) latents of a diffusers autoencoder for ``size`` x ``size`` images."""
+    info = read_info(model_dir)
+    path = workdir / f"bench-{info.short_id}-{size}-{count}-{shard}.zarr"
+    if path.exists() and open_store(str(path)).count == count:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    store = create_store(
+        str(path), model_id=info.model_id, config=info.config, capacity=count,
+        layout=Layout(shard, 1, "float16"), image=(size, size),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for a, b in shard_ranges(0, count, store.shard_rows):
+        latents = rng.standard_normal((b - a, *store.latent_shape), dtype=np.float32)
+        store.write_rows(a, latents, [f"bench-{i:08d}" for i in range(a, b)], np.full(b - a, -1))
+    store.write_meta(count=count)
+    return path
+
+
+def image_bytes(store: Path) -> int:
+    """The memory one image of ``store`` takes through its model's decoder (estimate)."""
+    opened = open_store(str(store))
+    return opened.model_config.decode_bytes(*opened.image_size)
 
 
 def build_store(model_dir: Path, workdir: Path, count: int) -> Path:
@@ -113,7 +172,7 @@ def bare(
     decoder, _ = load_model(model_dir, "decoder", device)
     data = open_store(str(store))
     latents = data.read_latents(0, data.count)
-    batch = batch_for(device)
+    batch = batch_for(device, image_bytes(store))
     decode_latents(decoder, latents[:batch], device, batch)  # warm-up
     _synchronize(device)
     started = time.perf_counter()
@@ -137,9 +196,9 @@ def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str
     threads (``encode_only_{codec}``)."""
     decoder, _ = load_model(model_dir, "decoder")
     data = open_store(str(store))
-    images = decode_latents(
-        decoder, data.read_latents(0, min(data.count, 4096)), torch.device("cpu")
-    )
+    cpu = torch.device("cpu")
+    sample = data.read_latents(0, min(data.count, 4096 if data.image_size[0] <= 64 else 16))
+    images = decode_latents(decoder, sample, cpu, batch_for(cpu, image_bytes(store)))
 
     def pillow(image: np.ndarray) -> bytes:
         buffer = io.BytesIO()
@@ -170,12 +229,12 @@ def encode_costs(model_dir: Path, store: Path, device: torch.device) -> dict[str
     return costs
 
 
-def decoder_flops(model_dir: Path) -> float:
-    """FLOPs (multiply-adds × 2) of one image through the decoder, as torch's
+def decoder_flops(model_dir: Path, store: Path) -> float:
+    """FLOPs (multiply-adds × 2) of one image of ``store`` through the decoder, as torch's
     ``FlopCounterMode`` counts them (convolutions and transposed ones alike)."""
-    decoder, info = load_model(model_dir, "decoder")
+    decoder, _ = load_model(model_dir, "decoder")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        decoder(torch.zeros(1, *info.config.latent_shape))
+        decoder(torch.zeros(1, *open_store(str(store)).latent_shape))
     return float(counter.get_total_flops())
 
 
@@ -197,8 +256,9 @@ def matmul_gflops(device: torch.device, seconds: float = 1.0) -> float:
 
 
 def pipeline_child(
-    model_dir: Path, store: Path, warm: Path, out: Path, workers: int, passes: int
-) -> None:
+    model_dir: Path, store: Path, warm: Path, out: Path, workers: int, passes: int,
+    images_per_shard: int | None,
+) -> None:  # fmt: skip
     """Child process: timed pipeline decodes; prints JSON with the best rate, every
     pass's rate and the peak RSS.
 
@@ -216,8 +276,9 @@ def pipeline_child(
             shutil.rmtree(out, ignore_errors=True)
             started = time.perf_counter()
             result = decode(
-                model_dir, str(store), str(out), client=client, max_in_flight=2 * workers
-            )
+                model_dir, str(store), str(out), client=client, max_in_flight=2 * workers,
+                images_per_shard=images_per_shard,
+            )  # fmt: skip
             rates.append(result.decoded / (time.perf_counter() - started))
     print(json.dumps({"rate": max(rates), "rates": rates, "peak_rss_mib": peak_rss_mib()}))
 
@@ -232,8 +293,9 @@ def peak_rss_mib() -> float:
 
 
 def pipeline(
-    model_dir: Path, store: Path, warm: Path, out: Path, workers: int, passes: int
-) -> dict[str, Any]:
+    model_dir: Path, store: Path, warm: Path, out: Path, workers: int, passes: int,
+    images_per_shard: int | None,
+) -> dict[str, Any]:  # fmt: skip
     args = [
         sys.executable,
         __file__,
@@ -246,6 +308,8 @@ def pipeline(
         str(passes),
     ]
     args += ["--store", str(store), "--warm-store", str(warm), "--out", str(out)]
+    if images_per_shard is not None:
+        args += ["--images-per-shard", str(images_per_shard)]
     done = subprocess.run(args, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -257,6 +321,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", type=Path)
+    parser.add_argument("--vae", choices=sorted(VAES), help="a published diffusers architecture")
+    parser.add_argument("--size", type=int, default=256, help="image side for a diffusers model")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--pipeline-only", action="store_true", help="skip the bare loops")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -270,20 +336,28 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--warm-store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images-per-shard", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         pipeline_child(
-            args.model, args.store, args.warm_store, args.out, args.workers[0], args.passes
-        )
+            args.model, args.store, args.warm_store, args.out, args.workers[0], args.passes,
+            args.images_per_shard,
+        )  # fmt: skip
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latentbatch-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model
+    model_dir = build_vae(args.vae, workdir) if args.vae else args.model
     if model_dir is None:
         model_dir = workdir / "seed-mnist5k"
         train(preset_config("seed"), TrainConfig("mnist5k", 1), model_dir, progress=False)
-    store = build_store(model_dir, workdir, args.count)
+    diffusers_model = read_info(model_dir).config.any_size
+    per_shard = None  # the decode's default: 10,240 images per output shard
+    if diffusers_model:
+        per_shard = max(1, args.count // (2 * max(args.workers)))
+        store = build_latents(model_dir, workdir, args.count, args.size, per_shard)
+    else:
+        store = build_store(model_dir, workdir, args.count)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -297,12 +371,14 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "date": dt.date.today().isoformat(),
         "command": " ".join(sys.argv),
+        "model": args.vae or str(model_dir),
+        "image_size": list(open_store(str(store)).image_size),
     }
     decode_only = with_png = None
     if not args.pipeline_only:
         decode_only = bare(model_dir, store, device, False, args.min_seconds)
         with_png = bare(model_dir, store, device, True, args.min_seconds)
-        flops = decoder_flops(model_dir)
+        flops = decoder_flops(model_dir, store)
         matmul = matmul_gflops(device)
         costs = encode_costs(model_dir, store, device)
         numbers |= costs
@@ -313,8 +389,11 @@ def main() -> None:
             "decoder_gflops": decode_only * flops / 1e9,
             "matmul_gflops": matmul,
             "decoder_mflop_per_image": flops / 1e6,
+            "decoder_gflop_per_image": flops / 1e9,
         }
-        how = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "batch 4096"
+        batch = batch_for(device, image_bytes(store))
+        how = f"{torch.get_num_threads()} threads, batch {batch}"
+        how = how if device.type == "cpu" else f"batch {batch}"
         numbers["decode_us_per_image"] = 1e6 / decode_only
         note = f"{1e6 / decode_only:.1f} us/image (all threads)"
         rows.append((f"bare decode ({device.type}, {how})", decode_only, note))
@@ -332,17 +411,22 @@ def main() -> None:
                     note,
                 )
             )
+        per_image = f"{flops / 1e9:.1f} GFLOP" if flops > 1e9 else f"{flops / 1e6:.1f} MFLOP"
         rows.append(
             (
-                f"decoder GFLOP/s ({flops / 1e6:.1f} MFLOP per image)",
+                f"decoder GFLOP/s ({per_image} per image)",
                 decode_only * flops / 1e9,
                 f"{decode_only * flops / 1e9 / matmul:.2f}x fp32 matmul",
             )
         )
         rows.append((f"fp32 matmul {MATMUL_SIZE}² GFLOP/s", matmul, ""))
     for workers in args.workers:
-        warm = build_store(model_dir, workdir, 2 * Layout().shard_rows * workers)
-        run = pipeline(model_dir, store, warm, workdir / f"out-{workers}", workers, args.passes)
+        if diffusers_model:  # one image per worker: the model loaded, its first call made
+            warm = build_latents(model_dir, workdir, workers, args.size, 1)
+        else:
+            warm = build_store(model_dir, workdir, 2 * Layout().shard_rows * workers)
+        out = workdir / f"out-{workers}"
+        run = pipeline(model_dir, store, warm, out, workers, args.passes, per_shard)
         numbers[f"pipeline_{workers}"] = run["rate"]
         numbers[f"pipeline_{workers}_passes"] = run["rates"]
         numbers[f"pipeline_{workers}_client_peak_rss_mib"] = run["peak_rss_mib"]
@@ -363,11 +447,17 @@ def main() -> None:
         print(json.dumps(numbers, indent=2, sort_keys=True))
         return
     device_name = numbers["device"]
-    print(f"\nlatentbatch decode benchmark: {args.count} images, model {model_id}, {device_name}")
+    size = "x".join(map(str, numbers["image_size"]))  # type: ignore[arg-type]
+    name = f"{args.vae} " if args.vae else ""
+    print(
+        f"\nlatentbatch decode benchmark: {args.count} images of {size}, model {name}{model_id}, "
+        f"{device_name}"
+    )
     print(f"{'stage':<58} {'images/s':>10}  ratio")
     print("-" * 100)
     for name, rate, ratio in rows:
-        print(f"{name:<58} {rate:>10.0f}  {ratio}")
+        shown = f"{rate:>10.2f}" if rate < 100 else f"{rate:>10.0f}"
+        print(f"{name:<58} {shown}  {ratio}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@
 # 3. runs bench/decode.py on CUDA: bare decode, bare decode + PNG, and the pipeline with
 #    WORKERS worker processes (default 1, 4 and 8, round-robin over the GPUs: several
 #    share one), the bare loops repeated for at least MIN_SECONDS each;
-# 4. writes gpu-check.json: device, versions, test counts and the benchmark numbers.
+# 4. runs bench/decode.py --vae sd --size 512 (SD's AutoencoderKL, randomly initialised
+#    from diffusers' config: about 2.5 TFLOP per image) with VAE_COUNT images (default
+#    256: four output shards, whole tasks for 1 and 2 workers), needing the diffusers
+#    wheel in .whl/;
+# 5. writes gpu-check.json: device, versions, test counts and the benchmark numbers.
 #
 # DEVICE=cpu COUNT=4000 MIN_SECONDS=0 bash bench/gpu_check.sh runs the same steps on a
 # machine without a GPU (the gpu tests then skip), to check the script itself.
@@ -47,6 +51,11 @@ timeout 240 "$PYTHON" bench/decode.py --device "$DEVICE" --count "$COUNT" --work
   --min-seconds "$MIN_SECONDS" --json --workdir /tmp/latentbatch-gpu-bench \
   > "$OUT/bench.json" 2> "$OUT/bench.log"
 echo "bench: exit $? in $(( $(date +%s) - started )) s"
+started=$(date +%s)
+timeout 300 "$PYTHON" bench/decode.py --device "$DEVICE" --vae sd --size 512 \
+  --count "${VAE_COUNT:-256}" --workers 1 2 --passes 2 --json \
+  --workdir /tmp/latentbatch-gpu-bench-sd > "$OUT/bench-sd512.json" 2> "$OUT/bench-sd512.log"
+echo "bench sd 512: exit $? in $(( $(date +%s) - started )) s"
 
 "$PYTHON" - "$OUT" <<'PY'
 import json
@@ -61,10 +70,11 @@ report["driver"] = next(
     (line.split("Driver Version:")[1].split()[0] for line in smi.splitlines() if "Driver" in line),
     None,
 )
-try:
-    report["benchmark"] = json.loads((out / "bench.json").read_text())
-except (OSError, ValueError) as exc:
-    report["benchmark"] = {"error": str(exc)}
+for key, name in (("benchmark", "bench.json"), ("benchmark_sd512", "bench-sd512.json")):
+    try:
+        report[key] = json.loads((out / name).read_text())
+    except (OSError, ValueError) as exc:
+        report[key] = {"error": str(exc)}
 try:
     suite = ET.parse(out / "gpu-tests.xml").getroot().find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -81,3 +91,4 @@ print(text)
 PY
 tail -5 "$OUT/gpu-tests.log"
 tail -5 "$OUT/bench.log"
+tail -5 "$OUT/bench-sd512.log"
