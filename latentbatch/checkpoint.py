@@ -452,7 +452,7 @@ def _diffusers_summary(info: ModelInfo) -> dict[str, Any]:
         "shift_factor": config.shift_factor,
         "parameters": parameter_count(weights) if weights is not None else None,
         "source": None,
-        "epochs": 0,
+        "epochs": None,  # not trained here
         "val_psnr": None,
         "val_ssim": None,
     }

@@ -349,7 +349,7 @@ def encode(
             seconds=time.perf_counter() - started,
             resumed=resumed,
             shards=tasks,
-            warning=store.scale_warning(),
+            warning=store.scale_warning("encode"),
         )
 
 

@@ -184,11 +184,12 @@ class LatentStore:
         """The images' height and width in pixels."""
         return int(self.meta["image"]["height"]), int(self.meta["image"]["width"])
 
-    def scale_warning(self) -> str | None:
+    def scale_warning(self, made_by: str = "import") -> str | None:
         """For a diffusers autoencoder's latents, stored scaled (which gives them about unit
         standard deviation: what the scaling factor is chosen for), a sentence when the
         first shard's median per-channel std is more than :data:`SCALE_TOLERANCE` times
-        off, naming the likely cause; None otherwise (and for latentbatch's presets)."""
+        off, naming the likely cause (for what ``made_by`` wrote: an ``import`` or an
+        ``encode``); None otherwise (and for latentbatch's presets)."""
         convention = self.meta["latent"].get("convention")
         if not isinstance(convention, Mapping) or self.count == 0:
             return None
@@ -198,6 +199,14 @@ class LatentStore:
         if 1 / SCALE_TOLERANCE <= std <= SCALE_TOLERANCE:
             return None
         factor = convention["scaling_factor"]
+        if made_by == "encode":
+            return (
+                f"{self.url}: the latents' standard deviation is {std:.3g} per channel "
+                f"(median, first {stop} rows), far from the 1 that the scaling factor "
+                f"{factor:g} of the model's config.json should give: it does not fit this "
+                "model (a retrained or random one?); decodes are right, but a diffusion "
+                "model trained on the model's own convention would see garbage"
+            )
         if std > SCALE_TOLERANCE:
             cause = (
                 "they look unscaled (raw latents declared scaled?); if so, import them "

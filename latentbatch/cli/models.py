@@ -50,8 +50,8 @@ def models_list(
             row["preset"],
             row["image"],
             "x".join(map(str, row["latent"])),
-            str(row["source"]),
-            str(row["epochs"]),
+            row["source"] or "-",
+            "-" if row["epochs"] is None else str(row["epochs"]),
             "-" if psnr is None else f"{psnr:.2f} dB",
         )
     console.print(table)
@@ -73,8 +73,10 @@ def models_show(
         emit_json({**info.meta, "model_id": info.model_id, "path": info.location})
         return
     console = make_console()
-    for key, value in checkpoint.summary(info).items():
-        console.print(f"{key:>10}  {value}")
+    shown = {k: v for k, v in checkpoint.summary(info).items() if v is not None}
+    width = max(10, *(len(k) for k in shown))
+    for key, value in shown.items():
+        console.print(f"{key:>{width}}  {value}", highlight=False, soft_wrap=True)
     for row in info.meta.get("training", {}).get("history", []):
         console.print(
             f"     epoch {int(row['epoch']):>3}: loss {row['train_loss']:.4f}"
