@@ -19,8 +19,8 @@ workers.
 - **shift**: ``shift --from-label A --to-label B --strength 1`` on every validation digit
   of label A (mnist5k's 500 validation digits hold about 50 per label), re-encoded:
   ``shift_label_agreement`` is the share whose 10 nearest reference neighbours' majority
-  label is B, per pair, for the ``transport`` method (the default) and the ``mean``
-  difference alone.
+  label is B, per pair, for each method: ``matching`` (the default), ``gaussian`` and
+  ``mean``.
 - **interpolation**: ``interpolate`` between 20 pairs of validation digits (9 steps):
   ``interpolation_endpoint_db`` is the largest difference between an endpoint's PSNR
   against its original image and the original's own reconstruction's; the midpoints'
@@ -158,8 +158,8 @@ def measure_generation(
 def measure_shift(
     reference: Reference, normal_url: str, store_url: str, folder: Path, client: Client
 ) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {"transport": {}, "mean": {}}
-    for method in ("transport", "mean"):
+    out: dict[str, dict[str, float]] = {"matching": {}, "gaussian": {}, "mean": {}}
+    for method in ("matching", "gaussian", "mean"):
         for a, b in PAIRS:
             url = str(folder / f"shift-{method}-{a}-{b}.zarr")
             shift(normal_url, url, from_label=a, to_label=b, method=method,

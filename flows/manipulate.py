@@ -80,9 +80,12 @@ def manipulate_latents(
         float, Field(ge=-4, le=4, description="shift: 1 the whole way, 0.5 half of it")
     ] = 1.0,
     shift_method: Annotated[
-        Literal["transport", "mean"],
-        Field(description="shift: map means and spreads, or add the means' difference"),
-    ] = "transport",
+        Literal["matching", "gaussian", "mean"],
+        Field(
+            description="shift: pair the labels' rows, map their Gaussians, or add the "
+            "means' difference"
+        ),
+    ] = "matching",
     reference: Annotated[
         str, Field(description="shift: store of the labels' means (empty: the store itself)")
     ] = "",

@@ -204,7 +204,7 @@ def test_engine_commands_refuse_bad_input(
     assert capsys.readouterr().err.startswith(message)
 
 
-ENGINE = ("torch", "distributed", "matplotlib", "pandas", "xarray")
+ENGINE = ("torch", "distributed", "matplotlib", "pandas", "xarray", "diffusers")
 _PROBE = """
 import json, sys
 from latentbatch.cli import main
@@ -222,6 +222,7 @@ sys.exit(code)
         ["stores", "{root}"],
         ["models", "list", "{models}"],
         ["models", "show", "{model}"],
+        ["models", "show", "{vae}"],
         ["query", "{store}", "--label", "3"],
         ["query", "{store}", "--label", "3", "--json"],
         ["stats", "{store}"],
@@ -229,15 +230,17 @@ sys.exit(code)
     ids=lambda argv: " ".join(a for a in argv if not a.startswith("{")),
 )
 def test_quick_commands_import_no_engine(
-    argv: list[str], mnist_store: Path, seed_model: Path, tmp_path: Path
+    argv: list[str], mnist_store: Path, seed_model: Path, kl_vae: Path, tmp_path: Path
 ) -> None:
-    """Each in a fresh process: torch, distributed, matplotlib, pandas and xarray stay
-    unimported (the engine is imported by the commands that need it, when they run)."""
+    """Each in a fresh process: torch, distributed, matplotlib, pandas, xarray and
+    diffusers stay unimported (the engine is imported by the commands that need it, when
+    they run)."""
     places = {
         "{store}": str(mnist_store),
         "{root}": str(mnist_store.parent),
         "{models}": str(seed_model.parent),
         "{model}": str(seed_model),
+        "{vae}": str(kl_vae),
     }
     args = [places.get(a, a) for a in argv]
     found = tmp_path / "modules.json"

@@ -113,7 +113,11 @@ def test_shift_through_the_cli_leaves_before_and_after_pairs(
     bad = str(tmp_path / "bad.zarr")
     for labels, extra, message in (
         (("3", "3"), [], "error: --from-label and --to-label are both 3"),
-        (("3", "8"), ["--method", "push"], "error: --method 'push' is not one of transport, mean"),
+        (
+            ("3", "8"),
+            ["--method", "push"],
+            "error: --method 'push' is not one of matching, gaussian, mean",
+        ),
         (("3", "42"), [], "error: label 42 has no rows"),
     ):
         argv = ["shift", digits, "--from-label", labels[0], "--to-label", labels[1],

@@ -155,3 +155,34 @@ def test_a_model_on_s3_decodes_on_a_cli_cluster_and_altered_weights_are_refused(
     assert not fs.exists("latentbatch/m/altered/shards.jsonl")
     assert not [p for p in fs.find("latentbatch/m/altered") if p.endswith(".tar")]
     assert not (tmp_path / "fresh-cache" / expected).exists()
+
+
+def test_a_diffusers_model_on_s3_decodes_on_a_cli_cluster(
+    tmp_path: Path, kl_vae: Path, client: Client, s3: dict[str, Any]
+) -> None:
+    """A diffusers directory on S3: its id is the sha256 of its weights, read once by the
+    client; each worker host fetches the directory into its cache, checked by that id,
+    and the decode equals the local directory's."""
+    from latentbatch.checkpoint import read_info
+
+    fs = s3fs.S3FileSystem(**s3)
+    weights = "diffusion_pytorch_model.safetensors"
+    for name in (weights, CONFIG):
+        fs.pipe_file(f"latentbatch/models/kl/{name}", (kl_vae / name).read_bytes())
+    url, store = "s3://latentbatch/models/kl", "s3://latentbatch/kl/store.zarr"
+    info = read_info(url, s3)
+    assert info.model_id == read_info(kl_vae).model_id and info.weights == weights
+    encode(url, "synthetic:6", store, layout=Layout(4, 2), storage_options=s3, client=client)
+    decode(kl_vae, store, "s3://latentbatch/kl/local", storage_options=s3, client=client)
+    cache = tmp_path / "worker-cache"
+    with dask_cluster(tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(cache)}) as (
+        address,
+        _,
+    ):
+        argv = ["decode", "--model", url, "--store", store, "--out", "s3://latentbatch/kl/out"]
+        argv += [f"--storage-option={k}={v}" for k, v in s3.items()]
+        assert main([*argv, "--scheduler", address, "--no-progress"]) == 0
+    assert sorted(p.name for p in (cache / info.model_id).iterdir()) == [CONFIG, weights]
+    assert fs.cat_file("latentbatch/kl/out/shards.jsonl") == fs.cat_file(
+        "latentbatch/kl/local/shards.jsonl"
+    )

@@ -159,8 +159,11 @@ def shift_command(
     strength: Annotated[float, typer.Option(help="1: the whole way; 0.5: half of it.")] = 1.0,
     method: Annotated[
         str,
-        typer.Option(help="transport (means and spreads) or mean (the means' difference)."),
-    ] = "transport",
+        typer.Option(
+            help="matching (the labels' rows paired by optimal transport), gaussian (their "
+            "Gaussians mapped) or mean (the means' difference)."
+        ),
+    ] = "matching",
     reference: Annotated[
         str | None,
         typer.Option(help="Store of the labels' means and spreads \\[default: STORE]."),
@@ -200,7 +203,7 @@ def shift_command(
             from_label=from_label,
             to_label=to_label,
             strength=strength,
-            method="transport" if method == "transport" else "mean",
+            method=next(m for m in SHIFT_METHODS if m == method),
             reference_url=reference,
             ids=ids.split(",") if ids else None,
             rows=[parse_rows(r) for r in rows] if rows else None,
