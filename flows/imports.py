@@ -57,7 +57,7 @@ def import_latents_flow(
         ),
     ] = "latents/",
     store: StoreUrl = "out/stores/imported.zarr",
-    model_dir: ModelDir = "models/sd-vae",
+    model_dir: ModelDir = "models/seed-mnist5k",
     latents: Annotated[
         Literal["scaled", "raw"],
         Field(description="scaled (as the diffusion model sees them) or raw (the autoencoder's)"),

@@ -231,10 +231,12 @@ def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool 
             f"{store.url} was encoded by model {store.model_id} but the model given is "
             f"{info.model_id}; pass --allow-model-mismatch to decode anyway"
         )
-    try:
-        expected = info.config.latent_shape_at(*store.image_size)
-    except ConfigError as exc:
-        raise StoreError(f"{store.url}: {exc}; use the model that made the store") from None
+    expected = info.config.latent_shape
+    if info.config.any_size:  # the latents of the store's image size
+        try:
+            expected = info.config.latent_shape_at(*store.image_size)
+        except ConfigError as exc:
+            raise StoreError(f"{store.url}: {exc}; use the model that made the store") from None
     if store.latent_shape != expected:
         raise StoreError(
             f"{store.url} holds latents of shape {store.latent_shape} (C, h, w) but the decoder "

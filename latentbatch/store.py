@@ -661,7 +661,8 @@ def create_store(
             "dtype": latent_dtype,
             "shape": list(shape),
             "quantization": dict(quantization) if quantization is not None else None,
-            "convention": convention(config),
+            # a diffusers autoencoder's convention (the presets' metadata as before)
+            **({"convention": convention(config)} if config.diffusers is not None else {}),
         },
         "image": {"height": image_height, "width": image_width, "mode": config.mode},
         "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
