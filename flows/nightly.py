@@ -174,8 +174,10 @@ def nightly_bulk_decode(
                     row |= {key: summary[key] for key in NUMBERS}
                     if len(previewed) < PREVIEW_STORES:
                         model = models[str(summary["model_id"])]
-                        pictures += decoded_preview(model, item.out, PREVIEW_IMAGES, options)
-                        previewed.append(item.entry.relative)
+                        rows = decoded_preview(model, item.out, PREVIEW_IMAGES, options)
+                        if not pictures or rows[0].shape[1:] == pictures[0].shape[1:]:
+                            pictures += rows  # one picture holds images of one size
+                            previewed.append(item.entry.relative)
                 else:
                     failed.append(item.entry.url)
                     row |= {"action": "failed", "detail": str(state.message)[:300]}

@@ -452,3 +452,29 @@ def test_import_flow_leaves_a_summary_and_a_picture(tmp_path: Path, kl_vae: Path
     found = artifacts(state)
     assert json.loads(found["import-summary"].data)[0]["store"] == store
     _check_preview(found["import-preview"])
+
+
+def test_nightly_decodes_derived_stores_and_stores_of_other_sizes(
+    tmp_path: Path, tiny_model: Path, tiny_vae: Path, client: Client
+) -> None:
+    """A derived store is decoded like any other, and a store of another image size
+    (a diffusers model's 32x32 RGB beside 16x16 grey digits) is decoded too but left out
+    of the one preview picture, which holds images of one size."""
+    from latentbatch.generation import generate
+
+    root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
+    shutil.copytree(tiny_model, models / "tiny")
+    shutil.copytree(tiny_vae, models / "taesd")
+    encode(tiny_model, "digits", str(root / "digits.zarr"), limit=40, client=client)
+    generate(str(root / "digits.zarr"), str(root / "samples.zarr"), count=4, client=client)
+    encode(tiny_vae, "synthetic:6", str(root / "vae.zarr"), client=client)
+    state = nightly_bulk_decode(str(root), str(out_root), str(models), "tar",
+                                client.scheduler.address, None, return_state=True)  # fmt: skip
+    assert state.is_completed(), state.message
+    rows = {Path(r["store"]).stem: r for r in json.loads(artifacts(state)["nightly-summary"].data)}
+    assert {name: r["action"] for name, r in rows.items()} == {
+        "digits": "decoded", "samples": "decoded", "vae": "decoded"
+    }  # fmt: skip
+    preview = artifacts(state)["nightly-preview"]
+    _check_preview(preview)
+    assert "vae.zarr" not in preview.data and "digits.zarr" in preview.data
