@@ -178,6 +178,10 @@ def test_unscaled_latents_declared_scaled_warn(
     fixed = [*argv[:6], str(tmp_path / "fixed.zarr"), "--latents", "raw", *argv[7:]]
     assert main(fixed) == 0
     assert "standard deviation" not in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "fixed.zarr")]) == 0
+    assert f"lineage  import: from {tmp_path / 'raw.npy'}, layout array, latents raw" in (
+        capsys.readouterr().out
+    )
 
 
 def test_an_interrupted_import_resumes(tmp_path: Path, kl_vae: Path, client: Client) -> None:

@@ -375,7 +375,8 @@ def inspect_command(
         parents = ", ".join(f"{p['url']} ({p['uuid'][:8]})" for p in lineage["parents"])
         settings = ", ".join(f"{k} {v}" for k, v in lineage["parameters"].items())
         seed = "" if lineage["seed"] is None else f", seed {lineage['seed']}"
-        rows.append(("lineage", f"{lineage['operation']} of {parents}: {settings}{seed}"))
+        made = f"{lineage['operation']} of {parents}" if parents else lineage["operation"]
+        rows.append(("lineage", f"{made}: {settings}{seed}"))
     if report["bytes"] is None:
         rows.append(("on disk", "not measured: --bytes lists every object of the store"))
     else:
@@ -383,7 +384,7 @@ def inspect_command(
         rows.append(("on disk", f"{sizes['total']:,} bytes (latents {sizes['latents']:,})"))
         rows.append(("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"))
     for key, value in rows:
-        console.print(f"{key:>10}  {value}", highlight=False)
+        console.print(f"{key:>10}  {value}", highlight=False, soft_wrap=True)
 
 
 @app.command("verify")
