@@ -135,9 +135,15 @@ def write_part(job: DeriveJob) -> dict[str, int]:
     return {"start": job.start, "stop": job.stop}
 
 
-def like(parent: LatentStore, url: str, rows: int, options: StorageOptions | None) -> LatentStore:
-    """A new store at ``url`` of ``rows`` rows like ``parent``: its model, latent dtype,
-    layout and image size."""
+def like(
+    parent: LatentStore,
+    url: str,
+    rows: int,
+    options: StorageOptions | None,
+    meta: dict[str, Any],
+) -> LatentStore:
+    """A new store at ``url`` of ``rows`` rows like ``parent`` (its model, latent dtype,
+    layout and image size), with the metadata ``meta`` (its lineage)."""
     dtype = str(parent.latents.dtype)
     layout = Layout(
         shard_rows=parent.shard_rows,
@@ -153,12 +159,13 @@ def like(parent: LatentStore, url: str, rows: int, options: StorageOptions | Non
         quantization=parent.quantization,
         storage_options=options,
         image=parent.image_size,
+        meta=meta,
     )
 
 
 def _prepare(
     url: str,
-    create: Callable[[], LatentStore],
+    create: Callable[[dict[str, Any]], LatentStore],
     lineage: Lineage,
     rows: int,
     options: StorageOptions | None,
@@ -180,11 +187,12 @@ def _prepare(
             f"{url} already exists (made {made}, with other inputs); write the "
             f"{lineage.operation} into another --store"
         )
-    store = create()
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    store.write_meta(
-        lineage={**record, "created": created},
-        pending={"operation": lineage.operation, "rows": rows},
+    store = create(  # born unfinished, with its lineage: never a store without them
+        {
+            LINEAGE: {**record, "created": created},
+            "pending": {"operation": lineage.operation, "rows": rows},
+        }
     )
     return store, False
 
@@ -192,11 +200,12 @@ def _prepare(
 def derive(
     url: str,
     *,
-    create: Callable[[], LatentStore],
+    create: Callable[[dict[str, Any]], LatentStore],
     model_id: str,
     lineage: Lineage,
     rows: int,
     part: Callable[[int, int], Part],
+    setup: Callable[[LatentStore], None] | None = None,
     model: ModelLocation | None = None,
     storage_options: StorageOptions | None = None,
     client: Client | None = None,
@@ -204,11 +213,13 @@ def derive(
     workers: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> DeriveResult:
-    """Write ``rows`` rows into the derived store ``url`` (made by ``create`` when it does
-    not exist: :func:`like` a parent store), rows ``[a, b)`` of each shard computed by
-    ``part(a, b)`` in a Dask task (see the module docstring). With ``model`` (the one
-    whose id is ``model_id``), the store's canary is decoded and recorded as an encode
-    does."""
+    """Write ``rows`` rows into the derived store ``url`` (made by ``create`` with the
+    metadata it is given when it does not exist: :func:`like` a parent store), rows
+    ``[a, b)`` of each shard computed by ``part(a, b)`` in a Dask task (see the module
+    docstring). ``setup`` writes what the tasks read into the store before any task runs,
+    on every run until the store is whole (it finishes what a stopped setup left). With
+    ``model`` (the one whose id is ``model_id``), the store's canary is decoded and
+    recorded as an encode does."""
     if rows < 1:
         raise StoreError(f"the {lineage.operation} has no rows to write")
     info = read_info(model, storage_options) if model is not None else None
@@ -226,6 +237,8 @@ def derive(
                 seconds=0.0, skipped=True,
             )  # fmt: skip
         store, resumed = prepared
+        if setup is not None:
+            setup(store)
         first = store.count
         tasks = -(-(rows - first) // store.shard_rows)
 

@@ -96,7 +96,7 @@ def generate(
     )
     return derive(
         store_url,
-        create=lambda: like(reference, store_url, count * len(chosen), storage_options),
+        create=lambda meta: like(reference, store_url, count * len(chosen), storage_options, meta),
         model_id=reference.model_id,
         lineage=lineage,
         rows=count * len(chosen),

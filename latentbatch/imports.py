@@ -546,7 +546,7 @@ def import_latents(
 
     result = derive(
         store_url,
-        create=lambda: create_store(
+        create=lambda meta: create_store(
             store_url,
             model_id=info.model_id,
             config=config,
@@ -555,6 +555,7 @@ def import_latents(
             quantization=info.quantization,
             storage_options=storage_options,
             image=image,
+            meta=meta,
         ),
         model_id=info.model_id,
         lineage=lineage,

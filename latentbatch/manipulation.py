@@ -46,8 +46,8 @@ from latentbatch.errors import LatentbatchError
 from latentbatch.fit import LatentFit, fit_latents
 from latentbatch.progress import Progress
 from latentbatch.query import iter_select, latent_of
-from latentbatch.storage import StorageOptions
-from latentbatch.store import LatentStore, open_store, read_checked
+from latentbatch.storage import StorageOptions, named_write
+from latentbatch.store import LatentStore, StoreError, open_store, read_checked
 
 Interpolation = Literal["slerp", "linear"]
 INTERPOLATIONS: tuple[Interpolation, ...] = ("linear", "slerp")
@@ -58,6 +58,7 @@ MATCH_ROWS = 2000
 MATCH_NEIGHBOURS = 5
 """A row moves by the mean move of this many nearest matched rows of its label."""
 ANCHORS, MOVES = "shift_anchors", "shift_moves"  # the matching, kept in the derived store
+MATCHING = "matching"  # its record in the store's metadata, once both arrays are whole
 MAX_STEPS = 10_000
 
 
@@ -137,7 +138,7 @@ def interpolate(
     )
     return derive(
         out_url,
-        create=lambda: like(store, out_url, steps, storage_options),
+        create=lambda meta: like(store, out_url, steps, storage_options, meta),
         model_id=store.model_id,
         lineage=lineage,
         rows=steps,
@@ -200,18 +201,24 @@ def match(store: LatentStore, source: int, target: int, seed: int = 0) -> Matchi
 
 
 def _keep(store: LatentStore, matching: Matching) -> None:
-    """Write the matching into the derived store, where its tasks read it."""
+    """Write the matching into the derived store, where its tasks read it: both arrays,
+    then the ``matching`` record saying they are whole (a write stopped half-way, the disk
+    full say, leaves no record, and the next run writes them again)."""
     for name, values in ((ANCHORS, matching.anchors), (MOVES, matching.moves)):
-        store.group.create_array(
-            name, shape=values.shape, dtype="float32", chunks=(256, values.shape[1]),
-            dimension_names=("pair", "value"), overwrite=True,
-        )[...] = values.astype(np.float32)  # fmt: skip
+        with named_write(store.url, f"the matched pairs ({name}) of {store.url}"):
+            store.group.create_array(
+                name, shape=values.shape, dtype="float32", chunks=(256, values.shape[1]),
+                dimension_names=("pair", "value"), overwrite=True,
+            )[...] = values.astype(np.float32)  # fmt: skip
+    store.write_meta(**{MATCHING: {"pairs": len(matching.anchors), "neighbours": MATCH_NEIGHBOURS}})
 
 
 @functools.lru_cache(maxsize=4)
 def _kept(url: str, uuid: str, options: str) -> Matching:
     """The matching a derived store keeps, read once per process."""
     store = open_store(url, json.loads(options))
+    if not isinstance(store.meta.get(MATCHING), dict):
+        raise StoreError(f"{url} keeps no whole matching of its shift; run the shift again")
     anchors, moves = (
         np.asarray(read_checked(url, store.group[name], "all rows", slice(None)), np.float64)  # type: ignore[arg-type]
         for name in (ANCHORS, MOVES)
@@ -349,22 +356,19 @@ def shift(
     positions: Callable[[int, int], np.ndarray] | None = None
     made: list[LatentStore] = []
 
-    def create() -> LatentStore:
-        out = like(store, out_url, total, storage_options)
-        if method == "matching":  # pairs of the two labels, kept with the store
-            _keep(out, match(reference, from_label, to_label))
+    def setup(out: LatentStore) -> None:
         made.append(out)
-        return out
+        if method == "matching" and not isinstance(out.meta.get(MATCHING), dict):
+            _keep(out, match(reference, from_label, to_label))  # the labels' pairs
 
     def part(a: int, b: int) -> ShiftPart:
         nonlocal positions
         if positions is None:  # the selection is read again, from the first row to write
             positions = _regrouped(selection(), a)
-        out_uuid = made[0].uuid if made else open_store(out_url, storage_options).uuid
         return ShiftPart(
             store_url=store_url,
             out_url=out_url,
-            out_uuid=out_uuid,
+            out_uuid=made[0].uuid,
             storage_options=dict(storage_options or {}),
             rows=tuple(int(r) for r in positions(a, b)),
             fit=fit,
@@ -376,11 +380,12 @@ def shift(
 
     return derive(
         out_url,
-        create=create,
+        create=lambda meta: like(store, out_url, total, storage_options, meta),
         model_id=store.model_id,
         lineage=lineage,
         rows=total,
         part=part,
+        setup=setup,
         model=model,
         storage_options=storage_options,
         client=client,

@@ -597,12 +597,14 @@ def create_store(
     quantization: Mapping[str, Any] | None = None,
     storage_options: StorageOptions | None = None,
     image: tuple[int, int] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> LatentStore:
     """Create an empty store with room for ``capacity`` latents of the model ``model_id``
     whose architecture is ``config``; a quantised model's latents are int8, and
     ``quantization`` (the step, range and prior of ``ModelInfo.quantization``) describes them.
     ``image`` (height, width) is the images' size, for a model that takes any size
-    (default: the model's own)."""
+    (default: the model's own). ``meta`` adds metadata (a derived store's lineage) to the
+    one write that makes the group a store, so no store exists without it."""
     layout = layout or Layout()
     if config.latent_dtype is not None and layout.latent_dtype not in (None, config.latent_dtype):
         raise StoreError(
@@ -651,7 +653,7 @@ def create_store(
             compressors=_codecs(),
             overwrite=True,
         )
-    meta: dict[str, Any] = {
+    attributes: dict[str, Any] = {
         "format": INTEGER_FORMAT if integer else FLOAT_FORMAT,
         "uuid": uuid.uuid4().hex,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -670,6 +672,7 @@ def create_store(
         "labels": False,
         "pending": None,
         "count": 0,
+        **(meta or {}),
     }
-    group.attrs[ATTRS] = meta
+    group.attrs[ATTRS] = attributes
     return LatentStore(url, group, storage_options)

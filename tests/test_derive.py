@@ -63,7 +63,7 @@ def _derive(url: str, parent: str, rows: int, client: Client, **options: object)
     """A derive of ``rows`` counting rows into ``url``, like ``parent``."""
     opened = open_store(parent)
     return derive(
-        url, create=lambda: like(opened, url, rows, None), model_id=opened.model_id,
+        url, create=lambda meta: like(opened, url, rows, None, meta), model_id=opened.model_id,
         lineage=_lineage(parent, n=rows), rows=rows, client=client,
         part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
         **options,  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ def test_a_failed_derive_is_never_read_as_done_and_resumes(
     with pytest.raises(OSError, match="failed on purpose"):
         derive(
             url,
-            create=lambda: like(opened, url, 64, None),
+            create=lambda meta: like(opened, url, 64, None, meta),
             model_id=opened.model_id,
             lineage=_lineage(parent),
             rows=64,
@@ -124,7 +124,7 @@ def test_a_failed_derive_is_never_read_as_done_and_resumes(
     flag.unlink()
     result = derive(
         url,
-        create=lambda: like(opened, url, 64, None),
+        create=lambda meta: like(opened, url, 64, None, meta),
         model_id=opened.model_id,
         lineage=_lineage(parent),
         rows=64,
@@ -147,3 +147,20 @@ def test_integer_latents_are_rounded_and_clamped(
     assert stored.dtype == np.int8
     low, high = store.quantization["range"]  # type: ignore[index]
     assert stored.tolist() == [[low, -2, 0, 2, high]]  # half to even, as the encoder rounds
+
+
+def test_a_second_writer_is_refused_and_writes_nothing(
+    tmp_path: Path, parent: str, client: Client
+) -> None:
+    from latentbatch.lease import Lease, LeaseHeldError
+
+    url = str(tmp_path / "d.zarr")
+    holder = Lease(url, None, "a generate by hand", 60)
+    holder.acquire()  # another writer is at it
+    try:
+        with pytest.raises(LeaseHeldError, match="being written by another a generate by hand"):
+            _derive(url, parent, 20, client)
+    finally:
+        holder.release()
+    assert not (Path(url) / "zarr.json").exists()
+    assert _derive(url, parent, 20, client).written == 20  # once the other has finished

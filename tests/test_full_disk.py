@@ -95,8 +95,20 @@ def test_the_cli_says_it_in_one_sentence(
 ) -> None:  # fmt: skip
     monkeypatch.setattr(storage, "_write_file", _fills_at("shard-000001.tar", storage._write_file))
     out = tmp_path / "out"
-    argv = ["decode", "--model", str(tiny_model), "--store", store, "--out", str(out),
-            "--images-per-shard", "16", "--scheduler", client.scheduler.address]  # fmt: skip
+    argv = [
+        "decode",
+        "--model",
+        str(tiny_model),
+        "--store",
+        store,
+        "--out",
+        str(out),
+        "--images-per-shard",
+        "16",
+        "--scheduler",
+        client.scheduler.address,
+        "--no-progress",
+    ]  # fmt: skip  (a bar drawn when a shard finished first is not the error)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out / 'shard-000001.tar'} could not be written: No space")
@@ -127,3 +139,66 @@ def test_an_encode_that_fills_the_disk_stops_and_resumes(
     assert done.count == 80 and done.pending is None
     np.testing.assert_array_equal(done.read_latents(0, 80), expected.read_latents(0, 80))
     assert done.read_ids(0, 80) == expected.read_ids(0, 80)
+
+
+def _fills_zarr(store_name: str, prefix: str) -> Callable[..., Any]:
+    """A ``LocalStore.set`` whose disk is full for the keys of ``store_name`` that start
+    with ``prefix``."""
+    original = zarr.storage.LocalStore.set
+
+    async def set_(self: Any, key: str, value: Any) -> None:
+        if key.startswith(prefix) and Path(str(self.root)).name == store_name:
+            raise FULL
+        await original(self, key, value)
+
+    return set_
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: Client) -> str:
+    url = str(tmp_path_factory.mktemp("full-digits") / "digits.zarr")
+    encode(tiny_model, "digits", url, layout=Layout(16, 8), limit=160, client=client)
+    return url
+
+
+def test_a_generate_that_fills_the_disk_stops_and_resumes(
+    tmp_path: Path, digits: str, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from latentbatch.generation import generate
+
+    reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "g.zarr")
+    generate(digits, reference, count=20, labels=[1, 2], seed=3, client=client)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", _fills_zarr("g.zarr", "latents/c/2/"))
+    with pytest.raises(WriteError, match=rf"rows \[32, 40\) of {url} could not be written"):
+        generate(digits, url, count=20, labels=[1, 2], seed=3, client=client)
+    stopped = open_store(url)
+    assert stopped.count <= 32 and stopped.pending is not None  # never read as done
+    monkeypatch.undo()
+    result = generate(digits, url, count=20, labels=[1, 2], seed=3, client=client)
+    assert result.resumed
+    done, expected = open_store(url), open_store(reference)
+    assert done.count == 40 and done.pending is None
+    assert done.read_latents(0, 40).tobytes() == expected.read_latents(0, 40).tobytes()
+
+
+def test_a_shift_whose_matching_fills_the_disk_writes_it_again(
+    tmp_path: Path, digits: str, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from latentbatch.manipulation import shift
+
+    reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "s.zarr")
+    shift(digits, reference, from_label=3, to_label=8, client=client)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", _fills_zarr("s.zarr", "shift_moves/"))
+    with pytest.raises(WriteError, match=rf"the matched pairs \(shift_moves\) of {url}"):
+        shift(digits, url, from_label=3, to_label=8, client=client)
+    stopped = open_store(url)
+    assert stopped.count == 0 and stopped.pending is not None
+    assert "matching" not in stopped.meta  # the half-written pairs are not recorded
+    monkeypatch.undo()
+    assert shift(digits, url, from_label=3, to_label=8, client=client).resumed
+    done, expected = open_store(url), open_store(reference)
+    assert done.pending is None and done.count == expected.count > 0
+    assert (
+        done.read_latents(0, done.count).tobytes()
+        == expected.read_latents(0, expected.count).tobytes()
+    )
