@@ -51,6 +51,7 @@ from latentbatch.anomaly import score
 from latentbatch.checkpoint import model_dir_for, read_info
 from latentbatch.config import TrainConfig
 from latentbatch.datasets import Geometry, open_source
+from latentbatch.distances import squared_distances
 from latentbatch.encode import stored_quality
 from latentbatch.generation import generate
 from latentbatch.kernel import decode_latents, encode_images
@@ -115,10 +116,8 @@ class Reference:
     def neighbours(self, flat: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Labels ``(n, k)`` and distances ``(n, k)`` of each latent's nearest references."""
         labels, distances = [], []
-        norms = (self.latents**2).sum(axis=1)[None, :]
         for a in range(0, len(flat), 1024):
-            block = flat[a : a + 1024]
-            squared = (block**2).sum(axis=1)[:, None] + norms - 2 * block @ self.latents.T
+            squared = squared_distances(flat[a : a + 1024], self.latents)
             nearest = np.argpartition(squared, k, axis=1)[:, :k]
             labels.append(self.labels[nearest])
             picked = np.take_along_axis(squared, nearest, axis=1)
@@ -128,11 +127,9 @@ class Reference:
     def best_psnr(self, images: np.ndarray) -> np.ndarray:
         """Each image's PSNR (dB) against its closest reference image."""
         flat = images.reshape(len(images), -1).astype(np.float32) / 255
-        norms = (self.images**2).sum(axis=1)[None, :]
         best = []
         for a in range(0, len(flat), 1024):
-            block = flat[a : a + 1024]
-            squared = (block**2).sum(axis=1)[:, None] + norms - 2 * block @ self.images.T
+            squared = squared_distances(flat[a : a + 1024], self.images)
             best.append(np.maximum(squared.min(axis=1), 1e-12) / flat.shape[1])
         return np.asarray(10 * np.log10(1 / np.concatenate(best)))
 

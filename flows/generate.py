@@ -9,7 +9,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.orchestration import (
-    preview_artifact,
+    derived_artifact,
     retrying_task,
     storage_options,
     summary_artifact,
@@ -17,8 +17,6 @@ from flows.orchestration import (
 from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
 from latentbatch.derive import DeriveResult
 from latentbatch.generation import generate
-from latentbatch.previews import derived_preview
-from latentbatch.store import open_store
 
 
 @retrying_task("generate")
@@ -74,14 +72,13 @@ def generate_latents(
     )
     summary = result.to_dict()
     summary_artifact("generate-summary", f"Generated into {store}", [summary])
-    opened = open_store(store, options)
-    pictures = derived_preview(model_dir, opened)
-    preview_artifact(
+    derived_artifact(
         "generate-preview",
         "Generated images, a line per label",
-        pictures,
+        model_dir,
+        store,
         f"The first samples of each label of {store} (seed {seed}, temperature {temperature})",
-        scale=max(1, 64 // opened.meta["image"]["height"]),
+        options,
     )
     print(f"{result.rows} samples in {store} ({result.written} written now)")
     return summary

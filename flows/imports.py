@@ -10,15 +10,13 @@ from prefect import flow
 from pydantic import Field
 
 from flows.orchestration import (
-    preview_artifact,
+    derived_artifact,
     retrying_task,
     storage_options,
     summary_artifact,
 )
 from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
 from latentbatch.imports import ImportResult, import_latents
-from latentbatch.previews import derived_preview
-from latentbatch.store import open_store
 
 
 @retrying_task("import")
@@ -79,13 +77,13 @@ def import_latents_flow(
     )  # fmt: skip
     summary = result.to_dict()
     summary_artifact("import-summary", f"Imported into {store}", [summary])
-    opened = open_store(store, options)
-    preview_artifact(
+    derived_artifact(
         "import-preview",
         "The first imported rows, decoded",
-        derived_preview(model_dir, opened),
+        model_dir,
+        store,
         result.warning or f"{result.derived.rows} rows from {source} ({result.layout})",
-        scale=max(1, 64 // opened.image_size[0]),
+        options,
     )
     if result.warning is not None:
         print(f"warning: {result.warning}")

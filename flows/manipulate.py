@@ -10,7 +10,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.orchestration import (
-    preview_artifact,
+    derived_artifact,
     retrying_task,
     storage_options,
     summary_artifact,
@@ -19,8 +19,6 @@ from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, d
 from latentbatch.derive import DeriveResult
 from latentbatch.errors import LatentbatchError
 from latentbatch.manipulation import interpolate, shift
-from latentbatch.previews import derived_preview
-from latentbatch.store import open_store
 
 
 @retrying_task("manipulate")
@@ -104,18 +102,13 @@ def manipulate_latents(
     )
     summary = result.to_dict()
     summary_artifact("manipulate-summary", f"{operation} of {store} into {out}", [summary])
-    opened = open_store(out, options)
     title = (
         f"Interpolation from {from_id} to {to_id} ({interpolation})"
         if operation == "interpolate"
         else f"Shift from label {from_label} to {to_label}: before (top), after (bottom)"
     )
-    preview_artifact(
-        "manipulate-preview",
-        title,
-        derived_preview(model_dir, opened),
-        f"{result.rows} rows in {out}",
-        scale=max(1, 64 // opened.meta["image"]["height"]),
+    derived_artifact(
+        "manipulate-preview", title, model_dir, out, f"{result.rows} rows in {out}", options
     )
     print(f"{operation}: {result.rows} rows in {out} ({result.written} written now)")
     return summary

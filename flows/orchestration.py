@@ -30,7 +30,9 @@ from prefect.client.schemas.objects import State, TaskRun
 from latentbatch.cluster import ClusterError
 from latentbatch.errors import LatentbatchError
 from latentbatch.figures import image_grid
+from latentbatch.previews import derived_preview
 from latentbatch.progress import Progress
+from latentbatch.store import open_store
 
 PREVIEW_MAX_BYTES = 60_000
 RETRIES, RETRY_DELAY_SECONDS = 2, 5
@@ -132,6 +134,16 @@ def preview_artifact(
     picture = image_grid(rows, scale=scale)
     markdown = f"### {title}\n\n![{title}]({png_data_url(picture)})\n\n{caption}\n"
     return str(create_markdown_artifact(markdown=markdown, key=key, description=title))
+
+
+def derived_artifact(
+    key: str, title: str, model_dir: str, store_url: str, caption: str, options: Any
+) -> str:
+    """A preview artifact of a derived store (:func:`latentbatch.previews.derived_preview`:
+    samples per label, an interpolation strip, before/after pairs, imported rows)."""
+    store = open_store(store_url, options)
+    rows = derived_preview(model_dir, store)
+    return preview_artifact(key, title, rows, caption, scale=max(1, 64 // store.image_size[0]))
 
 
 def picture_artifact(key: str, title: str, path: Path, caption: str = "") -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from latentbatch.distances import squared_distances
 from latentbatch.errors import LatentbatchError
 from latentbatch.lease import leased
 from latentbatch.storage import StorageOptions
@@ -77,10 +78,8 @@ def _knn_distance(
     streamed a shard at a time; ``first`` (queries that are reference rows from there)
     leaves each query's own row out."""
     best = np.full((len(queries), k), np.inf, np.float32)
-    norms = (queries**2).sum(axis=1)[:, None]
     for start, stop in reference.each_shard():
-        block = _flat(reference, start, stop)
-        squared = norms + (block**2).sum(axis=1)[None, :] - 2 * queries @ block.T
+        squared = squared_distances(queries, _flat(reference, start, stop))
         if first is not None:  # the query rows' own rows, where they fall in this block
             own = np.arange(first, first + len(queries))
             inside = (own >= start) & (own < stop)

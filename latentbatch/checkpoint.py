@@ -418,18 +418,24 @@ def summary(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def parameter_count(path: Path) -> int:
-    """Values in a safetensors file, from its header alone (no tensor is read)."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors (name → ``dtype``, ``shape``, offsets), from its header
+    alone: no tensor is read, and no torch is needed."""
     with path.open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+        header: dict[str, Any] = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def parameter_count(path: Path) -> int:
+    """Values in a safetensors file, from its header alone."""
     total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            count = 1
-            for side in entry["shape"]:
-                count *= int(side)
-            total += count
+    for entry in safetensors_header(path).values():
+        count = 1
+        for side in entry["shape"]:
+            count *= int(side)
+        total += count
     return total
 
 

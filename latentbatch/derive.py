@@ -32,7 +32,14 @@ from latentbatch.ids import validate_ids
 from latentbatch.lease import leased, without_leases
 from latentbatch.progress import Progress
 from latentbatch.storage import StorageOptions, filesystem
-from latentbatch.store import LatentStore, Layout, StoreError, create_store, open_store
+from latentbatch.store import (
+    Commits,
+    LatentStore,
+    Layout,
+    StoreError,
+    create_store,
+    open_store,
+)
 from latentbatch.workers import register_model
 
 LINEAGE = "lineage"
@@ -131,8 +138,9 @@ def write_part(job: DeriveJob) -> dict[str, int]:
             f"[{job.start}, {job.stop}); this is a bug in the operation"
         )
     validate_ids(ids)
-    store.write_rows(job.start, as_stored(latents, store), ids, np.asarray(labels, np.int32))
-    return {"start": job.start, "stop": job.stop}
+    labels = np.asarray(labels, np.int32)
+    store.write_rows(job.start, as_stored(latents, store), ids, labels)
+    return {"start": job.start, "stop": job.stop, "labelled": int((labels >= 0).any())}
 
 
 def like(
@@ -253,16 +261,10 @@ def derive(
                     part=part(a, b),
                 )
 
-        finished: dict[int, int] = {}
+        commits = Commits(store, lease.check)
 
         def commit(result: dict[str, int], progress: Progress) -> None:
-            finished[result["start"]] = result["stop"]
-            count = store.count
-            while count in finished:
-                count = finished.pop(count)
-            if count != store.count:
-                lease.check()
-                store.write_meta(count=count)
+            commits.finish(result["start"], result["stop"], bool(result["labelled"]))
             if on_progress is not None:
                 on_progress(progress)
 
@@ -281,10 +283,7 @@ def derive(
                 if decoded.rows:
                     record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)
         lease.check()
-        labels_known = any(
-            (store.read_labels(a, b) >= 0).any() for a, b in store.each_shard(0, rows)
-        )
-        store.write_meta(count=rows, pending=None, labels=labels_known)
+        store.write_meta(count=rows, pending=None, labels=bool(store.meta.get("labels")))
         return DeriveResult(
             store=url,
             operation=lineage.operation,

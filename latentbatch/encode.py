@@ -63,6 +63,7 @@ from latentbatch.progress import Progress
 from latentbatch.quality import psnr_per_image
 from latentbatch.storage import StorageOptions, filesystem
 from latentbatch.store import (
+    Commits,
     LatentStore,
     Layout,
     StoreError,
@@ -295,16 +296,10 @@ def encode(
                     labels=tuple(int(v) for v in labels[s0:s1]),
                 )
 
-        finished: dict[int, int] = {}
+        commits = Commits(store, lease.check)
 
         def commit(result: dict[str, int], progress: Progress) -> None:
-            finished[result["start"]] = result["stop"]
-            count = store.count
-            while count in finished:
-                count = finished.pop(count)
-            if count != store.count:
-                lease.check()  # taken over while this encode stalled: commit nothing more
-                store.write_meta(count=count)
+            commits.finish(result["start"], result["stop"])
             if on_progress is not None:
                 on_progress(progress)
 

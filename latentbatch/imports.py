@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 from distributed import Client
 
-from latentbatch.checkpoint import ModelLocation, read_info
+from latentbatch.checkpoint import ModelLocation, read_info, safetensors_header
 from latentbatch.derive import DeriveResult, Lineage, derive
 from latentbatch.errors import DataError
 from latentbatch.ids import slug, unique, validate_ids
@@ -188,14 +188,6 @@ def _array(path: Path) -> Found:
     )  # fmt: skip
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header: dict[str, Any] = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -206,7 +198,7 @@ def _safetensors(files: list[Path]) -> Found:
     shape: tuple[int, ...] = ()
     dtype = ""
     for path in files:
-        header = _safetensors_header(path)
+        header = safetensors_header(path)
         four = [k for k, v in header.items() if len(v["shape"]) == 4]
         if four:
             key = "latents" if "latents" in four else (four[0] if len(four) == 1 else "")
@@ -233,9 +225,21 @@ def _safetensors(files: list[Path]) -> Found:
     )  # fmt: skip
 
 
-def _tar_keys(path: Path) -> list[str]:
+def _tar_listing(path: Path) -> tuple[list[str], tuple[int, ...], str]:
+    """A WebDataset tar's sample keys with an ``.npy`` member, in order, and the first
+    one's shape and dtype (from its header), in one pass over the tar."""
+    keys: list[str] = []
+    shape: tuple[int, ...] = ()
+    dtype = ""
     with tarfile.open(path) as archive:
-        return [m.name[: -len(".npy")] for m in archive if m.isfile() and m.name.endswith(".npy")]
+        for member in archive:
+            if member.isfile() and member.name.endswith(".npy"):
+                keys.append(member.name[: -len(".npy")])
+                if not shape:
+                    handle = archive.extractfile(member)
+                    assert handle is not None
+                    shape, dtype = _npy_header(io.BytesIO(handle.read(4096)))
+    return keys, shape, dtype
 
 
 def _webdataset(files: list[Path]) -> Found:
@@ -244,14 +248,10 @@ def _webdataset(files: list[Path]) -> Found:
     shape: tuple[int, ...] = ()
     dtype = ""
     for path in files:
-        keys = _tar_keys(path)
+        keys, first_shape, first_dtype = _tar_listing(path)
         pieces.append(Piece(kind="webdataset", path=str(path), rows=len(keys)))
         ids += [slug(k.replace("/", "__")) for k in keys]
-        if keys and not shape:
-            with tarfile.open(path) as archive:
-                member = archive.extractfile(f"{keys[0]}.npy")
-                assert member is not None
-                shape, dtype = _npy_header(io.BytesIO(member.read(4096)))
+        shape, dtype = shape or first_shape, dtype or first_dtype
     if not ids:
         raise DataError(f"{files[0]} holds no .npy members")
     return Found(

@@ -42,6 +42,7 @@ from distributed import Client
 
 from latentbatch.checkpoint import ModelLocation
 from latentbatch.derive import DeriveResult, Lineage, Parent, derive, like
+from latentbatch.distances import squared_distances
 from latentbatch.errors import LatentbatchError
 from latentbatch.fit import LatentFit, fit_latents
 from latentbatch.progress import Progress
@@ -172,11 +173,7 @@ class Matching:
         """Each row moved by ``strength`` times the mean move of its
         :data:`MATCH_NEIGHBOURS` nearest anchors (the transport's barycentric map)."""
         k = min(MATCH_NEIGHBOURS, len(self.anchors))
-        squared = (
-            (flat**2).sum(axis=1)[:, None]
-            + (self.anchors**2).sum(axis=1)[None, :]
-            - 2 * flat @ self.anchors.T
-        )
+        squared = squared_distances(flat, self.anchors)
         nearest = np.argsort(squared, axis=1, kind="stable")[:, :k]
         return np.asarray(flat + strength * self.moves[nearest].mean(axis=1))
 
@@ -195,8 +192,7 @@ def match(store: LatentStore, source: int, target: int, seed: int = 0) -> Matchi
     from scipy.optimize import linear_sum_assignment
 
     first, second = _label_sample(store, source, seed), _label_sample(store, target, seed)
-    cost = (first**2).sum(axis=1)[:, None] + (second**2).sum(axis=1)[None, :] - 2 * first @ second.T
-    rows, columns = linear_sum_assignment(cost)
+    rows, columns = linear_sum_assignment(squared_distances(first, second))
     return Matching(anchors=first[rows], moves=second[columns] - first[rows])
 
 

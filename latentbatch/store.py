@@ -35,15 +35,15 @@ releases ignore), so both kinds are read, decoded and appended to by this releas
 float store by earlier ones too.
 
 Commit protocol: writers write whole shards, one writer per shard; the client then
-advances ``count`` with a single write of the group metadata. Readers trust rows
-``< count`` only; rows past it (capacity) may be half-written.
+advances ``count`` with a single write of the group metadata (:class:`Commits`). Readers
+trust rows ``< count`` only; rows past it (capacity) may be half-written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -676,3 +676,28 @@ def create_store(
     }
     group.attrs[ATTRS] = attributes
     return LatentStore(url, group, storage_options)
+
+
+class Commits:
+    """The client's side of the commit protocol: shards finish in any order, and the
+    committed ``count`` advances over the contiguous prefix of finished ones, one metadata
+    write per advance, after ``check`` (the writer's lease still held). A shard that holds
+    labels sets ``labels`` in the same write, once it is committed."""
+
+    def __init__(self, store: LatentStore, check: Callable[[], None]) -> None:
+        self.store = store
+        self.check = check
+        self._finished: dict[int, tuple[int, bool]] = {}
+
+    def finish(self, start: int, stop: int, labelled: bool = False) -> None:
+        """Rows ``[start, stop)`` are written whole; commit what that makes contiguous."""
+        self._finished[start] = (stop, labelled)
+        count, labels = self.store.count, bool(self.store.meta.get("labels"))
+        known = labels
+        while count in self._finished:
+            count, shard_labelled = self._finished.pop(count)
+            labels = labels or shard_labelled
+        if count != self.store.count:
+            self.check()  # taken over while this writer stalled: commit nothing more
+            newly = labels and not known  # the first committed labels
+            self.store.write_meta(count=count, **({"labels": True} if newly else {}))

@@ -59,13 +59,18 @@ def _lineage(parent: str, **parameters: object) -> Lineage:
     )  # fmt: skip
 
 
-def _derive(url: str, parent: str, rows: int, client: Client, **options: object) -> DeriveResult:
-    """A derive of ``rows`` counting rows into ``url``, like ``parent``."""
+def _derive(
+    url: str, parent: str, rows: int, client: Client, fail_flag: str = "", **options: object
+) -> DeriveResult:
+    """A derive of ``rows`` counting rows into ``url``, like ``parent`` (rows from 32 on
+    failing while ``fail_flag`` exists)."""
     opened = open_store(parent)
     return derive(
         url, create=lambda meta: like(opened, url, rows, None, meta), model_id=opened.model_id,
         lineage=_lineage(parent, n=rows), rows=rows, client=client,
-        part=lambda a, b: CountingPart(shape=opened.latent_shape, start=a, stop=b),
+        part=lambda a, b: CountingPart(
+            shape=opened.latent_shape, start=a, stop=b, fail_flag=fail_flag, fail_at=32
+        ),
         **options,  # type: ignore[arg-type]
     )  # fmt: skip
 
@@ -99,38 +104,15 @@ def test_a_derived_store_records_its_lineage_and_its_rows(
 def test_a_failed_derive_is_never_read_as_done_and_resumes(
     tmp_path: Path, parent: str, client: Client
 ) -> None:
-    opened = open_store(parent)
     flag = tmp_path / "fail"
     flag.touch()
     url = str(tmp_path / "d.zarr")
-
-    def part(a: int, b: int) -> CountingPart:
-        return CountingPart(
-            shape=opened.latent_shape, start=a, stop=b, fail_flag=str(flag), fail_at=32
-        )
-
     with pytest.raises(OSError, match="failed on purpose"):
-        derive(
-            url,
-            create=lambda meta: like(opened, url, 64, None, meta),
-            model_id=opened.model_id,
-            lineage=_lineage(parent),
-            rows=64,
-            part=part,
-            client=client,
-        )
+        _derive(url, parent, 64, client, fail_flag=str(flag))
     store = open_store(url)
     assert store.pending is not None and store.count <= 32  # the failed shard: not committed
     flag.unlink()
-    result = derive(
-        url,
-        create=lambda meta: like(opened, url, 64, None, meta),
-        model_id=opened.model_id,
-        lineage=_lineage(parent),
-        rows=64,
-        part=part,
-        client=client,
-    )
+    result = _derive(url, parent, 64, client, fail_flag=str(flag))
     assert result.resumed and result.written == 64 - store.count
     done = open_store(url)
     assert done.pending is None and done.count == 64

@@ -111,6 +111,22 @@ def test_cli_on_s3(
     assert json.loads(capsys.readouterr().out)["decoded"] == 40
 
 
+def _decode_on_a_cli_cluster(
+    tmp_path: Path, model: str, store: str, out: str, s3: dict[str, Any]
+) -> Path:
+    """``latentbatch decode --model MODEL`` of ``store`` into ``out`` on a CLI-started
+    cluster of two workers whose model cache is empty; returns that cache."""
+    cache = tmp_path / "worker-cache"
+    with dask_cluster(tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(cache)}) as (
+        address,
+        _,
+    ):
+        argv = ["decode", "--model", model, "--store", store, "--out", out]
+        argv += [f"--storage-option={k}={v}" for k, v in s3.items()]
+        assert main([*argv, "--scheduler", address, "--no-progress"]) == 0
+    return cache
+
+
 def test_a_model_on_s3_decodes_on_a_cli_cluster_and_altered_weights_are_refused(
     tmp_path: Path, tiny_model: Path, client: Client, s3: dict[str, Any]
 ) -> None:
@@ -125,14 +141,7 @@ def test_a_model_on_s3_decodes_on_a_cli_cluster_and_altered_weights_are_refused(
     expected = model_id(tiny_model)
     encode(url, "synthetic:40", store, layout=Layout(16, 8), storage_options=s3, client=client)
     decode(tiny_model, store, "s3://latentbatch/m/local", storage_options=s3, client=client)
-    cache = tmp_path / "worker-cache"
-    with dask_cluster(tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(cache)}) as (
-        address,
-        _,
-    ):
-        argv = ["decode", "--model", url, "--store", store, "--out", "s3://latentbatch/m/out"]
-        argv += [f"--storage-option={k}={v}" for k, v in s3.items()]
-        assert main([*argv, "--scheduler", address, "--no-progress"]) == 0
+    cache = _decode_on_a_cli_cluster(tmp_path, url, store, "s3://latentbatch/m/out", s3)
     assert sorted(p.name for p in (cache / expected).iterdir()) == [CONFIG, WEIGHTS]
     assert fs.cat_file("latentbatch/m/out/shards.jsonl") == fs.cat_file(
         "latentbatch/m/local/shards.jsonl"
@@ -174,14 +183,7 @@ def test_a_diffusers_model_on_s3_decodes_on_a_cli_cluster(
     assert info.model_id == read_info(kl_vae).model_id and info.weights == weights
     encode(url, "synthetic:6", store, layout=Layout(4, 2), storage_options=s3, client=client)
     decode(kl_vae, store, "s3://latentbatch/kl/local", storage_options=s3, client=client)
-    cache = tmp_path / "worker-cache"
-    with dask_cluster(tmp_path, workers=2, worker_env={MODEL_CACHE_ENV: str(cache)}) as (
-        address,
-        _,
-    ):
-        argv = ["decode", "--model", url, "--store", store, "--out", "s3://latentbatch/kl/out"]
-        argv += [f"--storage-option={k}={v}" for k, v in s3.items()]
-        assert main([*argv, "--scheduler", address, "--no-progress"]) == 0
+    cache = _decode_on_a_cli_cluster(tmp_path, url, store, "s3://latentbatch/kl/out", s3)
     assert sorted(p.name for p in (cache / info.model_id).iterdir()) == [CONFIG, weights]
     assert fs.cat_file("latentbatch/kl/out/shards.jsonl") == fs.cat_file(
         "latentbatch/kl/local/shards.jsonl"

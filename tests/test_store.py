@@ -222,3 +222,18 @@ def test_layout_validation() -> None:
         Layout(shard_rows=10, chunk_rows=3)
     with pytest.raises(StoreError, match="latent dtype"):
         Layout(latent_dtype="int8")
+
+
+def test_commits_advance_over_the_finished_prefix_only(tmp_path: Path, tiny_model: Path) -> None:
+    from latentbatch.store import Commits
+
+    store = open_store(str(_store(tmp_path, tiny_model, capacity=12)), writable=True)
+    checks: list[int] = []
+    commits = Commits(store, lambda: checks.append(store.count))
+    commits.finish(4, 8, labelled=True)  # a later shard first: nothing is contiguous yet
+    assert store.count == 0 and not store.meta["labels"] and checks == []
+    commits.finish(0, 4)
+    assert store.count == 8 and store.meta["labels"]  # both, and the labels with them
+    commits.finish(8, 12)
+    assert store.count == 12 and checks == [0, 8]  # the lease checked before each write
+    assert open_store(store.url).count == 12

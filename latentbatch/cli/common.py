@@ -54,6 +54,12 @@ ModelOption = Annotated[
 ImageCodecOption = Annotated[
     str, typer.Option("--image-codec", help="Images in tar shards: png, webp or jpeg.")
 ]
+IdsOption = Annotated[str | None, typer.Option(help="Comma-separated ids.")]
+RowsOption = Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")]
+WhereOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Predicate such as 'label >= 5', 'row < 100', 'psnr < 20' or 'anomaly > 3'."),
+]
 QualityOption = Annotated[
     int | None, typer.Option(help="Quality 1-100 of webp and jpeg images \\[default: 90].")
 ]

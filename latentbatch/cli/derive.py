@@ -4,17 +4,20 @@ a derived store (see :mod:`latentbatch.derive`), and with ``--grid`` a picture o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from latentbatch.cli.common import (
+    IdsOption,
     JsonOption,
     ProgressOption,
+    RowsOption,
     SchedulerOption,
     StorageOption,
     StoreArgument,
     StoreOption,
+    WhereOption,
     WorkersOption,
     emit_json,
     make_console,
@@ -129,11 +132,9 @@ def interpolate_command(
     as_json: JsonOption = False,
 ) -> None:
     """Latents between two rows of a store, into a new store."""
-    from latentbatch.manipulation import INTERPOLATIONS, ManipulateError, interpolate
+    from latentbatch.manipulation import Interpolation, interpolate
 
     _needs_model(grid, model)
-    if method not in INTERPOLATIONS:
-        raise ManipulateError(f"--method {method!r} is not one of {', '.join(INTERPOLATIONS)}")
     options = parse_options(storage_option)
     result = interpolate(
         store_url,
@@ -141,7 +142,7 @@ def interpolate_command(
         to_id,
         store,
         steps=steps,
-        method="slerp" if method == "slerp" else "linear",
+        method=cast(Interpolation, method),  # checked by interpolate, before any work
         model=model,
         storage_options=options,
         scheduler=scheduler,
@@ -168,8 +169,8 @@ def shift_command(
         str | None,
         typer.Option(help="Store of the labels' means and spreads \\[default: STORE]."),
     ] = None,
-    ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
-    rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
+    ids: IdsOption = None,
+    rows: RowsOption = None,
     label: Annotated[
         int | None,
         typer.Option(
@@ -177,9 +178,7 @@ def shift_command(
             "chooses rows]."
         ),
     ] = None,
-    where: Annotated[
-        list[str] | None, typer.Option(help="Predicate such as 'row < 100' (repeatable).")
-    ] = None,
+    where: WhereOption = None,
     model: DerivedModelOption = None,
     grid: GridOption = None,
     scheduler: SchedulerOption = None,
@@ -189,12 +188,10 @@ def shift_command(
     as_json: JsonOption = False,
 ) -> None:
     """Move chosen rows from one label towards another, into a new store."""
-    from latentbatch.manipulation import SHIFT_METHODS, ManipulateError, shift
+    from latentbatch.manipulation import ShiftMethod, shift
     from latentbatch.query import parse_rows
 
     _needs_model(grid, model)
-    if method not in SHIFT_METHODS:
-        raise ManipulateError(f"--method {method!r} is not one of {', '.join(SHIFT_METHODS)}")
     options = parse_options(storage_option)
     with task_progress("shifting", progress and not as_json) as update:
         result = shift(
@@ -203,7 +200,7 @@ def shift_command(
             from_label=from_label,
             to_label=to_label,
             strength=strength,
-            method=next(m for m in SHIFT_METHODS if m == method),
+            method=cast(ShiftMethod, method),  # checked by shift, before any work
             reference_url=reference,
             ids=ids.split(",") if ids else None,
             rows=[parse_rows(r) for r in rows] if rows else None,
@@ -253,17 +250,15 @@ def import_command(
     as_json: JsonOption = False,
 ) -> None:
     """Import latents made elsewhere into a store (one Dask task per store shard)."""
-    from latentbatch.imports import import_latents
+    from latentbatch.imports import Convention, import_latents
     from latentbatch.store import Layout
 
-    if latents not in ("scaled", "raw"):
-        raise LatentbatchError(f"--latents {latents!r} is not scaled or raw")
     with task_progress("importing", progress and not as_json) as update:
         result = import_latents(
             model,
             source,
             store,
-            latents="raw" if latents == "raw" else "scaled",
+            latents=cast(Convention, latents),  # checked by import_latents first
             scaling_factor=scaling_factor,
             shift_factor=shift,
             layout=Layout(shard_rows, chunk_rows),

@@ -15,11 +15,14 @@ import typer
 from rich.table import Table
 
 from latentbatch.cli.common import (
+    IdsOption,
     ImageCodecOption,
     JsonOption,
     QualityOption,
+    RowsOption,
     StorageOption,
     StoreArgument,
+    WhereOption,
     emit_json,
     make_console,
 )
@@ -78,15 +81,10 @@ def stores_command(
 
 def query_command(
     store_url: StoreArgument,
-    ids: Annotated[str | None, typer.Option(help="Comma-separated ids.")] = None,
-    rows: Annotated[list[str] | None, typer.Option(help="Row range I:J (repeatable).")] = None,
+    ids: IdsOption = None,
+    rows: RowsOption = None,
     label: Annotated[int | None, typer.Option(help="Only rows with this label.")] = None,
-    where: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Predicate such as 'label >= 5', 'row < 100', 'psnr < 20' or 'anomaly > 3'."
-        ),
-    ] = None,
+    where: WhereOption = None,
     near: Annotated[str | None, typer.Option(help="Nearest neighbours of this id.")] = None,
     worst: Annotated[
         int | None,
