@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentbatch.checkpoint import read_info
 from latentbatch.config import preset_config
-from latentbatch.model import Autoencoder
-from latentbatch.store import Layout, create_store, open_store, shard_ranges
-from latentbatch.weights import save_model
+from latentbatch.models.autoencoder import Autoencoder
+from latentbatch.models.checkpoint import read_info
+from latentbatch.models.weights import save_model
+from latentbatch.stores.store import Layout, create_store, open_store, shard_ranges
 
 
 def random_store(path: Path, count: int, layout: Layout, labels: bool = False) -> Path:

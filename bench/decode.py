@@ -60,17 +60,17 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentbatch.checkpoint import read_info
-from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig, preset_config
 from latentbatch.decode import ImageEncoding, decode
 from latentbatch.encode import encode
-from latentbatch.images import CODECS, PNG, check_codec
-from latentbatch.kernel import batch_for, decode_latents
-from latentbatch.store import Layout, create_store, open_store, shard_ranges
+from latentbatch.engine.cluster import connect
+from latentbatch.engine.kernel import batch_for, decode_latents
+from latentbatch.engine.workers import encoder_threads
+from latentbatch.models.checkpoint import read_info
+from latentbatch.models.weights import load_model
+from latentbatch.outputs.codecs import CODECS, PNG, check_codec
+from latentbatch.stores.store import Layout, create_store, open_store, shard_ranges
 from latentbatch.train import train
-from latentbatch.weights import load_model
-from latentbatch.workers import encoder_threads
 
 MATMUL_SIZE = 4096
 _KL = {

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from latentbatch.decode import ImageEncoding
-from latentbatch.images import CODECS, check_codec
+from latentbatch.outputs.codecs import CODECS, check_codec
 
 
 def digits(count: int) -> np.ndarray:

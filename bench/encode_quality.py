@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.encode import stored_quality
-from latentbatch.kernel import encode_images
+from latentbatch.engine.kernel import encode_images
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
 from latentbatch.train import train
-from latentbatch.weights import load_model
 
 SHARD = 1024
 

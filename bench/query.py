@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from common import random_store
 
-from latentbatch.query import nearest
-from latentbatch.store import Layout, open_store
+from latentbatch.stores.query import nearest
+from latentbatch.stores.store import Layout, open_store
 
 
 def peak_rss_mib() -> float:

@@ -41,13 +41,13 @@ import torch
 from common import best_seconds
 from distributed import Client
 
-from latentbatch.checkpoint import read_info
 from latentbatch.config import TrainConfig, preset_config
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.kernel import encode_images
-from latentbatch.store import create_store, open_store, shard_ranges
+from latentbatch.engine.kernel import encode_images
+from latentbatch.models.checkpoint import read_info
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import create_store, open_store, shard_ranges
 from latentbatch.train import train
-from latentbatch.weights import load_model
 
 BIN = Path(sys.executable).parent
 KEYS = (

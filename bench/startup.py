@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import best_seconds, random_store
 
-from latentbatch.store import Layout
+from latentbatch.stores.store import Layout
 
 HEAVY = (
     "torch",

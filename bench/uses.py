@@ -47,18 +47,18 @@ import numpy as np
 import torch
 from distributed import Client, LocalCluster
 
-from latentbatch.anomaly import score
-from latentbatch.checkpoint import model_dir_for, read_info
 from latentbatch.config import TrainConfig
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.distances import squared_distances
 from latentbatch.encode import stored_quality
-from latentbatch.generation import generate
-from latentbatch.kernel import decode_latents, encode_images
-from latentbatch.manipulation import interpolate, shift
-from latentbatch.store import create_store, open_store, shard_ranges
+from latentbatch.engine.kernel import decode_latents, encode_images
+from latentbatch.models.checkpoint import model_dir_for, read_info
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import create_store, open_store, shard_ranges
 from latentbatch.train import model_config_for, split, train
-from latentbatch.weights import load_model
+from latentbatch.uses.anomaly import score
+from latentbatch.uses.distances import squared_distances
+from latentbatch.uses.generation import generate
+from latentbatch.uses.manipulation import interpolate, shift
 
 BLOCK = 12
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ The first ``--rows`` images of mnist5k are encoded by a ``codec``-preset model a
 out as a format-2 store lays out a shard: one chunk per latent channel. For each level:
 bytes (and bits per pixel), compression time of the shard (best of three) and
 decompression time, and the bytes against the store's level
-(``latentbatch.store.INTEGER_ZSTD_LEVEL``).
+(``latentbatch.stores.store.INTEGER_ZSTD_LEVEL``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.kernel import encode_images
-from latentbatch.store import INTEGER_ZSTD_LEVEL
-from latentbatch.weights import load_model
+from latentbatch.engine.kernel import encode_images
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import INTEGER_ZSTD_LEVEL
 
 
 def best_seconds(work: object, passes: int = 3) -> float:

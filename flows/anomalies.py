@@ -16,10 +16,10 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import ModelDir, StorageBlock, StoreUrl, described
-from latentbatch.anomaly import DEFAULT_K, DEFAULT_QUANTILE, ScoreResult, score
 from latentbatch.previews import anomaly_preview
-from latentbatch.query import result_rows, worst
-from latentbatch.store import open_store
+from latentbatch.stores.query import result_rows, worst
+from latentbatch.stores.store import open_store
+from latentbatch.uses.anomaly import DEFAULT_K, DEFAULT_QUANTILE, ScoreResult, score
 
 
 @retrying_task("score")

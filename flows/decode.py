@@ -28,8 +28,8 @@ from flows.params import (
 )
 from latentbatch.choices import Format
 from latentbatch.decode import DecodeResult, decode
-from latentbatch.images import check_codec
-from latentbatch.shards import read_output
+from latentbatch.outputs.codecs import check_codec
+from latentbatch.outputs.shards import read_output
 
 PREVIEW = 16
 

@@ -15,8 +15,8 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
-from latentbatch.derive import DeriveResult
-from latentbatch.generation import generate
+from latentbatch.uses.derive import DeriveResult
+from latentbatch.uses.generation import generate
 
 
 @retrying_task("generate")

@@ -16,7 +16,7 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
-from latentbatch.imports import ImportResult, import_latents
+from latentbatch.uses.import_latents import ImportResult, import_latents
 
 
 @retrying_task("import")

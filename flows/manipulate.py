@@ -16,9 +16,9 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
-from latentbatch.derive import DeriveResult
 from latentbatch.errors import LatentbatchError
-from latentbatch.manipulation import interpolate, shift
+from latentbatch.uses.derive import DeriveResult
+from latentbatch.uses.manipulation import interpolate, shift
 
 
 @retrying_task("manipulate")

@@ -37,15 +37,15 @@ from flows.params import (
     Workers,
     described,
 )
-from latentbatch.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.choices import Format
-from latentbatch.cluster import connect
 from latentbatch.decode import decode
-from latentbatch.images import ImageCodec, check_codec
-from latentbatch.lease import LeaseHeldError
+from latentbatch.engine.cluster import connect
+from latentbatch.outputs.catalog import BulkItem, models_by_id, plan_bulk
+from latentbatch.outputs.codecs import ImageCodec, check_codec
+from latentbatch.outputs.verify import verify_output
 from latentbatch.previews import decoded_preview
-from latentbatch.store import open_store
-from latentbatch.verify import verify_output
+from latentbatch.storage.lease import LeaseHeldError
+from latentbatch.stores.store import open_store
 
 PREVIEW_STORES, PREVIEW_IMAGES = 3, 8
 # the numbers of a decoded store's row (decode_summary's); empty for the other rows

@@ -27,12 +27,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-from latentbatch.cluster import ClusterError
+from latentbatch.engine.cluster import ClusterError
 from latentbatch.errors import LatentbatchError
 from latentbatch.figures import image_grid
 from latentbatch.previews import derived_preview
 from latentbatch.progress import Progress
-from latentbatch.store import open_store
+from latentbatch.stores.store import open_store
 
 PREVIEW_MAX_BYTES = 60_000
 RETRIES, RETRY_DELAY_SECONDS = 2, 5

@@ -24,7 +24,7 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import DataSource, Scheduler, Workers, described
-from latentbatch.checkpoint import CURVES, RECONSTRUCTIONS
+from latentbatch.models.checkpoint import CURVES, RECONSTRUCTIONS
 from latentbatch.pipeline import PipelineResult, run_pipeline
 from latentbatch.previews import output_preview
 from latentbatch.progress import VERBOSE_ENV

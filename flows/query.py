@@ -11,9 +11,9 @@ from pydantic import Field
 
 from flows.orchestration import preview_artifact, summary_artifact
 from flows.params import StoreUrl, described
-from latentbatch import query
 from latentbatch.previews import selection_preview
-from latentbatch.store import open_store
+from latentbatch.stores import query
+from latentbatch.stores.store import open_store
 
 PREVIEW = 16
 SHOWN = 1000  # rows of the answer kept in the table and the flow's result

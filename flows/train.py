@@ -11,8 +11,8 @@ from pydantic import Field
 
 from flows.orchestration import picture_artifact, summary_artifact
 from flows.params import DataSource, described
-from latentbatch.checkpoint import model_dir_for
 from latentbatch.config import DEFAULT_LAMBDA, TrainConfig
+from latentbatch.models.checkpoint import model_dir_for
 from latentbatch.train import TrainResult, model_config_for, train
 
 

@@ -40,44 +40,44 @@ _EXPORTS = {
     "TrainConfig": "config",
     "preset_config": "config",
     "TrainResult": "train",
-    "load_model": "weights",
-    "read_info": "checkpoint",
-    "ModelInfo": "checkpoint",
-    "LatentStore": "store",
-    "Layout": "store",
-    "open_store": "store",
-    "create_store": "store",
+    "load_model": "models.weights",
+    "read_info": "models.checkpoint",
+    "ModelInfo": "models.checkpoint",
+    "LatentStore": "stores.store",
+    "Layout": "stores.store",
+    "open_store": "stores.store",
+    "create_store": "stores.store",
     "EncodeResult": "encode",
     "decode_selection": "decode",
     "DecodeResult": "decode",
-    "Manifest": "manifest",
-    "read_manifest": "manifest",
-    "iter_shards": "manifest",
-    "read_output": "shards",
-    "verify_output": "verify",
-    "Verification": "verify",
-    "select": "query",
-    "iter_select": "query",
-    "worst": "query",
+    "Manifest": "outputs.manifest",
+    "read_manifest": "outputs.manifest",
+    "iter_shards": "outputs.manifest",
+    "read_output": "outputs.shards",
+    "verify_output": "outputs.verify",
+    "Verification": "outputs.verify",
+    "select": "stores.query",
+    "iter_select": "stores.query",
+    "worst": "stores.query",
     "evaluate": "evaluation",
     "Evaluation": "evaluation",
-    "read_rows": "query",
-    "nearest": "query",
-    "statistics": "query",
-    "to_xarray": "query",
-    "connect": "cluster",
+    "read_rows": "stores.query",
+    "nearest": "stores.query",
+    "statistics": "stores.query",
+    "to_xarray": "stores.query",
+    "connect": "engine.cluster",
     "run_pipeline": "pipeline",
-    "score": "anomaly",
-    "ScoreResult": "anomaly",
-    "generate": "generation",
-    "import_latents": "imports",
-    "ImportResult": "imports",
-    "interpolate": "manipulation",
-    "shift": "manipulation",
-    "DeriveResult": "derive",
-    "lineage_of": "derive",
-    "fit_latents": "fit",
-    "LatentFit": "fit",
+    "score": "uses.anomaly",
+    "ScoreResult": "uses.anomaly",
+    "generate": "uses.generation",
+    "import_latents": "uses.import_latents",
+    "ImportResult": "uses.import_latents",
+    "interpolate": "uses.manipulation",
+    "shift": "uses.manipulation",
+    "DeriveResult": "uses.derive",
+    "lineage_of": "uses.derive",
+    "fit_latents": "uses.fit",
+    "LatentFit": "uses.fit",
 }
 __all__ = [
     "DecodeResult",
@@ -129,24 +129,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from latentbatch.anomaly import ScoreResult, score
-    from latentbatch.checkpoint import ModelInfo, read_info
-    from latentbatch.cluster import connect
     from latentbatch.config import ModelConfig, TrainConfig, preset_config
     from latentbatch.decode import DecodeResult, decode_selection
     from latentbatch.decode import decode as decode_store
-    from latentbatch.derive import DeriveResult, lineage_of
     from latentbatch.encode import EncodeResult
     from latentbatch.encode import encode as encode_source
+    from latentbatch.engine.cluster import connect
     from latentbatch.errors import LatentbatchError
     from latentbatch.evaluation import Evaluation, evaluate
-    from latentbatch.fit import LatentFit, fit_latents
-    from latentbatch.generation import generate
-    from latentbatch.imports import ImportResult, import_latents
-    from latentbatch.manifest import Manifest, iter_shards, read_manifest
-    from latentbatch.manipulation import interpolate, shift
+    from latentbatch.models.checkpoint import ModelInfo, read_info
+    from latentbatch.models.weights import load_model
+    from latentbatch.outputs.manifest import Manifest, iter_shards, read_manifest
+    from latentbatch.outputs.shards import read_output
+    from latentbatch.outputs.verify import Verification, verify_output
     from latentbatch.pipeline import run_pipeline
-    from latentbatch.query import (
+    from latentbatch.stores.query import (
         iter_select,
         nearest,
         read_rows,
@@ -155,12 +152,15 @@ if TYPE_CHECKING:
         to_xarray,
         worst,
     )
-    from latentbatch.shards import read_output
-    from latentbatch.store import LatentStore, Layout, create_store, open_store
+    from latentbatch.stores.store import LatentStore, Layout, create_store, open_store
     from latentbatch.train import TrainResult
     from latentbatch.train import train as train_model
-    from latentbatch.verify import Verification, verify_output
-    from latentbatch.weights import load_model
+    from latentbatch.uses.anomaly import ScoreResult, score
+    from latentbatch.uses.derive import DeriveResult, lineage_of
+    from latentbatch.uses.fit import LatentFit, fit_latents
+    from latentbatch.uses.generation import generate
+    from latentbatch.uses.import_latents import ImportResult, import_latents
+    from latentbatch.uses.manipulation import interpolate, shift
 
 
 def __getattr__(name: str) -> Any:

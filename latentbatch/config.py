@@ -8,6 +8,7 @@ through plain dicts (``to_dict`` / ``from_dict``) for ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ class ModelConfig:
     projects to the latent. The decoder mirrors it: one ``Conv3x3 + ReLU + Upsample2`` per
     level in reverse order, then ``Conv3x3(channels) + sigmoid``.
 
-    The ``codec`` preset is built otherwise (see :mod:`latentbatch.model`): one strided
+    The ``codec`` preset is built otherwise (see :mod:`latentbatch.models.autoencoder`): one strided
     ``Conv5x5/2 + GELU + Conv3x3(width) + GELU`` per entry of ``widths``, then a last
     ``Conv5x5/2`` to ``latent_channels``, so it has ``len(widths) + 1`` levels; its latents
     are rounded to integers and stored as int8.
@@ -279,3 +280,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**_fields_only(cls, data))
+
+
+MEMORY_ENV = "LATENTBATCH_DECODE_MEMORY_MIB"
+DEFAULT_MEMORY_MIB = 4096
+"""The memory a decoder call may take per worker (``$LATENTBATCH_DECODE_MEMORY_MIB``)."""
+
+
+def memory_budget() -> int:
+    """Bytes one decoder call may take (:data:`MEMORY_ENV`, default 4 GiB)."""
+    return int(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_MIB)) * 2**20
+
+
+def tiled(image_bytes: int) -> bool:
+    """Whether one image is over the memory budget, so that a decoder that can (a
+    diffusers autoencoder) decodes it in overlapping tiles."""
+    return image_bytes > memory_budget()

@@ -10,7 +10,7 @@
       only for shards not finished,                (named by row and id, nothing written)
       a bounded number in flight                 read latents a batch ahead (a reader
                                                    thread), refuse NaN/Inf rows
-                                                 decode in batches (latentbatch.kernel:
+                                                 decode in batches (latentbatch.engine.kernel:
                                                    autocast on CUDA) while a thread pool
                                                    encodes the previous batch (PNG,
                                                    WebP or JPEG)
@@ -41,42 +41,17 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.canary import CanaryResult, has_canary
-from latentbatch.canary_task import check_first, check_here, check_on_worker
-from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
 from latentbatch.choices import Format
-from latentbatch.cluster import gpu_resources, map_bounded, using
-from latentbatch.errors import ConfigError, LatentbatchError, OutputError
-from latentbatch.ids import validate_ids
-from latentbatch.images import PNG, ImageCodec
-from latentbatch.kernel import (
+from latentbatch.config import tiled
+from latentbatch.engine.canary_task import check_first, check_here, check_on_worker
+from latentbatch.engine.cluster import gpu_resources, map_bounded, using
+from latentbatch.engine.kernel import (
     batch_for,
     decode_batches,
     decode_latents,
     refuse_nonfinite,
-    tiled,
 )
-from latentbatch.lease import leased
-from latentbatch.manifest import (
-    Manifest,
-    ShardRecord,
-    StoreRef,
-    read_manifest,
-    read_records,
-    write_manifest,
-    write_record,
-)
-from latentbatch.progress import Progress
-from latentbatch.shards import (
-    check_format,
-    create_zarr_output,
-    remove_temporaries,
-    write_shard,
-)
-from latentbatch.storage import StorageOptions, is_remote
-from latentbatch.store import LatentStore, Rows, StoreError, open_store, shard_ranges
-from latentbatch.weights import LoadedModel, loaded
-from latentbatch.workers import (
+from latentbatch.engine.workers import (
     cached_model,
     cached_store,
     encoder_threads,
@@ -85,6 +60,31 @@ from latentbatch.workers import (
     register_model,
     worker_threads,
 )
+from latentbatch.errors import ConfigError, LatentbatchError, OutputError
+from latentbatch.ids import validate_ids
+from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.models.weights import LoadedModel, loaded
+from latentbatch.outputs.codecs import PNG, ImageCodec
+from latentbatch.outputs.manifest import (
+    Manifest,
+    ShardRecord,
+    StoreRef,
+    read_manifest,
+    read_records,
+    write_manifest,
+    write_record,
+)
+from latentbatch.outputs.shards import (
+    check_format,
+    create_zarr_output,
+    remove_temporaries,
+    write_shard,
+)
+from latentbatch.progress import Progress
+from latentbatch.storage.fs import StorageOptions, is_remote
+from latentbatch.storage.lease import leased
+from latentbatch.stores.canary import CanaryResult, has_canary
+from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, shard_ranges
 
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
 SELECTION_LIMIT = DEFAULT_IMAGES_PER_SHARD  # rows an in-process decode of a selection takes
@@ -125,7 +125,7 @@ class DecodeResult:
     shards_written: tuple[int, ...]
     shards_skipped: tuple[int, ...]
     seconds: float
-    canary: str = "none"  # how the store's canary compared (latentbatch.canary)
+    canary: str = "none"  # how the store's canary compared (latentbatch.stores.canary)
     tiled: bool = False  # each image over the memory budget, decoded in tiles
 
     @property
@@ -341,7 +341,7 @@ def decode(
     """Decode the committed rows of a store into ``out_url`` (see the module docstring).
     Tar shards hold ``codec``'s images (PNG when not given); each output shard holds
     ``images_per_shard`` images (:func:`rows_per_output_shard`), the last one the rest.
-    The store's canary is checked first (:mod:`latentbatch.canary`) unless
+    The store's canary is checked first (:mod:`latentbatch.stores.canary`) unless
     ``skip_canary`` (a decoder changed on purpose, decoded with ``allow_model_mismatch``)."""
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
@@ -455,7 +455,8 @@ def decode_in_process(
     model: ModelLocation | LoadedModel, latents: np.ndarray, options: StorageOptions | None = None
 ) -> np.ndarray:
     """Decode latents ``(n, C, h, w)`` in this process on the CPU: ``uint8 (n, H, W, C)``.
-    ``model`` is a location, or a model already loaded (:func:`latentbatch.weights.loaded`)."""
+    ``model`` is a location, or a model already loaded
+    (:func:`latentbatch.models.weights.loaded`)."""
     decoder = loaded(model, options).decoder
     return decode_latents(decoder, latents.astype(np.float32), torch.device("cpu"))
 

@@ -34,11 +34,24 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.canary import canary_rows, has_canary, record_canary
-from latentbatch.canary_task import canary_on
-from latentbatch.checkpoint import ModelInfo, ModelLocation, read_info
-from latentbatch.cluster import gpu_resources, map_bounded, using
-from latentbatch.datasets import (
+from latentbatch.engine.canary_task import canary_on
+from latentbatch.engine.cluster import gpu_resources, map_bounded, using
+from latentbatch.engine.kernel import (
+    DECODE_BATCH,
+    ENCODE_BATCH,
+    batch_for,
+    decode_latents,
+    encode_images,
+)
+from latentbatch.engine.workers import cached_model, register_model
+from latentbatch.errors import ConfigError, DataError
+from latentbatch.ids import validate_ids
+from latentbatch.models.autoencoder import to_unit
+from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.models.quality import psnr_per_image
+from latentbatch.models.weights import LoadedModel, loaded
+from latentbatch.progress import Progress
+from latentbatch.sources.images import (
     MAX_PIXELS,
     Geometry,
     ImageSource,
@@ -48,21 +61,10 @@ from latentbatch.datasets import (
     open_image,
     open_source,
 )
-from latentbatch.errors import ConfigError, DataError
-from latentbatch.ids import validate_ids
-from latentbatch.kernel import (
-    DECODE_BATCH,
-    ENCODE_BATCH,
-    batch_for,
-    decode_latents,
-    encode_images,
-)
-from latentbatch.lease import leased, without_leases
-from latentbatch.model import to_unit
-from latentbatch.progress import Progress
-from latentbatch.quality import psnr_per_image
-from latentbatch.storage import StorageOptions, filesystem
-from latentbatch.store import (
+from latentbatch.storage.fs import StorageOptions, filesystem
+from latentbatch.storage.lease import leased, without_leases
+from latentbatch.stores.canary import canary_rows, has_canary, record_canary
+from latentbatch.stores.store import (
     Commits,
     LatentStore,
     Layout,
@@ -70,8 +72,6 @@ from latentbatch.store import (
     create_store,
     open_store,
 )
-from latentbatch.weights import LoadedModel, loaded
-from latentbatch.workers import cached_model, register_model
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -357,9 +357,9 @@ def encode_file(
     """Encode one image file in this process: a float32 latent ``(C, h, w)``.
 
     The image is made to fit the model by the conversion rule of
-    :mod:`latentbatch.datasets` (any size or mode). With ``expected_model_id`` (a store's),
+    :mod:`latentbatch.sources.images` (any size or mode). With ``expected_model_id`` (a store's),
     a model that did not make that store is refused. ``model`` is a location, or a model
-    already loaded (:func:`latentbatch.weights.loaded`).
+    already loaded (:func:`latentbatch.models.weights.loaded`).
     """
     model = loaded(model, options)
     info = model.info

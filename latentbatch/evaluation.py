@@ -25,18 +25,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentbatch.checkpoint import ModelInfo, ModelLocation
 from latentbatch.choices import QUALITIES
 from latentbatch.config import TrainConfig
-from latentbatch.datasets import Geometry, open_source
+from latentbatch.engine.kernel import decode_latents, encode_images
 from latentbatch.errors import ConfigError
-from latentbatch.kernel import decode_latents, encode_images
-from latentbatch.model import Autoencoder, to_unit
-from latentbatch.quality import ms_ssim, psnr
-from latentbatch.storage import StorageOptions
-from latentbatch.store import create_store, shard_ranges
+from latentbatch.models.autoencoder import Autoencoder, to_unit
+from latentbatch.models.checkpoint import ModelInfo, ModelLocation
+from latentbatch.models.quality import ms_ssim, psnr
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.storage.fs import StorageOptions
+from latentbatch.stores.store import create_store, shard_ranges
 from latentbatch.train import split as training_split
-from latentbatch.weights import load_model
 
 Split = Literal["validation", "all"]
 CODECS = ("jpeg", "webp")

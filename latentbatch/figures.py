@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from latentbatch.storage import write_bytes
+from latentbatch.storage.fs import write_bytes
 
 
 def image_grid(rows: Sequence[np.ndarray], scale: int = 1, gap: int = 2) -> Image.Image:

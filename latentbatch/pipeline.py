@@ -9,7 +9,7 @@ and both lay a run out the same way (:func:`pipeline_paths`)::
       SOURCE-PRESET.zarr             the latent store
       SOURCE-PRESET-decoded/         tar shards + manifest.json
 
-The model directory is named by :func:`latentbatch.checkpoint.model_dir_for`, the rule
+The model directory is named by :func:`latentbatch.models.checkpoint.model_dir_for`, the rule
 ``latentbatch train`` and the flows use too.
 """
 
@@ -22,20 +22,20 @@ from pathlib import Path
 
 import torch
 
-from latentbatch.checkpoint import model_dir_for
-from latentbatch.cluster import connect
 from latentbatch.config import TrainConfig
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import DecodeResult, decode
 from latentbatch.encode import EncodeResult, encode
-from latentbatch.model import to_unit
+from latentbatch.engine.cluster import connect
+from latentbatch.models.autoencoder import to_unit
+from latentbatch.models.checkpoint import model_dir_for
+from latentbatch.models.quality import psnr
+from latentbatch.models.weights import load_model
+from latentbatch.outputs.shards import read_output
 from latentbatch.previews import source_images
 from latentbatch.progress import Progress
-from latentbatch.quality import psnr
-from latentbatch.shards import read_output
-from latentbatch.store import open_store
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import open_store
 from latentbatch.train import TrainResult, model_config_for, train
-from latentbatch.weights import load_model
 
 _EVAL_BATCH = 1024
 

@@ -5,7 +5,7 @@ of ``uint8 (n, H, W, C)`` images that :func:`latentbatch.figures.image_grid` lay
 - :func:`output_preview`, :func:`decoded_preview`: a finished decode under its originals;
 - :func:`selection_preview`: a query's answer (a nearest-neighbour query's query first);
 - :func:`anomaly_preview`: chosen rows' source images above their reconstructions;
-- :func:`derived_preview`: a derived store (:mod:`latentbatch.derive`): a grid of
+- :func:`derived_preview`: a derived store (:mod:`latentbatch.uses.derive`): a grid of
   generated images per label, an interpolation strip, or before/after pairs of a shift.
 """
 
@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from latentbatch.checkpoint import ModelLocation, read_info
-from latentbatch.datasets import Geometry, ImageSource, open_source
 from latentbatch.decode import decode_in_process, decode_rows
-from latentbatch.derive import lineage_of
 from latentbatch.errors import LatentbatchError
-from latentbatch.manifest import read_manifest
-from latentbatch.query import select
-from latentbatch.shards import read_output
-from latentbatch.storage import StorageOptions
-from latentbatch.store import LatentStore, Rows, open_store
-from latentbatch.weights import LoadedModel, loaded
+from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.models.weights import LoadedModel, loaded
+from latentbatch.outputs.manifest import read_manifest
+from latentbatch.outputs.shards import read_output
+from latentbatch.sources.images import Geometry, ImageSource, open_source
+from latentbatch.storage.fs import StorageOptions
+from latentbatch.stores.query import select
+from latentbatch.stores.store import LatentStore, Rows, open_store
+from latentbatch.uses.derive import lineage_of
 
 
 def source_for(
@@ -100,7 +100,7 @@ def selection_preview(
     """Rows of a picture of a query's answer: the first ``4 * per_row`` selected rows
     decoded, ``per_row`` to a line; for a nearest-neighbour query, one line holding the
     query decoded and then its first ten neighbours. ``model`` is a location, or a model
-    already loaded (:func:`latentbatch.weights.loaded`)."""
+    already loaded (:func:`latentbatch.models.weights.loaded`)."""
     model = loaded(model, store.storage_options)
     images = decode_rows(model, store, list(rows)[: 4 * per_row])
     if query_latent is not None:

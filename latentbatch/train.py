@@ -23,14 +23,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from latentbatch import checkpoint
 from latentbatch.config import ModelConfig, TrainConfig, preset_config
-from latentbatch.datasets import Geometry, native_geometry, open_source
 from latentbatch.errors import CheckpointError, ConfigError
 from latentbatch.figures import reconstruction_grid, save_picture, save_training_curves
-from latentbatch.model import Autoencoder, to_uint8, to_unit
-from latentbatch.quality import psnr, ssim
-from latentbatch.weights import read_tensors, save_model, write_tensors
+from latentbatch.models import checkpoint
+from latentbatch.models.autoencoder import Autoencoder, to_uint8, to_unit
+from latentbatch.models.quality import psnr, ssim
+from latentbatch.models.weights import read_tensors, save_model, write_tensors
+from latentbatch.sources.images import Geometry, native_geometry, open_source
 
 EpochCallback = Callable[[dict[str, float]], None]
 _EVAL_BATCH = 512

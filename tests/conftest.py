@@ -116,7 +116,7 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``latentbatch stack up`` on 127.0.0.1 for the session; the test API points at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from latentbatch import stack
+    from latentbatch.engine import stack
 
     home = tmp_path_factory.mktemp("stack")
     info = stack.up(home, ROOT, workers=1, port=stack.free_port())

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentbatch import checkpoint, weights
 from latentbatch.config import ModelConfig, TrainConfig
-from latentbatch.model import Autoencoder
+from latentbatch.models import checkpoint, weights
+from latentbatch.models.autoencoder import Autoencoder
 from latentbatch.train import TrainResult, train
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from latentbatch.anomaly import ScoreError, score
 from latentbatch.cli import main
 from latentbatch.encode import encode
-from latentbatch.query import select, worst
-from latentbatch.store import Layout, open_store
+from latentbatch.stores.query import select, worst
+from latentbatch.stores.store import Layout, open_store
+from latentbatch.uses.anomaly import ScoreError, score
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
@@ -110,8 +110,8 @@ def test_a_scoring_the_full_disk_stops_is_never_read_as_done(
 
     import zarr.storage
 
-    from latentbatch.storage import WriteError
-    from latentbatch.store import StoreError
+    from latentbatch.storage.fs import WriteError
+    from latentbatch.stores.store import StoreError
 
     copy = str(shutil.copytree(stores / "ref.zarr", tmp_path / "ref.zarr"))
     original = zarr.storage.LocalStore.set

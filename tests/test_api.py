@@ -23,7 +23,8 @@ def test_every_public_name_resolves_to_its_owner() -> None:
 
 def test_opening_and_querying_stores_imports_no_torch() -> None:
     code = (
-        "import sys, latentbatch, latentbatch.query, latentbatch.store, latentbatch.manifest;"
+        "import sys, latentbatch, latentbatch.stores.query, latentbatch.stores.store;"
+        "import latentbatch.outputs.manifest;"
         "latentbatch.open_store; latentbatch.select; latentbatch.read_manifest;"
         "print('torch' in sys.modules)"
     )

@@ -11,7 +11,10 @@ import pytest
 import torch
 from distributed import Client
 
-from latentbatch.canary import (
+from latentbatch.decode import decode, decode_rows
+from latentbatch.encode import encode
+from latentbatch.errors import LatentbatchError
+from latentbatch.stores.canary import (
     CANARY_ROWS,
     CanaryError,
     canary_rows,
@@ -20,10 +23,7 @@ from latentbatch.canary import (
     has_canary,
     record_canary,
 )
-from latentbatch.decode import decode, decode_rows
-from latentbatch.encode import encode
-from latentbatch.errors import LatentbatchError
-from latentbatch.store import Layout, open_store
+from latentbatch.stores.store import Layout, open_store
 from tests.helpers import altered_model
 
 
@@ -161,7 +161,7 @@ def test_a_canary_of_nan_rows_only_refuses_unless_skipped(
 def test_every_worker_checks_the_canary_before_its_first_shard(
     canary_store: str, tiny_model: Path, tmp_path: Path, process_client: Client
 ) -> None:
-    from latentbatch import canary_task
+    from latentbatch.engine import canary_task
 
     result = decode(
         tiny_model, canary_store, str(tmp_path / "out"), images_per_shard=16, client=process_client

@@ -9,12 +9,12 @@ import pytest
 import torch
 from distributed import Client
 
-from latentbatch.canary_task import canary_on, canary_pixels
 from latentbatch.encode import encode
-from latentbatch.kernel import decode_latents
-from latentbatch.store import Layout, open_store
-from latentbatch.weights import load_model
-from latentbatch.workers import register_model
+from latentbatch.engine.canary_task import canary_on, canary_pixels
+from latentbatch.engine.kernel import decode_latents
+from latentbatch.engine.workers import register_model
+from latentbatch.models.weights import load_model
+from latentbatch.stores.store import Layout, open_store
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,17 @@ from pathlib import Path
 import zarr
 from distributed import Client
 
-from latentbatch.catalog import (
+from latentbatch.decode import decode
+from latentbatch.encode import encode
+from latentbatch.models.checkpoint import model_id
+from latentbatch.outputs.catalog import (
     describe_stores,
     find_stores,
     models_by_id,
     output_url,
     plan_bulk,
 )
-from latentbatch.checkpoint import model_id
-from latentbatch.decode import decode
-from latentbatch.encode import encode
-from latentbatch.store import Layout
+from latentbatch.stores.store import Layout
 
 
 def test_find_stores_and_plan_a_bulk_decode(

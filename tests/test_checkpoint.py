@@ -11,8 +11,8 @@ import fsspec
 import pytest
 import torch
 
-from latentbatch import checkpoint, weights
 from latentbatch.errors import CheckpointError
+from latentbatch.models import checkpoint, weights
 
 
 def _copy(tiny_model: Path, tmp_path: Path) -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from latentbatch.choices import FORMATS, QUALITIES, SOURCES
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.errors import DataError
-from latentbatch.shards import OutputError, check_format
+from latentbatch.outputs.shards import OutputError, check_format
+from latentbatch.sources.images import Geometry, open_source
 
 
 def test_every_listed_source_opens_and_others_are_refused_naming_them() -> None:

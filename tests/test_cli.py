@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from latentbatch.checkpoint import read_info
 from latentbatch.cli import main
+from latentbatch.models.checkpoint import read_info
 from tests.helpers import train_tiny
 
 

@@ -11,7 +11,7 @@ import dask.config
 import pytest
 from distributed import Client, LocalCluster
 
-from latentbatch.cluster import (
+from latentbatch.engine.cluster import (
     PROFILER_ENV,
     ClusterError,
     Progress,
@@ -190,7 +190,7 @@ def test_bad_input_comes_back_as_its_error_without_worker_tracebacks(
 def test_gpu_workers_are_pinned_one_device_each() -> None:
     """The embedded cluster's GPU workers without dask-cuda: each worker process sees only
     its own device (started here on CPU; what CUDA makes of it is test_gpu's)."""
-    from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV, gpu_cluster
+    from latentbatch.engine.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV, gpu_cluster
 
     def pinned() -> tuple[str | None, ...]:
         names = ("CUDA_VISIBLE_DEVICES", HOST_GPUS_ENV, HOST_WORKERS_ENV)
@@ -220,7 +220,7 @@ def test_gpu_workers_get_the_devices_the_host_gave_us(
 ) -> None:
     """The mapping, without a GPU: one worker per visible device, each given exactly
     one; with dask-cuda, each worker's rotated list starts with its own device."""
-    from latentbatch.cluster import (
+    from latentbatch.engine.cluster import (
         HOST_GPUS_ENV,
         HOST_WORKERS_ENV,
         dask_cuda_devices,

@@ -11,18 +11,18 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from latentbatch.canary import CanaryError
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import ImageEncoding, ModelMismatchError, decode
 from latentbatch.encode import encode
+from latentbatch.engine.kernel import NonFiniteLatentsError, decode_latents
 from latentbatch.ids import InvalidIdError
-from latentbatch.images import check_codec, encode_pngs
-from latentbatch.kernel import NonFiniteLatentsError, decode_latents
-from latentbatch.model import to_unit
-from latentbatch.quality import psnr, psnr_per_image
-from latentbatch.shards import OutputError, read_output
-from latentbatch.store import ATTRS, Layout, StoreError, open_store
-from latentbatch.weights import load_model
+from latentbatch.models.autoencoder import to_unit
+from latentbatch.models.quality import psnr, psnr_per_image
+from latentbatch.models.weights import load_model
+from latentbatch.outputs.codecs import check_codec, encode_pngs
+from latentbatch.outputs.shards import OutputError, read_output
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.canary import CanaryError
+from latentbatch.stores.store import ATTRS, Layout, StoreError, open_store
 from tests.helpers import mtimes, sha256s
 
 
@@ -145,7 +145,7 @@ def test_model_mismatch_is_refused_naming_both_ids(
 ) -> None:
     out, before = _protected_output(tmp_path, mnist_tar)
     theirs = open_store(str(mnist_store)).model_id
-    from latentbatch.checkpoint import model_id
+    from latentbatch.models.checkpoint import model_id
 
     ours = model_id(other_seed_model)
     with pytest.raises(ModelMismatchError, match=f"{theirs}.*{ours}.*--allow-model-mismatch"):

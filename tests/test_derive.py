@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from latentbatch.derive import (
+from latentbatch.encode import encode
+from latentbatch.stores.store import Layout, StoreError, open_store
+from latentbatch.uses.derive import (
     DeriveResult,
     Lineage,
     Parent,
@@ -18,8 +20,6 @@ from latentbatch.derive import (
     like,
     lineage_of,
 )
-from latentbatch.encode import encode
-from latentbatch.store import Layout, StoreError, open_store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +134,7 @@ def test_integer_latents_are_rounded_and_clamped(
 def test_a_second_writer_is_refused_and_writes_nothing(
     tmp_path: Path, parent: str, client: Client
 ) -> None:
-    from latentbatch.lease import Lease, LeaseHeldError
+    from latentbatch.storage.lease import Lease, LeaseHeldError
 
     url = str(tmp_path / "d.zarr")
     holder = Lease(url, None, "a generate by hand", 60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentbatch.distances import squared_distances
+from latentbatch.uses.distances import squared_distances
 
 
 def test_squared_distances_equal_the_direct_sums() -> None:

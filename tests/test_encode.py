@@ -7,15 +7,15 @@ import pytest
 import torch
 from distributed import Client
 
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
-from latentbatch.kernel import encode_images
-from latentbatch.model import to_unit
+from latentbatch.engine.kernel import encode_images
+from latentbatch.models.autoencoder import to_unit
+from latentbatch.models.quality import psnr_per_image
+from latentbatch.models.weights import load_model
 from latentbatch.progress import Progress
-from latentbatch.quality import psnr_per_image
-from latentbatch.store import Layout, StoreError, open_store
-from latentbatch.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import Layout, StoreError, open_store
 
 
 class InterruptError(Exception):

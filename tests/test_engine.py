@@ -18,10 +18,10 @@ from distributed import Client
 
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.images import ImageCodec, check_codec
-from latentbatch.lease import TIMEOUT_ENV
+from latentbatch.outputs.codecs import ImageCodec, check_codec
 from latentbatch.progress import Progress
-from latentbatch.store import Layout
+from latentbatch.storage.lease import TIMEOUT_ENV
+from latentbatch.stores.store import Layout
 from tests.helpers import mtimes, sha256s
 from tests.servers import dask_cluster
 

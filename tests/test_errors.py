@@ -17,8 +17,8 @@ from PIL import Image
 
 from latentbatch.encode import encode
 from latentbatch.errors import OutputError
-from latentbatch.shards import read_output
-from latentbatch.store import Layout, open_store
+from latentbatch.outputs.shards import read_output
+from latentbatch.stores.store import Layout, open_store
 from tests.helpers import sha256s
 from tests.servers import dask_cluster
 

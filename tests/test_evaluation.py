@@ -13,17 +13,17 @@ import torch
 from distributed import Client
 from PIL import Image
 
-from latentbatch.checkpoint import read_info
 from latentbatch.cli import main
 from latentbatch.config import DEFAULT_LAMBDA
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
 from latentbatch.errors import ConfigError
 from latentbatch.evaluation import codec_point, evaluate, evaluation_images
-from latentbatch.model import to_unit
-from latentbatch.quality import psnr
-from latentbatch.store import open_store
-from latentbatch.weights import load_model
+from latentbatch.models.autoencoder import to_unit
+from latentbatch.models.checkpoint import read_info
+from latentbatch.models.quality import psnr
+from latentbatch.models.weights import load_model
+from latentbatch.stores.store import open_store
 from tests.helpers import train_tiny_codec
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from latentbatch.config import ModelConfig
-from latentbatch.fit import FitError, fit_latents, requested_labels
-from latentbatch.store import Layout, create_store, open_store
+from latentbatch.stores.store import Layout, create_store, open_store
+from latentbatch.uses.fit import FitError, fit_latents, requested_labels
 
 SHAPE = (2, 2, 2)  # an 8-value latent: ModelConfig(channels=1, image_size=8, widths=(4, 4)...)
 

@@ -34,11 +34,11 @@ from flows.nightly import nightly_bulk_decode
 from flows.pipeline import reconstruction_pipeline
 from flows.query import query_latents
 from flows.train import train_autoencoder
-from latentbatch.checkpoint import model_id, read_info
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.lease import Lease
-from latentbatch.store import Layout, open_store
+from latentbatch.models.checkpoint import model_id, read_info
+from latentbatch.storage.lease import Lease
+from latentbatch.stores.store import Layout, open_store
 from tests.helpers import altered_model, sha256s
 from tests.servers import TcpProxy, moto_server
 
@@ -279,7 +279,7 @@ def test_nightly_over_s3_retries_when_the_endpoint_goes_away(
     import s3fs
     from prefect.blocks.system import Secret
 
-    from latentbatch.shards import read_output
+    from latentbatch.outputs.shards import read_output
 
     (tmp_path / "moto").mkdir()
     with moto_server(tmp_path / "moto") as endpoint:
@@ -460,7 +460,7 @@ def test_nightly_decodes_derived_stores_and_stores_of_other_sizes(
     """A derived store is decoded like any other, and a store of another image size
     (a diffusers model's 32x32 RGB beside 16x16 grey digits) is decoded too but left out
     of the one preview picture, which holds images of one size."""
-    from latentbatch.generation import generate
+    from latentbatch.uses.generation import generate
 
     root, out_root, models = tmp_path / "stores", tmp_path / "decoded", tmp_path / "models"
     shutil.copytree(tiny_model, models / "tiny")

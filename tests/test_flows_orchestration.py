@@ -7,9 +7,9 @@ import numpy as np
 from PIL import Image
 
 from flows.orchestration import is_transient, png_data_url
-from latentbatch.cluster import ClusterError
+from latentbatch.engine.cluster import ClusterError
 from latentbatch.errors import DataError
-from latentbatch.store import StoreError
+from latentbatch.stores.store import StoreError
 
 
 def test_only_transient_failures_are_retried() -> None:

@@ -17,12 +17,12 @@ import pytest
 import zarr.storage
 from distributed import Client
 
-from latentbatch import storage
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.storage import WriteError
-from latentbatch.store import Layout, open_store
+from latentbatch.storage import fs
+from latentbatch.storage.fs import WriteError
+from latentbatch.stores.store import Layout, open_store
 from tests.helpers import sha256s
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
@@ -62,7 +62,7 @@ def test_a_decode_that_fills_the_disk_stops_and_finishes_later(
     decode(tiny_model, store, str(reference), fmt=fmt, images_per_shard=16, client=client)  # type: ignore[arg-type]
     shard = "shard-000002.tar" if fmt == "tar" else "shard-000002"
     if fmt == "tar":
-        monkeypatch.setattr(storage, "_write_file", _fills_at(shard, storage._write_file))
+        monkeypatch.setattr(fs, "_write_file", _fills_at(shard, fs._write_file))
     else:  # a png folder's files are written one by one before the rename
         original = Path.write_bytes
 
@@ -93,7 +93,7 @@ def test_the_cli_says_it_in_one_sentence(
     tmp_path: Path, store: str, tiny_model: Path, client: Client, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(storage, "_write_file", _fills_at("shard-000001.tar", storage._write_file))
+    monkeypatch.setattr(fs, "_write_file", _fills_at("shard-000001.tar", fs._write_file))
     out = tmp_path / "out"
     argv = [
         "decode",
@@ -164,7 +164,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: C
 def test_a_generate_that_fills_the_disk_stops_and_resumes(
     tmp_path: Path, digits: str, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from latentbatch.generation import generate
+    from latentbatch.uses.generation import generate
 
     reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "g.zarr")
     generate(digits, reference, count=20, labels=[1, 2], seed=3, client=client)
@@ -184,7 +184,7 @@ def test_a_generate_that_fills_the_disk_stops_and_resumes(
 def test_a_shift_whose_matching_fills_the_disk_writes_it_again(
     tmp_path: Path, digits: str, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from latentbatch.manipulation import shift
+    from latentbatch.uses.manipulation import shift
 
     reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "s.zarr")
     shift(digits, reference, from_label=3, to_label=8, client=client)

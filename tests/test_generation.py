@@ -14,10 +14,10 @@ from PIL import Image
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.fit import FitError
-from latentbatch.generation import GenerateError, generate
-from latentbatch.store import Layout, open_store
-from latentbatch.verify import verify_output
+from latentbatch.outputs.verify import verify_output
+from latentbatch.stores.store import Layout, open_store
+from latentbatch.uses.fit import FitError
+from latentbatch.uses.generation import GenerateError, generate
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from latentbatch.cluster import connect, gpu_resources
 from latentbatch.decode import decode
-from latentbatch.kernel import decode_latents
-from latentbatch.shards import read_output
-from latentbatch.store import open_store
-from latentbatch.weights import load_model
-from latentbatch.workers import loaded_models
+from latentbatch.engine.cluster import connect, gpu_resources
+from latentbatch.engine.kernel import decode_latents
+from latentbatch.engine.workers import loaded_models
+from latentbatch.models.weights import load_model
+from latentbatch.outputs.shards import read_output
+from latentbatch.stores.store import open_store
 from tests.helpers import sha256s
 
 pytestmark = pytest.mark.gpu
@@ -116,7 +116,7 @@ def test_two_workers_sharing_a_gpu_write_the_same_bytes(
 ) -> None:
     from distributed import Client
 
-    from latentbatch.cluster import gpu_cluster
+    from latentbatch.engine.cluster import gpu_cluster
 
     with connect() as client:
         decode(seed_model, str(mnist_store), str(tmp_path / "one"), images_per_shard=1024,

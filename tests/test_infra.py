@@ -17,7 +17,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from latentbatch.checkpoint import model_dir_for
+from latentbatch.models.checkpoint import model_dir_for
 from tests.conftest import ROOT, needs
 from tests.servers import kube_discovery
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentbatch.datasets import Geometry, open_source
-from latentbatch.kernel import (
+from latentbatch.engine.kernel import (
     NonFiniteLatentsError,
     decode_batches,
     decode_latents,
@@ -17,8 +16,9 @@ from latentbatch.kernel import (
     finite_rows,
     refuse_nonfinite,
 )
-from latentbatch.store import open_store
-from latentbatch.weights import load_model
+from latentbatch.models.weights import load_model
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import open_store
 
 
 def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
@@ -82,8 +82,8 @@ def test_nonfinite_latents_are_refused_naming_rows_and_ids() -> None:
 def test_batches_follow_the_image_size_within_the_memory_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from latentbatch.config import ModelConfig
-    from latentbatch.kernel import MEMORY_ENV, batch_for, tiled
+    from latentbatch.config import MEMORY_ENV, ModelConfig, tiled
+    from latentbatch.engine.kernel import batch_for
 
     sd = ModelConfig("AutoencoderKL", 3, 512, (128, 256, 512, 512), 4, diffusers={})
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -19,7 +19,8 @@ import s3fs
 from distributed import Client
 
 from latentbatch.encode import encode
-from latentbatch.lease import (
+from latentbatch.outputs.verify import verify_output
+from latentbatch.storage.lease import (
     TIMEOUT_ENV,
     Lease,
     LeaseHeldError,
@@ -28,8 +29,7 @@ from latentbatch.lease import (
     is_lease,
     leased,
 )
-from latentbatch.store import Layout, open_store
-from latentbatch.verify import verify_output
+from latentbatch.stores.store import Layout, open_store
 from tests.servers import moto_server
 
 CLI = str(Path(sys.executable).with_name("latentbatch"))
@@ -58,7 +58,7 @@ def test_an_abandoned_lease_is_taken_over_with_a_warning(
     with pytest.raises(LeaseHeldError):
         Lease(out, None, "decode of b.zarr", 60).acquire()
     time.sleep(0.8)
-    with caplog.at_level(logging.WARNING, logger="latentbatch.lease"):
+    with caplog.at_level(logging.WARNING, logger="latentbatch.storage.lease"):
         taker = Lease(out, None, "decode of b.zarr", 60)
         taker.acquire()
     assert "took over the lease" in caplog.text and "decode of a.zarr" in caplog.text

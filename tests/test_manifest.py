@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from latentbatch.errors import OutputError
-from latentbatch.manifest import (
+from latentbatch.outputs.manifest import (
     Manifest,
     ShardRecord,
     StoreRef,
@@ -18,7 +18,7 @@ from latentbatch.manifest import (
     write_manifest,
     write_record,
 )
-from latentbatch.shards import write_tar_shard
+from latentbatch.outputs.shards import write_tar_shard
 
 SHARDS = [
     ShardRecord(

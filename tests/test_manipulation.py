@@ -12,9 +12,9 @@ from PIL import Image
 from latentbatch.cli import main
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
-from latentbatch.manipulation import ManipulateError, along, interpolate, shift
-from latentbatch.query import select
-from latentbatch.store import Layout, open_store
+from latentbatch.stores.query import select
+from latentbatch.stores.store import Layout, open_store
+from latentbatch.uses.manipulation import ManipulateError, along, interpolate, shift
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from latentbatch.datasets import Geometry, open_source
 from latentbatch.decode import decode_rows
 from latentbatch.encode import encode
 from latentbatch.errors import LatentbatchError
 from latentbatch.previews import anomaly_preview, selection_preview
-from latentbatch.store import Layout, open_store
+from latentbatch.sources.images import Geometry, open_source
+from latentbatch.stores.store import Layout, open_store
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_selection_preview_lays_rows_out_eight_to_a_line(store: str, tiny_model:
 def test_derived_previews_follow_the_operation(
     tmp_path: Path, tiny_model: Path, client: Client
 ) -> None:
-    from latentbatch.generation import generate
-    from latentbatch.manipulation import interpolate, shift
     from latentbatch.previews import derived_preview
+    from latentbatch.uses.generation import generate
+    from latentbatch.uses.manipulation import interpolate, shift
 
     digits = str(tmp_path / "digits.zarr")
     encode(tiny_model, "digits", digits, layout=Layout(64, 32), limit=200, client=client)

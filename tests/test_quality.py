@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.functional import interpolate
 
-from latentbatch.quality import ms_ssim, psnr, ssim
+from latentbatch.models.quality import ms_ssim, psnr, ssim
 
 
 def test_psnr_matches_the_formula() -> None:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from latentbatch import query as query_module
 from latentbatch.encode import encode
-from latentbatch.query import (
+from latentbatch.stores import query as query_module
+from latentbatch.stores.query import (
     QueryError,
     iter_select,
     nearest,
@@ -20,7 +20,7 @@ from latentbatch.query import (
     to_xarray,
     worst,
 )
-from latentbatch.store import Layout, open_store
+from latentbatch.stores.store import Layout, open_store
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_saving_statistics_waits_for_no_writer_and_keeps_what_it_wrote(
     read afresh, so it neither races an encode nor puts back what another writer changed."""
     import shutil
 
-    from latentbatch.lease import Lease, LeaseHeldError
+    from latentbatch.storage.lease import Lease, LeaseHeldError
 
     url = str(shutil.copytree(mnist_store, tmp_path / "s.zarr"))
     stale = open_store(url, writable=True)

@@ -13,11 +13,11 @@ import pytest
 from distributed import Client
 from PIL import Image
 
-from latentbatch.checkpoint import WEIGHTS
 from latentbatch.cli import main
-from latentbatch.datasets import open_source
 from latentbatch.encode import encode
-from latentbatch.store import Layout, open_store
+from latentbatch.models.checkpoint import WEIGHTS
+from latentbatch.sources.images import open_source
+from latentbatch.stores.store import Layout, open_store
 
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:

@@ -14,13 +14,13 @@ import pytest
 import s3fs
 from distributed import Client
 
-from latentbatch.checkpoint import CONFIG, MODEL_CACHE_ENV, WEIGHTS, model_id
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.errors import CheckpointError
-from latentbatch.shards import read_output
-from latentbatch.store import Layout, StoreError, open_store
+from latentbatch.models.checkpoint import CONFIG, MODEL_CACHE_ENV, WEIGHTS, model_id
+from latentbatch.outputs.shards import read_output
+from latentbatch.stores.store import Layout, StoreError, open_store
 from tests.servers import dask_cluster, moto_server
 
 
@@ -172,7 +172,7 @@ def test_a_diffusers_model_on_s3_decodes_on_a_cli_cluster(
     """A diffusers directory on S3: its id is the sha256 of its weights, read once by the
     client; each worker host fetches the directory into its cache, checked by that id,
     and the decode equals the local directory's."""
-    from latentbatch.checkpoint import read_info
+    from latentbatch.models.checkpoint import read_info
 
     fs = s3fs.S3FileSystem(**s3)
     weights = "diffusion_pytorch_model.safetensors"

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from latentbatch.errors import OutputError
-from latentbatch.manifest import ShardRecord
-from latentbatch.shards import (
+from latentbatch.outputs.manifest import ShardRecord
+from latentbatch.outputs.shards import (
     _sidecar,
     build_tar,
     check_format,

@@ -17,9 +17,9 @@ from distributed import Client
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from latentbatch import stack
 from latentbatch.encode import encode
-from latentbatch.store import Layout
+from latentbatch.engine import stack
+from latentbatch.stores.store import Layout
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,15 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentbatch.checkpoint import read_info
-from latentbatch.store import ATTRS, Layout, StoreError, create_store, open_store, shard_ranges
+from latentbatch.models.checkpoint import read_info
+from latentbatch.stores.store import (
+    ATTRS,
+    Layout,
+    StoreError,
+    create_store,
+    open_store,
+    shard_ranges,
+)
 
 FORMAT_ONE = Path(__file__).parent / "data" / "format1"  # written by latentbatch at 9c5277a
 
@@ -225,7 +232,7 @@ def test_layout_validation() -> None:
 
 
 def test_commits_advance_over_the_finished_prefix_only(tmp_path: Path, tiny_model: Path) -> None:
-    from latentbatch.store import Commits
+    from latentbatch.stores.store import Commits
 
     store = open_store(str(_store(tmp_path, tiny_model, capacity=12)), writable=True)
     checks: list[int] = []

@@ -32,9 +32,9 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from latentbatch.encode import encode
-from latentbatch.stack import WORK_POOL, base_env, register_deployments
-from latentbatch.store import Layout
-from latentbatch.workers import GPU_ON_CPU_ENV
+from latentbatch.engine.stack import WORK_POOL, base_env, register_deployments
+from latentbatch.engine.workers import GPU_ON_CPU_ENV
+from latentbatch.stores.store import Layout
 from tests.conftest import ROOT, needs
 from tests.servers import (
     dask_env_ready,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from latentbatch import checkpoint
 from latentbatch.config import DEFAULT_LAMBDA, TrainConfig, preset_config
 from latentbatch.errors import CheckpointError, ConfigError
+from latentbatch.models import checkpoint
 from latentbatch.train import learning_rate, split, train
 from tests.helpers import tiny_model_config, train_tiny, train_tiny_codec
 

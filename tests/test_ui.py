@@ -14,7 +14,7 @@ import pytest
 from distributed import Client
 
 from latentbatch.encode import encode
-from latentbatch.store import Layout
+from latentbatch.stores.store import Layout
 from tests.conftest import ROOT, needs
 
 CHROMIUM = Path("/usr/bin/chromium")

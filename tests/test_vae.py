@@ -14,14 +14,14 @@ import pytest
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import read_info, summary
 from latentbatch.cli import main
 from latentbatch.decode import ModelMismatchError, decode
 from latentbatch.encode import encode
 from latentbatch.errors import CheckpointError
-from latentbatch.shards import read_output
-from latentbatch.store import Layout, create_store, open_store
-from latentbatch.weights import load_model
+from latentbatch.models.checkpoint import read_info, summary
+from latentbatch.models.weights import load_model
+from latentbatch.outputs.shards import read_output
+from latentbatch.stores.store import Layout, create_store, open_store
 from tests.helpers import diffusers_decode
 
 
@@ -131,7 +131,7 @@ def test_encode_stores_the_scaled_mean(kl_vae: Path, tmp_path: Path, client: Cli
     store = open_store(url)
     assert store.count == 6 and store.latent_shape == (4, 4, 4)
     vae = diffusers.AutoencoderKL.from_pretrained(str(kl_vae)).eval()
-    from latentbatch.datasets import Geometry, open_source
+    from latentbatch.sources.images import Geometry, open_source
 
     images = open_source("synthetic:6", Geometry(32, 3)).read(0, 6)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -156,7 +156,7 @@ def test_non_square_latents_decode_to_tar_shards_webdataset_reads(
     import webdataset as wds
     from PIL import Image
 
-    from latentbatch.images import check_codec
+    from latentbatch.outputs.codecs import check_codec
 
     info = read_info(tiny_vae)
     url = str(tmp_path / "wide.zarr")
@@ -210,7 +210,7 @@ def test_images_over_the_memory_budget_decode_in_tiles(
     which: str, request: pytest.FixtureRequest, tmp_path: Path, client: Client,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from latentbatch.kernel import MEMORY_ENV
+    from latentbatch.config import MEMORY_ENV
 
     model_dir: Path = request.getfixturevalue(which)
     info = read_info(model_dir)

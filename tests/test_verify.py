@@ -12,8 +12,8 @@ from distributed import Client
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
-from latentbatch.store import Layout
-from latentbatch.verify import verify_output
+from latentbatch.outputs.verify import verify_output
+from latentbatch.stores.store import Layout
 
 
 @pytest.fixture(scope="module")

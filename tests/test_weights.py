@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentbatch import checkpoint, weights
 from latentbatch.errors import CheckpointError
-from latentbatch.model import Autoencoder, Decoder, Encoder
+from latentbatch.models import checkpoint, weights
+from latentbatch.models.autoencoder import Autoencoder, Decoder, Encoder
 
 
 def _copy(tiny_model: Path, tmp_path: Path) -> Path:

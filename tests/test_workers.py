@@ -8,11 +8,8 @@ import pytest
 import torch
 from distributed import Client
 
-from latentbatch.checkpoint import read_info
-from latentbatch.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
-from latentbatch.errors import CheckpointError
-from latentbatch.model import Decoder, Encoder
-from latentbatch.workers import (
+from latentbatch.engine.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
+from latentbatch.engine.workers import (
     ModelPlugin,
     WorkerStateError,
     cached_model,
@@ -23,6 +20,9 @@ from latentbatch.workers import (
     worker_device,
     worker_threads,
 )
+from latentbatch.errors import CheckpointError
+from latentbatch.models.autoencoder import Decoder, Encoder
+from latentbatch.models.checkpoint import read_info
 
 
 def _build_count(model_id: str) -> tuple[int, int, str]:

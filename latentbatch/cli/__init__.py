@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from latentbatch import checkpoint
 from latentbatch.choices import FORMATS, SOURCES
 from latentbatch.cli.common import (
     ImageCodecOption,
@@ -38,20 +37,21 @@ from latentbatch.cli.common import (
     parse_size,
     task_progress,
 )
-from latentbatch.cli.derive import (
+from latentbatch.cli.evaluate import evaluate_command
+from latentbatch.cli.models import models_app
+from latentbatch.cli.stack import stack_app
+from latentbatch.cli.stores import query_command, score_command, stats_command, stores_command
+from latentbatch.cli.uses import (
     generate_command,
     import_command,
     interpolate_command,
     shift_command,
 )
-from latentbatch.cli.evaluate import evaluate_command
-from latentbatch.cli.models import models_app
-from latentbatch.cli.stack import stack_app
-from latentbatch.cli.stores import query_command, score_command, stats_command, stores_command
 from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
 from latentbatch.errors import LatentbatchError
+from latentbatch.models import checkpoint
 from latentbatch.progress import VERBOSE_ENV
-from latentbatch.storage import parse_options
+from latentbatch.storage.fs import parse_options
 
 if TYPE_CHECKING:
     from latentbatch.train import TrainResult
@@ -191,7 +191,7 @@ def encode_command(
 ) -> None:
     """Encode a data source into a latent store (one Dask task per store shard)."""
     from latentbatch.encode import encode
-    from latentbatch.store import Layout
+    from latentbatch.stores.store import Layout
 
     with task_progress("encoding", progress and not as_json) as update:
         result = encode(
@@ -257,8 +257,8 @@ def decode_command(
 ) -> None:
     """Decode a latent store into image shards (one Dask task per output shard)."""
     from latentbatch.decode import decode
-    from latentbatch.images import check_codec
-    from latentbatch.shards import check_format
+    from latentbatch.outputs.codecs import check_codec
+    from latentbatch.outputs.shards import check_format
 
     with task_progress("decoding", progress and not as_json) as update:
         result = decode(
@@ -309,7 +309,7 @@ def inspect_command(
     as_json: JsonOption = False,
 ) -> None:
     """Show a latent store: rows, shapes, chunking, model (--bytes: bytes, bits/pixel)."""
-    from latentbatch.store import open_store
+    from latentbatch.stores.store import open_store
 
     report = open_store(store, parse_options(storage_option)).report(with_bytes)
     if as_json:
@@ -404,7 +404,7 @@ def verify_command(
 
     Every listed shard there with its recorded size, none extra, no gap; with --store the
     output is that store's decode and each shard holds the store's ids in order."""
-    from latentbatch.verify import VerifyError, verify_output
+    from latentbatch.outputs.verify import VerifyError, verify_output
 
     result = verify_output(out, parse_options(storage_option), store_url=store, full=full)
     if as_json:

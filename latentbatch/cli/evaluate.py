@@ -11,7 +11,7 @@ from rich.table import Table
 from latentbatch.choices import QUALITIES
 from latentbatch.cli.common import JsonOption, StorageOption, emit_json, make_console
 from latentbatch.errors import ConfigError
-from latentbatch.storage import is_remote, parse_options
+from latentbatch.storage.fs import is_remote, parse_options
 
 if TYPE_CHECKING:
     from latentbatch.evaluation import Split

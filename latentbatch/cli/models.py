@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from latentbatch import checkpoint
 from latentbatch.cli.common import (
     DEFAULT_MODELS,
     JsonOption,
@@ -16,7 +15,8 @@ from latentbatch.cli.common import (
     make_console,
 )
 from latentbatch.errors import LatentbatchError
-from latentbatch.storage import filesystem, parse_options
+from latentbatch.models import checkpoint
+from latentbatch.storage.fs import filesystem, parse_options
 
 models_app = typer.Typer(help="List and show model directories.", no_args_is_help=True)
 

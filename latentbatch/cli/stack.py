@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from latentbatch import stack
 from latentbatch.cli.common import (
     JsonOption,
     emit_json,
     make_console,
 )
+from latentbatch.engine import stack
 
 stack_app = typer.Typer(help="A local Prefect + Dask stack on 127.0.0.1.", no_args_is_help=True)
 StackHome = Annotated[Path, typer.Option(help="Folder of PIDs, logs and addresses.")]

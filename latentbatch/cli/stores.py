@@ -27,7 +27,7 @@ from latentbatch.cli.common import (
     make_console,
 )
 from latentbatch.errors import LatentbatchError
-from latentbatch.storage import parse_options
+from latentbatch.storage.fs import parse_options
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +52,7 @@ def stores_command(
 
     From each store's metadata; --bytes adds its bytes on disk (a listing of every
     object)."""
-    from latentbatch import catalog
+    from latentbatch.outputs import catalog
 
     options = parse_options(storage_option)
     rows = catalog.describe_stores(root, outputs, options, with_bytes)
@@ -119,9 +119,9 @@ def query_command(
 ) -> None:
     """Select rows of a store, or find nearest neighbours, without decoding the store."""
 
-    from latentbatch import query
-    from latentbatch.images import check_codec
-    from latentbatch.store import open_store
+    from latentbatch.outputs.codecs import check_codec
+    from latentbatch.stores import query
+    from latentbatch.stores.store import open_store
 
     codec = check_codec(image_codec, quality)
     if by not in ("psnr", "anomaly"):
@@ -134,7 +134,7 @@ def query_command(
     loaded_model = None
     near_latent = None
     if model is not None and (decode_to or grid or near_image):
-        from latentbatch.weights import loaded  # torch: only for the queries that need it
+        from latentbatch.models.weights import loaded  # torch: only for the queries that need it
 
         loaded_model = loaded(model, store.storage_options)  # read and checked once
     if near_image is not None and loaded_model is not None:
@@ -158,8 +158,8 @@ def query_command(
     if loaded_model is not None and (decode_to is not None or grid is not None):
         from latentbatch.decode import SELECTION_LIMIT, decode_selection
         from latentbatch.figures import image_grid, save_picture
+        from latentbatch.outputs.shards import check_format
         from latentbatch.previews import selection_preview
-        from latentbatch.shards import check_format
 
         # the first rows only (a bounded number), the rest still streamed for the answer
         wanted = SELECTION_LIMIT + 1 if decode_to is not None else GRID_ROWS
@@ -260,7 +260,7 @@ def score_command(
 
     The distance to the nearest reference latents and the encode-time PSNR, as z-scores
     against the reference's own rows, into the store's anomaly array."""
-    from latentbatch.anomaly import score
+    from latentbatch.uses.anomaly import score
 
     result = score(
         store_url, reference, k=k, quantile=quantile, storage_options=parse_options(storage_option)
@@ -287,8 +287,8 @@ def stats_command(
     as_json: JsonOption = False,
 ) -> None:
     """Per-channel mean, std, min and max of the committed latents, and 1/std scaling."""
-    from latentbatch import query
-    from latentbatch.store import open_store
+    from latentbatch.stores import query
+    from latentbatch.stores.store import open_store
 
     store = open_store(store_url, parse_options(storage_option), writable=save)
     stats = query.statistics(store, save=save)

@@ -1,0 +1,230 @@
+"""Check a finished output against its manifest (``latentbatch verify OUT``).
+
+The shard table is streamed (:func:`latentbatch.outputs.manifest.iter_shards`), never held whole.
+For each shard: it exists, its size is the recorded one, and with ``full`` its sha256 is
+the recorded one (a png folder's the digest of its sorted listing, as recorded). Shards
+must follow each other without a gap, and their images add up to the manifest's count.
+A shard the table does not list (``shard-*`` beside the listed ones, or a chunk of a zarr
+output's ``images.zarr`` past them) is named too. With a store, the output must be that
+store's decode (its uuid) of all its committed rows, and each shard's ids must be the
+store's ids of its rows, in order (tar members and png files read for their names).
+
+Cost: the default reads the shard table and lists OUT (sizes only: one listing of the
+folder); ``full`` reads every byte once; ``store`` reads every tar's headers and the
+store's ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from latentbatch.errors import LatentbatchError, OutputError
+from latentbatch.outputs.manifest import Manifest, ShardRecord, iter_shards, read_manifest
+from latentbatch.outputs.shards import ZARR_NAME, folder_digest
+from latentbatch.storage.fs import StorageOptions, filesystem, join
+from latentbatch.stores.store import LatentStore, open_store
+
+Kind = Literal["missing", "size", "sha256", "extra", "ids", "rows", "store", "unreadable"]
+_BLOCK = 1 << 20
+
+
+class VerifyError(LatentbatchError):
+    """An output does not match its manifest (or its store)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """What is wrong with one shard (``shard`` is its path under OUT)."""
+
+    shard: str
+    kind: Kind
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verification:
+    """What :func:`verify_output` found: the shards and images it checked, how deeply,
+    and every problem (named by shard)."""
+
+    out: str
+    shards: int
+    images: int
+    full: bool
+    store: str | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``latentbatch verify --json``)."""
+        return {**asdict(self), "ok": self.ok, "problems": [asdict(p) for p in self.problems]}
+
+
+def _sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tar_names(fs: Any, path: str) -> list[str]:
+    """The member names of a tar, read header by header."""
+    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        return [member.name for member in tar]
+
+
+def _ids_of(fs: Any, path: str, fmt: str) -> list[str]:
+    """A shard's ids in its order: tar members' keys (each once, in member order), or a
+    png folder's file names, sorted."""
+    if fmt == "tar":
+        keys = [name.split(".", 1)[0] for name in _tar_names(fs, path)]
+        return list(dict.fromkeys(keys))
+    return sorted(name.rsplit("/", 1)[-1].removesuffix(".png") for name in fs.ls(path, False))
+
+
+def _check_shard(
+    fs: Any, root: str, record: ShardRecord, fmt: str, full: bool
+) -> Iterator[Problem]:
+    path = join(root, record.path)
+    if not fs.exists(path):
+        yield Problem(shard=record.path, kind="missing", detail="listed in the table, not there")
+        return
+    folder = fmt == "png"
+    size = int(fs.du(path)) if folder else int(fs.size(path))
+    if size != record.bytes:
+        detail = f"{size:,} bytes, the table records {record.bytes:,} (truncated or replaced)"
+        yield Problem(shard=record.path, kind="size", detail=detail)
+        return
+    if full:
+        if folder:
+            names = sorted(fs.ls(path, detail=False))
+            files = [(n.rsplit("/", 1)[-1], fs.cat_file(n)) for n in names]
+            actual = folder_digest(files)
+        else:
+            actual = _sha256(fs, path)
+        if actual != record.sha256:
+            detail = f"sha256 {actual[:12]}..., the table records {record.sha256[:12]}..."
+            yield Problem(shard=record.path, kind="sha256", detail=detail)
+
+
+def _check_ids(
+    fs: Any, root: str, record: ShardRecord, manifest: Manifest, store: LatentStore
+) -> Iterator[Problem]:
+    try:
+        found = _ids_of(fs, join(root, record.path), manifest.output_format)
+    except (tarfile.TarError, OSError) as exc:
+        yield Problem(shard=record.path, kind="unreadable", detail=str(exc))
+        return
+    if manifest.selection is not None:
+        expected = store.read_ids_at(list(manifest.selection[record.start : record.stop]))
+    else:
+        expected = store.read_ids(record.start, record.stop)
+    if manifest.output_format == "png":  # a folder's files come sorted by name
+        expected = sorted(expected)
+    if found != expected:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),
+            min(len(found), len(expected)),
+        )
+        shown = found[first] if first < len(found) else "(nothing)"
+        wanted = expected[first] if first < len(expected) else "(nothing)"
+        detail = (
+            f"{len(found)} ids, {len(expected)} expected for rows [{record.start}, "
+            f"{record.stop}) of the store; first difference: {shown!r} where {wanted!r}"
+        )
+        yield Problem(shard=record.path, kind="ids", detail=detail)
+
+
+def _listed_shards(fs: Any, root: str, fmt: str) -> set[str]:
+    """The shard paths under OUT, as the table would name them."""
+    if fmt == "zarr":
+        base = join(root, ZARR_NAME, "c")
+        if not fs.exists(base):
+            return set()
+        found = set()
+        for path in fs.find(base):
+            relative = path[len(root.rstrip("/")) :].strip("/")
+            found.add(relative)
+        return found
+    return {
+        path.rstrip("/").rsplit("/", 1)[-1]
+        for path in fs.ls(root, detail=False)
+        if path.rstrip("/").rsplit("/", 1)[-1].startswith("shard-")
+    }
+
+
+def verify_output(
+    out_url: str,
+    options: StorageOptions | None = None,
+    *,
+    store_url: str | None = None,
+    full: bool = False,
+) -> Verification:
+    """Check the output at ``out_url`` against its manifest (see the module docstring);
+    every problem is collected, named by shard."""
+    manifest = read_manifest(out_url, options)
+    if manifest is None:
+        raise OutputError(
+            f"{out_url} has no manifest.json: it is not a finished decode (run the decode "
+            "again to finish it)"
+        )
+    fs, root = filesystem(out_url, options)
+    store = open_store(store_url, options) if store_url is not None else None
+    problems: list[Problem] = []
+    if store is not None:
+        if manifest.store.uuid != store.uuid:
+            problems.append(
+                Problem(
+                    shard="manifest.json",
+                    kind="store",
+                    detail=f"the decode of another store ({manifest.store.url}), not of "
+                    f"{store.url}",
+                )
+            )
+            store = None  # its ids say nothing about this output
+        elif manifest.selection is None and manifest.count != store.count:
+            problems.append(
+                Problem(
+                    shard="manifest.json",
+                    kind="store",
+                    detail=f"{manifest.count} images, the store has {store.count} committed "
+                    "rows (it grew since: decode again)",
+                )
+            )
+    listed: set[str] = set()
+    expected_start = images = shards = 0
+    try:
+        for record in iter_shards(out_url, options, manifest):
+            shards += 1
+            images += record.count
+            listed.add(record.path)
+            if record.start != expected_start:
+                detail = f"starts at row {record.start}; the shard before ends at {expected_start}"
+                problems.append(Problem(shard=record.path, kind="rows", detail=detail))
+            expected_start = record.stop
+            found = list(_check_shard(fs, root, record, manifest.output_format, full))
+            problems += found
+            if store is not None and not found and manifest.output_format != "zarr":
+                problems += _check_ids(fs, root, record, manifest, store)
+    except OutputError as exc:
+        problems.append(Problem(shard="shards.jsonl", kind="unreadable", detail=str(exc)))
+    if images != manifest.count:
+        detail = f"the shards hold {images} images, the manifest records {manifest.count}"
+        problems.append(Problem(shard="shards.jsonl", kind="rows", detail=detail))
+    for extra in sorted(_listed_shards(fs, root, manifest.output_format) - listed):
+        problems.append(Problem(shard=extra, kind="extra", detail="not listed in the table"))
+    return Verification(
+        out=out_url,
+        shards=shards,
+        images=images,
+        full=full,
+        store=store_url,
+        problems=tuple(problems),
+    )

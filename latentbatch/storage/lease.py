@@ -1,0 +1,342 @@
+"""One writer per output and per store: a lease object created atomically.
+
+::
+
+    OUT/.latentbatch-lease-000003.json     {"what": "decode of s.zarr", "host": ...,
+    STORE/.latentbatch-lease-000000.json    "pid": ..., "token": ..., "heartbeat": ...,
+                                            "timeout": ...}
+
+A writer takes the lease before it writes anything and gives it back when it ends: the
+lease is an object created only if it does not exist (``O_CREAT | O_EXCL`` on a local
+disk, a PUT with ``If-None-Match: *`` on S3), so of two writers starting at once exactly
+one creates it, and the other is refused in a sentence naming the holder. While it runs
+the holder renews the heartbeat every :data:`RENEW_EVERY` of the timeout. A lease whose
+heartbeat is older than the timeout (``$LATENTBATCH_LEASE_TIMEOUT`` seconds, default
+:data:`DEFAULT_TIMEOUT`) was left by a writer that died (a killed client must not block
+the output forever): the next writer takes it over, with a warning, by creating the next
+generation's object (created exclusively too, so of two takers one wins) and removing the
+stale one (the holder's own timeout, recorded in its lease, is the one that counts). A
+holder whose lease was taken over (it stalled past the timeout) finds a
+newer generation at its next renewal and stops before it records anything
+(:meth:`Lease.check`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentbatch.errors import LatentbatchError
+from latentbatch.storage.fs import (
+    StorageOptions,
+    filesystem,
+    is_remote,
+    join,
+    json_bytes,
+    write_bytes,
+    write_failed,
+)
+
+PREFIX = ".latentbatch-lease-"
+_NAME = re.compile(r"^\.latentbatch-lease-(\d{6})\.json$")
+TIMEOUT_ENV = "LATENTBATCH_LEASE_TIMEOUT"
+DEFAULT_TIMEOUT = 120.0
+RENEW_EVERY = 0.25  # of the timeout
+logger = logging.getLogger(__name__)
+
+
+class LeaseHeldError(LatentbatchError):
+    """Another writer holds the lease of an output or a store."""
+
+
+class LeaseLostError(LatentbatchError):
+    """This writer's lease was taken over while it ran (it stalled past the timeout)."""
+
+
+def lease_timeout() -> float:
+    """Seconds after its last heartbeat that a lease counts as abandoned."""
+    configured = os.environ.get(TIMEOUT_ENV)
+    try:
+        return float(configured) if configured else DEFAULT_TIMEOUT
+    except ValueError:
+        raise LatentbatchError(
+            f"${TIMEOUT_ENV}={configured!r} is not a number of seconds"
+        ) from None
+
+
+def is_lease(name: str) -> bool:
+    """Whether a file name (not a path) is a lease object's."""
+    return _NAME.match(name) is not None
+
+
+def without_leases(paths: list[str]) -> list[str]:
+    """``paths`` less the lease objects (a folder being created holds one)."""
+    return [p for p in paths if not is_lease(p.rstrip("/").rsplit("/", 1)[-1])]
+
+
+def _name(generation: int) -> str:
+    return f"{PREFIX}{generation:06d}.json"
+
+
+def _create(url: str, data: bytes, options: StorageOptions | None) -> bool:
+    """Create the object at ``url`` holding ``data`` if none exists; whether it did.
+    A local folder is made for it when missing."""
+    if is_remote(url):
+        fs, path = filesystem(url, options)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc):
+                return False
+            raise
+        return True
+    local = Path(url.removeprefix("file://"))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:  # a full disk, say: leave no empty lease behind
+        local.unlink(missing_ok=True)
+        raise write_failed(str(local), exc) from exc
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Holder:
+    """What a lease object says: who holds it, and when they last said they were alive."""
+
+    generation: int
+    what: str
+    host: str
+    pid: int
+    token: str
+    heartbeat: float
+    timeout: float  # the holder's: it renews the heartbeat well within this
+
+    @property
+    def stale(self) -> bool:
+        return time.time() - self.heartbeat > self.timeout
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat
+        return f"{self.what} by process {self.pid} on {self.host} (heartbeat {age:.0f} s ago)"
+
+
+def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
+    """The lease objects under ``root``, newest generation first."""
+    fs, path = filesystem(root, options)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = _NAME.match(name)
+        if match is None:
+            continue
+        generation = int(match.group(1))
+        try:
+            meta = json.loads(fs.cat_file(join(path, name)))
+            found.append(
+                Holder(
+                    generation=generation,
+                    what=str(meta["what"]),
+                    host=str(meta["host"]),
+                    pid=int(meta["pid"]),
+                    token=str(meta["token"]),
+                    heartbeat=float(meta["heartbeat"]),
+                    timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
+                )
+            )
+        except FileNotFoundError:
+            continue  # given back or taken over while we listed
+        except (ValueError, KeyError, TypeError):  # being written, or left empty: its age
+            found.append(  # is its object's, so it expires like any other
+                Holder(generation=generation, what="a write", host="?", pid=0, token="?",
+                       heartbeat=_modified(fs, join(path, name)), timeout=DEFAULT_TIMEOUT)
+            )  # fmt: skip
+    return sorted(found, key=lambda h: -h.generation)
+
+
+_ACTIVE: set[str] = set()  # tokens of the leases this process holds now
+
+
+def _ours_abandoned(holder: Holder) -> bool:
+    """Whether ``holder`` is a lease of this very process that it no longer holds (its
+    release failed, say, while the object store was away): a retry takes it at once."""
+    return (
+        holder.pid == os.getpid()
+        and holder.host == socket.gethostname()
+        and holder.token not in _ACTIVE
+    )
+
+
+def _modified(fs: Any, path: str) -> float:
+    """When the object at ``path`` was last written (now, when that cannot be told)."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return time.time()
+    stamp = info.get("mtime", info.get("LastModified"))
+    if hasattr(stamp, "timestamp"):
+        return float(stamp.timestamp())
+    return float(stamp) if isinstance(stamp, int | float) else time.time()
+
+
+class Lease:
+    """A held lease on ``root``; renewed by a thread until :meth:`release`."""
+
+    def __init__(
+        self, root: str, options: StorageOptions | None, what: str, timeout: float
+    ) -> None:
+        self.root = root
+        self.options = dict(options or {})
+        self.what = what
+        self.timeout = timeout
+        self.token = uuid.uuid4().hex
+        self.generation = -1
+        self.took_over: Holder | None = None
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        local = not is_remote(root)
+        self._made_folder = local and not Path(root.removeprefix("file://")).exists()
+
+    def _payload(self) -> bytes:
+        return json_bytes(
+            {
+                "what": self.what,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": self.token,
+                "heartbeat": time.time(),
+                "timeout": self.timeout,
+            }
+        )
+
+    @property
+    def url(self) -> str:
+        return join(self.root, _name(self.generation))
+
+    def acquire(self) -> None:
+        """Create the lease, taking over an abandoned one; refuse a live one."""
+        _ACTIVE.add(self.token)  # before the object exists: never "abandoned" by us
+        try:
+            self._acquire()
+        except BaseException:
+            _ACTIVE.discard(self.token)
+            raise
+
+    def _acquire(self) -> None:
+        for _ in range(8):  # each pass loses only to another writer's creation
+            holders = _holders(self.root, self.options)
+            current = holders[0] if holders else None
+            if current is not None and not current.stale and not _ours_abandoned(current):
+                raise LeaseHeldError(
+                    f"{self.root} is being written by another {current.describe()}; wait "
+                    f"for it to finish, or if that process is gone, run again once its "
+                    f"heartbeat is {current.timeout:.0f} s old (its ${TIMEOUT_ENV})"
+                )
+            self.generation = 0 if current is None else current.generation + 1
+            if _create(self.url, self._payload(), self.options):
+                if current is not None:
+                    self.took_over = current
+                    logger.warning(
+                        "took over the lease of %s from an abandoned %s",
+                        self.root,
+                        current.describe(),
+                    )
+                    for stale in holders:
+                        self._remove(join(self.root, _name(stale.generation)))
+                break
+        else:
+            raise LeaseHeldError(f"{self.root}: other writers keep taking its lease; run again")
+        self._thread = threading.Thread(target=self._renew, name="latentbatch-lease", daemon=True)
+        self._thread.start()
+
+    def _remove(self, url: str) -> None:
+        fs, path = filesystem(url, self.options)
+        with suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.timeout * RENEW_EVERY) and self._renew_once():
+            pass
+
+    def _renew_once(self) -> bool:
+        """Write a fresh heartbeat, unless the lease was taken over (then remember why,
+        for :meth:`check`); whether it is still held."""
+        holders = _holders(self.root, self.options)
+        if not holders or holders[0].token != self.token:
+            newer = holders[0].describe() if holders else "nobody (it was removed)"
+            self._lost = f"its lease on {self.root} was taken over by {newer}"
+            return False
+        try:
+            write_bytes(self.url, self._payload(), self.options)  # atomic: never torn
+        except (OSError, LatentbatchError) as exc:  # a moment's outage: the next one tries
+            logger.warning("lease of %s not renewed: %s", self.root, exc)
+        return True
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` when the lease was taken over."""
+        if self._lost is not None:
+            raise LeaseLostError(
+                f"this {self.what} stopped: {self._lost} after this process went "
+                f"{self.timeout:.0f} s without a heartbeat; nothing more is recorded, run it "
+                "again when the other writer is done"
+            )
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease (unless it was taken over)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _ACTIVE.discard(self.token)
+        if self._lost is None and self.generation >= 0:
+            try:
+                self._remove(self.url)
+            except Exception as exc:  # the store is away: the lease goes stale, taken over
+                logger.warning("lease of %s not given back (%s); it expires", self.root, exc)
+        if self._made_folder:  # made for the lease, left empty: nothing was written
+            with suppress(OSError):
+                Path(self.root.removeprefix("file://")).rmdir()
+
+
+@contextmanager
+def leased(
+    root: str, what: str, options: StorageOptions | None = None, timeout: float | None = None
+) -> Iterator[Lease]:
+    """Hold the lease of ``root`` (an output folder or a store) while the block runs."""
+    lease = Lease(root, options, what, lease_timeout() if timeout is None else timeout)
+    lease.acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def current_holder(root: str, options: StorageOptions | None = None) -> dict[str, Any] | None:
+    """Who holds ``root``'s lease now (None when nobody does): for status reports."""
+    holders = _holders(root, options)
+    if not holders:
+        return None
+    holder = holders[0]
+    return {"what": holder.what, "host": holder.host, "pid": holder.pid,
+            "age_s": time.time() - holder.heartbeat}  # fmt: skip

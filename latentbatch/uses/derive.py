@@ -1,0 +1,295 @@
+"""Derived stores: latent stores that an operation (generate, interpolate, shift) wrote
+from other stores, with their lineage.
+
+A derived store is an ordinary latent store of the parent's model, format and layout,
+with one more metadata record, ``lineage``: the operation, its parameters, its seed and
+the parents (url, uuid, committed rows), and when it was made. Its rows are written like
+an encode's: one Dask task per store shard (:class:`DeriveJob`), each computing its rows
+from the operation's :class:`Part` alone (a seeded generator per shard, or the parent
+rows it maps), so a store is byte-identical across runs and worker counts; the client
+advances ``count`` over the finished prefix, and the same command run again after an
+interruption resumes there. A store that exists with other lineage is refused; one that
+exists finished with the same lineage is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from distributed import Client
+
+from latentbatch.engine.canary_task import canary_on
+from latentbatch.engine.cluster import map_bounded, using
+from latentbatch.engine.workers import register_model
+from latentbatch.ids import validate_ids
+from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.progress import Progress
+from latentbatch.storage.fs import StorageOptions, filesystem
+from latentbatch.storage.lease import leased, without_leases
+from latentbatch.stores.canary import canary_rows, has_canary, record_canary
+from latentbatch.stores.store import (
+    Commits,
+    LatentStore,
+    Layout,
+    StoreError,
+    create_store,
+    open_store,
+)
+
+LINEAGE = "lineage"
+
+
+class Part(Protocol):
+    """What one task computes: its rows' latents (float, any shape ``(n, C, h, w)``),
+    ids and labels."""
+
+    def make(self) -> tuple[np.ndarray, list[str], np.ndarray]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parent:
+    """A store an operation read: its url, its uuid and its committed rows then."""
+
+    url: str
+    uuid: str
+    count: int
+
+    @classmethod
+    def of(cls, store: LatentStore) -> Parent:
+        return cls(url=store.url, uuid=store.uuid, count=store.count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lineage:
+    """How a derived store was made (its ``lineage`` metadata, less ``created``)."""
+
+    operation: str
+    parameters: dict[str, Any]
+    seed: int | None
+    parents: tuple[Parent, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "parameters": dict(self.parameters),
+            "seed": self.seed,
+            "parents": [dataclasses.asdict(p) for p in self.parents],
+        }
+
+
+def lineage_of(store: LatentStore) -> dict[str, Any] | None:
+    """A store's lineage record, or None for a store of encoded images."""
+    found = store.meta.get(LINEAGE)
+    return dict(found) if isinstance(found, dict) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeriveJob:
+    """One task: rows ``[start, stop)`` of the derived store, computed by ``part``."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    start: int
+    stop: int
+    part: Part
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeriveResult:
+    """What :func:`derive` did: rows written now (0 when the store was already whole)."""
+
+    store: str
+    operation: str
+    rows: int
+    written: int
+    shards: int
+    seconds: float
+    resumed: bool = False
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``--json``)."""
+        return dataclasses.asdict(self)
+
+
+def as_stored(latents: np.ndarray, store: LatentStore) -> np.ndarray:
+    """Float latents in the store's dtype: integers (a codec model's) rounded and clamped
+    to the quantisation's range."""
+    quantization = store.quantization
+    if quantization is None:
+        return latents.astype(store.latents.dtype)
+    low, high = quantization["range"]
+    return np.clip(np.round(latents), low, high).astype(store.latents.dtype)
+
+
+def write_part(job: DeriveJob) -> dict[str, int]:
+    """Worker side: compute one shard's rows and write them whole."""
+    store = open_store(job.store_url, job.storage_options, writable=True)
+    latents, ids, labels = job.part.make()
+    if len(latents) != job.stop - job.start:
+        raise StoreError(
+            f"a part of {job.store_url} made {len(latents)} rows for rows "
+            f"[{job.start}, {job.stop}); this is a bug in the operation"
+        )
+    validate_ids(ids)
+    labels = np.asarray(labels, np.int32)
+    store.write_rows(job.start, as_stored(latents, store), ids, labels)
+    return {"start": job.start, "stop": job.stop, "labelled": int((labels >= 0).any())}
+
+
+def like(
+    parent: LatentStore,
+    url: str,
+    rows: int,
+    options: StorageOptions | None,
+    meta: dict[str, Any],
+) -> LatentStore:
+    """A new store at ``url`` of ``rows`` rows like ``parent`` (its model, latent dtype,
+    layout and image size), with the metadata ``meta`` (its lineage)."""
+    dtype = str(parent.latents.dtype)
+    layout = Layout(
+        shard_rows=parent.shard_rows,
+        chunk_rows=int(parent.meta["layout"]["chunk_rows"]),
+        latent_dtype=dtype if parent.quantization is None else None,
+    )
+    return create_store(
+        url,
+        model_id=parent.model_id,
+        config=parent.model_config,
+        capacity=rows,
+        layout=layout,
+        quantization=parent.quantization,
+        storage_options=options,
+        image=parent.image_size,
+        meta=meta,
+    )
+
+
+def _prepare(
+    url: str,
+    create: Callable[[dict[str, Any]], LatentStore],
+    lineage: Lineage,
+    rows: int,
+    options: StorageOptions | None,
+) -> tuple[LatentStore, bool] | None:
+    """Create the derived store, or open the one an interrupted run left (True); None
+    when the store is already whole."""
+    record = lineage.to_dict()
+    fs, path = filesystem(url, options)
+    if fs.exists(path) and not (fs.isdir(path) and not without_leases(fs.ls(path, detail=False))):
+        store = open_store(url, options, writable=True)
+        found = lineage_of(store)
+        same = found is not None and {k: v for k, v in found.items() if k != "created"} == record
+        if same and store.pending is None and store.count == rows:
+            return None
+        if same and store.pending is not None:
+            return store, True
+        made = f"by {found['operation']}" if found else "by an encode"
+        raise StoreError(
+            f"{url} already exists (made {made}, with other inputs); write the "
+            f"{lineage.operation} into another --store"
+        )
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    store = create(  # born unfinished, with its lineage: never a store without them
+        {
+            LINEAGE: {**record, "created": created},
+            "pending": {"operation": lineage.operation, "rows": rows},
+        }
+    )
+    return store, False
+
+
+def derive(
+    url: str,
+    *,
+    create: Callable[[dict[str, Any]], LatentStore],
+    model_id: str,
+    lineage: Lineage,
+    rows: int,
+    part: Callable[[int, int], Part],
+    setup: Callable[[LatentStore], None] | None = None,
+    model: ModelLocation | None = None,
+    storage_options: StorageOptions | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> DeriveResult:
+    """Write ``rows`` rows into the derived store ``url`` (made by ``create`` with the
+    metadata it is given when it does not exist: :func:`like` a parent store), rows
+    ``[a, b)`` of each shard computed by ``part(a, b)`` in a Dask task (see the module
+    docstring). ``setup`` writes what the tasks read into the store before any task runs,
+    on every run until the store is whole (it finishes what a stopped setup left). With
+    ``model`` (the one whose id is ``model_id``), the store's canary is decoded and
+    recorded as an encode does."""
+    if rows < 1:
+        raise StoreError(f"the {lineage.operation} has no rows to write")
+    info = read_info(model, storage_options) if model is not None else None
+    if info is not None and info.model_id != model_id:
+        raise StoreError(
+            f"{info.location} is model {info.short_id}, but the {lineage.operation} writes "
+            f"latents of model {model_id[:12]}; pass that model"
+        )
+    with leased(url, f"{lineage.operation} into {url}", storage_options) as lease:
+        started = time.perf_counter()
+        prepared = _prepare(url, create, lineage, rows, storage_options)
+        if prepared is None:
+            return DeriveResult(
+                store=url, operation=lineage.operation, rows=rows, written=0, shards=0,
+                seconds=0.0, skipped=True,
+            )  # fmt: skip
+        store, resumed = prepared
+        if setup is not None:
+            setup(store)
+        first = store.count
+        tasks = -(-(rows - first) // store.shard_rows)
+
+        def jobs() -> Iterator[DeriveJob]:  # drawn as tasks are submitted
+            for a in range(first, rows, store.shard_rows):
+                b = min(a + store.shard_rows, rows)
+                yield DeriveJob(
+                    store_url=url,
+                    storage_options=dict(storage_options or {}),
+                    start=a,
+                    stop=b,
+                    part=part(a, b),
+                )
+
+        commits = Commits(store, lease.check)
+
+        def commit(result: dict[str, int], progress: Progress) -> None:
+            commits.finish(result["start"], result["stop"], bool(result["labelled"]))
+            if on_progress is not None:
+                on_progress(progress)
+
+        with using(client, scheduler, workers) as c:
+            map_bounded(
+                c,
+                write_part,
+                jobs(),
+                items=lambda j: j.stop - j.start,
+                on_result=commit,
+                totals=(tasks, rows - first),
+            )
+            if info is not None and not has_canary(store):
+                register_model(c, info, "decoder")
+                decoded = canary_on(c, store, info.model_id, canary_rows(store))
+                if decoded.rows:
+                    record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)
+        lease.check()
+        store.write_meta(count=rows, pending=None, labels=bool(store.meta.get("labels")))
+        return DeriveResult(
+            store=url,
+            operation=lineage.operation,
+            rows=rows,
+            written=rows - first,
+            shards=tasks,
+            seconds=time.perf_counter() - started,
+            resumed=resumed,
+        )

@@ -1,0 +1,199 @@
+"""Import: latents that exist elsewhere (:mod:`latentbatch.sources.latents` reads their
+layouts) into a latent store of the model that made them.
+
+The latents' convention is declared: ``scaled`` (the default: as the diffusion model sees
+them, ``(z - shift) * scaling``) or ``raw`` (the autoencoder's own, as the edm2/REPA
+layout stores its means), with the source's ``scaling_factor`` and ``shift_factor`` when
+they differ from the model's ``config.json``. The store always holds them scaled by the
+model's factors (stored as found when the source's convention is the store's). float16
+latents stay float16; float32 and bfloat16 become float32.
+
+The import is a derived store's operation (:mod:`latentbatch.uses.derive`): one Dask task per
+store shard reads the files or chunks that hold its rows, so the client holds the ids and
+labels (as an encode does) and the tasks in flight; the same command run again resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from distributed import Client
+
+from latentbatch.errors import DataError
+from latentbatch.ids import validate_ids
+from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.progress import Progress
+from latentbatch.sources.latents import Kind, Piece, find, read_piece, segments
+from latentbatch.storage.fs import StorageOptions
+from latentbatch.stores.store import Layout, create_store, open_store
+from latentbatch.uses.derive import DeriveResult, Lineage, derive
+
+Convention = Literal["scaled", "raw"]
+CONVENTIONS: tuple[Convention, ...] = ("scaled", "raw")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scaling:
+    """How found latents become stored ones: ``raw`` ones, or scaled ones by the
+    ``source`` factors (scaling, shift), are stored scaled by the model's ``target``."""
+
+    raw: bool
+    source: tuple[float, float]
+    target: tuple[float, float]
+
+    @property
+    def as_found(self) -> bool:
+        """Stored exactly as found (their convention is the store's)."""
+        return not self.raw and self.source == self.target
+
+    def apply(self, latents: np.ndarray) -> np.ndarray:
+        if self.as_found:
+            return latents
+        values = latents.astype(np.float32)
+        if not self.raw:
+            values = values / self.source[0] + self.source[1]
+        return np.asarray((values - self.target[1]) * self.target[0], np.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportPart:
+    """Rows of one store shard: ``segments`` (a piece, and the rows of it wanted)."""
+
+    segments: tuple[tuple[Piece, int, int], ...]
+    ids: tuple[str, ...]
+    labels: tuple[int, ...] | None
+    channels: int
+    scaling: Scaling
+
+    def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        blocks, found = [], []
+        for piece, a, b in self.segments:
+            block, labels = read_piece(piece)
+            blocks.append(block[a:b, : self.channels])  # the mean of a mean-and-std array
+            found.append(labels[a:b] if labels is not None else np.full(b - a, -1, np.int32))
+        latents = self.scaling.apply(np.concatenate(blocks))
+        labels = np.asarray(self.labels, np.int32) if self.labels else np.concatenate(found)
+        return latents, list(self.ids), labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportResult:
+    """What :func:`import_latents` wrote, and what it noticed: whether it stored the
+    means of mean-and-std arrays, and a warning when the latents' spread looks wrong for
+    the declared convention."""
+
+    derived: DeriveResult
+    layout: Kind
+    mean_of_mean_and_std: bool
+    warning: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``latentbatch import --json``)."""
+        return {
+            **self.derived.to_dict(),
+            "layout": self.layout,
+            "mean_of_mean_and_std": self.mean_of_mean_and_std,
+            "warning": self.warning,
+        }
+
+
+def import_latents(
+    model: ModelLocation,
+    spec: str,
+    store_url: str,
+    *,
+    latents: Convention = "scaled",
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
+    layout: Layout | None = None,
+    storage_options: StorageOptions | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> ImportResult:
+    """Import the latents ``spec`` names (see the module docstring) into ``store_url``, a
+    store of ``model``, the autoencoder that made them."""
+    if latents not in CONVENTIONS:
+        raise DataError(f"--latents {latents!r} is not scaled or raw")
+    info = read_info(model, storage_options)
+    config = info.config
+    found = find(spec)
+    validate_ids(found.ids)
+    channels, *spatial = found.shape if len(found.shape) == 3 else (0, 0, 0)
+    if channels not in (config.latent_channels, 2 * config.latent_channels):
+        raise DataError(
+            f"{spec} holds latents of shape {found.shape} per row; {info.location} "
+            f"({config.preset}) makes {config.latent_channels} channels (or "
+            f"{2 * config.latent_channels}: a mean and a std)"
+        )
+    image = (spatial[0] * config.downsampling, spatial[1] * config.downsampling)
+    target = (config.scaling_factor, config.shift_factor)
+    source = (
+        target[0] if scaling_factor is None else scaling_factor,
+        target[1] if shift_factor is None else shift_factor,
+    )
+    scaling = Scaling(raw=latents == "raw", source=source, target=target)
+    kept = "float16" if found.dtype == "float16" and scaling.as_found else "float32"
+    dtype = None if config.quantized else kept  # a codec model's latents are int8
+    chosen = layout or Layout(latent_dtype=dtype)
+    if chosen.latent_dtype is None and dtype is not None:
+        chosen = Layout(chosen.shard_rows, chosen.chunk_rows, dtype)
+    rows = len(found.ids)
+    labels = found.labels
+    lineage = Lineage(
+        operation="import",
+        parameters={
+            "from": found.spec,
+            "layout": found.kind,
+            "latents": latents,
+            "scaling_factor": source[0],
+            "shift_factor": source[1],
+            "mean_of_mean_and_std": channels == 2 * config.latent_channels,
+        },
+        seed=None,
+        parents=(),
+    )
+
+    def part(a: int, b: int) -> ImportPart:
+        return ImportPart(
+            segments=tuple(segments(found.pieces, a, b)),
+            ids=found.ids[a:b],
+            labels=None if labels is None else tuple(int(v) for v in labels[a:b]),
+            channels=config.latent_channels,
+            scaling=scaling,
+        )
+
+    result = derive(
+        store_url,
+        create=lambda meta: create_store(
+            store_url,
+            model_id=info.model_id,
+            config=config,
+            capacity=rows,
+            layout=chosen,
+            quantization=info.quantization,
+            storage_options=storage_options,
+            image=image,
+            meta=meta,
+        ),
+        model_id=info.model_id,
+        lineage=lineage,
+        rows=rows,
+        part=part,
+        model=model,
+        storage_options=storage_options,
+        client=client,
+        scheduler=scheduler,
+        workers=workers,
+        on_progress=on_progress,
+    )
+    return ImportResult(
+        derived=result,
+        layout=found.kind,
+        mean_of_mean_and_std=channels == 2 * config.latent_channels,
+        warning=open_store(store_url, storage_options).scale_warning(),
+    )
