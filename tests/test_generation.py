@@ -4,6 +4,7 @@ the workers; a derived store decodes, verifies and is listed like any store."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,14 @@ from distributed import Client
 from PIL import Image
 
 from latentbatch.cli import main
+from latentbatch.config import ModelConfig
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.outputs.verify import verify_output
-from latentbatch.stores.store import Layout, open_store
-from latentbatch.uses.fit import FitError
-from latentbatch.uses.generation import GenerateError, generate
+from latentbatch.stores.store import Layout, create_store, open_store
+from latentbatch.uses.derive import DeriveJob, write_part
+from latentbatch.uses.fit import FIT, FitError
+from latentbatch.uses.generation import GenerateError, SamplePart, generate
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,36 @@ def test_generate_refuses_what_it_cannot_draw(
     assert main(argv) == 1
     assert capsys.readouterr().err.startswith("error: --grid needs --model")
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_generate_task_carries_the_stores_address_not_the_fit(
+    tmp_path: Path, client: Client
+) -> None:
+    """A fit of 100 labels of 4x32x32 latents is ~8 MiB of float64; it is written into the
+    derived store once, and each task (what Dask pickles and sends) stays under 64 KiB."""
+    config = ModelConfig("compact", 1, 128, (4, 8), 4)
+    assert config.latent_shape == (4, 32, 32)
+    reference = create_store(
+        str(tmp_path / "reference.zarr"), model_id="0" * 64, config=config, capacity=800,
+        layout=Layout(400, 200),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for a in (0, 400):
+        latents = rng.standard_normal((400, 4, 32, 32), dtype=np.float32)
+        reference.write_rows(a, latents, [f"r{i}" for i in range(a, a + 400)], np.arange(400) % 100)
+    reference.write_meta(count=800, labels=True)
+    out = str(tmp_path / "samples.zarr")
+    generate(reference.url, out, count=2, client=client)
+    store = open_store(out)
+    assert len(store.meta[FIT]["labels"]) == 100 and store.count == 200
+    assert store.group["fit_label_means"].nbytes + store.group["fit_factors"].nbytes > 6 * 2**20
+    part = SamplePart(
+        store_url=out, uuid=store.uuid, storage_options={}, labels=tuple(range(100)), count=2,
+        seed=0, temperature=1.0, start=0, stop=200,
+    )  # fmt: skip
+    task = pickle.dumps((write_part, DeriveJob(store_url=out, storage_options={}, start=0,
+                                               stop=200, part=part)))  # fmt: skip
+    assert len(task) < 64 * 2**10
+    latents, ids, labels = part.make()  # the task makes the store's rows from the kept fit
+    assert np.array_equal(latents.astype(np.float16), store.read_latents(0, 200))
+    assert ids == store.read_ids(0, 200) and labels.tolist() == store.read_labels(0, 200).tolist()

@@ -165,6 +165,9 @@ def shift_command(
             "Gaussians mapped) or mean (the means' difference)."
         ),
     ] = "matching",
+    seed: Annotated[
+        int, typer.Option(help="Seed of the rows a matching pairs when a label has over 2,000.")
+    ] = 0,
     reference: Annotated[
         str | None,
         typer.Option(help="Store of the labels' means and spreads \\[default: STORE]."),
@@ -201,6 +204,7 @@ def shift_command(
             to_label=to_label,
             strength=strength,
             method=cast(ShiftMethod, method),  # checked by shift, before any work
+            seed=seed,
             reference_url=reference,
             ids=ids.split(",") if ids else None,
             rows=[parse_rows(r) for r in rows] if rows else None,

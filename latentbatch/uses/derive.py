@@ -10,14 +10,21 @@ rows it maps), so a store is byte-identical across runs and worker counts; the c
 advances ``count`` over the finished prefix, and the same command run again after an
 interruption resumes there. A store that exists with other lineage is refused; one that
 exists finished with the same lineage is left as it is.
+
+What every task of an operation reads (a generate's or a shift's fitted Gaussians, a
+shift's matched pairs) is written into the derived store once, before any task runs
+(:func:`keep`), and read there by each worker process once (:func:`kept`): a task carries
+the store's address and its rows, never the arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +37,7 @@ from latentbatch.engine.workers import register_model
 from latentbatch.ids import validate_ids
 from latentbatch.models.checkpoint import ModelLocation, read_info
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions, filesystem
+from latentbatch.storage.fs import StorageOptions, filesystem, named_write
 from latentbatch.storage.lease import leased, without_leases
 from latentbatch.stores.canary import canary_rows, has_canary, record_canary
 from latentbatch.stores.store import (
@@ -40,6 +47,7 @@ from latentbatch.stores.store import (
     StoreError,
     create_store,
     open_store,
+    read_checked,
 )
 
 LINEAGE = "lineage"
@@ -126,6 +134,65 @@ def as_stored(latents: np.ndarray, store: LatentStore) -> np.ndarray:
         return latents.astype(store.latents.dtype)
     low, high = quantization["range"]
     return np.clip(np.round(latents), low, high).astype(store.latents.dtype)
+
+
+def keep(
+    store: LatentStore,
+    record: str,
+    value: dict[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    what: str,
+    dimensions: Mapping[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Write what the tasks of a derived store read into it: each of ``arrays`` (by its
+    array name, in its dtype), then the metadata ``record`` (``value``) saying they are
+    whole. A write stopped half-way (the disk full, say) names ``what`` in a sentence and
+    leaves no record, so the next run writes them again."""
+    for name, values in arrays.items():
+        with named_write(store.url, f"{what} ({name}) of {store.url}"):
+            store.group.create_array(
+                name,
+                shape=values.shape,
+                dtype=values.dtype,
+                chunks=(min(256, len(values)), *values.shape[1:]),
+                dimension_names=(dimensions or {}).get(name),
+                overwrite=True,
+            )[...] = values
+    store.write_meta(**{record: value})
+
+
+def is_kept(store: LatentStore, record: str) -> bool:
+    """Whether ``store`` holds a whole :func:`keep` of ``record``."""
+    return isinstance(store.meta.get(record), dict)
+
+
+@functools.lru_cache(maxsize=8)
+def _kept(
+    url: str, uuid: str, options: str, record: str, names: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    store = open_store(url, json.loads(options))
+    if store.uuid != uuid or not is_kept(store, record):
+        raise StoreError(
+            f"{url} keeps no whole {record} of its {store.meta.get(LINEAGE, {}).get('operation')}"
+            "; run it again"
+        )
+    arrays = {
+        name: read_checked(url, store.group[name], "all rows", slice(None))  # type: ignore[arg-type]
+        for name in names
+    }
+    return dict(store.meta[record]), arrays
+
+
+def kept(
+    url: str,
+    uuid: str,
+    options: StorageOptions | None,
+    record: str,
+    names: tuple[str, ...],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What :func:`keep` wrote into the derived store ``url`` (of ``uuid``): the record and
+    the arrays ``names``, read once per worker process."""
+    return _kept(url, uuid, json.dumps(dict(options or {}), sort_keys=True), record, names)
 
 
 def write_part(job: DeriveJob) -> dict[str, int]:

@@ -14,7 +14,10 @@ Fitted in two passes over the store, a shard at a time (memory: a shard, and the
 
 A sample of label ``L`` is ``L``'s mean, plus ``L``'s Gaussian in the subspace, plus the
 residual's isotropic noise outside it, clipped to the range the store's latents span.
-Latents of a store without labels are one group, ``-1``.
+Latents of a store without labels are one group, ``-1``. A generate or shift writes its
+fit into the derived store once (:func:`keep_fit`: the arrays ``fit_mean``,
+``fit_basis``, ``fit_low``, ``fit_high``, ``fit_label_means``, ``fit_factors``, float64,
+and the ``fit`` record), and its tasks read it there (:func:`kept_fit`).
 
 Why this model (``bench/uses.py``, mnist5k, the share of re-encoded samples' 10 nearest
 reference neighbours with the label asked for): one Gaussian per label with a diagonal
@@ -28,13 +31,16 @@ decode to strokes and blots, not digits (looked at, 16 samples).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.storage.fs import StorageOptions
 from latentbatch.stores.store import LatentStore
+from latentbatch.uses.derive import keep, kept
 
 RANK = 64
 """Principal directions of the subspace in which each label has its own covariance."""
@@ -42,6 +48,9 @@ MAX_VALUES = 4096
 """The most values per latent (``C * h * w``) a fit takes: its scatter matrix is
 ``D x D`` float64 (128 MiB at 4,096)."""
 UNLABELLED = -1
+FIT = "fit"
+"""The fit's record in a derived store's metadata, once its arrays are whole."""
+_ARRAYS = ("mean", "basis", "low", "high", "label_means", "factors")
 
 
 class FitError(LatentbatchError):
@@ -69,6 +78,42 @@ class LatentFit:
     @property
     def rank(self) -> int:
         return int(self.basis.shape[1])
+
+    def record(self) -> dict[str, Any]:
+        """The fit's scalars and labels, JSON-ready (its arrays: :meth:`arrays`)."""
+        return {
+            "shape": list(self.shape),
+            "count": self.count,
+            "rank": self.rank,
+            "residual_std": self.residual_std,
+            "labels": list(self.labels),
+            "label_counts": list(self.label_counts),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fit's arrays by the names a derived store keeps them under."""
+        return {f"fit_{name}": getattr(self, name) for name in _ARRAYS}
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> LatentFit:
+        """The fit :meth:`record` and :meth:`arrays` describe."""
+        c, h, w = (int(v) for v in record["shape"])
+        mean, basis, low, high, label_means, factors = (
+            np.asarray(arrays[f"fit_{name}"], np.float64) for name in _ARRAYS
+        )
+        return cls(
+            shape=(c, h, w),
+            count=int(record["count"]),
+            mean=mean,
+            basis=basis,
+            residual_std=float(record["residual_std"]),
+            low=low,
+            high=high,
+            labels=tuple(int(v) for v in record["labels"]),
+            label_counts=tuple(int(v) for v in record["label_counts"]),
+            label_means=label_means,
+            factors=factors,
+        )
 
     def index(self, label: int) -> int:
         """Where ``label`` is in :attr:`labels`, or a :class:`FitError` naming them."""
@@ -213,6 +258,17 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
         label_means=label_means,
         factors=np.stack(factors),
     )
+
+
+def keep_fit(store: LatentStore, fit: LatentFit) -> None:
+    """Write ``fit`` into the derived store ``store``, where its tasks read it."""
+    keep(store, FIT, fit.record(), fit.arrays(), "the fitted Gaussians")
+
+
+def kept_fit(url: str, uuid: str, options: StorageOptions | None) -> LatentFit:
+    """The fit the derived store ``url`` (of ``uuid``) keeps, read once per process."""
+    record, arrays = kept(url, uuid, options, FIT, tuple(f"fit_{name}" for name in _ARRAYS))
+    return LatentFit.of(record, arrays)
 
 
 def requested_labels(fit: LatentFit, labels: Sequence[int] | None) -> list[int]:

@@ -4,13 +4,15 @@
 Rows come label by label, ``count`` of each, with ids ``sample-L3-000017`` (``sample-
 000017`` for a store without labels) and the label asked for. Each shard's rows are
 drawn by a generator seeded with ``(seed, the shard's first row)``, so a store is the
-same whatever the workers.
+same whatever the workers. The fit is written into the new store before any task runs,
+and each task reads it there (:func:`latentbatch.uses.fit.keep_fit`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from distributed import Client
@@ -19,9 +21,9 @@ from latentbatch.errors import LatentbatchError
 from latentbatch.models.checkpoint import ModelLocation
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions
-from latentbatch.stores.store import open_store
-from latentbatch.uses.derive import DeriveResult, Lineage, Parent, derive, like
-from latentbatch.uses.fit import UNLABELLED, LatentFit, fit_latents, requested_labels
+from latentbatch.stores.store import LatentStore, open_store
+from latentbatch.uses.derive import DeriveResult, Lineage, Parent, derive, is_kept, like
+from latentbatch.uses.fit import FIT, UNLABELLED, fit_latents, keep_fit, kept_fit, requested_labels
 
 MAX_COUNT = 1_000_000
 
@@ -37,9 +39,12 @@ def sample_id(label: int, index: int) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplePart:
-    """Rows ``[start, stop)`` of a generate: ``count`` rows per label of ``labels``."""
+    """Rows ``[start, stop)`` of a generate: ``count`` rows per label of ``labels``, drawn
+    from the fit that the derived store ``store_url`` (of ``uuid``) keeps."""
 
-    fit: LatentFit
+    store_url: str
+    uuid: str
+    storage_options: dict[str, Any]
     labels: tuple[int, ...]
     count: int
     seed: int
@@ -51,7 +56,8 @@ class SamplePart:
         rows = np.arange(self.start, self.stop)
         labels = np.asarray(self.labels, np.int64)[rows // self.count]
         rng = np.random.default_rng([self.seed, self.start])
-        latents = self.fit.sample(labels, rng, self.temperature)
+        fit = kept_fit(self.store_url, self.uuid, self.storage_options)
+        latents = fit.sample(labels, rng, self.temperature)
         ids = [
             sample_id(int(label), int(row % self.count))
             for label, row in zip(labels, rows, strict=True)
@@ -94,6 +100,13 @@ def generate(
         seed=seed,
         parents=(Parent.of(reference),),
     )
+    made: list[LatentStore] = []
+
+    def setup(out: LatentStore) -> None:
+        made.append(out)
+        if not is_kept(out, FIT):
+            keep_fit(out, fit)
+
     return derive(
         store_url,
         create=lambda meta: like(reference, store_url, count * len(chosen), storage_options, meta),
@@ -101,7 +114,9 @@ def generate(
         lineage=lineage,
         rows=count * len(chosen),
         part=lambda a, b: SamplePart(
-            fit=fit,
+            store_url=store_url,
+            uuid=made[0].uuid,
+            storage_options=dict(storage_options or {}),
             labels=chosen,
             count=count,
             seed=seed,
@@ -109,6 +124,7 @@ def generate(
             start=a,
             stop=b,
         ),
+        setup=setup,
         model=model,
         storage_options=storage_options,
         client=client,

@@ -31,8 +31,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,12 +41,21 @@ from distributed import Client
 from latentbatch.errors import LatentbatchError
 from latentbatch.models.checkpoint import ModelLocation
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions, named_write
+from latentbatch.storage.fs import StorageOptions
 from latentbatch.stores.query import iter_select, latent_of
-from latentbatch.stores.store import LatentStore, StoreError, open_store, read_checked
-from latentbatch.uses.derive import DeriveResult, Lineage, Parent, derive, like
+from latentbatch.stores.store import LatentStore, open_store
+from latentbatch.uses.derive import (
+    DeriveResult,
+    Lineage,
+    Parent,
+    derive,
+    is_kept,
+    keep,
+    kept,
+    like,
+)
 from latentbatch.uses.distances import squared_distances
-from latentbatch.uses.fit import LatentFit, fit_latents
+from latentbatch.uses.fit import FIT, fit_latents, keep_fit, kept_fit
 
 Interpolation = Literal["slerp", "linear"]
 INTERPOLATIONS: tuple[Interpolation, ...] = ("linear", "slerp")
@@ -197,42 +204,36 @@ def match(store: LatentStore, source: int, target: int, seed: int = 0) -> Matchi
 
 
 def _keep(store: LatentStore, matching: Matching) -> None:
-    """Write the matching into the derived store, where its tasks read it: both arrays,
-    then the ``matching`` record saying they are whole (a write stopped half-way, the disk
-    full say, leaves no record, and the next run writes them again)."""
-    for name, values in ((ANCHORS, matching.anchors), (MOVES, matching.moves)):
-        with named_write(store.url, f"the matched pairs ({name}) of {store.url}"):
-            store.group.create_array(
-                name, shape=values.shape, dtype="float32", chunks=(256, values.shape[1]),
-                dimension_names=("pair", "value"), overwrite=True,
-            )[...] = values.astype(np.float32)  # fmt: skip
-    store.write_meta(**{MATCHING: {"pairs": len(matching.anchors), "neighbours": MATCH_NEIGHBOURS}})
-
-
-@functools.lru_cache(maxsize=4)
-def _kept(url: str, uuid: str, options: str) -> Matching:
-    """The matching a derived store keeps, read once per process."""
-    store = open_store(url, json.loads(options))
-    if not isinstance(store.meta.get(MATCHING), dict):
-        raise StoreError(f"{url} keeps no whole matching of its shift; run the shift again")
-    anchors, moves = (
-        np.asarray(read_checked(url, store.group[name], "all rows", slice(None)), np.float64)  # type: ignore[arg-type]
-        for name in (ANCHORS, MOVES)
+    """Write the matching into the derived store, where its tasks read it."""
+    keep(
+        store,
+        MATCHING,
+        {"pairs": len(matching.anchors), "neighbours": MATCH_NEIGHBOURS},
+        {ANCHORS: matching.anchors.astype(np.float32), MOVES: matching.moves.astype(np.float32)},
+        "the matched pairs",
+        {ANCHORS: ("pair", "value"), MOVES: ("pair", "value")},
     )
-    return Matching(anchors=anchors, moves=moves)
+
+
+def _kept(url: str, uuid: str, options: StorageOptions | None) -> Matching:
+    """The matching the derived store ``url`` keeps, read once per process."""
+    _, arrays = kept(url, uuid, options, MATCHING, (ANCHORS, MOVES))
+    return Matching(
+        anchors=np.asarray(arrays[ANCHORS], np.float64),
+        moves=np.asarray(arrays[MOVES], np.float64),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShiftPart:
     """Parent rows ``rows`` of ``store_url`` shifted, as rows of the derived store
-    ``out_url`` (which keeps a matching's pairs)."""
+    ``out_url`` (which keeps the fit and a matching's pairs)."""
 
     store_url: str
     out_url: str
     out_uuid: str
     storage_options: dict[str, Any]
     rows: tuple[int, ...]
-    fit: LatentFit
     source: int
     target: int
     strength: float
@@ -242,12 +243,12 @@ class ShiftPart:
         store = open_store(self.store_url, self.storage_options)
         latents = store.read_latents_at(list(self.rows))
         flat = latents.reshape(len(latents), -1).astype(np.float64)
+        fit = kept_fit(self.out_url, self.out_uuid, self.storage_options)
         if self.method == "matching":
-            options = json.dumps(self.storage_options, sort_keys=True)
-            matching = _kept(self.out_url, self.out_uuid, options)
-            shifted = self.fit.clip(matching.apply(flat, self.strength))
+            matching = _kept(self.out_url, self.out_uuid, self.storage_options)
+            shifted = fit.clip(matching.apply(flat, self.strength))
         else:
-            move = self.fit.transport if self.method == "gaussian" else self.fit.mean_shift
+            move = fit.transport if self.method == "gaussian" else fit.mean_shift
             shifted = move(flat, self.source, self.target, self.strength)
         ids = [f"shift-L{self.source}-L{self.target}-{i}" for i in store.read_ids_at(self.rows)]
         return shifted, ids, np.full(len(ids), self.target, np.int32)
@@ -279,6 +280,7 @@ def shift(
     to_label: int,
     strength: float = 1.0,
     method: ShiftMethod = "matching",
+    seed: int = 0,
     reference_url: str | None = None,
     ids: Sequence[str] | None = None,
     rows: Sequence[tuple[int, int]] | None = None,
@@ -293,7 +295,8 @@ def shift(
 ) -> DeriveResult:
     """The chosen rows of ``store_url`` (as ``latentbatch query`` chooses them; every row
     of label ``from_label`` when nothing is chosen) shifted from ``from_label`` towards
-    ``to_label`` into the derived store ``out_url``."""
+    ``to_label`` into the derived store ``out_url``; ``seed`` chooses the rows a
+    matching pairs when a label has more than :data:`MATCH_ROWS`."""
     if method not in SHIFT_METHODS:
         raise ManipulateError(f"--method {method!r} is not one of {', '.join(SHIFT_METHODS)}")
     if from_label == to_label:
@@ -346,7 +349,7 @@ def shift(
                 "where": list(where),
             },
         },
-        seed=None,
+        seed=seed if method == "matching" else None,  # only a matching samples
         parents=parents,
     )
     positions: Callable[[int, int], np.ndarray] | None = None
@@ -354,8 +357,10 @@ def shift(
 
     def setup(out: LatentStore) -> None:
         made.append(out)
-        if method == "matching" and not isinstance(out.meta.get(MATCHING), dict):
-            _keep(out, match(reference, from_label, to_label))  # the labels' pairs
+        if not is_kept(out, FIT):
+            keep_fit(out, fit)
+        if method == "matching" and not is_kept(out, MATCHING):
+            _keep(out, match(reference, from_label, to_label, seed))  # the labels' pairs
 
     def part(a: int, b: int) -> ShiftPart:
         nonlocal positions
@@ -367,7 +372,6 @@ def shift(
             out_uuid=made[0].uuid,
             storage_options=dict(storage_options or {}),
             rows=tuple(int(r) for r in positions(a, b)),
-            fit=fit,
             source=from_label,
             target=to_label,
             strength=strength,
