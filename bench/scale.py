@@ -64,7 +64,7 @@ KEYS = (
 def base_latents(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """mnist5k's latents under the model (float16, as a store holds them) and labels."""
     encoder, info = load_model(model_dir, "encoder")
-    source = open_source("mnist5k", Geometry(info.config.image_size, info.config.channels))
+    source = open_source("mnist5k", Geometry.of(info.config))
     latents = encode_images(encoder, source.read(0, len(source)), torch.device("cpu"))
     return latents.astype(np.float16), np.asarray(source.labels, dtype=np.int32)
 

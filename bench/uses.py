@@ -181,7 +181,7 @@ def measure_interpolation(
     worst_db = 0.0
     midpoints: dict[str, list[float]] = {"slerp": [], "linear": []}
     for i, (a, b) in enumerate(pairs.tolist()):
-        ids = normal.read_ids_at([a, b])
+        ids = normal.read("ids", [a, b]).tolist()
         for method in ("slerp", "linear"):
             url = str(folder / f"interp-{method}-{i}.zarr")
             interpolate(normal_url, ids[0], ids[1], url, steps=9, method=method, client=client)
@@ -193,7 +193,7 @@ def measure_interpolation(
                 originals = normal_images[[a, b]]
                 own_decode = decode_latents(
                     reference.autoencoder.decoder,
-                    normal.read_latents_at([a, b]).astype(np.float32),
+                    normal.read("latents", [a, b]).astype(np.float32),
                     CPU,
                 )
                 for end, original, recon in zip(decoded[[0, 8]], originals, own_decode,
@@ -224,7 +224,7 @@ def occluded(images: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[str, Any]:
     info = read_info(model_dir)
-    geometry = Geometry(info.config.image_size, info.config.channels)
+    geometry = Geometry.of(info.config)
     digits = open_source("mnist5k", geometry)
     images = digits.read(0, len(digits))
     labels = np.asarray(digits.labels, np.int32)

@@ -22,6 +22,7 @@ import torch
 from numcodecs import Zstd
 
 from latentbatch.engine.kernel import encode_images
+from latentbatch.ids import short_id
 from latentbatch.models.weights import load_model
 from latentbatch.sources.images import Geometry, open_source
 from latentbatch.stores.store import INTEGER_ZSTD_LEVEL
@@ -48,7 +49,7 @@ def main() -> None:
     encoder, info = load_model(args.model, "encoder")
     if not info.config.quantized:
         parser.error(f"{args.model} is a {info.config.preset} model; pass a codec model")
-    geometry = Geometry(info.config.image_size, info.config.channels)
+    geometry = Geometry.of(info.config)
     images = open_source("mnist5k", geometry).read(0, args.rows)
     symbols = encode_images(encoder, images, torch.device("cpu")).astype(np.int8)
     chunks = [np.ascontiguousarray(symbols[:, c]) for c in range(symbols.shape[1])]
@@ -73,7 +74,8 @@ def main() -> None:
         print(json.dumps({"model_id": info.model_id, "rows": args.rows, "levels": rows}, indent=2))
         return
     print(f"\nzstd levels on {args.rows} rows of int8 latents, one chunk per channel "
-          f"(model {info.model_id[:12]}; the store uses level {INTEGER_ZSTD_LEVEL})")  # fmt: skip
+          f"(model {short_id(info.model_id)}; the store uses level "
+          f"{INTEGER_ZSTD_LEVEL})")  # fmt: skip
     print(
         f"{'level':>5}{'bytes':>10}{'bpp':>8}{'compress ms':>13}{'decompress ms':>15}  bytes ratio"
     )

@@ -16,6 +16,7 @@ from flows.params import DataSource, ModelDir, StorageBlock, described
 from latentbatch.choices import QUALITIES
 from latentbatch.evaluation import Evaluation, evaluate
 from latentbatch.figures import save_rate_distortion
+from latentbatch.ids import short_id
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -59,7 +60,7 @@ def evaluate_model(
             "evaluate-plot",
             "Rate-distortion: PSNR and MS-SSIM against stored bits per pixel",
             plot,
-            f"Model {result.models[0].model_id[:12]} on {title}; JPEG and WebP from Pillow.",
+            f"Model {short_id(result.models[0].model_id)} on {title}; JPEG and WebP from Pillow.",
         )
     model = result.model
     print(f"{model.bpp:.3f} bits/pixel, {model.psnr:.2f} dB, MS-SSIM {model.ms_ssim:.4f}")

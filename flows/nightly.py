@@ -40,6 +40,7 @@ from flows.params import (
 from latentbatch.choices import Format
 from latentbatch.decode import decode
 from latentbatch.engine.cluster import connect
+from latentbatch.ids import short_id
 from latentbatch.outputs.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.outputs.codecs import ImageCodec, check_codec
 from latentbatch.outputs.verify import verify_output
@@ -71,7 +72,7 @@ def decode_store(
 ) -> dict[str, object]:
     model_id = open_store(item.entry.url, options).model_id  # validates the store
     if model_id not in models:
-        raise LookupError(f"no model with id {model_id[:12]} under the models root")
+        raise LookupError(f"no model with id {short_id(model_id)} under the models root")
     progress = ProgressReporter("nightly-progress", f"Decoding {item.entry.url}")
     try:
         result = decode(

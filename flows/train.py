@@ -12,6 +12,7 @@ from pydantic import Field
 from flows.orchestration import picture_artifact, summary_artifact
 from flows.params import DataSource, described
 from latentbatch.config import DEFAULT_LAMBDA, TrainConfig
+from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import model_dir_for
 from latentbatch.train import TrainResult, model_config_for, train
 
@@ -76,7 +77,7 @@ def train_autoencoder(
         result.reconstructions,
     )
     picture_artifact("train-curves", "Loss and validation PSNR/SSIM per epoch", result.curves)
-    print(f"model {result.model_id[:12]} in {result.model_dir}: {final['val_psnr']:.2f} dB")
+    print(f"model {short_id(result.model_id)} in {result.model_dir}: {final['val_psnr']:.2f} dB")
     return summary
 
 

@@ -108,6 +108,20 @@ class ModelConfig:
         return float(self.diffusers.get("shift_factor") or 0.0)
 
     @property
+    def convention(self) -> dict[str, Any] | None:
+        """How a diffusers autoencoder's latents are stored (a store's
+        ``latent.convention``): scaled, ``(z - shift_factor) * scaling_factor``, as the
+        diffusion model sees them; a decode applies ``z / scaling_factor + shift_factor``
+        once. None for latentbatch's presets."""
+        if self.diffusers is None:
+            return None
+        return {
+            "scaled": True,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
+
+    @property
     def latent_dtype(self) -> str | None:
         """The dtype latents must be stored in, where the architecture fixes it."""
         return "int8" if self.quantized else None

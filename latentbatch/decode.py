@@ -61,7 +61,7 @@ from latentbatch.engine.workers import (
     worker_threads,
 )
 from latentbatch.errors import ConfigError, LatentbatchError, OutputError
-from latentbatch.ids import validate_ids
+from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
 from latentbatch.models.weights import LoadedModel, loaded
 from latentbatch.outputs.codecs import PNG, ImageCodec
@@ -281,7 +281,7 @@ def _refuse_other_output(
     if earlier.model_id != info.model_id or earlier.output_format != fmt:
         raise OutputError(
             f"{out_url} holds a {earlier.output_format} decode by model "
-            f"{earlier.model_id[:12]}; choose another --out"
+            f"{short_id(earlier.model_id)}; choose another --out"
         )
     before = _layout_settings(earlier.format_settings, fmt, store.shard_rows)
     if before != _layout_settings(settings, fmt, store.shard_rows):
@@ -473,8 +473,8 @@ def _decode_selected(
     cpu = torch.device("cpu")
     if has_canary(store):
         check_here(model.decoder, store, cpu)
-    ids = validate_ids(store.read_ids_at(rows))
-    latents = store.read_latents_at(rows)
+    ids = validate_ids(store.read("ids", rows).tolist())
+    latents = store.read("latents", rows)
     refuse_nonfinite(latents, rows, ids, f"the selection of {store.url}")
     images = decode_latents(model.decoder, latents.astype(np.float32), cpu)
     return images, ids, model.info
@@ -517,7 +517,7 @@ def decode_selection(
         images, ids, info = _decode_selected(model, store, rows)
         if fmt == "zarr":
             create_zarr_output(out, options, len(rows), images.shape[1:], len(rows), len(rows))
-        labels = store.read_labels_at(rows).tolist() if store.has_labels else None
+        labels = store.read("labels", rows).tolist() if store.has_labels else None
         record = write_shard(
             out,
             options,

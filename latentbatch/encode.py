@@ -45,9 +45,10 @@ from latentbatch.engine.kernel import (
 )
 from latentbatch.engine.workers import cached_model, register_model
 from latentbatch.errors import ConfigError, DataError
-from latentbatch.ids import validate_ids
+from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.autoencoder import to_unit
 from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.models.convention import scale_warning
 from latentbatch.models.quality import psnr_per_image
 from latentbatch.models.weights import LoadedModel, loaded
 from latentbatch.progress import Progress
@@ -185,8 +186,8 @@ def _prepare(
     store = open_store(store_url, storage_options, writable=True)
     if store.model_id != info.model_id:
         raise StoreError(
-            f"{store_url} holds latents of model {store.model_id[:12]}, not of "
-            f"{info.model_id[:12]}; encode into another store"
+            f"{store_url} holds latents of model {short_id(store.model_id)}, not of "
+            f"{short_id(info.model_id)}; encode into another store"
         )
     if store.image_size != image:
         raise StoreError(
@@ -247,7 +248,7 @@ def encode(
         info.config.latent_shape_at(*image)
     except ConfigError as exc:
         raise DataError(str(exc)) from None
-    geometry = Geometry(image[0], info.config.channels, image[1])
+    geometry = Geometry.of(info.config, image)
     source = open_source(source_spec, geometry, limit)
     validate_ids(source.ids)
     with leased(store_url, f"encode of {source.spec}", storage_options) as lease:
@@ -344,7 +345,7 @@ def encode(
             seconds=time.perf_counter() - started,
             resumed=resumed,
             shards=tasks,
-            warning=store.scale_warning("encode"),
+            warning=scale_warning(store, "encode"),
         )
 
 
@@ -365,13 +366,13 @@ def encode_file(
     info = model.info
     if expected_model_id is not None and info.model_id != expected_model_id:
         raise StoreError(
-            f"{info.location} is model {info.model_id[:12]} but the store holds latents of "
-            f"{expected_model_id[:12]}; pass the model that made the store"
+            f"{info.location} is model {short_id(info.model_id)} but the store holds latents of "
+            f"{short_id(expected_model_id)}; pass the model that made the store"
         )
     try:
         image = open_image(Path(path), MAX_PIXELS)
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from exc
-    pixels = conform(image, Geometry(info.config.image_size, info.config.channels))
+    pixels = conform(image, Geometry.of(info.config))
     latents: np.ndarray = encode_images(model.encoder, pixels[None], torch.device("cpu"))[0]
     return latents

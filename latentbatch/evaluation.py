@@ -29,6 +29,7 @@ from latentbatch.choices import QUALITIES
 from latentbatch.config import TrainConfig
 from latentbatch.engine.kernel import decode_latents, encode_images
 from latentbatch.errors import ConfigError
+from latentbatch.ids import short_id
 from latentbatch.models.autoencoder import Autoencoder, to_unit
 from latentbatch.models.checkpoint import ModelInfo, ModelLocation
 from latentbatch.models.quality import ms_ssim, psnr
@@ -73,7 +74,7 @@ class ModelPoint:
     @property
     def name(self) -> str:
         trade = f", lambda {self.rate_lambda:g}" if self.rate_lambda is not None else ""
-        return f"{self.preset} {self.model_id[:12]}{trade}"
+        return f"{self.preset} {short_id(self.model_id)}{trade}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,7 +146,7 @@ def evaluation_images(
     which they are: the training's validation rows when the model was trained on
     ``source_spec`` (the same seeded split), else, or with ``split="all"``, every image
     of the source."""
-    geometry = Geometry(info.config.image_size, info.config.channels)
+    geometry = Geometry.of(info.config)
     trained = info.meta.get("training", {}).get("config")
     config = TrainConfig.from_dict(trained) if isinstance(trained, dict) else None
     if split == "validation" and config is not None and config.source == source_spec:

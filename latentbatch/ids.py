@@ -76,3 +76,12 @@ def unique(ids: Iterable[str]) -> list[str]:
         taken.add(candidate)
         out.append(candidate)
     return out
+
+
+SHORT = 12
+"""Hex digits of a model id (or any sha256) that messages and tables show."""
+
+
+def short_id(digest: str) -> str:
+    """The first :data:`SHORT` hex digits of a model id or sha256: what people read."""
+    return digest[:SHORT]

@@ -59,7 +59,7 @@ def measure_quality(
 ) -> Quality:
     """Compare a finished decode with the source images it came from."""
     model, info = load_model(model_dir)
-    source = open_source(source_spec, Geometry(info.config.image_size, info.config.channels), limit)
+    source = open_source(source_spec, Geometry.of(info.config), limit)
     ids, decoded = read_output(out_url)
     reference = to_unit(torch.from_numpy(source_images(source, ids)))
     with torch.inference_mode():

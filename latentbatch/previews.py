@@ -36,7 +36,7 @@ def source_for(
 ) -> ImageSource:
     """``source_spec`` opened at the geometry of the model in ``model_dir``."""
     config = read_info(model_dir, options).config
-    return open_source(source_spec, Geometry(config.image_size, config.channels), limit)
+    return open_source(source_spec, Geometry.of(config), limit)
 
 
 def source_images(source: ImageSource, ids: list[str]) -> np.ndarray:
@@ -118,7 +118,7 @@ def anomaly_preview(
     model = loaded(model, store.storage_options)
     rows = [int(r) for r in rows]
     decoded = decode_rows(model, store, rows)
-    geometry = Geometry(model.info.config.image_size, model.info.config.channels)
+    geometry = Geometry.of(model.info.config)
     opened: dict[str, ImageSource] = {}
     originals = []
     try:
@@ -160,7 +160,7 @@ def derived_preview(
         return [decode_rows(model, store, steps.astype(np.int64))]
     shown = range(min(per_row, store.count))
     prefix = f"shift-L{lineage['parameters']['from_label']}-L{lineage['parameters']['to_label']}-"
-    ids = [i.removeprefix(prefix) for i in store.read_ids_at(list(shown))]
+    ids = [i.removeprefix(prefix) for i in store.read("ids", list(shown)).tolist()]
     shifted = decode_rows(model, store, shown)
     try:
         parent = open_store(lineage["parents"][0]["url"], store.storage_options)

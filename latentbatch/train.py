@@ -214,7 +214,7 @@ def train(
     elif (out / checkpoint.WEIGHTS).exists():
         raise CheckpointError(f"{out} already holds a model; resume it or choose another --out")
 
-    geometry = Geometry(model_config.image_size, model_config.channels)
+    geometry = Geometry.of(model_config)
     source = open_source(train_config.source, geometry, train_config.limit, train_config.seed)
     images = to_unit(torch.from_numpy(source.read(0, len(source))))
     train_rows, val_rows = split(len(images), train_config.val_fraction, train_config.seed)

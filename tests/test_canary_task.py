@@ -32,7 +32,7 @@ def test_canary_rows_decode_in_row_order_across_store_shards(
     rows = [40, 3, 17, 18]  # three store shards, given out of order
     cpu = torch.device("cpu")
     decoded = canary_pixels(decoder, store, rows, cpu)
-    expected = decode_latents(decoder, store.read_latents_at(sorted(rows)).astype("f4"), cpu)
+    expected = decode_latents(decoder, store.read("latents", sorted(rows)).astype("f4"), cpu)
     assert decoded.rows == (3, 17, 18, 40) and decoded.device == "cpu"
     np.testing.assert_array_equal(decoded.pixels, expected)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from latentbatch.errors import CheckpointError
+from latentbatch.ids import short_id
 from latentbatch.models import checkpoint, weights
 
 
@@ -94,7 +95,7 @@ def test_weights_altered_at_the_url_are_refused_naming_both_ids(
     weights[-1] ^= 1  # one bit of the last tensor's data
     fs.pipe_file(f"{remote_model}/{checkpoint.WEIGHTS}", bytes(weights))
     actual = hashlib.sha256(weights).hexdigest()
-    pattern = f"have id {actual[:12]}, not the expected {info.model_id[:12]}"
+    pattern = f"have id {short_id(actual)}, not the expected {short_id(info.model_id)}"
     with pytest.raises(CheckpointError, match=pattern):
         checkpoint.local_copy(info)
     assert not fresh_cache.exists()  # nothing cached, no leftovers

@@ -46,7 +46,7 @@ def test_each_rows_psnr_is_what_a_decode_of_it_gives(mnist_store: Path, seed_mod
     expected = psnr_per_image(
         to_unit(torch.from_numpy(originals)), to_unit(torch.from_numpy(decoded))
     )
-    np.testing.assert_allclose(store.read_quality_at(rows), expected.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(store.read("quality", rows), expected.numpy(), rtol=0, atol=1e-4)
     assert not np.isnan(store.read_quality(0, 5000)).any()
 
 

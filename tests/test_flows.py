@@ -36,6 +36,7 @@ from flows.query import query_latents
 from flows.train import train_autoencoder
 from latentbatch.decode import decode
 from latentbatch.encode import encode
+from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import model_id, read_info
 from latentbatch.storage.lease import Lease
 from latentbatch.stores.store import Layout, open_store
@@ -101,7 +102,7 @@ def test_evaluate_flow_leaves_the_table_and_the_plot(tiny_model: Path) -> None:
     assert found["evaluate-table"].type == "table"
     table = json.loads(found["evaluate-table"].data)
     model_id = result["model_id"]
-    assert [row["what"] for row in table][:2] == [f"compact {model_id[:12]}", "Pillow JPEG"]
+    assert [row["what"] for row in table][:2] == [f"compact {short_id(model_id)}", "Pillow JPEG"]
     assert table[0]["bpp"] == round(result["model"]["bpp"], 4)
     _check_preview(found["evaluate-plot"])
 

@@ -76,7 +76,9 @@ def test_shift_moves_a_labels_rows_towards_another(
     zeros = select(parent, label=0)
     assert result.rows == len(zeros) > 0
     store = open_store(url)
-    assert store.read_ids(0, 2) == [f"shift-L0-L1-{i}" for i in parent.read_ids_at(zeros[:2])]
+    assert store.read_ids(0, 2) == [
+        f"shift-L0-L1-{i}" for i in parent.read("ids", zeros[:2]).tolist()
+    ]
     assert (store.read_labels(0, store.count) == 1).all()
     shift(digits, other, from_label=0, to_label=1, client=process_client)  # other workers
     assert store.read_latents(0, store.count).tobytes() == (

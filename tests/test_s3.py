@@ -18,6 +18,7 @@ from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
 from latentbatch.errors import CheckpointError
+from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import CONFIG, MODEL_CACHE_ENV, WEIGHTS, model_id
 from latentbatch.outputs.shards import read_output
 from latentbatch.stores.store import Layout, StoreError, open_store
@@ -160,7 +161,7 @@ def test_a_model_on_s3_decodes_on_a_cli_cluster_and_altered_weights_are_refused(
         decode(url, store, "s3://latentbatch/m/altered", storage_options=s3, scheduler=address)
     message = str(refused.value)
     assert re.search(r"Dask worker w\d refused the model", message), message
-    assert f"have id {actual[:12]}, not the expected {expected[:12]}" in message
+    assert f"have id {short_id(actual)}, not the expected {short_id(expected)}" in message
     assert not fs.exists("latentbatch/m/altered/shards.jsonl")
     assert not [p for p in fs.find("latentbatch/m/altered") if p.endswith(".tar")]
     assert not (tmp_path / "fresh-cache" / expected).exists()

@@ -148,7 +148,7 @@ def test_each_rows_quality_is_kept_and_stores_without_it_still_open(
     again = open_store(str(url))
     assert again.has_quality
     np.testing.assert_array_equal(again.read_quality(2, 6), [9, 40, np.nan, np.nan])
-    assert again.read_quality_at([3, 1]).tolist() == [40, 31.5]
+    assert again.read("quality", [3, 1]).tolist() == [40, 31.5]
     assert "quality" in again.bytes_on_disk()
     # a store of an earlier release has no quality array: it opens, and says so when asked
     for path in sorted((url / "quality").rglob("*"), reverse=True):
@@ -176,7 +176,7 @@ def test_flipped_byte_is_named_with_store_array_and_rows(
     opened = open_store(str(url))
     read = {
         "latents": lambda: opened.read_latents(0, 4),
-        "ids": lambda: opened.read_ids_at([2, 0]),
+        "ids": lambda: opened.read("ids", [2, 0]).tolist(),
         "labels": lambda: opened.read_labels(0, 4),
     }[array]
     with pytest.raises(StoreError) as caught:

@@ -49,6 +49,7 @@ from latentbatch.cli.uses import (
 )
 from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.models import checkpoint
 from latentbatch.progress import VERBOSE_ENV
 from latentbatch.storage.fs import parse_options
@@ -83,7 +84,7 @@ def _report_training(result: TrainResult) -> None:
     console = make_console()
     final = result.final
     verb = "reused" if result.reused else "trained"
-    console.print(f"[bold]{verb}[/] model {result.model_id[:12]} in {result.model_dir}")
+    console.print(f"[bold]{verb}[/] model {short_id(result.model_id)} in {result.model_dir}")
     console.print(
         f"  epochs {int(final['epoch'])}, validation PSNR {final['val_psnr']:.2f} dB, "
         f"SSIM {final['val_ssim']:.3f}"

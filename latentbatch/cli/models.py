@@ -15,6 +15,7 @@ from latentbatch.cli.common import (
     make_console,
 )
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.models import checkpoint
 from latentbatch.storage.fs import filesystem, parse_options
 
@@ -46,7 +47,7 @@ def models_list(
         psnr = row["val_psnr"]
         table.add_row(
             row["path"],
-            row["model_id"][:12],
+            short_id(row["model_id"]),
             row["preset"],
             row["image"],
             "x".join(map(str, row["latent"])),

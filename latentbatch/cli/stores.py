@@ -27,6 +27,7 @@ from latentbatch.cli.common import (
     make_console,
 )
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.storage.fs import parse_options
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def stores_command(
             row["store"],
             str(row["count"]),
             "x".join(map(str, row["latent_shape"])) + f" {row['latent_dtype']}",
-            row["model_id"][:12],
+            short_id(row["model_id"]),
             row["created"] + (f" ({row['derived']})" if row["derived"] else ""),
             "-" if row["bytes"] is None else f"{row['bytes']:,}",
             row["output"] or "-",

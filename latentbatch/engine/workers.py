@@ -40,6 +40,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from latentbatch.config import ModelConfig
 from latentbatch.engine.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import ModelInfo, weights_bytes
 from latentbatch.models.weights import Part, load_model_bytes
 from latentbatch.storage.fs import StorageOptions
@@ -189,7 +190,7 @@ def cached_model(model_id: str, part: Part) -> tuple[torch.nn.Module, torch.devi
         return _MODELS[model_id, part]
     except KeyError:
         raise WorkerStateError(
-            f"the {part} of model {model_id[:12]} is not loaded in this process; "
+            f"the {part} of model {short_id(model_id)} is not loaded in this process; "
             "register it with latentbatch.engine.workers.register_model first"
         ) from None
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.storage.fs import (
     TEMPORARY_SUFFIX,
     StorageOptions,
@@ -97,7 +98,7 @@ class ModelInfo:
 
     @property
     def short_id(self) -> str:
-        return self.model_id[:12]
+        return short_id(self.model_id)
 
     @property
     def is_remote(self) -> bool:
@@ -250,8 +251,8 @@ def _local_info(
     recorded = meta.get("model_id")
     if recorded is not None and recorded != actual:
         raise CheckpointError(
-            f"{directory / name} (id {actual[:12]}) is not the file {CONFIG} was written for "
-            f"(id {str(recorded)[:12]}); restore the weights or retrain"
+            f"{directory / name} (id {short_id(actual)}) is not the file {CONFIG} was written for "
+            f"(id {short_id(str(recorded))}); restore the weights or retrain"
         )
     return ModelInfo(
         location=str(directory), model_id=actual, config=config, meta=meta, weights=name
@@ -319,9 +320,9 @@ def _fetch(info: ModelInfo, target: Path) -> None:
     actual = hashlib.sha256(weights).hexdigest()
     if actual != info.model_id:
         raise CheckpointError(
-            f"the weights at {join(info.location, info.weights)} have id {actual[:12]}, not the "
-            f"expected {info.model_id[:12]} that its {CONFIG} records: they were altered "
-            "after training; restore them or point --model at the model you meant"
+            f"the weights at {join(info.location, info.weights)} have id {short_id(actual)}, "
+            f"not the expected {short_id(info.model_id)} that its {CONFIG} records: they were "
+            "altered after training; restore them or point --model at the model you meant"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(

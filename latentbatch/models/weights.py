@@ -22,6 +22,7 @@ from safetensors.torch import save
 
 from latentbatch.config import ModelConfig
 from latentbatch.errors import CheckpointError
+from latentbatch.ids import short_id
 from latentbatch.models.autoencoder import Autoencoder, build_decoder, build_encoder
 from latentbatch.models.checkpoint import (
     CONFIG,
@@ -172,10 +173,10 @@ def load_model_bytes(
     digest = hashlib.sha256(weights).hexdigest()
     if digest != expected_id:
         raise CheckpointError(
-            f"model bytes have id {digest[:12]}, expected {expected_id[:12]}; "
+            f"model bytes have id {short_id(digest)}, expected {short_id(expected_id)}; "
             "the model directory changed while it was being sent: run again"
         )
-    return _build_from_bytes(weights, config, part, f"model {expected_id[:12]}")
+    return _build_from_bytes(weights, config, part, f"model {short_id(expected_id)}")
 
 
 @dataclass(frozen=True, kw_only=True)

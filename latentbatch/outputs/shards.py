@@ -291,7 +291,7 @@ def read_output(
         images = np.asarray(array[: array.shape[0] if limit is None else limit])
         store = open_store(manifest.store.url, options)
         if manifest.selection is not None:
-            return store.read_ids_at(manifest.selection[: len(images)]), images
+            return store.read("ids", manifest.selection[: len(images)]).tolist(), images
         return store.read_ids(0, len(images)), images
     codec = codec_of_settings(manifest.format_settings)
     channels = (manifest.format_settings or {}).get("channels")

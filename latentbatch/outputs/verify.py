@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from latentbatch.errors import LatentbatchError, OutputError
+from latentbatch.ids import short_id
 from latentbatch.outputs.manifest import Manifest, ShardRecord, iter_shards, read_manifest
 from latentbatch.outputs.shards import ZARR_NAME, folder_digest
 from latentbatch.storage.fs import StorageOptions, filesystem, join
@@ -110,7 +111,7 @@ def _check_shard(
         else:
             actual = _sha256(fs, path)
         if actual != record.sha256:
-            detail = f"sha256 {actual[:12]}..., the table records {record.sha256[:12]}..."
+            detail = f"sha256 {short_id(actual)}..., the table records {short_id(record.sha256)}..."
             yield Problem(shard=record.path, kind="sha256", detail=detail)
 
 
@@ -123,7 +124,7 @@ def _check_ids(
         yield Problem(shard=record.path, kind="unreadable", detail=str(exc))
         return
     if manifest.selection is not None:
-        expected = store.read_ids_at(list(manifest.selection[record.start : record.stop]))
+        expected = store.read("ids", list(manifest.selection[record.start : record.stop])).tolist()
     else:
         expected = store.read_ids(record.start, record.stop)
     if manifest.output_format == "png":  # a folder's files come sorted by name

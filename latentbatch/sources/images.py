@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from latentbatch.choices import SOURCES
+from latentbatch.config import ModelConfig
 from latentbatch.errors import DataError
 from latentbatch.ids import slug, unique
 
@@ -67,6 +68,13 @@ class Geometry:
             raise DataError(f"channels must be 1 or 3, got {self.channels}")
         if self.width == self.size:
             object.__setattr__(self, "width", 0)  # one spelling of a square
+
+    @classmethod
+    def of(cls, config: ModelConfig, image: tuple[int, int] | None = None) -> Geometry:
+        """What a model takes: its config's image size and channels, or ``image``
+        (height, width) for a model that takes any size."""
+        height, width = image or (config.image_size, config.image_size)
+        return cls(height, config.channels, width)
 
     @property
     def height(self) -> int:

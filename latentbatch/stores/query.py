@@ -196,7 +196,7 @@ def select(
 
 def read_rows(store: LatentStore, rows: Rows) -> np.ndarray:
     """Latents of the given rows (any order), as float32."""
-    return store.read_latents_at(rows).astype(np.float32)
+    return store.read("latents", rows).astype(np.float32)
 
 
 def to_xarray(store: LatentStore, rows: np.ndarray) -> xr.DataArray:
@@ -206,7 +206,7 @@ def to_xarray(store: LatentStore, rows: np.ndarray) -> xr.DataArray:
     return xr.DataArray(
         read_rows(store, rows),
         dims=("sample", "channel", "y", "x"),
-        coords={"sample": store.read_ids_at(rows), "row": ("sample", rows)},
+        coords={"sample": store.read("ids", rows).tolist(), "row": ("sample", rows)},
         name="latents",
         attrs={"store": store.url, "model_id": store.model_id},
     )
@@ -392,7 +392,7 @@ def nearest(
         best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:want]
     excluded = set(exclude)
     chosen = [(float(d), int(r)) for d, r in best if int(r) not in excluded][:k]
-    ids = store.read_ids_at([r for _, r in chosen])
+    ids = store.read("ids", [r for _, r in chosen]).tolist()
     return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
 
 
@@ -440,10 +440,10 @@ def result_rows(
     (when it was scored; None where not) and
     ``distance`` (for neighbours), in the given order."""
     rows = [int(r) for r in rows]
-    ids = store.read_ids_at(rows)
-    labels = store.read_labels_at(rows).tolist() if store.has_labels else None
-    quality = store.read_quality_at(rows).tolist() if store.has_quality else None
-    anomaly = store.read_anomaly_at(rows).tolist() if store.has_anomaly else None
+    ids = store.read("ids", rows).tolist()
+    labels = store.read("labels", rows).tolist() if store.has_labels else None
+    quality = store.read("quality", rows).tolist() if store.has_quality else None
+    anomaly = store.read("anomaly", rows).tolist() if store.has_anomaly else None
     results: list[dict[str, Any]] = []
     for i, (row, sample_id) in enumerate(zip(rows, ids, strict=True)):
         entry: dict[str, Any] = {"row": row, "id": sample_id}

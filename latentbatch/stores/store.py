@@ -71,12 +71,12 @@ DEFAULT_CHUNK_ROWS = 128
 LATENT_DTYPES = ("float16", "float32")
 INTEGER_ZSTD_LEVEL = 15
 ANOMALY = "anomaly"  # optional per-row scores of `latentbatch score`
-SCALE_TOLERANCE = 2.0
-"""How far (times) scaled latents' std may lie from 1 before a store warns."""
 
 
 Rows = Sequence[int] | npt.NDArray[np.integer[Any]]
 """Row numbers of a store, as a list or an integer array (what a selection returns)."""
+Field = Literal["latents", "ids", "labels", "quality", "anomaly"]
+"""The per-row arrays of a store (:meth:`LatentStore.read`)."""
 
 
 class StoreError(LatentbatchError):
@@ -184,44 +184,12 @@ class LatentStore:
         """The images' height and width in pixels."""
         return int(self.meta["image"]["height"]), int(self.meta["image"]["width"])
 
-    def scale_warning(self, made_by: str = "import") -> str | None:
-        """For a diffusers autoencoder's latents, stored scaled (which gives them about unit
-        standard deviation: what the scaling factor is chosen for), a sentence when the
-        first shard's median per-channel std is more than :data:`SCALE_TOLERANCE` times
-        off, naming the likely cause (for what ``made_by`` wrote: an ``import`` or an
-        ``encode``); None otherwise (and for latentbatch's presets)."""
-        convention = self.meta["latent"].get("convention")
-        if not isinstance(convention, Mapping) or self.count == 0:
-            return None
-        stop = min(self.count, self.shard_rows)
-        latents = self.read_latents(0, stop).astype(np.float64)
-        std = float(np.median(latents.std(axis=(0, 2, 3))))
-        if 1 / SCALE_TOLERANCE <= std <= SCALE_TOLERANCE:
-            return None
-        factor = convention["scaling_factor"]
-        if made_by == "encode":
-            return (
-                f"{self.url}: the latents' standard deviation is {std:.3g} per channel "
-                f"(median, first {stop} rows), far from the 1 that the scaling factor "
-                f"{factor:g} of the model's config.json should give: it does not fit this "
-                "model (a retrained or random one?); decodes are right, but a diffusion "
-                "model trained on the model's own convention would see garbage"
-            )
-        if std > SCALE_TOLERANCE:
-            cause = (
-                "they look unscaled (raw latents declared scaled?); if so, import them "
-                "again with --latents raw"
-            )
-        else:
-            cause = (
-                "they look scaled twice (scaled latents declared raw?); if so, import them "
-                "again with --latents scaled"
-            )
-        return (
-            f"{self.url}: the latents' standard deviation is {std:.3g} per channel (median, "
-            f"first {stop} rows), far from the 1 of latents scaled by {factor:g}: {cause}; "
-            "decoded, they would be garbage"
-        )
+    @property
+    def convention(self) -> dict[str, Any] | None:
+        """How a diffusers autoencoder's latents are stored here (``latent.convention``:
+        :attr:`latentbatch.config.ModelConfig.convention`); None for the presets'."""
+        found = self.meta["latent"].get("convention")
+        return dict(found) if isinstance(found, Mapping) else None
 
     @property
     def quantization(self) -> dict[str, Any] | None:
@@ -263,35 +231,48 @@ class LatentStore:
             yield first, min(first + self.shard_rows, stop)
 
     # reading ---------------------------------------------------------------------------
-    def _check_rows(self, start: int, stop: int) -> None:
-        if not 0 <= start <= stop <= self.count:
-            raise StoreError(
-                f"rows [{start}, {stop}) are outside the {self.count} committed rows of {self.url}"
-            )
-
-    def _read(self, array: zarr.Array[Any], where: str, selection: Any) -> np.ndarray:
-        return read_checked(self.url, array, where, selection)
-
-    def _rows(self, array: zarr.Array[Any], start: int, stop: int) -> np.ndarray:
-        """Committed rows ``[start, stop)`` of ``array``, checked."""
-        self._check_rows(start, stop)
-        return self._read(array, f"rows [{start}, {stop})", slice(start, stop))
-
-    def _at(self, array: zarr.Array[Any], rows: Rows, empty: np.ndarray) -> np.ndarray:
-        """The given committed rows of ``array``, in their order (``empty`` for none)."""
-        selection = self._check_selection(rows)
-        if not len(selection):
-            return empty
-        return self._read(array, _where(selection), selection)
+    def read(self, field: Field, rows: slice | Rows) -> np.ndarray:
+        """The one per-row accessor: committed rows of ``field`` (``latents``, ``ids``,
+        ``labels``, ``quality`` or ``anomaly``), a range (``slice(start, stop)``) or the
+        given rows in their order. Rows past ``count`` are refused, and so are a store's
+        missing quality and unfinished anomaly scores, each in a sentence; a chunk that
+        does not read back is named."""
+        array = {
+            "latents": lambda: self.latents,
+            "ids": lambda: self.ids,
+            "labels": lambda: self.labels,
+            "quality": self._quality,
+            "anomaly": self._anomaly,
+        }[field]()
+        if isinstance(rows, slice):
+            start, stop = rows.start or 0, self.count if rows.stop is None else rows.stop
+            if not 0 <= start <= stop <= self.count:
+                raise StoreError(
+                    f"rows [{start}, {stop}) are outside the {self.count} committed rows of "
+                    f"{self.url}"
+                )
+            found = read_checked(self.url, array, f"rows [{start}, {stop})", slice(start, stop))
+        else:
+            selection = np.asarray(rows, dtype=np.int64)
+            if len(selection) and not (selection.min() >= 0 and selection.max() < self.count):
+                raise StoreError(
+                    f"rows {rows} are outside the {self.count} committed rows of {self.url}"
+                )
+            if not len(selection):
+                return np.zeros((0, *array.shape[1:]), object if field == "ids" else array.dtype)
+            found = read_checked(self.url, array, _where(selection), selection)
+        if field == "ids":
+            return np.array([str(i) for i in found.tolist()], object)
+        return found.astype(np.int32, copy=False) if field == "labels" else found
 
     def read_latents(self, start: int, stop: int) -> np.ndarray:
-        return self._rows(self.latents, start, stop)
+        return self.read("latents", slice(start, stop))
 
     def read_ids(self, start: int, stop: int) -> list[str]:
-        return [str(i) for i in self._rows(self.ids, start, stop).tolist()]
+        return list(self.read("ids", slice(start, stop)).tolist())
 
     def read_labels(self, start: int, stop: int) -> np.ndarray:
-        return self._rows(self.labels, start, stop).astype(np.int32, copy=False)
+        return self.read("labels", slice(start, stop))
 
     def _quality(self) -> zarr.Array[Any]:
         if self.quality is None:
@@ -303,7 +284,7 @@ class LatentStore:
 
     def read_quality(self, start: int, stop: int) -> np.ndarray:
         """Each row's PSNR (dB) at encode time, float32 (NaN where not measured)."""
-        return self._rows(self._quality(), start, stop)
+        return self.read("quality", slice(start, stop))
 
     @property
     def has_anomaly(self) -> bool:
@@ -333,11 +314,7 @@ class LatentStore:
 
     def read_anomaly(self, start: int, stop: int) -> np.ndarray:
         """Each row's anomaly score, float32 (NaN where not scored)."""
-        return self._rows(self._anomaly(), start, stop)
-
-    def read_anomaly_at(self, rows: Rows) -> np.ndarray:
-        """Anomaly scores of the given committed rows, in the given order."""
-        return self._at(self._anomaly(), rows, np.zeros(0, np.float32))
+        return self.read("anomaly", slice(start, stop))
 
     def write_anomaly(self, start: int, scores: np.ndarray) -> None:
         """Write rows' anomaly scores (a whole store shard, by one writer), creating the
@@ -357,32 +334,6 @@ class LatentStore:
         stop = start + len(scores)
         with named_write(self.url, f"anomaly scores of rows [{start}, {stop}) of {self.url}"):
             self.anomaly[start:stop] = scores.astype(np.float32, copy=False)
-
-    def read_quality_at(self, rows: Rows) -> np.ndarray:
-        """PSNRs of the given committed rows, in the given order."""
-        return self._at(self._quality(), rows, np.zeros(0, np.float32))
-
-    def _check_selection(self, rows: Rows) -> np.ndarray:
-        selection = np.asarray(rows, dtype=np.int64)
-        if len(selection) and not (selection.min() >= 0 and selection.max() < self.count):
-            raise StoreError(
-                f"rows {rows} are outside the {self.count} committed rows of {self.url}"
-            )
-        return selection
-
-    def read_ids_at(self, rows: Rows) -> list[str]:
-        """Ids of the given committed rows, in the given order."""
-        return [str(i) for i in self._at(self.ids, rows, np.zeros(0, object)).tolist()]
-
-    def read_latents_at(self, rows: Rows) -> np.ndarray:
-        """Latents of the given committed rows, in the given order."""
-        empty = np.zeros((0, *self.latent_shape), self.latents.dtype)
-        return self._at(self.latents, rows, empty)
-
-    def read_labels_at(self, rows: Rows) -> np.ndarray:
-        """Labels of the given committed rows, in the given order."""
-        found = self._at(self.labels, rows, np.zeros(0, np.int32))
-        return found.astype(np.int32, copy=False)
 
     # writing ---------------------------------------------------------------------------
     def write_meta(self, **updates: Any) -> None:
@@ -574,19 +525,6 @@ def open_store(
     return LatentStore(url, group, storage_options)
 
 
-def convention(config: ModelConfig) -> dict[str, Any] | None:
-    """How a diffusers autoencoder's latents are stored (``latent.convention``): scaled,
-    ``(z - shift_factor) * scaling_factor``, as the diffusion model sees them; a decode
-    applies ``z / scaling_factor + shift_factor`` once. None for latentbatch's presets."""
-    if config.diffusers is None:
-        return None
-    return {
-        "scaled": True,
-        "scaling_factor": config.scaling_factor,
-        "shift_factor": config.shift_factor,
-    }
-
-
 def create_store(
     url: str,
     *,
@@ -664,7 +602,7 @@ def create_store(
             "shape": list(shape),
             "quantization": dict(quantization) if quantization is not None else None,
             # a diffusers autoencoder's convention (the presets' metadata as before)
-            **({"convention": convention(config)} if config.diffusers is not None else {}),
+            **({"convention": config.convention} if config.convention is not None else {}),
         },
         "image": {"height": image_height, "width": image_width, "mode": config.mode},
         "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},

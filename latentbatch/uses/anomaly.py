@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.storage.fs import StorageOptions
 from latentbatch.storage.lease import leased
 from latentbatch.stores.store import LatentStore, open_store
@@ -145,8 +146,8 @@ def score(
     store = open_store(store_url, storage_options)
     if reference.model_id != store.model_id:
         raise ScoreError(
-            f"{reference_url} holds latents of model {reference.model_id[:12]} and "
-            f"{store_url} of {store.model_id[:12]}; score against a reference encoded by "
+            f"{reference_url} holds latents of model {short_id(reference.model_id)} and "
+            f"{store_url} of {short_id(store.model_id)}; score against a reference encoded by "
             "the same model"
         )
     if reference.count <= k:

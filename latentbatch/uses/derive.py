@@ -34,7 +34,7 @@ from distributed import Client
 from latentbatch.engine.canary_task import canary_on
 from latentbatch.engine.cluster import map_bounded, using
 from latentbatch.engine.workers import register_model
-from latentbatch.ids import validate_ids
+from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.checkpoint import ModelLocation, read_info
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions, filesystem, named_write
@@ -301,7 +301,7 @@ def derive(
     if info is not None and info.model_id != model_id:
         raise StoreError(
             f"{info.location} is model {info.short_id}, but the {lineage.operation} writes "
-            f"latents of model {model_id[:12]}; pass that model"
+            f"latents of model {short_id(model_id)}; pass that model"
         )
     with leased(url, f"{lineage.operation} into {url}", storage_options) as lease:
         started = time.perf_counter()

@@ -25,6 +25,7 @@ from distributed import Client
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
 from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.models.convention import scale_warning
 from latentbatch.progress import Progress
 from latentbatch.sources.latents import Kind, Piece, find, read_piece, segments
 from latentbatch.storage.fs import StorageOptions
@@ -195,5 +196,5 @@ def import_latents(
         derived=result,
         layout=found.kind,
         mean_of_mean_and_std=channels == 2 * config.latent_channels,
-        warning=open_store(store_url, storage_options).scale_warning(),
+        warning=scale_warning(open_store(store_url, storage_options)),
     )

@@ -39,6 +39,7 @@ import numpy as np
 from distributed import Client
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import ModelLocation
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions
@@ -190,7 +191,7 @@ def _label_sample(store: LatentStore, label: int, seed: int) -> np.ndarray:
     rows = np.concatenate(list(iter_select(store, label=label)) or [np.zeros(0, np.int64)])
     if len(rows) > MATCH_ROWS:
         rows = np.sort(np.random.default_rng([seed, label]).choice(rows, MATCH_ROWS, False))
-    latents = store.read_latents_at(rows)
+    latents = store.read("latents", rows)
     return latents.reshape(len(latents), -1).astype(np.float64)
 
 
@@ -241,7 +242,7 @@ class ShiftPart:
 
     def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         store = open_store(self.store_url, self.storage_options)
-        latents = store.read_latents_at(list(self.rows))
+        latents = store.read("latents", list(self.rows))
         flat = latents.reshape(len(latents), -1).astype(np.float64)
         fit = kept_fit(self.out_url, self.out_uuid, self.storage_options)
         if self.method == "matching":
@@ -250,7 +251,10 @@ class ShiftPart:
         else:
             move = fit.transport if self.method == "gaussian" else fit.mean_shift
             shifted = move(flat, self.source, self.target, self.strength)
-        ids = [f"shift-L{self.source}-L{self.target}-{i}" for i in store.read_ids_at(self.rows)]
+        ids = [
+            f"shift-L{self.source}-L{self.target}-{i}"
+            for i in store.read("ids", self.rows).tolist()
+        ]
         return shifted, ids, np.full(len(ids), self.target, np.int32)
 
 
@@ -311,8 +315,9 @@ def shift(
     reference = open_store(reference_url or store_url, storage_options)
     if reference.model_id != store.model_id:
         raise ManipulateError(
-            f"{reference.url} holds latents of model {reference.model_id[:12]} and {store_url} "
-            f"of {store.model_id[:12]}; take the labels' means from a store of the same model"
+            f"{reference.url} holds latents of model {short_id(reference.model_id)} and "
+            f"{store_url} of {short_id(store.model_id)}; take the labels' means from a store of "
+            "the same model"
         )
     if not reference.has_labels:
         raise ManipulateError(

@@ -1,0 +1,73 @@
+"""A diffusers autoencoder's latent convention, and whether stored latents fit it.
+
+A model's ``config.json`` chooses its ``scaling_factor`` so that scaled latents,
+``(z - shift_factor) * scaling_factor``, have about unit standard deviation: what a
+diffusion model trained on them sees. A store records the convention it holds
+(:attr:`latentbatch.config.ModelConfig.convention`); :func:`scale_warning` checks the
+latents an encode or an import wrote against it and, when they are far off, says what
+the likely cause is and what to do (for an import: its ``--latents`` flag). No torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+SCALE_TOLERANCE = 2.0
+"""How far (times) scaled latents' std may lie from 1 before a store warns."""
+
+
+class StoredLatents(Protocol):
+    """What :func:`scale_warning` reads of a latent store."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def shard_rows(self) -> int: ...
+    @property
+    def convention(self) -> dict[str, Any] | None: ...
+    def read_latents(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def scale_warning(
+    store: StoredLatents, made_by: Literal["import", "encode"] = "import"
+) -> str | None:
+    """For a diffusers autoencoder's latents, a sentence when the first shard's median
+    per-channel std is more than :data:`SCALE_TOLERANCE` times off 1, naming the likely
+    cause (for what ``made_by`` wrote: an ``import`` or an ``encode``); None otherwise
+    (and for latentbatch's presets)."""
+    convention = store.convention
+    if convention is None or store.count == 0:
+        return None
+    stop = min(store.count, store.shard_rows)
+    latents = store.read_latents(0, stop).astype(np.float64)
+    std = float(np.median(latents.std(axis=(0, 2, 3))))
+    if 1 / SCALE_TOLERANCE <= std <= SCALE_TOLERANCE:
+        return None
+    factor = convention["scaling_factor"]
+    if made_by == "encode":
+        return (
+            f"{store.url}: the latents' standard deviation is {std:.3g} per channel "
+            f"(median, first {stop} rows), far from the 1 that the scaling factor "
+            f"{factor:g} of the model's config.json should give: it does not fit this "
+            "model (a retrained or random one?); decodes are right, but a diffusion "
+            "model trained on the model's own convention would see garbage"
+        )
+    if std > SCALE_TOLERANCE:
+        cause = (
+            "they look unscaled (raw latents declared scaled?); if so, import them "
+            "again with --latents raw"
+        )
+    else:
+        cause = (
+            "they look scaled twice (scaled latents declared raw?); if so, import them "
+            "again with --latents scaled"
+        )
+    return (
+        f"{store.url}: the latents' standard deviation is {std:.3g} per channel (median, "
+        f"first {stop} rows), far from the 1 of latents scaled by {factor:g}: {cause}; "
+        "decoded, they would be garbage"
+    )
