@@ -41,8 +41,8 @@ started=$(date +%s)
 timeout 240 "$PYTHON" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -rA \
   --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $? in $(( $(date +%s) - started )) s"
-# the image codecs' bytes on this host's CPU equal the reference bytes (test_images.py)
-timeout 60 "$PYTHON" -m pytest tests/test_images.py -k every_machine -p no:cacheprovider -q \
+# the image codecs' bytes on this host's CPU equal the reference bytes (test_codecs.py)
+timeout 60 "$PYTHON" -m pytest tests/test_codecs.py -k every_machine -p no:cacheprovider -q \
   > "$OUT/codec-bytes.log" 2>&1
 echo "codec bytes: exit $?"
 started=$(date +%s)

@@ -29,7 +29,6 @@ from latentbatch.cli.common import (
     SchedulerOption,
     SizeOption,
     StorageOption,
-    StoreArgument,
     StoreOption,
     WorkersOption,
     emit_json,
@@ -40,7 +39,13 @@ from latentbatch.cli.common import (
 from latentbatch.cli.evaluate import evaluate_command
 from latentbatch.cli.models import models_app
 from latentbatch.cli.stack import stack_app
-from latentbatch.cli.stores import query_command, score_command, stats_command, stores_command
+from latentbatch.cli.stores import (
+    inspect_command,
+    query_command,
+    score_command,
+    stats_command,
+    stores_command,
+)
 from latentbatch.cli.uses import (
     generate_command,
     import_command,
@@ -295,97 +300,7 @@ def decode_command(
         )
 
 
-@app.command("inspect")
-def inspect_command(
-    store: StoreArgument,
-    with_bytes: Annotated[
-        bool,
-        typer.Option(
-            "--bytes",
-            help="Also list every object for bytes on disk and bits per pixel (grows with "
-            "the store).",
-        ),
-    ] = False,
-    storage_option: StorageOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Show a latent store: rows, shapes, chunking, model (--bytes: bytes, bits/pixel)."""
-    from latentbatch.stores.store import open_store
-
-    report = open_store(store, parse_options(storage_option)).report(with_bytes)
-    if as_json:
-        emit_json(report)
-        return
-    console = make_console()
-    bpp = report["bits_per_pixel"]
-    written = "" if report["written_rows"] is None else f"{report['written_rows']} written, "
-    rows_text = f"{report['count']} committed, {written}capacity {report['capacity']}"
-    per_chunk = (
-        f"{report['chunk_shape'][0]} rows per chunk"
-        if report["chunk_shape"][1:] == report["latent_shape"]
-        else f"one channel of {report['chunk_shape'][0]} rows per chunk"
-    )
-    chunking = f"{per_chunk}, {report['shard_rows']} per shard, {report['shards']} shards"
-    latents = f"{'x'.join(map(str, report['latent_shape']))} {report['latent_dtype']}"
-    if report["quantization"] is not None:
-        latents += (
-            f" (integers, step {report['quantization']['step']}; "
-            f"entropy model: {report['quantization']['prior']} per channel)"
-        )
-    held = report["convention"]
-    if held is not None:
-        latents += (
-            f" ({'scaled' if held['scaled'] else 'raw'}: a decode applies z / "
-            f"{held['scaling_factor']:g} + {held['shift_factor']:g})"
-        )
-    sources = ", ".join(
-        f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
-    )
-    rows = [
-        ("store", report["store"]),
-        ("rows", rows_text),
-        ("pending", report["pending"] or "none"),
-        ("latents", latents),
-        ("chunking", chunking),
-        ("model", f"{report['model_id']} ({report['model']['preset']})"),
-        (
-            "images",
-            f"{report['image']['height']}x{report['image']['width']} {report['image']['mode']}",
-        ),
-        ("labels", "yes" if report["labels"] else "no"),
-        (
-            "PSNR",
-            "none: derived rows have no original images"
-            if report["lineage"]
-            else "each row's at encode time"
-            if report["quality"]
-            else "not recorded",
-        ),
-        ("canary", report["canary"] or "none"),
-        (
-            "anomaly",
-            "not scored"
-            if report["anomaly"] is None
-            else f"scored against {report['anomaly']['reference']['url']}, threshold "
-            f"{report['anomaly']['threshold']:.3f} (quantile {report['anomaly']['quantile']})",
-        ),
-        ("sources", sources or "none"),
-    ]
-    lineage = report["lineage"]
-    if lineage is not None:
-        parents = ", ".join(f"{p['url']} ({p['uuid'][:8]})" for p in lineage["parents"])
-        settings = ", ".join(f"{k} {v}" for k, v in lineage["parameters"].items())
-        seed = "" if lineage["seed"] is None else f", seed {lineage['seed']}"
-        made = f"{lineage['operation']} of {parents}" if parents else lineage["operation"]
-        rows.append(("lineage", f"{made}: {settings}{seed}"))
-    if report["bytes"] is None:
-        rows.append(("on disk", "not measured: --bytes lists every object of the store"))
-    else:
-        sizes = report["bytes"]
-        rows.append(("on disk", f"{sizes['total']:,} bytes (latents {sizes['latents']:,})"))
-        rows.append(("bits/pixel", "-" if bpp is None else f"{bpp:.2f}"))
-    for key, value in rows:
-        console.print(f"{key:>10}  {value}", highlight=False, soft_wrap=True)
+app.command("inspect")(inspect_command)
 
 
 @app.command("verify")
