@@ -152,6 +152,9 @@ def offline_env() -> dict[str, str]:
     env.setdefault("PREFECT_HOME", str(SCRATCH / "prefect"))
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's temporary server migrates a new database on its first start, which can
+    # take longer than its 20 s default on a small or busy machine
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     env.setdefault("MPLBACKEND", "Agg")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
