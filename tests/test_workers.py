@@ -73,7 +73,7 @@ def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
 
 
 def test_cached_model_without_plugin_says_so() -> None:
-    with pytest.raises(WorkerStateError, match=r"register it with latentbatch\.workers"):
+    with pytest.raises(WorkerStateError, match=r"register it with latentbatch\.engine\.workers"):
         cached_model("f" * 64, "decoder")
 
 
