@@ -237,13 +237,8 @@ class LatentStore:
         given rows in their order. Rows past ``count`` are refused, and so are a store's
         missing quality and unfinished anomaly scores, each in a sentence; a chunk that
         does not read back is named."""
-        array = {
-            "latents": lambda: self.latents,
-            "ids": lambda: self.ids,
-            "labels": lambda: self.labels,
-            "quality": self._quality,
-            "anomaly": self._anomaly,
-        }[field]()
+        checked = {"quality": self._quality, "anomaly": self._anomaly}.get(field)
+        array: zarr.Array[Any] = checked() if checked else getattr(self, field)
         if isinstance(rows, slice):
             start, stop = rows.start or 0, self.count if rows.stop is None else rows.stop
             if not 0 <= start <= stop <= self.count:
