@@ -182,7 +182,9 @@ def main(argv: list[str]) -> int:
         check("ruff format --check", [BIN / "ruff", "format", "--check", "."], env)
         check("mypy (strict)", [BIN / "mypy"], env)
         check(
-            "lint-imports (the layers in pyproject.toml)", [BIN / "lint-imports", "--no-cache"], env
+            "lint-imports (the contracts in pyproject.toml)",
+            [BIN / "lint-imports", "--no-cache"],
+            env,
         )
     except StepFailedError as failed:
         return failed.code
