@@ -163,6 +163,22 @@ def test_pickles_and_misfits_are_refused(
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
 
 
+def test_a_file_of_another_shape_is_named_in_a_sentence(
+    tmp_path: Path, kl_vae: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"img{i}.npy", _scaled(1, seed=i)[0])
+    np.save(folder / "img3.npy", np.zeros((4, 8, 8), np.float32))  # another size
+    argv = ["import", "--model", str(kl_vae), "--from", str(folder), "--store",
+            str(tmp_path / "m.zarr"), "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'img3.npy'} holds latents of shape (4, 8, 8), the others (4, 4, 4)" in err
+    assert "Traceback" not in err and open_store(str(tmp_path / "m.zarr")).count == 0
+
+
 def test_unscaled_latents_declared_scaled_warn(
     tmp_path: Path, kl_vae: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

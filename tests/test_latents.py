@@ -3,9 +3,11 @@ a piece at a time, with no torch; the rows of a store shard are the pieces' segm
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from latentbatch.errors import DataError
-from latentbatch.sources.latents import find, read_piece, segments
+from latentbatch.sources.latents import Reader, find, read_piece
 
 
 def _edm2(folder: Path, rows: int) -> np.ndarray:
@@ -45,8 +47,19 @@ def test_segments_cover_a_range_with_the_pieces_that_hold_it(tmp_path: Path) -> 
     np.save(tmp_path / "a.npy", np.zeros((10, 4, 2, 2), np.float16))
     found = find(str(tmp_path / "a.npy"))
     assert sum(p.rows for p in found.pieces) == 10
+    folder = _edm2(tmp_path / "edm2", 7)  # one piece a row
+    listed = find(str(tmp_path / "edm2"))
+    for start, stop in ((0, 7), (2, 5), (6, 7), (3, 3)):
+        wanted = listed.segments(start, stop)
+        assert [p.path.rsplit("img", 1)[1] for p, _, _ in wanted] == [
+            f"{i:08d}.npy" for i in range(start, stop)
+        ]
+        np.testing.assert_array_equal(
+            np.concatenate([read_piece(p)[0][a:b] for p, a, b in wanted] or [folder[:0]]),
+            folder[start:stop],
+        )
     for start, stop in ((0, 10), (3, 7), (9, 10)):
-        wanted = list(segments(found.pieces, start, stop))
+        wanted = found.segments(start, stop)
         assert sum(b - a for _, a, b in wanted) == stop - start
 
 
@@ -62,3 +75,82 @@ def test_reading_layouts_imports_no_torch() -> None:
     code = "import sys, latentbatch.sources.latents; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _read_chars() -> int:
+    with Path("/proc/self/io").open() as handle:
+        return int(next(line for line in handle if line.startswith("rchar")).split()[1])
+
+
+def _tar(path: Path, values: np.ndarray, labels: list[bytes]) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for i, (value, label) in enumerate(zip(values, labels, strict=True)):
+            for suffix, data in ((".npy", _npy(value)), (".cls", label)):
+                info = tarfile.TarInfo(f"s{i:05d}{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _npy(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value)
+    return buffer.getvalue()
+
+
+def test_each_source_byte_is_read_once(tmp_path: Path) -> None:
+    """Listing a zip or tar and reading every shard's pieces reads about the source's
+    bytes once, however many members it has (not its directory once per row)."""
+    values = _edm2(tmp_path / "edm2", 300)
+    with zipfile.ZipFile(tmp_path / "edm2.zip", "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted((tmp_path / "edm2").rglob("*.npy")):
+            archive.write(path, str(path.relative_to(tmp_path / "edm2")))
+    tar = _tar(tmp_path / "s.tar", values, [b"%d" % (i % 7) for i in range(300)])
+    for source in (tmp_path / "edm2.zip", tar):
+        before = _read_chars()
+        found = find(str(source))
+        rows = []
+        for start in range(0, 300, 64):
+            with Reader() as reader:
+                for piece, a, b in found.segments(start, min(start + 64, 300)):
+                    rows.append(reader.read(piece)[0][a:b])
+        read = _read_chars() - before
+        np.testing.assert_array_equal(np.concatenate(rows), values)
+        assert read <= 1.2 * source.stat().st_size, (source.name, read)
+
+
+def test_a_tars_labels_and_what_is_not_latents_are_named(tmp_path: Path) -> None:
+    values = np.zeros((3, 8, 2, 2), np.float32)
+    good = find(str(_tar(tmp_path / "good.tar", values, [b"4", b" 5\n", b"6"])))
+    assert [read_piece(p)[1].tolist() for p in good.pieces] == [[4], [5], [6]]  # type: ignore[union-attr]
+    bad = find(str(_tar(tmp_path / "bad.tar", values, [b"4", b"cat", b"6"])))
+    with pytest.raises(DataError, match=r"bad\.tar::s00001\.cls holds 'cat', not an integer"):
+        read_piece(bad.pieces[1])
+    with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "good.tar", "inner.tar")
+    (tmp_path / "packed.tar.gz").rename(tmp_path / "packed.tar")
+    with pytest.raises(DataError, match="not an uncompressed tar; decompress it"):
+        find(str(tmp_path / "packed.tar"))
+    (tmp_path / "objects").mkdir()
+    np.save(tmp_path / "objects" / "a.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"objects/a\.npy is an object array \(a pickle\)"):
+        read_piece(find(str(tmp_path / "objects")).pieces[0])
+
+
+def test_a_zip_members_bytes_are_checked_and_deflated_ones_read(tmp_path: Path) -> None:
+    values = _edm2(tmp_path / "edm2", 4)
+    archive_path = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted((tmp_path / "edm2").rglob("*.npy")):
+            archive.write(path, str(path.relative_to(tmp_path / "edm2")))
+    found = find(str(archive_path))
+    np.testing.assert_array_equal(np.concatenate([read_piece(p)[0] for p in found.pieces]), values)
+    stored = tmp_path / "stored.zip"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a/img00000000.npy", _npy(values[0]))
+    found = find(str(stored))
+    data = bytearray(stored.read_bytes())
+    data[found.pieces[0].offset + 200] ^= 0xFF  # a flipped byte in the member's data
+    stored.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"stored\.zip::a/img00000000\.npy does not match its CRC"):
+        read_piece(found.pieces[0])

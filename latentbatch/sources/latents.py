@@ -1,6 +1,16 @@
 """Latent collections found elsewhere: the layouts ``latentbatch import`` reads, each
-listed as pieces in row order (:func:`find`) and read a piece at a time
-(:func:`read_piece`), with no torch.
+listed as pieces in row order (:func:`find`) and read by a task's :class:`Reader`, with
+no torch.
+
+Each source byte is read once: the listing records where every member lies, and a task
+opens each file once and reads only its own pieces there. A zip member is read by its
+offset and length (edm2's zips are stored, uncompressed; a deflated member is inflated
+from its own bytes), its CRC checked, with no parse of the zip's directory in the task;
+a WebDataset tar's ``.npy`` and ``.cls`` members likewise, from the index the listing
+built in one pass; an ``.npz``'s stored array by row range from its offset (a compressed
+one is streamed up to the rows wanted); a safetensors file's header is parsed once per
+task. A member that is not what the listing promised (another shape, a corrupt or
+object ``.npy``, a ``.cls`` that is not an integer) is refused in a sentence naming it.
 
 ``--from`` names the latents; its layout is recognised:
 
@@ -25,11 +35,14 @@ Pickles (``.pt``, ``.pth``, ``.pkl``, ``.bin``) are refused in a sentence. An ar
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import struct
 import tarfile
 import zipfile
-from collections.abc import Iterator
+import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,16 +57,25 @@ PICKLES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 Kind = Literal["npy-files", "npy-zip", "array", "safetensors", "webdataset", "zarr"]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Piece:
-    """One input: a file (or a zip member, or a Zarr chunk of rows) holding ``rows`` rows
-    from row ``first`` of its file or array."""
+    """One input: a file (or a zip or tar member, or a Zarr chunk of rows) holding
+    ``rows`` rows from row ``first`` of its file or array. A member of a zip or tar, or a
+    stored ``.npz`` array, also records where its bytes lie: ``offset`` (a zip member's
+    local header; a tar member's or an array's data) and ``length``, a zip member's
+    ``method`` and ``crc``, and a tar sample's ``.cls`` member as ``label``
+    (offset, length)."""
 
     kind: Kind
     path: str
     member: str = ""
     first: int = 0
     rows: int = 1
+    offset: int = -1
+    length: int = 0
+    method: int = zipfile.ZIP_STORED
+    crc: int = 0
+    label: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +90,25 @@ class Found:
     labels: np.ndarray | None
     shape: tuple[int, ...]
     dtype: str
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        """Each piece's first row, and the row count last."""
+        return np.concatenate([[0], np.cumsum([p.rows for p in self.pieces], dtype=np.int64)])
+
+    def segments(self, start: int, stop: int) -> tuple[tuple[Piece, int, int], ...]:
+        """The pieces holding rows ``[start, stop)``, each with its wanted rows (found by
+        bisection: a store shard's pieces cost their own count, not the pieces before)."""
+        starts = self._starts
+        first = int(np.searchsorted(starts, start, side="right")) - 1
+        found = []
+        for index in range(max(first, 0), len(self.pieces)):
+            row = int(starts[index])
+            if row >= stop:
+                break
+            piece = self.pieces[index]
+            found.append((piece, max(start, row) - row, min(stop, row + piece.rows) - row))
+        return tuple(found)
 
 
 def _refuse_pickles(path: Path) -> None:
@@ -117,15 +158,30 @@ def _npy_files(root: Path) -> Found:
 
 def _npy_zip(path: Path) -> Found:
     with zipfile.ZipFile(path) as archive:
-        names = sorted(n for n in archive.namelist() if n.endswith(".npy"))
+        members = sorted(
+            (i for i in archive.infolist() if i.filename.endswith(".npy")),
+            key=lambda i: i.filename,
+        )
+        names = [i.filename for i in members]
         if not names:
             raise DataError(f"{path} holds no .npy files")
-        with archive.open(names[0]) as handle:
+        with archive.open(members[0]) as handle:
             shape, dtype = _npy_header(io.BytesIO(handle.read(4096)))
         text = (
             archive.read("dataset.json").decode() if "dataset.json" in archive.namelist() else None
         )
-    pieces = tuple(Piece(kind="npy-zip", path=str(path), member=n) for n in names)
+    pieces = tuple(
+        Piece(
+            kind="npy-zip",
+            path=str(path),
+            member=i.filename,
+            offset=i.header_offset,
+            length=i.compress_size,
+            method=i.compress_type,
+            crc=i.CRC,
+        )
+        for i in members
+    )
     return Found(
         spec=str(path), kind="npy-zip", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
         labels=_dataset_labels(text, names), shape=shape, dtype=dtype,
@@ -146,30 +202,75 @@ def _named_ids(name: str, count: int) -> tuple[str, ...]:
 def _array(path: Path) -> Found:
     if path.suffix == ".npy":
         array = np.load(path, mmap_mode="r")
-        member, labels = "", None
+        shape, dtype, member, labels = tuple(array.shape), str(array.dtype), "", None
+        pieces = _rows_of("array", str(path), member, len(array), 1024)
     else:
-        with np.load(path) as archive:
-            four = [k for k in archive.files if archive[k].ndim == 4]
-            member = (
-                "latents" if "latents" in archive.files else (four[0] if len(four) == 1 else "")
-            )
-            if not member:
-                raise DataError(
-                    f"{path} holds {len(four)} 4-D arrays ({', '.join(four) or 'none'}); name "
-                    "the latents 'latents'"
-                )
-            array = archive[member]
-            labels = archive["labels"].astype(np.int32) if "labels" in archive.files else None
-    if array.ndim != 4:
-        raise DataError(
-            f"{path} holds an array of shape {array.shape}; import (N, C, h, w) latents"
-        )
+        shape, dtype, member, labels, pieces = _npz(path)
+    if len(shape) != 4:
+        raise DataError(f"{path} holds an array of shape {shape}; import (N, C, h, w) latents")
     return Found(
-        spec=str(path), kind="array",
-        pieces=_rows_of("array", str(path), member, len(array), 1024),
-        ids=_named_ids(path.stem, len(array)), labels=labels, shape=tuple(array.shape[1:]),
-        dtype=str(array.dtype),
+        spec=str(path), kind="array", pieces=pieces, ids=_named_ids(path.stem, shape[0]),
+        labels=labels, shape=shape[1:], dtype=dtype,
     )  # fmt: skip
+
+
+def _npz(path: Path) -> tuple[tuple[int, ...], str, str, np.ndarray | None, tuple[Piece, ...]]:
+    """An ``.npz``'s latents array (its shape and dtype read from its header alone, not
+    decompressed), its labels, and pieces of 1,024 rows that say where a stored array's
+    rows lie."""
+    with zipfile.ZipFile(path) as archive:
+        headers = {}
+        for info in archive.infolist():
+            if info.filename.endswith(".npy"):
+                with archive.open(info) as handle:
+                    head = io.BytesIO(handle.read(4096))
+                    headers[info.filename[: -len(".npy")]] = (info, *_npy_header(head), head.tell())
+        four = [k for k, (_, s, _, _) in headers.items() if len(s) == 4]
+        member = "latents" if "latents" in headers else (four[0] if len(four) == 1 else "")
+        if not member:
+            raise DataError(
+                f"{path} holds {len(four)} 4-D arrays ({', '.join(four) or 'none'}); name "
+                "the latents 'latents'"
+            )
+        labels = None
+        if "labels" in headers:
+            with archive.open(headers["labels"][0]) as handle:
+                labels = _read_npy(handle, f"{path}::labels").astype(np.int32)
+    info, shape, dtype, header_bytes = headers[member]
+    pieces = _rows_of("array", str(path), member, shape[0] if shape else 0, 1024)
+    if info.compress_type == zipfile.ZIP_STORED:
+        start = _data_start(path, info.header_offset) + header_bytes
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        pieces = tuple(
+            Piece(
+                kind="array",
+                path=p.path,
+                member=p.member,
+                first=p.first,
+                rows=p.rows,
+                offset=start + p.first * row,
+                length=p.rows * row,
+            )
+            for p in pieces
+        )
+    return shape, dtype, member, labels, pieces
+
+
+def _data_start(path: Path, header_offset: int) -> int:
+    """Where a zip member's bytes start: after its local header at ``header_offset``."""
+    with path.open("rb") as handle:
+        handle.seek(header_offset)
+        return header_offset + _local_header(handle.read(30), str(path))
+
+
+def _local_header(head: bytes, where: str) -> int:
+    """The size of a zip member's local header, from its first 30 bytes."""
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise DataError(
+            f"{where}: a zip member's header is not where the zip says; the file changed"
+        )
+    name, extra = struct.unpack("<HH", head[26:30])
+    return 30 + int(name) + int(extra)
 
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
@@ -209,21 +310,48 @@ def _safetensors(files: list[Path]) -> Found:
     )  # fmt: skip
 
 
-def _tar_listing(path: Path) -> tuple[list[str], tuple[int, ...], str]:
-    """A WebDataset tar's sample keys with an ``.npy`` member, in order, and the first
+def _tar_listing(path: Path) -> tuple[list[Piece], list[str], tuple[int, ...], str]:
+    """A WebDataset tar's samples with an ``.npy`` member, in order, as pieces that say
+    where the member's bytes (and its ``.cls`` member's) lie, their keys, and the first
     one's shape and dtype (from its header), in one pass over the tar."""
-    keys: list[str] = []
+    npy: dict[str, tuple[int, int]] = {}
+    cls: dict[str, tuple[int, int]] = {}
     shape: tuple[int, ...] = ()
     dtype = ""
-    with tarfile.open(path) as archive:
+    raw = path.open("rb", buffering=0)  # headers read as they are: no read-ahead of data
+    try:
+        archive = tarfile.open(fileobj=raw, mode="r:")  # noqa: SIM115 - uncompressed: seekable
+    except tarfile.ReadError:
+        raw.close()
+        raise DataError(
+            f"{path} is not an uncompressed tar; decompress it (WebDataset's tars are "
+            "plain tars) and import that"
+        ) from None
+    with raw, archive:
         for member in archive:
-            if member.isfile() and member.name.endswith(".npy"):
-                keys.append(member.name[: -len(".npy")])
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.rpartition(".")
+            if suffix == "npy":
+                npy[key] = (member.offset_data, member.size)
                 if not shape:
                     handle = archive.extractfile(member)
                     assert handle is not None
                     shape, dtype = _npy_header(io.BytesIO(handle.read(4096)))
-    return keys, shape, dtype
+            elif suffix == "cls":
+                cls[key] = (member.offset_data, member.size)
+    pieces = [
+        Piece(
+            kind="webdataset",
+            path=str(path),
+            member=f"{key}.npy",
+            offset=offset,
+            length=length,
+            label=cls.get(key),
+        )
+        for key, (offset, length) in npy.items()
+    ]
+    return pieces, list(npy), shape, dtype
 
 
 def _webdataset(files: list[Path]) -> Found:
@@ -232,8 +360,8 @@ def _webdataset(files: list[Path]) -> Found:
     shape: tuple[int, ...] = ()
     dtype = ""
     for path in files:
-        keys, first_shape, first_dtype = _tar_listing(path)
-        pieces.append(Piece(kind="webdataset", path=str(path), rows=len(keys)))
+        found, keys, first_shape, first_dtype = _tar_listing(path)
+        pieces += found
         ids += [slug(k.replace("/", "__")) for k in keys]
         shape, dtype = shape or first_shape, dtype or first_dtype
     if not ids:
@@ -318,79 +446,146 @@ def find(spec: str) -> Found:
     )
 
 
-def _read_npy(handle: Any) -> np.ndarray:
-    return np.asarray(np.load(io.BytesIO(handle.read()), allow_pickle=False))
+def _read_npy(handle: Any, where: str) -> np.ndarray:
+    """One ``.npy``'s array, or a sentence naming ``where`` when it is not one."""
+    try:
+        return np.asarray(np.load(io.BytesIO(handle.read()), allow_pickle=False))
+    except ValueError as exc:  # corrupt, truncated, or an object array (a pickle)
+        reason = "an object array (a pickle)" if "allow_pickle" in str(exc) else "not a valid .npy"
+        raise DataError(f"{where} is {reason}; re-save it with numpy.save of numbers") from None
 
 
-def _read_safetensors(
-    path: str, key: str, first: int, rows: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    import torch
-    from safetensors import safe_open
+class Reader:
+    """A task's reads of found latents: each file of many pieces (a zip, a tar, an
+    ``.npz``, a safetensors file, whose header is then parsed once) opened once however
+    many of its pieces the task reads, and closed at the end.
 
-    labels = None
-    with safe_open(path, framework="pt") as handle:
-        found = handle.get_slice(key)
+    ::
+
+        with Reader() as reader:
+            for piece, a, b in found.segments(start, stop):
+                rows, labels = reader.read(piece)
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+        self._tensors: dict[str, Any] = {}
+        self._archives: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _file(self, path: str) -> Any:
+        if path not in self._files:
+            # unbuffered: a read takes the bytes asked for, never a read-ahead block
+            self._files[path] = self._stack.enter_context(open(path, "rb", buffering=0))  # noqa: PTH123, SIM115
+        return self._files[path]
+
+    def _bytes(self, path: str, offset: int, length: int) -> bytes:
+        handle = self._file(path)
+        handle.seek(offset)
+        data: bytes = handle.read(length)
+        if len(data) != length:
+            raise DataError(f"{path} ends before the bytes its listing names; the file changed")
+        return data
+
+    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
+        """A piece's rows ``(n, C', h, w)`` as stored there, and their labels when it
+        has them."""
+        where = f"{piece.path}::{piece.member}" if piece.member else piece.path
+        if piece.kind == "npy-files":  # a file a row: opened, read and closed
+            with open(piece.path, "rb", buffering=0) as handle:  # noqa: PTH123
+                return _read_npy(handle, where)[None], None
+        if piece.kind == "npy-zip":
+            return _read_npy(io.BytesIO(self._zip_member(piece, where)), where)[None], None
+        if piece.kind == "webdataset":
+            block = _read_npy(
+                io.BytesIO(self._bytes(piece.path, piece.offset, piece.length)), where
+            )
+            return block[None], np.array([self._label(piece)], np.int32)
+        if piece.kind == "array":
+            return self._array(piece), None
+        if piece.kind == "safetensors":
+            return self._safetensors(piece)
+        import zarr
+
+        opened: Any = zarr.open(piece.path, mode="r")
+        array = opened[piece.member] if piece.member else opened
+        return np.asarray(array[piece.first : piece.first + piece.rows]), None
+
+    def _zip_member(self, piece: Piece, where: str) -> bytes:
+        handle = self._file(piece.path)
+        handle.seek(piece.offset)
+        start = piece.offset + _local_header(handle.read(30), where)
+        data = self._bytes(piece.path, start, piece.length)
+        if piece.method == zipfile.ZIP_DEFLATED:
+            data = zlib.decompress(data, -15)
+        elif piece.method != zipfile.ZIP_STORED:
+            raise DataError(
+                f"{where} is compressed by zip method {piece.method}; re-zip it stored or deflated"
+            )
+        if zlib.crc32(data) != piece.crc:
+            raise DataError(f"{where} does not match its CRC; the zip is damaged or changed")
+        return data
+
+    def _label(self, piece: Piece) -> int:
+        if piece.label is None:
+            return -1
+        text = self._bytes(piece.path, *piece.label).decode(errors="replace").strip()
+        try:
+            return int(text)
+        except ValueError:
+            key = piece.member[: -len(".npy")]
+            raise DataError(
+                f"{piece.path}::{key}.cls holds {text[:40]!r}, not an integer label; fix or "
+                "remove it"
+            ) from None
+
+    def _array(self, piece: Piece) -> np.ndarray:
+        rows = slice(piece.first, piece.first + piece.rows)
+        if not piece.member:  # an .npy: its rows mapped, read by range
+            return np.asarray(np.load(piece.path, mmap_mode="r")[rows])
+        if piece.path not in self._archives:  # an .npz: its directory read once per task
+            self._archives[piece.path] = self._stack.enter_context(np.load(piece.path))
+        stream = self._archives[piece.path].zip.open(f"{piece.member}.npy")
+        shape, dtype = _npy_header(stream)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        if piece.offset >= 0:  # stored: the rows by offset, without reading the rest
+            data = self._bytes(piece.path, piece.offset, piece.length)
+        else:  # compressed: streamed up to the rows wanted
+            stream.read(piece.first * row)
+            data = stream.read(piece.rows * row)
+        return np.frombuffer(data, dtype).reshape(piece.rows, *shape[1:])
+
+    def _safetensors(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+        from safetensors import safe_open
+
+        if piece.path not in self._tensors:
+            self._tensors[piece.path] = self._stack.enter_context(
+                safe_open(piece.path, framework="pt")
+            )
+        handle = self._tensors[piece.path]
+        labels = None
+        found = handle.get_slice(piece.member)
         if len(found.get_shape()) == 3:  # one row, named by its id
-            block = handle.get_tensor(key)[None]
+            block = handle.get_tensor(piece.member)[None]
         else:
-            block = found[first : first + rows]
+            block = found[piece.first : piece.first + piece.rows]
             for name in ("labels", "label", "y"):
                 if name in handle.keys():  # noqa: SIM118
-                    labels = handle.get_slice(name)[first : first + rows].numpy()
+                    labels = handle.get_slice(name)[piece.first : piece.first + piece.rows].numpy()
                     break
-    if block.dtype == torch.bfloat16:  # numpy has no bfloat16: float32 holds it exactly
-        block = block.float()
-    return block.numpy(), labels
+        if block.dtype == torch.bfloat16:  # numpy has no bfloat16: float32 holds it exactly
+            block = block.float()
+        return block.numpy(), labels
 
 
 def read_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
-    """A piece's rows ``(n, C', h, w)`` as stored there, and their labels when it has
-    them."""
-    if piece.kind == "npy-files":
-        return np.load(piece.path, allow_pickle=False)[None], None
-    if piece.kind == "npy-zip":
-        with zipfile.ZipFile(piece.path) as archive, archive.open(piece.member) as handle:
-            return _read_npy(handle)[None], None
-    if piece.kind == "array":
-        rows = slice(piece.first, piece.first + piece.rows)
-        if piece.member:  # an .npz (its labels are known to the client)
-            with np.load(piece.path) as archive:
-                return archive[piece.member][rows], None
-        return np.asarray(np.load(piece.path, mmap_mode="r")[rows]), None
-    if piece.kind == "safetensors":
-        return _read_safetensors(piece.path, piece.member, piece.first, piece.rows)
-    if piece.kind == "webdataset":
-        return _read_tar(piece.path)
-    import zarr
-
-    opened: Any = zarr.open(piece.path, mode="r")
-    array = opened[piece.member] if piece.member else opened
-    return np.asarray(array[piece.first : piece.first + piece.rows]), None
-
-
-def _read_tar(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A WebDataset tar's ``.npy`` members in order, and their ``.cls`` labels (-1)."""
-    latents, labels = [], []
-    with tarfile.open(path) as archive:
-        members = {m.name: m for m in archive if m.isfile()}
-        for name in [n for n in members if n.endswith(".npy")]:
-            handle = archive.extractfile(members[name])
-            assert handle is not None
-            latents.append(_read_npy(handle))
-            label = members.get(name[: -len(".npy")] + ".cls")
-            cls = archive.extractfile(label) if label is not None else None
-            labels.append(int(cls.read().decode().strip()) if cls is not None else -1)
-    return np.stack(latents), np.array(labels, np.int32)
-
-
-def segments(pieces: tuple[Piece, ...], start: int, stop: int) -> Iterator[tuple[Piece, int, int]]:
-    """The pieces holding rows ``[start, stop)``, each with its wanted rows."""
-    row = 0
-    for piece in pieces:
-        end = row + piece.rows
-        if end > start and row < stop:
-            yield piece, max(start, row) - row, min(stop, end) - row
-        if end >= stop:
-            return
-        row = end
+    """One piece's rows and labels, read on their own (:class:`Reader` for many)."""
+    with Reader() as reader:
+        return reader.read(piece)

@@ -27,7 +27,7 @@ from latentbatch.ids import validate_ids
 from latentbatch.models.checkpoint import ModelLocation, read_info
 from latentbatch.models.convention import scale_warning
 from latentbatch.progress import Progress
-from latentbatch.sources.latents import Kind, Piece, find, read_piece, segments
+from latentbatch.sources.latents import Kind, Piece, Reader, find
 from latentbatch.storage.fs import StorageOptions
 from latentbatch.stores.store import Layout, create_store, open_store
 from latentbatch.uses.derive import DeriveResult, Lineage, derive
@@ -61,20 +61,29 @@ class Scaling:
 
 @dataclass(frozen=True, kw_only=True)
 class ImportPart:
-    """Rows of one store shard: ``segments`` (a piece, and the rows of it wanted)."""
+    """Rows of one store shard: ``segments`` (a piece, and the rows of it wanted), each
+    row of ``shape`` (the listing's)."""
 
     segments: tuple[tuple[Piece, int, int], ...]
     ids: tuple[str, ...]
     labels: tuple[int, ...] | None
+    shape: tuple[int, ...]
     channels: int
     scaling: Scaling
 
     def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         blocks, found = [], []
-        for piece, a, b in self.segments:
-            block, labels = read_piece(piece)
-            blocks.append(block[a:b, : self.channels])  # the mean of a mean-and-std array
-            found.append(labels[a:b] if labels is not None else np.full(b - a, -1, np.int32))
+        with Reader() as reader:  # each file opened once for the shard's pieces
+            for piece, a, b in self.segments:
+                block, labels = reader.read(piece)
+                if tuple(block.shape[1:]) != self.shape:
+                    where = f"{piece.path}::{piece.member}" if piece.member else piece.path
+                    raise DataError(
+                        f"{where} holds latents of shape {tuple(block.shape[1:])}, the others "
+                        f"{self.shape}; import one shape at a time"
+                    )
+                blocks.append(block[a:b, : self.channels])  # the mean of a mean-and-std array
+                found.append(labels[a:b] if labels is not None else np.full(b - a, -1, np.int32))
         latents = self.scaling.apply(np.concatenate(blocks))
         labels = np.asarray(self.labels, np.int32) if self.labels else np.concatenate(found)
         return latents, list(self.ids), labels
@@ -161,9 +170,10 @@ def import_latents(
 
     def part(a: int, b: int) -> ImportPart:
         return ImportPart(
-            segments=tuple(segments(found.pieces, a, b)),
+            segments=found.segments(a, b),
             ids=found.ids[a:b],
             labels=None if labels is None else tuple(int(v) for v in labels[a:b]),
+            shape=found.shape,
             channels=config.latent_channels,
             scaling=scaling,
         )
