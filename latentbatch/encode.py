@@ -354,13 +354,16 @@ def encode_file(
     path: Path,
     expected_model_id: str | None = None,
     options: StorageOptions | None = None,
+    image: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Encode one image file in this process: a float32 latent ``(C, h, w)``.
 
-    The image is made to fit the model by the conversion rule of
-    :mod:`latentbatch.sources.images` (any size or mode). With ``expected_model_id`` (a store's),
-    a model that did not make that store is refused. ``model`` is a location, or a model
-    already loaded (:func:`latentbatch.models.weights.loaded`).
+    The image is made ``image`` (height, width; a store's image size, so that it is
+    encoded exactly as the store's rows were; default: the model's own size) by the
+    conversion rule of :mod:`latentbatch.sources.images` (any size or mode), as an encode
+    makes every image of a source. With ``expected_model_id`` (a store's), a model that
+    did not make that store is refused. ``model`` is a location, or a model already
+    loaded (:func:`latentbatch.models.weights.loaded`).
     """
     model = loaded(model, options)
     info = model.info
@@ -370,9 +373,9 @@ def encode_file(
             f"{short_id(expected_model_id)}; pass the model that made the store"
         )
     try:
-        image = open_image(Path(path), MAX_PIXELS)
+        opened = open_image(Path(path), MAX_PIXELS)
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from exc
-    pixels = conform(image, Geometry.of(info.config))
+    pixels = conform(opened, Geometry.of(info.config, image))
     latents: np.ndarray = encode_images(model.encoder, pixels[None], torch.device("cpu"))[0]
     return latents

@@ -18,6 +18,7 @@ from latentbatch.encode import encode
 from latentbatch.models.checkpoint import WEIGHTS
 from latentbatch.sources.images import open_source
 from latentbatch.stores.store import Layout, open_store
+from tests.helpers import write_image
 
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -220,3 +221,29 @@ def test_query_decode_is_bounded(
     answer = json.loads(capsys.readouterr().out)
     manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
     assert manifest["count"] == answer["count"] == len(manifest["selection"]) <= 100
+
+
+@pytest.mark.parametrize(
+    ("vae", "size"), [("kl_vae", (256, 256)), ("tiny_vae", (512, 768)), ("kl_vae", (512, 768))]
+)
+def test_near_image_encodes_the_query_as_the_stores_rows_were(
+    tmp_path: Path,
+    vae: str,
+    size: tuple[int, int],
+    client: Client,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At the store's image size (not the model config's) and by the same crop rule, for
+    a diffusers model of any family: each image finds its own row first."""
+    model: Path = request.getfixturevalue(vae)
+    folder = tmp_path / "photos"
+    for i in range(5):  # 600x400 and other sizes: resized and cropped to the store's size
+        write_image(folder / f"photo{i}.png", seed=i, size=(600 + 40 * i, 400 + 20 * i))
+    store = str(tmp_path / "photos.zarr")
+    encode(model, f"folder:{folder}", store, size=size, client=client)
+    assert open_store(store).image_size == size
+    for i in (0, 3):
+        argv = ["query", store, "--near-image", str(folder / f"photo{i}.png"), "--model"]
+        found = _json([*argv, str(model), "-k", "2"], capsys)
+        assert found["results"][0]["id"] == f"photo{i}" and found["results"][0]["distance"] < 1e-2

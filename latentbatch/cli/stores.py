@@ -234,7 +234,7 @@ def query_command(
     if near_image is not None and loaded_model is not None:
         from latentbatch.encode import encode_file
 
-        near_latent = encode_file(loaded_model, near_image, store.model_id)
+        near_latent = encode_file(loaded_model, near_image, store.model_id, image=store.image_size)
     found = query.answer(
         store,
         ids=ids.split(",") if ids else None,
