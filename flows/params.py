@@ -65,6 +65,6 @@ ImagesPerShard = Annotated[
     int | None,
     Field(
         ge=1,
-        description="Images per output shard, rounded down to whole store shards (empty: 10240)",
+        description="Images per output shard, exactly (empty: 10240, fewer for large images)",
     ),
 ]

@@ -19,9 +19,13 @@
     progress: images, images/s, ETA
     remove temporaries; write manifest.json last
 
-An output shard holds ``--images-per-shard`` rows (default 10,240) rounded down to whole
-store shards: object stores get objects of a few MB, not a million tiny ones, and since
-the grouping follows the store's shards the bytes do not depend on the number of workers.
+An output shard holds ``--images-per-shard`` rows exactly when it is given (a task may
+then read part of a store shard); by default 10,240 rows, or as many as hold
+:data:`DEFAULT_SHARD_BYTES` of pixels at the store's image size when fewer (WebDataset's
+guidance is 100 MB to 1 GB a shard: a 512x512 RGB image takes 768 KiB), rounded down to
+whole store shards when that leaves one or more. Object stores get objects of a few MB
+to a few hundred, not a million tiny ones nor one of 8 GB, and the grouping depends on
+the store and the setting alone, so the bytes do not depend on the number of workers.
 
 :func:`decode_selection` decodes chosen rows in this process (``latentbatch query
 --decode``) with the same checks, the same shard writers and the same manifest.
@@ -29,6 +33,7 @@ the grouping follows the store's shards the bytes do not depend on the number of
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -87,6 +92,8 @@ from latentbatch.stores.canary import CanaryResult, has_canary
 from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, shard_ranges
 
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
+DEFAULT_SHARD_BYTES = 512 * 2**20
+"""The most pixel bytes of a default output shard (a shard of larger images holds fewer)."""
 SELECTION_LIMIT = DEFAULT_IMAGES_PER_SHARD  # rows an in-process decode of a selection takes
 ProgressCallback = Callable[[Progress], None]
 
@@ -305,14 +312,21 @@ def _layout_settings(
     return {**defaults, **chosen}
 
 
-def rows_per_output_shard(images_per_shard: int | None, store_shard_rows: int) -> int:
-    """Rows of each output shard: ``images_per_shard`` (default 10,240) rounded down to
-    whole store shards, at least one, so that a task reads whole store shards and the
-    bytes do not depend on the cluster."""
-    wanted = DEFAULT_IMAGES_PER_SHARD if images_per_shard is None else images_per_shard
-    if wanted < 1:
-        raise OutputError(f"--images-per-shard {wanted} must be at least 1")
-    return max(1, wanted // store_shard_rows) * store_shard_rows
+def rows_per_output_shard(
+    images_per_shard: int | None, store_shard_rows: int, image_bytes: int = 0
+) -> int:
+    """Rows of each output shard: ``images_per_shard`` exactly when given; by default
+    :data:`DEFAULT_IMAGES_PER_SHARD`, or fewer when images of ``image_bytes`` pixel bytes
+    would pass :data:`DEFAULT_SHARD_BYTES`, rounded down to whole store shards when that
+    leaves one or more (the module docstring)."""
+    if images_per_shard is not None:
+        if images_per_shard < 1:
+            raise OutputError(f"--images-per-shard {images_per_shard} must be at least 1")
+        return images_per_shard
+    wanted = DEFAULT_IMAGES_PER_SHARD
+    if image_bytes > 0:
+        wanted = max(1, min(wanted, DEFAULT_SHARD_BYTES // image_bytes))
+    return wanted // store_shard_rows * store_shard_rows or wanted
 
 
 def _absolute(url: str) -> str:
@@ -353,7 +367,8 @@ def decode(
         raise StoreError(f"{store_url} has no committed rows to decode")
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
-    rows = rows_per_output_shard(images_per_shard, store.shard_rows)
+    pixels = (*store.image_size, info.config.channels)
+    rows = rows_per_output_shard(images_per_shard, store.shard_rows, int(np.prod(pixels)))
     settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
     identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
     shards = -(-store.count // rows)
@@ -407,10 +422,9 @@ def decode(
             register_model(c, info, "decoder")
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
-            if fmt == "zarr":
-                shape = (*store.image_size, info.config.channels)
-                chunk_rows = store.meta["layout"]["chunk_rows"]
-                create_zarr_output(out_url, out_options, store.count, shape, rows, chunk_rows)
+            if fmt == "zarr":  # its chunks divide its shards: one writer per shard
+                chunk_rows = math.gcd(rows, store.meta["layout"]["chunk_rows"])
+                create_zarr_output(out_url, out_options, store.count, pixels, rows, chunk_rows)
             map_bounded(
                 c,
                 decode_shard,

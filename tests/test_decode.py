@@ -300,12 +300,16 @@ def test_output_shards_group_whole_store_shards(
 ) -> None:
     """``images_per_shard`` 4096 over 1,024-row store shards: shards of 4,096 images and
     the rest, every id once, the same bytes from one worker as from two; another setting
-    is refused for that folder; 5000 rounds down to 4 store shards, 100 up to one."""
+    is refused for that folder. An explicit size is honoured exactly; the default is
+    10,240 images, fewer for large ones (512 MiB of pixels), in whole store shards."""
     from latentbatch.decode import rows_per_output_shard
 
     assert [rows_per_output_shard(n, 1024) for n in (4096, 5000, 100, None)] == [
-        4096, 4096, 1024, 10240,
+        4096, 5000, 100, 10240,
     ]  # fmt: skip
+    assert rows_per_output_shard(None, 1024, 28 * 28) == 10240
+    assert rows_per_output_shard(None, 1024, 512 * 512 * 3) == 682  # under a store shard
+    assert rows_per_output_shard(None, 64, 512 * 512 * 3) == 640  # whole store shards
     out = tmp_path / "two"
     decode(seed_model, str(mnist_store), str(out), images_per_shard=4096, client=client)
     table = [json.loads(line) for line in (out / "shards.jsonl").read_text().splitlines()]
@@ -327,6 +331,22 @@ def test_output_shards_group_whole_store_shards(
            client=client)  # fmt: skip
     assert zarr.open_array(str(zarr_out / "images.zarr")).shards == (4096, 28, 28, 1)
     np.testing.assert_array_equal(read_output(str(zarr_out))[1], images)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zarr"])
+def test_images_per_shard_below_the_store_shards_is_honoured(
+    tmp_path: Path, mnist_store: Path, mnist_tar: Path, seed_model: Path, client: Client, fmt: str
+) -> None:
+    """300 images per output shard over 1,024-row store shards: shards of 300 rows (tasks
+    read parts of store shards), every id once and the same images as whole-shard tasks."""
+    out = tmp_path / fmt
+    decode(seed_model, str(mnist_store), str(out), fmt=fmt, images_per_shard=300, client=client)  # type: ignore[arg-type]
+    table = [json.loads(line) for line in (out / "shards.jsonl").read_text().splitlines()]
+    assert [r["stop"] - r["start"] for r in table] == [300] * 16 + [200]
+    ids, images = read_output(str(out))
+    reference_ids, reference = read_output(str(mnist_tar))
+    assert ids == reference_ids
+    np.testing.assert_array_equal(images, reference)
 
 
 def test_an_output_of_an_earlier_release_continues_only_with_its_shard_size(

@@ -242,7 +242,8 @@ def decode_command(
         int | None,
         typer.Option(
             min=1,
-            help="Images per output shard, rounded down to whole store shards \\[default: 10240].",
+            help="Images per output shard, exactly \\[default: 10240, fewer for large images "
+            "(512 MiB of pixels), in whole store shards].",
         ),
     ] = None,
     scheduler: SchedulerOption = None,
