@@ -12,6 +12,7 @@ from PIL import Image
 from latentbatch.config import ModelConfig, TrainConfig
 from latentbatch.models import checkpoint, weights
 from latentbatch.models.autoencoder import Autoencoder
+from latentbatch.stores.store import Layout, create_store
 from latentbatch.train import TrainResult, train
 
 
@@ -132,3 +133,28 @@ def diffusers_decode(model_dir: Path, latents: np.ndarray, raw: bool = False) ->
         sample = vae.decode(z if raw else z / scaling + shift).sample
     pixels = ((sample + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def sd_sized_store(path: Path, rows: int = 300) -> tuple[str, np.ndarray]:
+    """A store of ``rows`` 4x64x64 latents (SD's at 512 px: 16,384 values), three labels,
+    their variance in 6 planted directions; and those directions ``(16384, 6)``."""
+    rng = np.random.default_rng(3)
+    planted, _ = np.linalg.qr(rng.standard_normal((16_384, 6)))
+    labels = np.arange(rows) % 3
+    flat = (rng.standard_normal((rows, 6)) * np.arange(6, 0, -1) * 4) @ planted.T
+    flat += 0.05 * rng.standard_normal((rows, 16_384)) + labels[:, None] * planted[:, 0] * 3
+    config = ModelConfig("compact", 1, 256, (4, 4), 4)
+    assert config.latent_shape == (4, 64, 64)
+    store = create_store(
+        str(path),
+        model_id="0" * 64,
+        config=config,
+        capacity=rows,
+        layout=Layout(128, 64, "float32"),
+    )
+    for a in range(0, rows, 128):
+        b = min(a + 128, rows)
+        latents = flat[a:b].reshape(b - a, 4, 64, 64).astype(np.float32)
+        store.write_rows(a, latents, [f"r{i}" for i in range(a, b)], labels[a:b])
+    store.write_meta(count=rows, labels=True)
+    return str(path), planted

@@ -21,6 +21,7 @@ from latentbatch.stores.store import Layout, create_store, open_store
 from latentbatch.uses.derive import DeriveJob, write_part
 from latentbatch.uses.fit import FIT, FitError
 from latentbatch.uses.generation import GenerateError, SamplePart, generate
+from tests.helpers import sd_sized_store
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,27 @@ def test_a_generate_task_carries_the_stores_address_not_the_fit(
     latents, ids, labels = part.make()  # the task makes the store's rows from the kept fit
     assert np.array_equal(latents.astype(np.float16), store.read_latents(0, 200))
     assert ids == store.read_ids(0, 200) and labels.tolist() == store.read_labels(0, 200).tolist()
+
+
+def test_generate_and_shift_take_sd_sized_latents(tmp_path: Path, client: Client) -> None:
+    """4x64x64 latents (16,384 values, SD's at 512 px; refused before): samples per label,
+    and rows of label 0 shifted towards label 2 by each method."""
+    from latentbatch.uses.manipulation import shift
+
+    url, _ = sd_sized_store(tmp_path / "sd.zarr")
+    samples = str(tmp_path / "samples.zarr")
+    generate(url, samples, count=4, client=client)
+    store = open_store(samples)
+    assert store.count == 12 and store.latent_shape == (4, 64, 64)
+    reference = open_store(url)
+    flat = reference.read_latents(0, reference.count).reshape(reference.count, -1)
+    labels = reference.read_labels(0, reference.count)
+    target = flat[labels == 2].astype(np.float64).mean(axis=0)
+    before = np.linalg.norm(flat[labels == 0].astype(np.float64).mean(axis=0) - target)
+    for method in ("matching", "gaussian", "mean"):
+        out = str(tmp_path / f"{method}.zarr")
+        shift(url, out, from_label=0, to_label=2, method=method, client=client)  # type: ignore[arg-type]
+        moved = open_store(out)
+        after = moved.read_latents(0, moved.count).reshape(moved.count, -1)
+        gap = np.linalg.norm(after.astype(np.float64).mean(axis=0) - target)
+        assert moved.count == 100 and gap < before / 2, (method, gap, before)

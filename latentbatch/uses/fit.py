@@ -1,13 +1,16 @@
 """A Gaussian model of a store's latents, per label: what ``generate`` draws from and
 what ``shift`` maps through.
 
-Fitted in two passes over the store, a shard at a time (memory: a shard, and the
-``D x D`` scatter of the latents' ``D = C * h * w`` values, so at most
-:data:`MAX_VALUES` of them):
+Fitted a shard at a time, over latents of any size ``D = C * h * w``:
 
-1. the mean, the scatter and the range of every value, and each label's count and mean;
-   the top :data:`RANK` principal directions of the scatter make a subspace, and the
-   variance outside it, spread evenly, the residual;
+1. the mean and the range of every value, and each label's count and mean; the top
+   :data:`RANK` principal directions make a subspace, and the variance outside it,
+   spread evenly, the residual. Up to :data:`EXACT_VALUES` values the directions are
+   the exact eigenvectors of the ``D x D`` scatter, summed in the same pass (128 MiB at
+   4,096); above, a seeded randomized range finder with :data:`POWER_ITERATIONS` power
+   iterations (Halko, Martinsson and Tropp 2011, algorithm 4.4), a pass each, holds
+   ``D x (RANK + OVERSAMPLE)`` float64 instead (8 MiB for SD's 4x64x64 latents: memory is
+   a shard's rows and about 3 of those, never ``D x D``);
 2. each row's coordinates in that subspace, whose mean and covariance per label are each
    label's Gaussian there (shrunk towards the covariance pooled over the labels, more so
    for labels with few rows).
@@ -44,9 +47,13 @@ from latentbatch.uses.derive import keep, kept
 
 RANK = 64
 """Principal directions of the subspace in which each label has its own covariance."""
-MAX_VALUES = 4096
-"""The most values per latent (``C * h * w``) a fit takes: its scatter matrix is
-``D x D`` float64 (128 MiB at 4,096)."""
+EXACT_VALUES = 4096
+"""Latents of up to this many values (``C * h * w``) are fitted through their exact
+``D x D`` scatter (float64: 128 MiB at 4,096); larger ones by a randomized range finder."""
+OVERSAMPLE = 16
+"""Directions the randomized range finder keeps beyond :data:`RANK`."""
+POWER_ITERATIONS = 4
+"""Passes of the randomized range finder over the store (its directions' accuracy)."""
 UNLABELLED = -1
 FIT = "fit"
 """The fit's record in a derived store's metadata, once its arrays are whole."""
@@ -189,18 +196,14 @@ def _labels(store: LatentStore, start: int, stop: int) -> np.ndarray:
 
 def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
     """Fit each label's Gaussian to the committed latents of ``store`` (see the module
-    docstring), reading it a shard at a time, twice."""
+    docstring), reading it a shard at a time: twice, or, for latents of more than
+    :data:`EXACT_VALUES` values, :data:`POWER_ITERATIONS` + 3 times."""
     values = int(np.prod(store.latent_shape))
-    if values > MAX_VALUES:
-        raise FitError(
-            f"{store.url} holds latents of {values:,} values "
-            f"({'x'.join(map(str, store.latent_shape))}); generate and shift fit a Gaussian "
-            f"to latents of at most {MAX_VALUES:,} values"
-        )
     if store.count < 2:
         raise FitError(f"{store.url} has {store.count} rows; a fit needs at least 2")
+    exact = values <= EXACT_VALUES
     total = np.zeros(values)
-    scatter = np.zeros((values, values))
+    scatter = np.zeros((values, values) if exact else (1, values))  # exact: D x D; else the squares
     low = np.full(values, np.inf)
     high = np.full(values, -np.inf)
     sums: dict[int, np.ndarray] = {}
@@ -208,7 +211,7 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
     for start, stop in store.each_shard():
         flat = _flat(store, start, stop)
         total += flat.sum(axis=0)
-        scatter += flat.T @ flat
+        scatter += flat.T @ flat if exact else (flat * flat).sum(axis=0)
         low, high = np.minimum(low, flat.min(axis=0)), np.maximum(high, flat.max(axis=0))
         labels = _labels(store, start, stop)
         for label in np.unique(labels).tolist():
@@ -217,11 +220,16 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
             counts[label] = counts.get(label, 0) + len(chosen)
     n = store.count
     mean = total / n
-    covariance = scatter / n - np.outer(mean, mean)
-    eigenvalues, vectors = np.linalg.eigh(covariance)  # ascending
     rank = min(rank, values, n - 1)
-    basis = vectors[:, ::-1][:, :rank].copy()
-    residual = max(0.0, float(eigenvalues[: values - rank].sum())) / max(1, values - rank)
+    if exact:
+        covariance = scatter / n - np.outer(mean, mean)
+        eigenvalues, vectors = np.linalg.eigh(covariance)  # ascending
+        basis = vectors[:, ::-1][:, :rank].copy()
+        outside = float(eigenvalues[: values - rank].sum())
+    else:
+        basis, top = _randomized_directions(store, mean, rank)
+        outside = float((scatter[0] / n - mean * mean).sum() - top.sum())
+    residual = max(0.0, outside) / max(1, values - rank)
     known = sorted(counts)
     label_means = np.stack([sums[label] / counts[label] for label in known])
     # pass 2: each label's covariance in the subspace
@@ -258,6 +266,31 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
         label_means=label_means,
         factors=np.stack(factors),
     )
+
+
+def _randomized_directions(
+    store: LatentStore, mean: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``rank`` principal directions ``(D, rank)`` of the store's latents and
+    their variances, by a seeded randomized range finder: :data:`POWER_ITERATIONS`
+    passes of ``Z = Xc^T (Xc Q)``, each re-orthonormalised, then the covariance within
+    the range found, ``(Q^T Xc^T Xc Q) / n``, diagonalised (a pass more)."""
+    values = mean.size
+    width = min(values, rank + OVERSAMPLE)
+    directions, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((values, width)))
+    for _ in range(POWER_ITERATIONS):
+        product = np.zeros((values, width))
+        for start, stop in store.each_shard():
+            centred = _flat(store, start, stop) - mean
+            product += centred.T @ (centred @ directions)
+        directions, _ = np.linalg.qr(product)
+    within = np.zeros((width, width))
+    for start, stop in store.each_shard():
+        projected = (_flat(store, start, stop) - mean) @ directions
+        within += projected.T @ projected
+    variances, vectors = np.linalg.eigh(within / store.count)  # ascending
+    order = np.argsort(variances)[::-1][:rank]
+    return directions @ vectors[:, order], variances[order]
 
 
 def keep_fit(store: LatentStore, fit: LatentFit) -> None:
