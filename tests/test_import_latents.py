@@ -214,3 +214,33 @@ def test_an_interrupted_import_resumes(tmp_path: Path, kl_vae: Path, client: Cli
     done = open_store(url)
     assert done.count == 20 and done.pending is None
     np.testing.assert_array_equal(done.read_latents(0, 20), latents)
+
+
+def test_a_changed_source_is_refused_on_resume(
+    tmp_path: Path, kl_vae: Path, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One file removed and another added between an interrupted import and its re-run:
+    refused in a sentence naming the change; nothing written, no id twice or skipped."""
+    folder = tmp_path / "edm2"
+    folder.mkdir()
+    for i in range(10):
+        np.save(folder / f"img{i:08d}.npy", _scaled(1, seed=i)[0])
+    url = str(tmp_path / "r.zarr")
+    import_latents(kl_vae, str(folder), url, layout=Layout(4, 2), client=client)
+    store = open_store(url, writable=True)  # as a run killed after its first shard leaves it
+    store.write_meta(count=4, pending={"operation": "import", "rows": 10})
+    (folder / "img00000002.npy").unlink()
+    np.save(folder / "img00000099.npy", _scaled(1, seed=99)[0])
+    argv = ["import", "--model", str(kl_vae), "--from", str(folder), "--store", url,
+            "--shard-rows", "4", "--chunk-rows", "2", "--workers", "1"]  # fmt: skip
+    argv.append("--no-progress")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} changed since the import into {url} began: it listed 10 rows, now 10" in err
+    assert "row 2 was img00000002, now img00000003" in err and "delete" in err
+    again = open_store(url)
+    assert again.count == 4 and again.read_ids(0, 4) == [f"img{i:08d}" for i in range(4)]
+    (folder / "img00000099.npy").unlink()
+    np.save(folder / "img00000002.npy", _scaled(1, seed=2)[0])  # as it was: resumes
+    assert main(argv) == 0
+    assert open_store(url).read_ids(0, 10) == [f"img{i:08d}" for i in range(10)]

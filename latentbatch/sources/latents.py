@@ -36,6 +36,7 @@ Pickles (``.pt``, ``.pth``, ``.pkl``, ``.bin``) are refused in a sentence. An ar
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import struct
@@ -90,6 +91,17 @@ class Found:
     labels: np.ndarray | None
     shape: tuple[int, ...]
     dtype: str
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the listing: every piece's file, member, rows and place, in row
+        order (what a resumed import checks its source against)."""
+        listing = hashlib.sha256(f"{self.kind}\0{len(self.ids)}\0".encode())
+        for p in self.pieces:
+            listing.update(
+                f"{p.path}\0{p.member}\0{p.first}\0{p.rows}\0{p.offset}\0{p.length}\n".encode()
+            )
+        return listing.hexdigest()
 
     @functools.cached_property
     def _starts(self) -> np.ndarray:

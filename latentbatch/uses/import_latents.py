@@ -27,10 +27,10 @@ from latentbatch.ids import validate_ids
 from latentbatch.models.checkpoint import ModelLocation, read_info
 from latentbatch.models.convention import scale_warning
 from latentbatch.progress import Progress
-from latentbatch.sources.latents import Kind, Piece, Reader, find
+from latentbatch.sources.latents import Found, Kind, Piece, Reader, find
 from latentbatch.storage.fs import StorageOptions
-from latentbatch.stores.store import Layout, create_store, open_store
-from latentbatch.uses.derive import DeriveResult, Lineage, derive
+from latentbatch.stores.store import Layout, StoreError, create_store, open_store
+from latentbatch.uses.derive import DeriveResult, Lineage, derive, lineage_of
 
 Convention = Literal["scaled", "raw"]
 CONVENTIONS: tuple[Convention, ...] = ("scaled", "raw")
@@ -110,6 +110,31 @@ class ImportResult:
         }
 
 
+def _refuse_a_changed_source(store_url: str, options: StorageOptions | None, found: Found) -> None:
+    """Refuse to resume an import into ``store_url`` whose source no longer lists what
+    it listed when the import began (files removed, added or changed): resumed, it
+    would mix two listings, skipping or repeating rows. Says what changed."""
+    try:
+        store = open_store(store_url, options)
+    except StoreError:
+        return  # none yet (or not a store: the import says so when it starts)
+    lineage = lineage_of(store) or {}
+    began = lineage.get("parameters", {})
+    if lineage.get("operation") != "import" or began.get("from") != found.spec:
+        return
+    if began.get("listing_sha256") in (None, found.digest):
+        return
+    committed = store.read_ids(0, store.count)
+    pairs = zip(committed, found.ids, strict=False)
+    moved = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    where = "" if moved is None else f"; row {moved} was {committed[moved]}, now {found.ids[moved]}"
+    raise DataError(
+        f"{found.spec} changed since the import into {store_url} began: it listed "
+        f"{began.get('rows', 0):,} rows, now {len(found.ids):,}{where}. Import it into another "
+        f"--store, or delete {store_url} and import again"
+    )
+
+
 def import_latents(
     model: ModelLocation,
     spec: str,
@@ -163,10 +188,13 @@ def import_latents(
             "scaling_factor": source[0],
             "shift_factor": source[1],
             "mean_of_mean_and_std": channels == 2 * config.latent_channels,
+            "rows": len(found.ids),
+            "listing_sha256": found.digest,
         },
         seed=None,
         parents=(),
     )
+    _refuse_a_changed_source(store_url, storage_options, found)
 
     def part(a: int, b: int) -> ImportPart:
         return ImportPart(
