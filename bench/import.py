@@ -19,7 +19,8 @@ down-sampling). Each import runs in a child process on a fresh cluster of --work
 worker processes (started before the clock), so the row of a table is one import:
 rows/s and the client's peak RSS. Then the same process lists the source and makes every
 store shard's rows as the import's tasks do, one after another, and ``/proc``'s
-``rchar`` gives the bytes that read, ÷ the source's bytes. Sources are built once in
+``rchar`` gives the bytes that read, ÷ the source's bytes (safetensors files are mapped,
+not read, so they show 0). Sources are built once in
 --workdir and reused.
 """
 
@@ -31,7 +32,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -137,6 +137,13 @@ def source_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss`` it is not inherited
+    from the parent that built the sources)."""
+    with open("/proc/self/status") as handle:  # noqa: PTH123 - /proc, not a project path
+        return int(next(line for line in handle if line.startswith("VmHWM")).split()[1]) / 1024
+
+
 def _read_chars() -> int:
     with open("/proc/self/io") as handle:  # noqa: PTH123 - /proc, not a project path
         return int(next(line for line in handle if line.startswith("rchar")).split()[1])
@@ -171,11 +178,10 @@ def child(source: str, model: str, store: str, workers: int) -> dict[str, Any]:
         started = time.perf_counter()
         result = import_latents(model, source, store, latents="raw", client=client)
         seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "rows": result.derived.rows,
         "seconds": seconds,
-        "client_rss_mib": rss,
+        "client_rss_mib": _peak_rss_mib(),
         "read": bytes_read(source, open_store(store).shard_rows),
     }
 

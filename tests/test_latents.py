@@ -145,6 +145,13 @@ def test_a_zip_members_bytes_are_checked_and_deflated_ones_read(tmp_path: Path) 
             archive.write(path, str(path.relative_to(tmp_path / "edm2")))
     found = find(str(archive_path))
     np.testing.assert_array_equal(np.concatenate([read_piece(p)[0] for p in found.pieces]), values)
+    with zipfile.ZipFile(tmp_path / "extra.zip", "w") as archive:  # a local extra field
+        info = zipfile.ZipInfo("a/img00000000.npy")
+        info.extra = b"\xfe\xca\x0c\x00" + bytes(12)  # an unknown 12-byte extra block
+        archive.writestr(info, _npy(values[0]))
+    np.testing.assert_array_equal(
+        read_piece(find(str(tmp_path / "extra.zip")).pieces[0])[0][0], values[0]
+    )
     stored = tmp_path / "stored.zip"
     with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("a/img00000000.npy", _npy(values[0]))

@@ -532,8 +532,14 @@ class Reader:
     def _zip_member(self, piece: Piece, where: str) -> bytes:
         handle = self._file(piece.path)
         handle.seek(piece.offset)
-        start = piece.offset + _local_header(handle.read(30), where)
-        data = self._bytes(piece.path, start, piece.length)
+        # one read of the local header and the data, when its extra field is empty (it is
+        # in the zips numpy, Python and edm2 write); a second read when it is not
+        wanted = 30 + len(piece.member.encode()) + piece.length
+        found = handle.read(wanted)
+        start = _local_header(found[:30], where)
+        data = found[start : start + piece.length]
+        if len(data) < piece.length:
+            data += self._bytes(piece.path, piece.offset + wanted, start + piece.length - wanted)
         if piece.method == zipfile.ZIP_DEFLATED:
             data = zlib.decompress(data, -15)
         elif piece.method != zipfile.ZIP_STORED:
