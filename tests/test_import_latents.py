@@ -244,3 +244,21 @@ def test_a_changed_source_is_refused_on_resume(
     np.save(folder / "img00000002.npy", _scaled(1, seed=2)[0])  # as it was: resumes
     assert main(argv) == 0
     assert open_store(url).read_ids(0, 10) == [f"img{i:08d}" for i in range(10)]
+
+
+def test_mars_cache_of_npz_files_imports_its_means_and_classes(
+    tmp_path: Path, kl_vae: Path, client: Client
+) -> None:
+    means = _scaled(4, seed=8) / SCALING
+    for i, mean in enumerate(means):
+        folder = tmp_path / "cache" / f"n0{i // 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        moments = np.concatenate([mean, np.full_like(mean, -4.0)])  # mean and log-variance
+        np.savez(folder / f"img{i}.npz", moments=moments, moments_flip=moments[:, :, ::-1])
+    url = str(tmp_path / "mar.zarr")
+    result = import_latents(kl_vae, str(tmp_path / "cache"), url, latents="raw", client=client)
+    assert result.layout == "npz-files" and result.mean_of_mean_and_std
+    store = open_store(url)
+    assert store.read_ids(0, 4) == ["n00__img0", "n00__img1", "n01__img2", "n01__img3"]
+    assert store.read_labels(0, 4).tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(store.read_latents(0, 4), means * SCALING, rtol=1e-6)

@@ -161,3 +161,22 @@ def test_a_zip_members_bytes_are_checked_and_deflated_ones_read(tmp_path: Path) 
     stored.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"stored\.zip::a/img00000000\.npy does not match its CRC"):
         read_piece(found.pieces[0])
+
+
+def test_a_folder_of_mar_npz_files_reads_its_moments_and_class_folders(tmp_path: Path) -> None:
+    """MAR's cache: one .npz per image (``moments`` and ``moments_flip``) in ImageNet's
+    class folders, labelled by the folder's index among the sorted class folders."""
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((5, 32, 2, 2)).astype(np.float32)  # mean and logvar of 16
+    for i, (folder, name) in enumerate(
+        [("n02", "a"), ("n01", "b"), ("n01", "c"), ("n03", "d"), ("n02", "e")]
+    ):
+        (tmp_path / "cache" / folder).mkdir(parents=True, exist_ok=True)
+        np.savez(tmp_path / "cache" / folder / f"{name}.npz", moments=moments[i],
+                 moments_flip=moments[i][:, :, ::-1])  # fmt: skip
+    found = find(str(tmp_path / "cache"))
+    assert found.kind == "npz-files" and found.shape == (32, 2, 2)
+    assert found.ids == ("n01__b", "n01__c", "n02__a", "n02__e", "n03__d")
+    assert found.labels is not None and found.labels.tolist() == [0, 0, 1, 1, 2]
+    rows = np.concatenate([read_piece(p)[0] for p in found.pieces])
+    np.testing.assert_array_equal(rows, moments[[1, 2, 0, 4, 3]])

@@ -18,6 +18,11 @@ object ``.npy``, a ``.cls`` that is not an integer) is refused in a sentence nam
   and REPA training): ids from the files' paths (``00000/img00000001.npy`` →
   ``00000__img00000001``), labels from an optional ``dataset.json``
   (``{"labels": [["00000/img00000001.npy", 207], ...]}``);
+- a folder of one ``.npz`` per image, MAR's cache: its ``moments`` array (the latent
+  distribution's mean and log-variance, whose mean is stored; ``moments_flip``, the
+  flipped image's, is left out), ids from the files' paths, labels from the class
+  folders they lie in (``n01440764/n01440764_10026.npz``: the index of the folder's name
+  among the sorted class folders, as torchvision's ``ImageFolder`` numbers them);
 - one ``.npy`` or ``.npz`` array ``(N, C, h, w)`` (an ``.npz``'s ``latents`` array, or its
   only 4-D one, and ``labels`` when it has them): ids ``NAME-00000000``;
 - ``.safetensors`` files (a file, or a folder of them, in name order): a 4-D tensor of
@@ -55,7 +60,7 @@ from latentbatch.ids import slug, unique
 from latentbatch.models.checkpoint import safetensors_header
 
 PICKLES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
-Kind = Literal["npy-files", "npy-zip", "array", "safetensors", "webdataset", "zarr"]
+Kind = Literal["npy-files", "npz-files", "npy-zip", "array", "safetensors", "webdataset", "zarr"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -164,6 +169,30 @@ def _npy_files(root: Path) -> Found:
     pieces = tuple(Piece(kind="npy-files", path=str(root / n)) for n in names)
     return Found(
         spec=str(root), kind="npy-files", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
+        labels=labels, shape=shape, dtype=dtype,
+    )  # fmt: skip
+
+
+def _npz_files(root: Path) -> Found:
+    """A folder of one ``.npz`` per image (MAR's cache), labelled by its class folders."""
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.npz"))
+    with np.load(root / names[0]) as first:
+        member = "moments" if "moments" in first.files else first.files[0]
+        if member != "moments" and len(first.files) > 1:
+            raise DataError(
+                f"{root / names[0]} holds {', '.join(first.files)}; import reads a folder of "
+                ".npz files by their 'moments' array (MAR's cache)"
+            )
+        with first.zip.open(f"{member}.npy") as handle:
+            shape, dtype = _npy_header(io.BytesIO(handle.read(4096)))
+    classes = sorted({Path(n).parts[0] for n in names})
+    labelled = all(len(Path(n).parts) == 2 for n in names)
+    labels = (
+        np.array([classes.index(Path(n).parts[0]) for n in names], np.int32) if labelled else None
+    )
+    pieces = tuple(Piece(kind="npz-files", path=str(root / n), member=member) for n in names)
+    return Found(
+        spec=str(root), kind="npz-files", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
         labels=labels, shape=shape, dtype=dtype,
     )  # fmt: skip
 
@@ -438,11 +467,15 @@ def find(spec: str) -> Found:
             _refuse_pickles(found)
         if any(path.rglob("*.npy")):
             return _npy_files(path)
+        if any(path.rglob("*.npz")):
+            return _npz_files(path)
         if tars := [p for p in files if p.suffix == ".tar"]:
             return _webdataset(tars)
         if tensors := [p for p in files if p.suffix == ".safetensors"]:
             return _safetensors(tensors)
-        raise DataError(f"{spec} holds no .npy, .tar or .safetensors files and is not a Zarr store")
+        raise DataError(
+            f"{spec} holds no .npy, .npz, .tar or .safetensors files and is not a Zarr store"
+        )
     suffix = path.suffix.lower()
     if suffix == ".zip":
         return _npy_zip(path)
@@ -512,6 +545,12 @@ class Reader:
         if piece.kind == "npy-files":  # a file a row: opened, read and closed
             with open(piece.path, "rb", buffering=0) as handle:  # noqa: PTH123
                 return _read_npy(handle, where)[None], None
+        if piece.kind == "npz-files":  # a file a row: opened, read and closed
+            try:
+                with np.load(piece.path, allow_pickle=False) as archive:
+                    return np.asarray(archive[piece.member])[None], None
+            except (ValueError, KeyError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{where} cannot be read as an .npz ({exc}); re-save it") from None
         if piece.kind == "npy-zip":
             return _read_npy(io.BytesIO(self._zip_member(piece, where)), where)[None], None
         if piece.kind == "webdataset":
@@ -535,7 +574,7 @@ class Reader:
         # one read of the local header and the data, when its extra field is empty (it is
         # in the zips numpy, Python and edm2 write); a second read when it is not
         wanted = 30 + len(piece.member.encode()) + piece.length
-        found = handle.read(wanted)
+        found: bytes = handle.read(wanted)
         start = _local_header(found[:30], where)
         data = found[start : start + piece.length]
         if len(data) < piece.length:
