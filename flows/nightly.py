@@ -5,8 +5,8 @@ another store's decode does not stop the others; the run then ends Failed and na
 The report has a row per store: what was done, why, and for a decoded store its model id,
 how its canary compared, shards written and skipped, seconds and images/s. An output that
 another writer holds (a manual decode, a second stack) is skipped, not failed; an output
-considered up to date is verified against its manifest (sizes; ``verify_full``: sha256)
-and fails, named, when it does not match.
+considered up to date is verified against its manifest and its own store (sizes and
+ids; ``verify_full``: sha256 too) and fails, named, when it does not match.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def decode_store(
 @task(name="verify", cache_policy=NO_CACHE, task_run_name="verify {item.entry.relative}")
 def verify_task(item: BulkItem, options: dict[str, Any] | None, full: bool) -> list[str]:
     """What is wrong with an up-to-date output, a line per problem (empty: it verifies)."""
-    found = verify_output(item.out, options, full=full)
+    found = verify_output(item.out, options, store_url=item.entry.url, full=full)
     return [f"{p.shard}: {p.kind}, {p.detail}" for p in found.problems]
 
 
@@ -121,8 +121,8 @@ def nightly_bulk_decode(
     verify_full: Annotated[
         bool,
         Field(
-            description="Hash every shard of the up-to-date outputs (sha256) instead of "
-            "checking sizes"
+            description="Hash every shard of the up-to-date outputs (sha256) besides checking "
+            "sizes and ids"
         ),
     ] = False,
 ) -> State[Any]:
@@ -154,7 +154,7 @@ def nightly_bulk_decode(
                     detail = f"output does not match its manifest ({len(problems)}): {shown}"
                     row |= {"action": "failed", "detail": detail}
                 else:
-                    how = "sha256" if verify_full else "sizes"
+                    how = "sha256 and ids" if verify_full else "sizes and ids"
                     row |= {"action": "skipped", "detail": f"output is {item.status} ({how} ok)"}
             else:
                 state = decode_store(

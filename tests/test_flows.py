@@ -230,7 +230,7 @@ def test_nightly_decodes_grown_skips_done_and_reports_corrupt(
         "held": "skipped",
         "tampered": "failed",
     }
-    assert rows["done"]["detail"] == "output is complete (sizes ok)"
+    assert rows["done"]["detail"] == "output is complete (sizes and ids ok)"
     assert "being written by another decode by hand" in rows["held"]["detail"]
     assert "shard-000001.tar: size" in rows["tampered"]["detail"]
     assert "damaged" in rows["broken"]["detail"] and "damaged" in rows["corrupt"]["detail"]

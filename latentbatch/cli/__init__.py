@@ -309,21 +309,30 @@ def verify_command(
     out: Annotated[str, typer.Argument(metavar="OUT", help="Output folder: path or s3:// URL.")],
     store: Annotated[
         str | None,
-        typer.Option(help="Also check that OUT's ids are exactly this store's committed rows."),
+        typer.Option(
+            help="Check OUT's ids against this store's committed rows \\[default: the store "
+            "its manifest names, when it opens]."
+        ),
     ] = None,
     full: Annotated[
-        bool, typer.Option(help="Hash every shard (sha256), not only its size.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--full/--quick",
+            help="Hash every shard (sha256) and check its ids; --quick: sizes only.",
+        ),
+    ] = True,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check an output against its manifest (sizes, --full: sha256; --store: its ids).
+    """Check an output against its manifest: every shard's sha256 and ids (--quick: sizes).
 
-    Every listed shard there with its recorded size, none extra, no gap; with --store the
-    output is that store's decode and each shard holds the store's ids in order."""
+    Every listed shard there with its recorded size and sha256, none extra, no gap, and
+    each shard holding its store's ids in order (the store the manifest names, or
+    --store). --quick checks sizes only, which cannot tell a shard of the same size."""
     from latentbatch.outputs.verify import VerifyError, verify_output
 
-    result = verify_output(out, parse_options(storage_option), store_url=store, full=full)
+    options = parse_options(storage_option)
+    result = verify_output(out, options, store_url=store, full=full, ids=full)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -331,12 +340,14 @@ def verify_command(
         for problem in result.problems:
             line = f"{problem.kind:>10}  {problem.shard}: {problem.detail}"
             console.print(line, highlight=False, soft_wrap=True)
-        how = "sha256" if full else "sizes"
-        ids = f", ids against {store}" if store else ""
+        how = "sha256" if full else "sizes only (--quick: a shard of the same size passes)"
+        if result.store:
+            how += f", ids against {result.store}"
+        elif result.unchecked:
+            how += f"; ids not checked: {result.unchecked}"
         verdict = "ok" if result.ok else f"{len(result.problems)} problems"
         console.print(
-            f"{out}: {result.shards} shards, {result.images} images checked ({how}{ids}): "
-            f"{verdict}",
+            f"{out}: {result.shards} shards, {result.images} images checked ({how}): {verdict}",
             highlight=False,
             soft_wrap=True,
         )

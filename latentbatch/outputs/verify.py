@@ -1,17 +1,21 @@
 """Check a finished output against its manifest (``latentbatch verify OUT``).
 
 The shard table is streamed (:func:`latentbatch.outputs.manifest.iter_shards`), never held whole.
-For each shard: it exists, its size is the recorded one, and with ``full`` its sha256 is
-the recorded one (a png folder's the digest of its sorted listing, as recorded). Shards
+For each shard: it exists, its size is the recorded one, and (by default, ``full``) its
+sha256 is the recorded one (a png folder's the digest of its sorted listing, as
+recorded): two shards of the same image count and size are often the same size (tar
+pads to 10,240-byte records), so sizes alone cannot tell another store's shard. Shards
 must follow each other without a gap, and their images add up to the manifest's count.
 A shard the table does not list (``shard-*`` beside the listed ones, or a chunk of a zarr
 output's ``images.zarr`` past them) is named too. With a store, the output must be that
 store's decode (its uuid) of all its committed rows, and each shard's ids must be the
-store's ids of its rows, in order (tar members and png files read for their names).
+store's ids of its rows, in order (tar members and png files read for their names). By
+default that store is the one the manifest names, when it can be opened; otherwise the
+verification says its ids were not checked.
 
-Cost: the default reads the shard table and lists OUT (sizes only: one listing of the
-folder); ``full`` reads every byte once; ``store`` reads every tar's headers and the
-store's ids.
+Cost: every check reads the shard table and lists OUT once; hashing (the default) reads
+every byte of the output once; the ids read every tar's headers and the store's ids.
+``full=False`` (``--quick``) checks sizes alone, and says so.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Verification:
     full: bool
     store: str | None
     problems: tuple[Problem, ...]
+    unchecked: str | None = None  # why the manifest's store's ids were not checked
 
     @property
     def ok(self) -> bool:
@@ -166,10 +171,12 @@ def verify_output(
     options: StorageOptions | None = None,
     *,
     store_url: str | None = None,
-    full: bool = False,
+    full: bool = True,
+    ids: bool = True,
 ) -> Verification:
     """Check the output at ``out_url`` against its manifest (see the module docstring);
-    every problem is collected, named by shard."""
+    every problem is collected, named by shard. Without ``store_url``, ``ids`` checks
+    the ids against the store the manifest names, when it opens."""
     manifest = read_manifest(out_url, options)
     if manifest is None:
         raise OutputError(
@@ -177,7 +184,15 @@ def verify_output(
             "again to finish it)"
         )
     fs, root = filesystem(out_url, options)
-    store = open_store(store_url, options) if store_url is not None else None
+    unchecked = None
+    if store_url is None and ids:
+        try:
+            store: LatentStore | None = open_store(manifest.store.url, options)
+            store_url = manifest.store.url
+        except (LatentbatchError, OSError) as exc:
+            store, unchecked = None, f"its store {manifest.store.url} does not open ({exc})"
+    else:
+        store = open_store(store_url, options) if store_url is not None else None
     problems: list[Problem] = []
     if store is not None:
         if manifest.store.uuid != store.uuid:
@@ -228,4 +243,5 @@ def verify_output(
         full=full,
         store=store_url,
         problems=tuple(problems),
+        unchecked=unchecked,
     )
