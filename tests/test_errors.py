@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import Client
 from PIL import Image
@@ -280,3 +281,50 @@ def test_gpu_worker_without_cuda_fails_the_decode_naming_the_worker(
         error = _fails([*argv, "--scheduler", address], "Dask worker w0", "GPU=1")
     assert "sees no CUDA device" in error
     assert not list(out.glob("shard-*"))
+
+
+WRITERS = {
+    "decode": lambda m, s, t: ["decode", "--model", m, "--store", s, "--out", t],
+    "query --decode": lambda m, s, t: ["query", s, "--rows", "0:4", "--model", m, "--decode", t],
+    "encode": lambda m, s, t: ["encode", "--model", m, "--data", "synthetic:8", "--store", t],
+    "import": lambda m, s, t: [
+        "import",
+        "--model",
+        m,
+        "--from",
+        str(Path(s).parent / "rows.npy"),
+        "--store",
+        t,
+    ],
+    "generate": lambda m, s, t: ["generate", "--from", s, "--count", "2", "--store", t],
+    "interpolate": lambda m, s, t: [
+        "interpolate",
+        s,
+        "--from",
+        "synthetic-0000000",
+        "--to",
+        "synthetic-0000003",
+        "--store",
+        t,
+    ],
+    "shift": lambda m, s, t: ["shift", s, "--from-label", "0", "--to-label", "1", "--store", t],
+    "score": lambda m, s, t: ["score", t, "--reference", s],
+    "stats --save": lambda m, s, t: ["stats", t, "--save"],
+}
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_names_a_path_that_cannot_be_a_folder(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, command: str, where: str
+) -> None:
+    store = Path(shutil.copytree(decoded[0], tmp_path / "s.zarr"))
+    np.save(tmp_path / "rows.npy", open_store(str(store)).read_latents(0, 4).astype("float32"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    target = blocker if where == "a file" else blocker / "out"
+    argv = WRITERS[command](str(tiny_model), str(store), str(target))
+    before = sha256s(tmp_path)
+    in_process = ("stats --save", "query --decode", "score")  # no cluster to size
+    _fails(argv if command in in_process else [*argv, "--workers", "1"], str(target))
+    assert sha256s(tmp_path) == before  # nothing written anywhere

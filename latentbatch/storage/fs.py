@@ -95,6 +95,28 @@ class WriteError(LatentbatchError):
     the write stopped and nothing half-written was kept or recorded."""
 
 
+def check_folder(url: str) -> None:
+    """Refuse, in a sentence naming it, a local path that cannot be (or become) a folder
+    a writer writes into: an existing file, a path under a file, or one whose nearest
+    existing folder cannot be written. Object stores have no such mistakes to check."""
+    if is_remote(url):
+        return
+    path = Path(url.removeprefix("file://")).absolute()
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"{path} is a file, not a folder; choose another path")
+    for parent in (path, *path.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise WriteError(f"{path} lies under {parent}, which is a file; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise WriteError(
+                f"{path} cannot be written: {parent} is not writable by this user; choose a "
+                "folder you can write to"
+            )
+        return
+
+
 def write_failed(what: str, exc: OSError) -> WriteError:
     """The sentence for a failed local write: what, why, and that a re-run finishes it."""
     reason = exc.strerror or str(exc)

@@ -40,6 +40,8 @@ from typing import Any
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage.fs import (
     StorageOptions,
+    WriteError,
+    check_folder,
     filesystem,
     is_remote,
     join,
@@ -236,10 +238,19 @@ class Lease:
         return join(self.root, _name(self.generation))
 
     def acquire(self) -> None:
-        """Create the lease, taking over an abandoned one; refuse a live one."""
+        """Create the lease, taking over an abandoned one; refuse a live one. A path that
+        cannot be a folder (a file, under a file, not writable) is refused first, in a
+        sentence naming it, and so is one whose lease cannot be created."""
+        check_folder(self.root)
         _ACTIVE.add(self.token)  # before the object exists: never "abandoned" by us
         try:
             self._acquire()
+        except OSError as exc:
+            _ACTIVE.discard(self.token)
+            raise WriteError(
+                f"{self.root} cannot be written ({exc.strerror or exc}); choose a folder "
+                "you can write to"
+            ) from exc
         except BaseException:
             _ACTIVE.discard(self.token)
             raise
