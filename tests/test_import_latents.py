@@ -262,3 +262,45 @@ def test_mars_cache_of_npz_files_imports_its_means_and_classes(
     assert store.read_ids(0, 4) == ["n00__img0", "n00__img1", "n01__img2", "n01__img3"]
     assert store.read_labels(0, 4).tolist() == [0, 0, 1, 1]
     np.testing.assert_allclose(store.read_latents(0, 4), means * SCALING, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mistake", ["truncated", "not npy", "object", "cls"])
+def test_a_bad_member_is_one_sentence_naming_it(
+    tmp_path: Path, kl_vae: Path, mistake: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A task's error on a bad input member is one `error:` line naming the file (and the
+    member of a tar), no traceback, and the store keeps no rows."""
+    rows = _scaled(3, seed=1)
+    if mistake == "cls":
+        source = tmp_path / "s.tar"
+        with tarfile.open(source, "w") as archive:
+            for i, row in enumerate(rows):
+                for suffix, data in ((".npy", _npy(row)), (".cls", b"cat" if i == 1 else b"3")):
+                    info = tarfile.TarInfo(f"k{i}{suffix}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        named = f"{source}::k1.cls holds 'cat', not an integer label"
+    else:
+        source = tmp_path / "edm2"
+        source.mkdir()
+        for i, row in enumerate(rows):
+            np.save(source / f"img{i}.npy", row)
+        bad = source / "img1.npy"
+        if mistake == "truncated":
+            bad.write_bytes(bad.read_bytes()[:-10])
+            named = f"{bad} is truncated or corrupt"
+        elif mistake == "not npy":
+            bad.write_bytes(b"hello")
+            named = f"{bad} is not a .npy (no numpy header)"
+        else:
+            np.save(bad, np.array([{"a": 1}] * 4, dtype=object).reshape(4, 1, 1), allow_pickle=True)
+            named = f"{bad} is an object array (a pickle)"
+    store = tmp_path / "x.zarr"
+    argv = ["import", "--model", str(kl_vae), "--from", str(source), "--store", str(store),
+            "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and named in errors[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert not store.exists() or open_store(str(store)).count == 0

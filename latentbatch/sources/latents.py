@@ -493,10 +493,17 @@ def find(spec: str) -> Found:
 
 def _read_npy(handle: Any, where: str) -> np.ndarray:
     """One ``.npy``'s array, or a sentence naming ``where`` when it is not one."""
+    data = handle.read()
+    if not data.startswith(b"\x93NUMPY"):
+        raise DataError(f"{where} is not a .npy (no numpy header); re-save it with numpy.save")
     try:
-        return np.asarray(np.load(io.BytesIO(handle.read()), allow_pickle=False))
-    except ValueError as exc:  # corrupt, truncated, or an object array (a pickle)
-        reason = "an object array (a pickle)" if "allow_pickle" in str(exc) else "not a valid .npy"
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
+    except ValueError as exc:  # truncated or corrupt, or an object array (a pickle)
+        reason = (
+            "an object array (a pickle)"
+            if "allow_pickle" in str(exc)
+            else f"truncated or corrupt ({exc})"
+        )
         raise DataError(f"{where} is {reason}; re-save it with numpy.save of numbers") from None
 
 
