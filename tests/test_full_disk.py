@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,77 @@ def test_a_shift_whose_matching_fills_the_disk_writes_it_again(
         done.read_latents(0, done.count).tobytes()
         == expected.read_latents(0, expected.count).tobytes()
     )
+
+
+def _at_metadata(name: str, key: str, wanted: Callable[[dict[str, Any]], bool]) -> Any:
+    """A ``LocalStore.set`` whose disk is full for ``key`` of the store ``name`` when the
+    metadata written there is ``wanted`` (parsed ``zarr.json``)."""
+    original = zarr.storage.LocalStore.set
+
+    async def set_(self: Any, at: str, value: Any) -> None:
+        if at == key and Path(str(self.root)).name == name and wanted(json.loads(value.to_bytes())):
+            raise FULL
+        await original(self, at, value)
+
+    return set_
+
+
+def _count(document: dict[str, Any]) -> int:
+    return int(document.get("attributes", {}).get("latentbatch", {}).get("count", -1))
+
+
+@pytest.mark.parametrize("where", ["commit", "canary", "resize", "anomaly"])
+def test_a_full_disk_at_a_metadata_write_is_one_sentence_and_the_rerun_completes(
+    tmp_path: Path, tiny_model: Path, client: Client, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """ENOSPC at a store's metadata write (a commit, the canary's record, the arrays grown
+    by an append, the anomaly scores' record): one sentence naming it, the store still
+    opens with its last metadata whole, and the same command again completes, as an
+    uninterrupted run does."""
+    from latentbatch.stores.canary import has_canary
+    from latentbatch.uses.anomaly import score
+
+    layout = Layout(16, 8)
+    reference, url = str(tmp_path / "reference.zarr"), str(tmp_path / "s.zarr")
+    first = 48 if where != "resize" else 32
+
+    def run() -> None:
+        if where == "resize":  # 48 more rows of other ids
+            encode(tiny_model, "digits", url, append=True, limit=48, layout=layout, client=client)
+        elif where == "anomaly":
+            score(url, reference)
+        else:
+            encode(tiny_model, "synthetic:48", url, layout=layout, client=client)
+
+    encode(tiny_model, "synthetic:48", reference, layout=layout, client=client)
+    if where in ("resize", "anomaly"):
+        encode(tiny_model, f"synthetic:{first}", url, layout=layout, client=client)
+    blocked = {
+        "commit": _at_metadata("s.zarr", "zarr.json", lambda d: _count(d) == 16),
+        "canary": _fills_zarr("s.zarr", "canary/"),
+        "resize": _at_metadata("s.zarr", "latents/zarr.json", lambda d: d["shape"][0] > 32),
+        "anomaly": _at_metadata("s.zarr", "zarr.json", lambda d: "threshold" in str(d)),
+    }[where]
+    named = {
+        "commit": f"the metadata of {url} could not be written",
+        "canary": f"the canary of {url} could not be written",
+        "resize": f"the array shapes of {url} (grown to 80 rows) could not be written",
+        "anomaly": f"the metadata of {url} could not be written",
+    }[where]
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", blocked)
+    with pytest.raises(WriteError, match=re.escape(named)):
+        run()
+    stopped = open_store(url)  # whole: its last metadata
+    assert stopped.count in ({0, 16} if where == "commit" else {first})
+    if where == "anomaly":
+        assert not stopped.has_anomaly  # marked unfinished, never read as done
+    monkeypatch.undo()
+    run()
+    done = open_store(url)
+    assert done.pending is None and has_canary(done)
+    rows = 80 if where == "resize" else 48
+    assert done.count == rows
+    expected = open_store(reference).read_latents(0, first)
+    assert done.read_latents(0, first).tobytes() == expected.tobytes()
+    if where == "anomaly":
+        assert done.has_anomaly

@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from latentbatch.errors import LatentbatchError
+from latentbatch.storage.fs import named_write
 from latentbatch.stores.store import LatentStore
 
 CANARY_ROWS = 16
@@ -77,15 +78,18 @@ def _torch_version() -> str:
 
 
 def record_canary(store: LatentStore, rows: list[int], pixels: np.ndarray, device: str) -> None:
-    """Keep ``pixels`` (the decoded ``rows``) as the store's canary."""
-    store.group.create_array(
-        ARRAY,
-        shape=pixels.shape,
-        dtype="uint8",
-        chunks=pixels.shape,
-        dimension_names=("canary", "image_y", "image_x", "image_channel"),
-        overwrite=True,
-    )[...] = pixels
+    """Keep ``pixels`` (the decoded ``rows``) as the store's canary: the array, then the
+    record that names it (a write that fails is said in a sentence, and leaves no
+    record: the next run records it again)."""
+    with named_write(store.url, f"the canary of {store.url}"):
+        store.group.create_array(
+            ARRAY,
+            shape=pixels.shape,
+            dtype="uint8",
+            chunks=pixels.shape,
+            dimension_names=("canary", "image_y", "image_x", "image_channel"),
+            overwrite=True,
+        )[...] = pixels
     store.write_meta(
         canary={
             "rows": rows,

@@ -316,32 +316,41 @@ class LatentStore:
         ``anomaly`` array (float32 along ``sample``, NaN = not scored) the first time."""
         if self.anomaly is None:
             layout = self.meta["layout"]
-            self.anomaly = self.group.create_array(
-                ANOMALY,
-                shape=(self.capacity,),
-                dtype="float32",
-                chunks=(layout["chunk_rows"],),
-                shards=(layout["shard_rows"],),
-                dimension_names=("sample",),
-                fill_value=float("nan"),
-                compressors=_codecs(),
-            )
+            with named_write(self.url, f"the anomaly array of {self.url}"):
+                self.anomaly = self._create_anomaly(layout)
         stop = start + len(scores)
         with named_write(self.url, f"anomaly scores of rows [{start}, {stop}) of {self.url}"):
             self.anomaly[start:stop] = scores.astype(np.float32, copy=False)
 
+    def _create_anomaly(self, layout: dict[str, Any]) -> zarr.Array[Any]:
+        return self.group.create_array(
+            ANOMALY,
+            shape=(self.capacity,),
+            dtype="float32",
+            chunks=(layout["chunk_rows"],),
+            shards=(layout["shard_rows"],),
+            dimension_names=("sample",),
+            fill_value=float("nan"),
+            compressors=_codecs(),
+        )
+
     # writing ---------------------------------------------------------------------------
     def write_meta(self, **updates: Any) -> None:
-        """Update metadata with one write of the group's metadata object."""
-        self.meta = {**self.meta, **updates}
-        self.group.attrs[ATTRS] = self.meta
+        """Update metadata with one write of the group's metadata object (atomic: a
+        write that fails, the disk full say, leaves the last one whole, and is said in a
+        sentence naming the store)."""
+        meta = {**self.meta, **updates}
+        with named_write(self.url, f"the metadata of {self.url}"):
+            self.group.attrs[ATTRS] = meta
+        self.meta = meta
 
     def resize(self, capacity: int) -> None:
         """Grow (or shrink to no less than ``count``) every array's row count."""
         if capacity < self.count:
             raise StoreError(f"cannot shrink {self.url} below its {self.count} committed rows")
-        for array in self._arrays():
-            array.resize((capacity, *array.shape[1:]))
+        with named_write(self.url, f"the array shapes of {self.url} (grown to {capacity} rows)"):
+            for array in self._arrays():
+                array.resize((capacity, *array.shape[1:]))
 
     def _arrays(self) -> list[zarr.Array[Any]]:
         optional = [a for a in (self.quality, self.anomaly) if a is not None]
