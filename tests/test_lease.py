@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from latentbatch.storage.lease import (
     leased,
 )
 from latentbatch.stores.store import Layout, open_store
+from tests.helpers import sha256s
 from tests.servers import moto_server
 
 CLI = str(Path(sys.executable).with_name("latentbatch"))
@@ -203,12 +205,17 @@ def test_two_first_encodes_of_one_store_at_once(tiny_model: Path, tmp_path: Path
     assert not [p for p in store.iterdir() if is_lease(p.name)]
 
 
-def test_a_killed_clients_lease_is_taken_over_after_its_timeout(
+def test_a_killed_clients_lease_is_taken_over_at_once_on_the_same_machine(
     two_stores: tuple[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
+    """SIGKILL of a decode's client (and its cluster) mid-run: its lease records this
+    machine's boot id and PID namespace and its process is gone, so the re-run takes it
+    at once, with a warning, writes only the missing shards, and ends byte-identical to
+    an uninterrupted decode."""
     t, _ = two_stores
-    out = tmp_path / "out"
-    env = {**os.environ, TIMEOUT_ENV: "6"}  # long enough for the re-run below to start
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    assert subprocess.run(_decode(tiny_model, t, whole), capture_output=True).returncode == 0
+    env = {**os.environ, TIMEOUT_ENV: "600"}  # the timeout is not what lets the re-run in
     process = subprocess.Popen(
         _decode(tiny_model, t, out), env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -219,12 +226,38 @@ def test_a_killed_clients_lease_is_taken_over_after_its_timeout(
     os.killpg(process.pid, signal.SIGKILL)  # the client and its local cluster
     process.wait()
     leases = [p for p in out.iterdir() if is_lease(p.name)]
-    assert len(leases) == 1 and json.loads(leases[0].read_text())["timeout"] == 6
-    again = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
-    assert again.returncode == 1 and "is being written by another decode" in again.stderr
-    time.sleep(6.5)
-    taken = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True)
+    assert len(leases) == 1 and json.loads(leases[0].read_text())["pidns"].startswith("pid:")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    taken = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True, env=env)
     assert taken.returncode == 0, taken.stderr
-    assert "took over the lease" in taken.stderr
-    assert verify_output(str(out), store_url=t, full=True).ok
+    assert "took over the lease" in taken.stderr and "crashed (its process is gone)" in taken.stderr
+    assert all(out.joinpath(n).stat().st_mtime_ns == m for n, m in kept.items())  # not rewritten
+    shards = [name for name in sha256s(whole) if name.startswith("shard-")]
+    assert {n: sha256s(out)[n] for n in shards} == {n: sha256s(whole)[n] for n in shards}
+    assert verify_output(str(out), store_url=t).ok
     assert not [p for p in out.iterdir() if is_lease(p.name)]
+
+
+@pytest.mark.parametrize("other", ["pidns", "boot", "unrecorded"])
+def test_a_live_lease_of_another_namespace_is_never_judged_by_its_pid(
+    tmp_path: Path, other: str
+) -> None:
+    """A lease of this hostname whose pid is no process here, but from another PID
+    namespace (a container sharing the hostname), another boot, or one that recorded
+    neither: its heartbeat is fresh, so it is refused, not taken."""
+    from latentbatch.storage.lease import boot_id, pid_namespace
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    payload = {"what": "decode of x.zarr", "host": socket.gethostname(), "pid": int(dead),
+               "token": "t", "heartbeat": time.time(), "timeout": 600,
+               "boot": boot_id(), "pidns": pid_namespace()}  # fmt: skip
+    payload |= {
+        "pidns": {"pidns": "pid:[1]", "boot": pid_namespace(), "unrecorded": ""}[other],
+        "boot": {"pidns": boot_id(), "boot": "another-boot", "unrecorded": ""}[other],
+    }
+    (out / ".latentbatch-lease-000000.json").write_text(json.dumps(payload))
+    with pytest.raises(LeaseHeldError, match=r"being written by another decode of x\.zarr"):
+        Lease(str(out), None, "decode of y.zarr", 60).acquire()

@@ -4,7 +4,7 @@
 
     OUT/.latentbatch-lease-000003.json     {"what": "decode of s.zarr", "host": ...,
     STORE/.latentbatch-lease-000000.json    "pid": ..., "token": ..., "heartbeat": ...,
-                                            "timeout": ...}
+                                            "timeout": ..., "boot": ..., "pidns": ...}
 
 A writer takes the lease before it writes anything and gives it back when it ends: the
 lease is an object created only if it does not exist (``O_CREAT | O_EXCL`` on a local
@@ -16,6 +16,10 @@ heartbeat is older than the timeout (``$LATENTBATCH_LEASE_TIMEOUT`` seconds, def
 the output forever): the next writer takes it over, with a warning, by creating the next
 generation's object (created exclusively too, so of two takers one wins) and removing the
 stale one (the holder's own timeout, recorded in its lease, is the one that counts). A
+crashed holder is taken over at once, with a warning, when it is provably gone: its lease
+records this machine's boot id and this PID namespace, and no process has its pid (a
+client killed by SIGKILL or the OOM killer is re-run at once; another container that
+shares the hostname but not the PID namespace is never judged by pids). A
 holder whose lease was taken over (it stalled past the timeout) finds a
 newer generation at its next renewal and stops before it records anything
 (:meth:`Lease.check`).
@@ -131,6 +135,8 @@ class Holder:
     token: str
     heartbeat: float
     timeout: float  # the holder's: it renews the heartbeat well within this
+    boot: str = ""  # the holder's machine's boot id, and its PID namespace: where its
+    pidns: str = ""  # pid means a process (empty: not recorded, or not Linux)
 
     @property
     def stale(self) -> bool:
@@ -165,6 +171,8 @@ def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
                     token=str(meta["token"]),
                     heartbeat=float(meta["heartbeat"]),
                     timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
+                    boot=str(meta.get("boot", "")),
+                    pidns=str(meta.get("pidns", "")),
                 )
             )
         except FileNotFoundError:
@@ -188,6 +196,44 @@ def _ours_abandoned(holder: Holder) -> bool:
         and holder.host == socket.gethostname()
         and holder.token not in _ACTIVE
     )
+
+
+def boot_id() -> str:
+    """This machine's boot id (empty where there is none to read)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (``pid:[4026531836]``; empty where none is known)."""
+    try:
+        return str(Path("/proc/self/ns/pid").readlink())
+    except OSError:
+        return ""
+
+
+def _crashed(holder: Holder) -> bool:
+    """Whether ``holder``'s process is provably gone: it ran on this machine since its
+    last boot, in this PID namespace, and no process has its pid now. Anything else (an
+    unrecorded namespace, another container with the same hostname) is left to the
+    timeout."""
+    if not holder.boot or not holder.pidns or holder.pid <= 0:
+        return False
+    if (holder.host, holder.boot, holder.pidns) != (
+        socket.gethostname(),
+        boot_id(),
+        pid_namespace(),
+    ):
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _modified(fs: Any, path: str) -> float:
@@ -230,6 +276,8 @@ class Lease:
                 "token": self.token,
                 "heartbeat": time.time(),
                 "timeout": self.timeout,
+                "boot": boot_id(),
+                "pidns": pid_namespace(),
             }
         )
 
@@ -259,7 +307,13 @@ class Lease:
         for _ in range(8):  # each pass loses only to another writer's creation
             holders = _holders(self.root, self.options)
             current = holders[0] if holders else None
-            if current is not None and not current.stale and not _ours_abandoned(current):
+            crashed = current is not None and _crashed(current)
+            if (
+                current is not None
+                and not current.stale
+                and not _ours_abandoned(current)
+                and not crashed
+            ):
                 raise LeaseHeldError(
                     f"{self.root} is being written by another {current.describe()}; wait "
                     f"for it to finish, or if that process is gone, run again once its "
@@ -270,8 +324,9 @@ class Lease:
                 if current is not None:
                     self.took_over = current
                     logger.warning(
-                        "took over the lease of %s from an abandoned %s",
+                        "took over the lease of %s from %s %s",
                         self.root,
+                        "a crashed (its process is gone)" if crashed else "an abandoned",
                         current.describe(),
                     )
                     for stale in holders:
