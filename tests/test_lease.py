@@ -227,7 +227,9 @@ def test_a_killed_clients_lease_is_taken_over_at_once_on_the_same_machine(
     process.wait()
     leases = [p for p in out.iterdir() if is_lease(p.name)]
     assert len(leases) == 1 and json.loads(leases[0].read_text())["pidns"].startswith("pid:")
-    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    recorded = {p.stem for p in out.glob(".records/*.json")}  # finished: shard and record
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*") if p.stem in recorded}
+    assert kept
     taken = subprocess.run(_decode(tiny_model, t, out), capture_output=True, text=True, env=env)
     assert taken.returncode == 0, taken.stderr
     assert "took over the lease" in taken.stderr and "crashed (its process is gone)" in taken.stderr
