@@ -249,7 +249,7 @@ def test_a_full_disk_at_a_metadata_write_is_one_sentence_and_the_rerun_completes
     if where in ("resize", "anomaly"):
         encode(tiny_model, f"synthetic:{first}", url, layout=layout, client=client)
     blocked = {
-        "commit": _at_metadata("s.zarr", "zarr.json", lambda d: _count(d) == 16),
+        "commit": _at_metadata("s.zarr", "zarr.json", lambda d: _count(d) > 0),  # the first
         "canary": _fills_zarr("s.zarr", "canary/"),
         "resize": _at_metadata("s.zarr", "latents/zarr.json", lambda d: d["shape"][0] > 32),
         "anomaly": _at_metadata("s.zarr", "zarr.json", lambda d: "threshold" in str(d)),
@@ -264,7 +264,7 @@ def test_a_full_disk_at_a_metadata_write_is_one_sentence_and_the_rerun_completes
     with pytest.raises(WriteError, match=re.escape(named)):
         run()
     stopped = open_store(url)  # whole: its last metadata
-    assert stopped.count in ({0, 16} if where == "commit" else {first})
+    assert stopped.count == (0 if where == "commit" else first)
     if where == "anomaly":
         assert not stopped.has_anomaly  # marked unfinished, never read as done
     monkeypatch.undo()
