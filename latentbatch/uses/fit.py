@@ -203,7 +203,8 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
         raise FitError(f"{store.url} has {store.count} rows; a fit needs at least 2")
     exact = values <= EXACT_VALUES
     total = np.zeros(values)
-    scatter = np.zeros((values, values) if exact else (1, values))  # exact: D x D; else the squares
+    scatter = np.zeros((values, values) if exact else (0, 0))  # D x D, only when exact
+    squares = np.zeros(values)  # each value's sum of squares: the total variance
     low = np.full(values, np.inf)
     high = np.full(values, -np.inf)
     sums: dict[int, np.ndarray] = {}
@@ -211,7 +212,10 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
     for start, stop in store.each_shard():
         flat = _flat(store, start, stop)
         total += flat.sum(axis=0)
-        scatter += flat.T @ flat if exact else (flat * flat).sum(axis=0)
+        if exact:
+            scatter += flat.T @ flat
+        else:
+            squares += (flat * flat).sum(axis=0)
         low, high = np.minimum(low, flat.min(axis=0)), np.maximum(high, flat.max(axis=0))
         labels = _labels(store, start, stop)
         for label in np.unique(labels).tolist():
@@ -228,7 +232,7 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
         outside = float(eigenvalues[: values - rank].sum())
     else:
         basis, top = _randomized_directions(store, mean, rank)
-        outside = float((scatter[0] / n - mean * mean).sum() - top.sum())
+        outside = float((squares / n - mean * mean).sum() - top.sum())
     residual = max(0.0, outside) / max(1, values - rank)
     known = sorted(counts)
     label_means = np.stack([sums[label] / counts[label] for label in known])

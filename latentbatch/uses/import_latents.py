@@ -124,10 +124,14 @@ def _refuse_a_changed_source(store_url: str, options: StorageOptions | None, fou
         return
     if began.get("listing_sha256") in (None, found.digest):
         return
-    committed = store.read_ids(0, store.count)
-    pairs = zip(committed, found.ids, strict=False)
-    moved = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-    where = "" if moved is None else f"; row {moved} was {committed[moved]}, now {found.ids[moved]}"
+    where = ""
+    for start, stop in store.each_shard():  # a shard at a time, up to the first that moved
+        pairs = zip(store.read_ids(start, stop), found.ids[start:stop], strict=False)
+        moved = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if moved is not None:
+            row = start + moved
+            where = f"; row {row} was {store.read_ids(row, row + 1)[0]}, now {found.ids[row]}"
+            break
     raise DataError(
         f"{found.spec} changed since the import into {store_url} began: it listed "
         f"{began.get('rows', 0):,} rows, now {len(found.ids):,}{where}. Import it into another "
