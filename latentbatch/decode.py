@@ -20,12 +20,19 @@
     remove temporaries; write manifest.json last
 
 An output shard holds ``--images-per-shard`` rows exactly when it is given (a task may
-then read part of a store shard); by default 10,240 rows, or as many as hold
-:data:`DEFAULT_SHARD_BYTES` of pixels at the store's image size when fewer (WebDataset's
-guidance is 100 MB to 1 GB a shard: a 512x512 RGB image takes 768 KiB), rounded down to
-whole store shards when that leaves one or more. Object stores get objects of a few MB
-to a few hundred, not a million tiny ones nor one of 8 GB, and the grouping depends on
-the store and the setting alone, so the bytes do not depend on the number of workers.
+then read part of a store shard). By default it holds 10,240 rows, or fewer when
+
+- 10,240 images would pass :data:`DEFAULT_SHARD_BYTES` of pixels at the store's image
+  size (WebDataset's guidance is 100 MB to 1 GB a shard: a 512x512 RGB image takes
+  768 KiB), or
+- the store has fewer than :data:`SPREAD_SHARDS` shards' worth: then the rows are spread
+  over that many shards (at least :data:`MIN_SHARD_ROWS` rows each), so a small
+  collection of large images still gives every worker work,
+
+rounded down to whole store shards, or else to whole store chunks, when that leaves one
+or more. The grouping depends on the store and the setting alone, never on the number of
+workers, so the bytes are the same on any cluster; an output keeps the grouping it was
+begun with when it is continued (a grown store adds shards of the same size).
 
 :func:`decode_selection` decodes chosen rows in this process (``latentbatch query
 --decode``) with the same checks, the same shard writers and the same manifest.
@@ -74,6 +81,7 @@ from latentbatch.outputs.manifest import (
     Manifest,
     ShardRecord,
     StoreRef,
+    begun_settings,
     read_manifest,
     read_records,
     write_manifest,
@@ -94,6 +102,11 @@ from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, 
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
 DEFAULT_SHARD_BYTES = 512 * 2**20
 """The most pixel bytes of a default output shard (a shard of larger images holds fewer)."""
+SPREAD_SHARDS = 32
+"""The default spreads a store of fewer rows than this many full shards over this many
+shards: twice the workers of a 16-GPU cluster, whatever cluster decodes it."""
+MIN_SHARD_ROWS = 32
+"""The fewest rows of a default output shard (a batch's worth) when the rows are spread."""
 SELECTION_LIMIT = DEFAULT_IMAGES_PER_SHARD  # rows an in-process decode of a selection takes
 ProgressCallback = Callable[[Progress], None]
 
@@ -313,12 +326,18 @@ def _layout_settings(
 
 
 def rows_per_output_shard(
-    images_per_shard: int | None, store_shard_rows: int, image_bytes: int = 0
+    images_per_shard: int | None,
+    store_shard_rows: int,
+    image_bytes: int = 0,
+    *,
+    count: int = 0,
+    chunk_rows: int = 1,
 ) -> int:
     """Rows of each output shard: ``images_per_shard`` exactly when given; by default
-    :data:`DEFAULT_IMAGES_PER_SHARD`, or fewer when images of ``image_bytes`` pixel bytes
-    would pass :data:`DEFAULT_SHARD_BYTES`, rounded down to whole store shards when that
-    leaves one or more (the module docstring)."""
+    :data:`DEFAULT_IMAGES_PER_SHARD`, fewer when images of ``image_bytes`` pixel bytes
+    would pass :data:`DEFAULT_SHARD_BYTES` or when ``count`` rows would make fewer than
+    :data:`SPREAD_SHARDS` shards, rounded down to whole store shards or chunks (the
+    module docstring)."""
     if images_per_shard is not None:
         if images_per_shard < 1:
             raise OutputError(f"--images-per-shard {images_per_shard} must be at least 1")
@@ -326,7 +345,12 @@ def rows_per_output_shard(
     wanted = DEFAULT_IMAGES_PER_SHARD
     if image_bytes > 0:
         wanted = max(1, min(wanted, DEFAULT_SHARD_BYTES // image_bytes))
-    return wanted // store_shard_rows * store_shard_rows or wanted
+    if count > 0:
+        wanted = min(wanted, max(MIN_SHARD_ROWS, -(-count // SPREAD_SHARDS)))
+    for unit in (store_shard_rows, chunk_rows):
+        if wanted >= unit:
+            return wanted // unit * unit
+    return wanted
 
 
 def _absolute(url: str) -> str:
@@ -368,10 +392,6 @@ def decode(
 
     source = StoreRef(url=_absolute(store_url), uuid=store.uuid, count=store.count)
     pixels = (*store.image_size, info.config.channels)
-    rows = rows_per_output_shard(images_per_shard, store.shard_rows, int(np.prod(pixels)))
-    settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
-    identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
-    shards = -(-store.count // rows)
     recorded = has_canary(store)
     check = recorded and not skip_canary
     canary = CanaryResult(status="skipped" if skip_canary and recorded else "none")
@@ -379,10 +399,25 @@ def decode(
     started = time.perf_counter()
     run_token = uuid.uuid4().hex
 
-    def rows_of(index: int) -> tuple[int, int]:
-        return index * rows, min((index + 1) * rows, store.count)
-
     with leased(out_url, f"decode of {source.url}", out_options) as lease:
+        begun = begun_settings(out_url, out_options)
+        if images_per_shard is None and begun is not None:  # continued as it was begun
+            rows = int(begun.get("rows_per_shard", store.shard_rows))
+        else:
+            rows = rows_per_output_shard(
+                images_per_shard,
+                store.shard_rows,
+                int(np.prod(pixels)),
+                count=store.count,
+                chunk_rows=store.chunk_rows,
+            )
+        settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
+        identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
+        shards = -(-store.count // rows)
+
+        def rows_of(index: int) -> tuple[int, int]:
+            return index * rows, min((index + 1) * rows, store.count)
+
         _refuse_other_output(out_url, out_options, store, info, fmt, settings)
         done = read_records(out_url, out_options, identity)
         done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
@@ -423,7 +458,7 @@ def decode(
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
             if fmt == "zarr":  # its chunks divide its shards: one writer per shard
-                chunk_rows = math.gcd(rows, store.meta["layout"]["chunk_rows"])
+                chunk_rows = math.gcd(rows, store.chunk_rows)
                 create_zarr_output(out_url, out_options, store.count, pixels, rows, chunk_rows)
             map_bounded(
                 c,

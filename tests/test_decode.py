@@ -310,6 +310,13 @@ def test_output_shards_group_whole_store_shards(
     assert rows_per_output_shard(None, 1024, 28 * 28) == 10240
     assert rows_per_output_shard(None, 1024, 512 * 512 * 3) == 682  # under a store shard
     assert rows_per_output_shard(None, 64, 512 * 512 * 3) == 640  # whole store shards
+    # fewer rows than 32 full shards: spread over 32 shards of at least 32 rows, in whole
+    # store shards or chunks when that leaves one
+    spread = [rows_per_output_shard(None, 1024, 28 * 28, count=n, chunk_rows=128)
+              for n in (100, 5000, 40_000, 1_000_000)]  # fmt: skip
+    assert spread == [32, 128, 1024, 10240]
+    assert rows_per_output_shard(None, 1024, 256 * 256 * 3, count=128, chunk_rows=128) == 32
+    assert rows_per_output_shard(None, 16, 28 * 28, count=5000, chunk_rows=8) == 144
     out = tmp_path / "two"
     decode(seed_model, str(mnist_store), str(out), images_per_shard=4096, client=client)
     table = [json.loads(line) for line in (out / "shards.jsonl").read_text().splitlines()]
@@ -349,22 +356,32 @@ def test_images_per_shard_below_the_store_shards_is_honoured(
     np.testing.assert_array_equal(images, reference)
 
 
-def test_an_output_of_an_earlier_release_continues_only_with_its_shard_size(
+def test_an_output_continues_with_the_shard_size_it_was_begun_with(
     tmp_path: Path, mnist_tar: Path, mnist_store: Path, seed_model: Path, client: Client
 ) -> None:
     """Before --images-per-shard, an output held one shard per store shard and its
-    manifest said nothing of it: the default (10,240) is refused, naming the size it has;
-    the store's shard rows continue it without rewriting a shard."""
+    manifest said nothing of it: the default continues it with the store's shard rows,
+    rewriting no shard (today's default for 5,000 rows would be 128); another explicit
+    size is refused, naming the size it has. A decode interrupted before its manifest
+    continues with the size of its finished shards' records."""
     out = Path(shutil.copytree(mnist_tar, tmp_path / "old"))
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["format_settings"]["rows_per_shard"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     before = sha256s(out)
     with pytest.raises(OutputError, match="rows_per_shard=1024"):
-        decode(seed_model, str(mnist_store), str(out), client=client)
+        decode(seed_model, str(mnist_store), str(out), images_per_shard=2048, client=client)
     assert sha256s(out) == before
-    again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
-    assert again.shards_written == ()
+    again = decode(seed_model, str(mnist_store), str(out), client=client)
+    assert again.shards_written == () and again.manifest.format_settings is not None
+    assert again.manifest.format_settings["rows_per_shard"] == 1024
+
+    interrupted = Path(shutil.copytree(mnist_tar, tmp_path / "interrupted"))
+    for name in ("manifest.json", "shards.jsonl", "shard-000003.tar"):
+        (interrupted / name).unlink()
+    resumed = decode(seed_model, str(mnist_store), str(interrupted), client=client)
+    assert resumed.shards_written == (3,)
+    assert sha256s(interrupted) == sha256s(mnist_tar)
 
 
 def test_a_codec_store_holds_int8_symbols_and_decodes_as_its_model_does(
@@ -407,3 +424,26 @@ def test_a_format_one_store_of_the_previous_release_decodes_and_appends(
     store = open_store(store_url)
     assert store.count == 26 and store.meta["format"] == 1  # appends keep its format
     assert store.latents.dtype == np.float16 and store.quantization is None
+
+
+def test_a_small_collection_gives_every_worker_work(
+    tmp_path: Path, tiny_model: Path, client: Client
+) -> None:
+    """128 rows in one 1,024-row store shard: by default 4 output shards of 32 rows (tasks
+    that read part of a store shard, at least 2 x 2 workers), the same images as one
+    shard; an explicit size below the store's shard rows writes shards of that size."""
+    store = str(tmp_path / "small.zarr")
+    encode(tiny_model, "synthetic:128", store, client=client)
+    assert open_store(store).shard_rows == 1024
+    spread = decode(tiny_model, store, str(tmp_path / "spread"), client=client)
+    assert spread.shards_written == (0, 1, 2, 3)
+    table = [json.loads(line) for line in (tmp_path / "spread" / "shards.jsonl").open()]
+    assert [(r["start"], r["stop"]) for r in table] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    decode(tiny_model, store, str(tmp_path / "one"), images_per_shard=128, client=client)
+    assert read_output(str(tmp_path / "spread"))[0] == read_output(str(tmp_path / "one"))[0]
+    np.testing.assert_array_equal(
+        read_output(str(tmp_path / "spread"))[1], read_output(str(tmp_path / "one"))[1]
+    )
+    decode(tiny_model, store, str(tmp_path / "fifty"), images_per_shard=50, client=client)
+    table = [json.loads(line) for line in (tmp_path / "fifty" / "shards.jsonl").open()]
+    assert [(r["start"], r["stop"]) for r in table] == [(0, 50), (50, 100), (100, 128)]

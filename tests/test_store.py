@@ -229,6 +229,23 @@ def test_layout_validation() -> None:
         Layout(shard_rows=10, chunk_rows=3)
     with pytest.raises(StoreError, match="latent dtype"):
         Layout(latent_dtype="int8")
+    with pytest.raises(StoreError, match="positive multiple"):
+        Layout(chunk_rows=0)
+
+
+def test_rows_not_given_follow_the_latents_bytes() -> None:
+    """Shards aim at 16 MiB of latents (16 to 1,024 rows), chunks at 1 MiB (at most 128),
+    powers of two; rows given are kept and the other divides them."""
+    kib = 1024
+    assert Layout().rows_for(4 * 7 * 7 * 2) == (1024, 128)  # digits: as before
+    assert Layout().rows_for(4 * 32 * 32 * 2) == (1024, 128)  # TAESD 256x256, float16
+    assert Layout().rows_for(4 * 64 * 64 * 2) == (512, 32)  # SD at 512x512, float16
+    assert Layout().rows_for(16 * 128 * 128 * 2) == (32, 2)  # FLUX at 1024x1024
+    assert Layout().rows_for(4096 * kib) == (16, 1)  # at least 16 rows a shard
+    assert Layout(shard_rows=100).rows_for(64 * kib) == (100, 4)
+    assert Layout(chunk_rows=8).rows_for(64 * kib) == (256, 8)
+    assert Layout(chunk_rows=48).rows_for(4096 * kib) == (48, 48)
+    assert Layout(16, 8).rows_for(1) == (16, 8)
 
 
 def test_commits_advance_over_the_finished_prefix_only(tmp_path: Path, tiny_model: Path) -> None:

@@ -21,12 +21,14 @@ from rich.table import Table
 
 from latentbatch.choices import FORMATS, SOURCES
 from latentbatch.cli.common import (
+    ChunkRowsOption,
     ImageCodecOption,
     JsonOption,
     ModelOption,
     ProgressOption,
     QualityOption,
     SchedulerOption,
+    ShardRowsOption,
     SizeOption,
     StorageOption,
     StoreOption,
@@ -180,10 +182,8 @@ def encode_command(
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
-    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per shard (new stores).")] = 1024,
-    chunk_rows: Annotated[
-        int, typer.Option(min=1, help="Rows per inner chunk (new stores).")
-    ] = 128,
+    shard_rows: ShardRowsOption = None,
+    chunk_rows: ChunkRowsOption = None,
     latent_dtype: Annotated[
         str | None,
         typer.Option(

@@ -97,6 +97,20 @@ def emit_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, sort_keys=True))
 
 
+ShardRowsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Rows per store shard (new stores) \\[default: 16 MiB of latents, at most 1,024].",
+    ),
+]
+ChunkRowsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Rows per inner chunk (new stores) \\[default: 1 MiB of latents, at most 128].",
+    ),
+]
 SizeOption = Annotated[
     str | None,
     typer.Option(

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from latentbatch.cli.common import (
+    ChunkRowsOption,
     IdsOption,
     JsonOption,
     ProgressOption,
     RowsOption,
     SchedulerOption,
+    ShardRowsOption,
     StorageOption,
     StoreArgument,
     StoreOption,
@@ -245,8 +247,8 @@ def import_command(
         float | None,
         typer.Option(help="The source's shift factor \\[default: the model's config]."),
     ] = None,
-    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per shard.")] = 1024,
-    chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per inner chunk.")] = 128,
+    shard_rows: ShardRowsOption = None,
+    chunk_rows: ChunkRowsOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     storage_option: StorageOption = None,

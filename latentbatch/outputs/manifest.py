@@ -237,6 +237,28 @@ def write_record(
     write_bytes(join(out_url, RECORDS, f"shard-{record.index:06d}.json"), payload, options)
 
 
+def begun_settings(out_url: str, options: StorageOptions | None) -> dict[str, Any] | None:
+    """The settings an output at ``out_url`` was begun with: its manifest's
+    ``format_settings``, or else the first readable finished-shard record (which carries
+    them); None when neither exists (a new output)."""
+    manifest = read_manifest(out_url, options)
+    if manifest is not None:
+        return dict(manifest.format_settings or {})
+    fs, root = filesystem(out_url, options)
+    folder = join(root, RECORDS)
+    if not fs.exists(folder):
+        return None
+    for path in sorted(fs.ls(folder, detail=False)):
+        if path.endswith(".json") and "/." not in path[len(folder) :]:
+            try:
+                data = json.loads(fs.cat_file(path))
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                return data
+    return None
+
+
 def read_records(
     out_url: str, options: StorageOptions | None, identity: dict[str, Any]
 ) -> dict[int, ShardRecord]:

@@ -42,6 +42,7 @@ trust rows ``< count`` only; rows past it (capacity) may be half-written.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,10 @@ READABLE_FORMATS = (FLOAT_FORMAT, INTEGER_FORMAT)
 ATTRS = "latentbatch"
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 128
+SHARD_BYTES = 16 * 2**20
+"""Latent bytes a default store shard aims at (fewer rows than 1,024 for large latents)."""
+CHUNK_BYTES = 2**20
+"""Latent bytes a default inner chunk aims at (fewer rows than 128 for large latents)."""
 LATENT_DTYPES = ("float16", "float32")
 INTEGER_ZSTD_LEVEL = 15
 ANOMALY = "anomaly"  # optional per-row scores of `latentbatch score`
@@ -118,15 +123,20 @@ def shard_ranges(start: int, stop: int, shard_rows: int) -> list[tuple[int, int]
 
 @dataclass(frozen=True)
 class Layout:
-    """How a new store is chunked: rows per shard (one object) and per inner chunk, and
-    the dtype of float latents (``None``: float16; a quantised model's are int8)."""
+    """How a new store is chunked: rows per shard (one object, and one task of an encode
+    or import) and per inner chunk (the unit a reader fetches), and the dtype of float
+    latents (``None``: float16; a quantised model's are int8). Rows not given follow the
+    latent's bytes (:meth:`rows_for`)."""
 
-    shard_rows: int = DEFAULT_SHARD_ROWS
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    shard_rows: int | None = None
+    chunk_rows: int | None = None
     latent_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.chunk_rows < 1 or self.shard_rows < 1 or self.shard_rows % self.chunk_rows:
+        given = [n for n in (self.shard_rows, self.chunk_rows) if n is not None]
+        if any(n < 1 for n in given) or (
+            len(given) == 2 and given[0] % given[1]  # shard_rows a multiple of chunk_rows
+        ):
             raise StoreError(
                 f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
                 f"({self.chunk_rows})"
@@ -135,6 +145,23 @@ class Layout:
             raise StoreError(
                 f"latent dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype}"
             )
+
+    def rows_for(self, row_bytes: int) -> tuple[int, int]:
+        """(shard rows, chunk rows) for latents of ``row_bytes`` bytes a row: those given,
+        and for those not, the power of two of rows nearest below :data:`SHARD_BYTES` (at
+        least 16, at most :data:`DEFAULT_SHARD_ROWS`) and :data:`CHUNK_BYTES` (at most
+        :data:`DEFAULT_CHUNK_ROWS`), so the work and memory of a task follow the size of
+        its latents (and images) rather than a count."""
+
+        def power_of_two(budget: int, low: int, high: int) -> int:
+            rows = max(low, min(high, budget // max(1, row_bytes)))
+            return 1 << (rows.bit_length() - 1)
+
+        chunk = self.chunk_rows or power_of_two(CHUNK_BYTES, 1, DEFAULT_CHUNK_ROWS)
+        if self.shard_rows is None:
+            shard = max(chunk, power_of_two(SHARD_BYTES, 16, DEFAULT_SHARD_ROWS))
+            return shard // chunk * chunk, chunk
+        return self.shard_rows, self.chunk_rows or math.gcd(self.shard_rows, chunk)
 
 
 def _where(rows: np.ndarray) -> str:
@@ -201,6 +228,10 @@ class LatentStore:
     @property
     def shard_rows(self) -> int:
         return int(self.meta["layout"]["shard_rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.meta["layout"]["chunk_rows"])
 
     @property
     def uuid(self) -> str:
@@ -569,12 +600,13 @@ def create_store(
         raise StoreError(str(exc)) from None
     _, height, width = shape
     integer = np.dtype(latent_dtype).kind == "i"
+    shard_rows, chunk_rows = layout.rows_for(int(np.prod(shape)) * np.dtype(latent_dtype).itemsize)
     group.create_array(
         "latents",
         shape=(capacity, *shape),
         dtype=latent_dtype,
-        chunks=(layout.shard_rows, 1, height, width) if integer else (layout.chunk_rows, *shape),
-        shards=(layout.shard_rows, *shape),
+        chunks=(shard_rows, 1, height, width) if integer else (chunk_rows, *shape),
+        shards=(shard_rows, *shape),
         dimension_names=("sample", "channel", "y", "x"),
         fill_value=0,
         compressors=_codecs(INTEGER_ZSTD_LEVEL if integer else 3),
@@ -588,8 +620,8 @@ def create_store(
             name,
             shape=(capacity,),
             dtype=dtype,
-            chunks=(layout.chunk_rows,),
-            shards=(layout.shard_rows,),
+            chunks=(chunk_rows,),
+            shards=(shard_rows,),
             dimension_names=("sample",),
             fill_value=fill,
             compressors=_codecs(),
@@ -609,7 +641,7 @@ def create_store(
             **({"convention": config.convention} if config.convention is not None else {}),
         },
         "image": {"height": image_height, "width": image_width, "mode": config.mode},
-        "layout": {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows},
+        "layout": {"shard_rows": shard_rows, "chunk_rows": chunk_rows},
         "sources": [],
         "labels": False,
         "pending": None,

@@ -222,7 +222,7 @@ def like(
     dtype = str(parent.latents.dtype)
     layout = Layout(
         shard_rows=parent.shard_rows,
-        chunk_rows=int(parent.meta["layout"]["chunk_rows"]),
+        chunk_rows=parent.chunk_rows,
         latent_dtype=dtype if parent.quantization is None else None,
     )
     return create_store(
