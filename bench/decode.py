@@ -3,7 +3,8 @@
 
     python bench/decode.py [--count 20000] [--workers 1 2] [--device auto|cpu|cuda]
                            [--min-seconds S] [--passes 3] [--json] [--save FILE]
-                           [--model DIR | --vae sd|sdxl|taesd] [--size 256] [--workdir DIR]
+                           [--model DIR | --vae sd|sdxl|taesd] [--size 256] [--defaults]
+                           [--workdir DIR]
 
 Rows of the table, all on the same model and the same latents:
 
@@ -28,7 +29,9 @@ from diffusers' configs, randomly initialised with seed 0, so no download is nee
 AutoencoderKL, SDXL's, TAESD's AutoencoderTiny) the latents are seeded N(0, 1) ones, as
 scaled latents are, for --size x --size images; the store's shards and the output shards
 then hold --count / (2 x the most workers) rows each, so that every worker gets whole
-tasks, and the bare loops take the decode's memory-budgeted batch. The pipeline rows of each worker
+tasks, and the bare loops take the decode's memory-budgeted batch. ``--defaults`` keeps
+instead the store layout an import would choose and the decode's default output shards
+(as a user who sets neither gets them). The pipeline rows of each worker
 count run in a child process so that its peak RSS is the client's alone; cluster
 start-up and a warm-up decode of two shards per worker are not timed. On a shared
 machine one pass can be 30 % slower than the next: both sides take their best pass. The
@@ -103,16 +106,17 @@ def build_vae(name: str, workdir: Path) -> Path:
     return folder
 
 
-def build_latents(model_dir: Path, workdir: Path, count: int, size: int, shard: int) -> Path:
-    """Seeded N(0, 1) latents of a diffusers autoencoder for ``size`` x ``size`` images."""
+def build_latents(model_dir: Path, workdir: Path, count: int, size: int, shard: int | None) -> Path:
+    """Seeded N(0, 1) latents of a diffusers autoencoder for ``size`` x ``size`` images,
+    in store shards of ``shard`` rows (None: the default layout, as an import makes)."""
     info = read_info(model_dir)
-    path = workdir / f"bench-{info.short_id}-{size}-{count}-{shard}.zarr"
+    path = workdir / f"bench-{info.short_id}-{size}-{count}-{shard or 'default'}.zarr"
     if path.exists() and open_store(str(path)).count == count:
         return path
     shutil.rmtree(path, ignore_errors=True)
     store = create_store(
         str(path), model_id=info.model_id, config=info.config, capacity=count,
-        layout=Layout(shard, 1, "float16"), image=(size, size),
+        layout=Layout(shard, 1 if shard else None, "float16"), image=(size, size),
     )  # fmt: skip
     rng = np.random.default_rng(0)
     for a, b in shard_ranges(0, count, store.shard_rows):
@@ -324,6 +328,9 @@ def main() -> None:
     parser.add_argument("--vae", choices=sorted(VAES), help="a published diffusers architecture")
     parser.add_argument("--size", type=int, default=256, help="image side for a diffusers model")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument(
+        "--defaults", action="store_true", help="default store layout and output shards"
+    )
     parser.add_argument("--pipeline-only", action="store_true", help="skip the bare loops")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--min-seconds", type=float, default=0.0)
@@ -352,9 +359,10 @@ def main() -> None:
         model_dir = workdir / "seed-mnist5k"
         train(preset_config("seed"), TrainConfig("mnist5k", 1), model_dir, progress=False)
     diffusers_model = read_info(model_dir).config.any_size
-    per_shard = None  # the decode's default: 10,240 images per output shard
+    per_shard = None  # the decode's default output shards
     if diffusers_model:
-        per_shard = max(1, args.count // (2 * max(args.workers)))
+        if not args.defaults:
+            per_shard = max(1, args.count // (2 * max(args.workers)))
         store = build_latents(model_dir, workdir, args.count, args.size, per_shard)
     else:
         store = build_store(model_dir, workdir, args.count)
@@ -373,6 +381,8 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": args.vae or str(model_dir),
         "image_size": list(open_store(str(store)).image_size),
+        "store_shard_rows": open_store(str(store)).shard_rows,
+        "images_per_shard": per_shard or "default",
     }
     decode_only = with_png = None
     if not args.pipeline_only:

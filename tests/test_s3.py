@@ -189,3 +189,109 @@ def test_a_diffusers_model_on_s3_decodes_on_a_cli_cluster(
     assert fs.cat_file("latentbatch/kl/out/shards.jsonl") == fs.cat_file(
         "latentbatch/kl/local/shards.jsonl"
     )
+
+
+def _sources(folder: Path) -> dict[str, Path]:
+    """One small source of every layout import reads (4x4x4 latents, as the small
+    AutoencoderKL makes for 32x32 images), labelled where the layout holds labels."""
+    import io
+    import tarfile
+    import zipfile
+
+    import torch
+    import zarr
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((6, 4, 4, 4), dtype=np.float32)
+    made: dict[str, Path] = {}
+    edm2 = folder / "edm2"
+    names = [f"{i // 3:05d}/img{i:08d}.npy" for i in range(6)]
+    for name, latent in zip(names, latents, strict=True):
+        (edm2 / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(edm2 / name, np.concatenate([latent, np.full_like(latent, 0.01)]))
+    (edm2 / "dataset.json").write_text(json.dumps({"labels": [[n, 3] for n in names[:4]]}))
+    made["edm2-folder"] = edm2
+    made["edm2-zip"] = folder / "edm2.zip"
+    with zipfile.ZipFile(made["edm2-zip"], "w") as archive:
+        for path in sorted(edm2.rglob("*")):
+            if path.is_file():
+                archive.write(path, str(path.relative_to(edm2)))
+    for i, latent in enumerate(latents):
+        (folder / "mar" / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        np.savez(
+            folder / "mar" / f"n0{i % 2}" / f"img{i}.npz", moments=np.concatenate([latent] * 2)
+        )
+    made["mar-npz-files"] = folder / "mar"
+    np.save(folder / "rows.npy", latents.astype(np.float16))
+    made["npy"] = folder / "rows.npy"
+    np.savez(folder / "stored.npz", latents=latents, labels=np.arange(6))
+    made["npz"] = folder / "stored.npz"
+    np.savez_compressed(folder / "packed.npz", latents=latents)
+    made["npz-compressed"] = folder / "packed.npz"
+    tensors = folder / "tensors"
+    tensors.mkdir()
+    save_file({"latents": torch.from_numpy(latents[:4]).to(torch.bfloat16),
+               "labels": torch.tensor([7, 8, 9, 10])}, str(tensors / "a.safetensors"))  # fmt: skip
+    save_file({f"img-{i}": torch.from_numpy(latents[i]) for i in (4, 5)},
+              str(tensors / "b.safetensors"))  # fmt: skip
+    made["safetensors"] = tensors
+    made["webdataset"] = folder / "wds-000000.tar"
+    with tarfile.open(made["webdataset"], "w") as tar:
+        for i, latent in enumerate(latents):
+            buffer = io.BytesIO()
+            np.save(buffer, latent)
+            for name, data in ((f"s{i}.npy", buffer.getvalue()), (f"s{i}.cls", b"%d" % i)):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    group = zarr.open_group(str(folder / "group.zarr"), mode="w")
+    group.create_array("latents", shape=latents.shape, chunks=(4, 4, 4, 4), dtype="float32")[:] = (
+        latents
+    )
+    group.create_array("labels", shape=(6,), dtype="int64")[:] = np.arange(6) % 2
+    made["zarr"] = folder / "group.zarr"
+    return made
+
+
+def test_every_import_layout_reads_from_s3_as_from_disk(
+    tmp_path: Path, kl_vae: Path, client: Client, s3: dict[str, Any]
+) -> None:
+    """Each layout put on S3 and imported from its s3:// URL (the store on S3 too) holds
+    the rows, ids and labels of the same files imported from disk, and decodes to the
+    same images."""
+    from latentbatch.decode import decode_rows
+    from latentbatch.models.weights import loaded
+    from latentbatch.uses.import_latents import Convention, import_latents
+
+    kinds = {
+        "edm2-folder": "npy-files", "edm2-zip": "npy-zip", "mar-npz-files": "npz-files",
+        "npy": "array", "npz": "array", "npz-compressed": "array",
+        "safetensors": "safetensors", "webdataset": "webdataset", "zarr": "zarr",
+    }  # fmt: skip
+    labelled = {"edm2-folder", "edm2-zip", "mar-npz-files", "npz", "safetensors", "webdataset",
+                "zarr"}  # fmt: skip
+    fs = s3fs.S3FileSystem(**s3)
+    model = loaded(kl_vae)
+    for name, source in _sources(tmp_path / "sources").items():
+        remote = f"latentbatch/sources/{source.name}"
+        fs.put(str(source), remote, recursive=source.is_dir())
+        raw: Convention = (
+            "raw" if name in ("edm2-folder", "edm2-zip", "mar-npz-files") else "scaled"
+        )
+        local_url = str(tmp_path / f"{name}.zarr")
+        import_latents(kl_vae, str(source), local_url, latents=raw, client=client)
+        remote_url = f"s3://latentbatch/imports/{name}.zarr"
+        result = import_latents(kl_vae, f"s3://{remote}", remote_url, latents=raw,
+                                storage_options=s3, client=client)  # fmt: skip
+        local, there = open_store(local_url), open_store(remote_url, s3)
+        assert result.layout == kinds[name], name
+        assert there.meta["lineage"]["parameters"]["from"] == f"s3://{remote}"
+        assert (set(there.read_labels(0, 6).tolist()) != {-1}) == (name in labelled), name
+        assert there.count == local.count == 6, name
+        assert there.read_ids(0, 6) == local.read_ids(0, 6), name
+        assert there.read_labels(0, 6).tolist() == local.read_labels(0, 6).tolist(), name
+        assert there.read_latents(0, 6).tobytes() == local.read_latents(0, 6).tobytes(), name
+        np.testing.assert_array_equal(
+            decode_rows(model, there, range(6)), decode_rows(model, local, range(6))
+        )

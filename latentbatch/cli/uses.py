@@ -228,8 +228,9 @@ def import_command(
         str,
         typer.Option(
             "--from",
-            help="The latents: a folder or .zip of .npy files (dataset.json labels), an "
-            ".npy/.npz array, .safetensors, WebDataset .tar, or a Zarr store (PATH::ARRAY).",
+            help="The latents, a path or URL: a folder or .zip of .npy files (dataset.json "
+            "labels), an .npy/.npz array, .safetensors, WebDataset .tar, or a Zarr store "
+            "(PATH::ARRAY).",
         ),
     ],
     store: StoreOption,

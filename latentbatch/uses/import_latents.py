@@ -62,7 +62,7 @@ class Scaling:
 @dataclass(frozen=True, kw_only=True)
 class ImportPart:
     """Rows of one store shard: ``segments`` (a piece, and the rows of it wanted), each
-    row of ``shape`` (the listing's)."""
+    row of ``shape`` (the listing's), read with the source's storage ``options``."""
 
     segments: tuple[tuple[Piece, int, int], ...]
     ids: tuple[str, ...]
@@ -70,10 +70,11 @@ class ImportPart:
     shape: tuple[int, ...]
     channels: int
     scaling: Scaling
+    options: dict[str, Any]
 
     def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         blocks, found = [], []
-        with Reader() as reader:  # each file opened once for the shard's pieces
+        with Reader(self.options) as reader:  # each file opened once for the shard's pieces
             for piece, a, b in self.segments:
                 block, labels = reader.read(piece)
                 if tuple(block.shape[1:]) != self.shape:
@@ -160,7 +161,7 @@ def import_latents(
         raise DataError(f"--latents {latents!r} is not scaled or raw")
     info = read_info(model, storage_options)
     config = info.config
-    found = find(spec)
+    found = find(spec, storage_options)
     validate_ids(found.ids)
     channels, *spatial = found.shape if len(found.shape) == 3 else (0, 0, 0)
     if channels not in (config.latent_channels, 2 * config.latent_channels):
@@ -208,6 +209,7 @@ def import_latents(
             shape=found.shape,
             channels=config.latent_channels,
             scaling=scaling,
+            options=dict(storage_options or {}),
         )
 
     result = derive(
