@@ -26,9 +26,11 @@ workers.
   against its original image and the original's own reconstruction's; the midpoints'
   mean distance to their 10 nearest reference latents, over the reference's own typical
   distance, compares ``slerp`` with ``linear`` (lower: more like real digits).
-- **anomalies**: two anomaly sets of images the model never saw, 500 synthetic shapes
-  (discs, squares, triangles) and the validation digits with a seeded 12x12 white block
-  over each, scored against the reference (``score``, k=5, quantile 0.99):
+- **anomalies**: four anomaly sets of images the model never saw, 500 synthetic shapes
+  (discs, squares, triangles), and the validation digits with a 12x12 white block at a
+  seeded place (``occluded``), with the block centred within 4 px (seeded) of each
+  digit's centre of mass (``centred``: it overlaps the digit), and rotated 90 degrees
+  (``rotated``), scored against the reference (``score``, k=5, quantile 0.99):
   ``anomaly_auroc`` (normal against each set) and ``normal_above_threshold``.
 
 ``--json`` prints one object with those keys, each keyed by model.
@@ -61,6 +63,7 @@ from latentbatch.uses.generation import generate
 from latentbatch.uses.manipulation import interpolate, shift
 
 BLOCK = 12
+ANOMALIES = ("shapes", "occluded", "centred", "rotated")
 CPU = torch.device("cpu")
 PAIRS = ((0, 6), (1, 7), (3, 8), (4, 9), (5, 3), (7, 1), (2, 5), (9, 4))
 
@@ -222,6 +225,22 @@ def occluded(images: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
+def centred(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``images`` with a white ``BLOCK`` x ``BLOCK`` square centred within 4 px (seeded)
+    of each image's centre of mass, so that it overlaps the digit."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    size = images.shape[1]
+    ys, xs = np.mgrid[0:size, 0:size]
+    for image in out:
+        grey = image.reshape(size, size, -1).mean(axis=2)
+        mass = grey.sum() or 1.0
+        centre = np.array([(ys * grey).sum(), (xs * grey).sum()]) / mass
+        y, x = np.clip(np.round(centre + rng.integers(-4, 5, 2) - BLOCK / 2), 0, size - BLOCK)
+        image[int(y) : int(y) + BLOCK, int(x) : int(x) + BLOCK] = 255
+    return out
+
+
 def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[str, Any]:
     info = read_info(model_dir)
     geometry = Geometry.of(info.config)
@@ -239,6 +258,8 @@ def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[
         "normal": (images[val_rows], labels[val_rows]),
         "shapes": (open_source("synthetic:500", geometry).read(0, 500), unknown),
         "occluded": (occluded(images[val_rows]), unknown),
+        "centred": (centred(images[val_rows]), unknown),
+        "rotated": (np.ascontiguousarray(np.rot90(images[val_rows], 1, axes=(1, 2))), unknown),
     }
     stores = {}
     for name, (pixels, known) in sets.items():
@@ -253,8 +274,8 @@ def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[
     reference = Reference(stores["reference"], sets["reference"][0], model_dir)
     scores = {}
     threshold = 0.0
-    for name in ("normal", "shapes", "occluded"):
-        result = score(stores[name], stores["reference"], k=5, quantile=0.99)
+    for name in ("normal", *ANOMALIES):
+        result = score(stores[name], stores["reference"], k=5, quantile=0.99, client=client)
         threshold = result.threshold
         opened = open_store(stores[name])
         scores[name] = opened.read_anomaly(0, opened.count)
@@ -265,9 +286,7 @@ def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[
         "interpolation": measure_interpolation(
             reference, stores["normal"], sets["normal"][0], derived, client
         ),
-        "anomaly_auroc": {
-            name: auroc(scores["normal"], scores[name]) for name in ("shapes", "occluded")
-        },
+        "anomaly_auroc": {name: auroc(scores["normal"], scores[name]) for name in ANOMALIES},
         "normal_above_threshold": float(np.mean(scores["normal"] > threshold)),
     }
 
@@ -313,14 +332,15 @@ def main() -> None:
     print(f"mnist5k; reference: the 4,500 training digits; {args.count} samples per label")
     print(f"{'model':<20} {'generation agree':>16} {'copies':>7} {'endpoint dB':>11} "
           f"{'midpoint slerp':>14} {'linear':>7} {'AUROC shapes':>12} {'occluded':>8} "
-          f"{'normal above':>12}")  # fmt: skip
+          f"{'centred':>8} {'rotated':>8} {'normal above':>12}")  # fmt: skip
     for r in rows:
         middle = r["interpolation"]["midpoint_distance"]
+        found = r["anomaly_auroc"]
         print(f"{r['model']:<20} {r['generation']['label_agreement']:>16.3f} "
               f"{r['generation']['copies']:>7.1%} {r['interpolation']['endpoint_db']:>11.2f} "
               f"{middle['slerp']:>14.2f} {middle['linear']:>7.2f} "
-              f"{r['anomaly_auroc']['shapes']:>12.3f} {r['anomaly_auroc']['occluded']:>8.3f} "
-              f"{r['normal_above_threshold']:>12.1%}")  # fmt: skip
+              f"{found['shapes']:>12.3f} {found['occluded']:>8.3f} {found['centred']:>8.3f} "
+              f"{found['rotated']:>8.3f} {r['normal_above_threshold']:>12.1%}")  # fmt: skip
     print("\nshift, share of validation digits whose re-encoded majority label is the target")
     pairs = [f"{a}->{b}" for a, b in PAIRS]
     print(f"{'model':<20} {'method':<10} " + " ".join(f"{p:>5}" for p in pairs) + "   mean")

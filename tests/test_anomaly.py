@@ -36,9 +36,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, client: C
     return root
 
 
-def test_scores_separate_digits_from_unseen_shapes(stores: Path) -> None:
+def test_scores_separate_digits_from_unseen_shapes(stores: Path, client: Client) -> None:
     target = str(stores / "t.zarr")
-    result = score(target, str(stores / "ref.zarr"), k=5, quantile=0.95)
+    result = score(target, str(stores / "ref.zarr"), k=5, quantile=0.95, client=client)
     store = open_store(target)
     assert store.has_anomaly and result.scored == store.count == 460
     scores = store.read_anomaly(0, store.count)
@@ -80,7 +80,7 @@ def test_unscored_stores_and_other_models_are_refused(
     other = str(tmp_path / "other.zarr")
     encode(other_seed_model, "synthetic:40", other, layout=Layout(16, 8), client=client)
     with pytest.raises(ScoreError, match="the same model"):
-        score(other, str(stores / "ref.zarr"))
+        score(other, str(stores / "ref.zarr"), client=client)
     assert main(["query", other, "--worst", "3", "--by", "anomaly"]) == 1
     assert "has no anomaly scores; score it first" in capsys.readouterr().err
     assert main(["query", other, "--where", "anomaly > 1"]) == 1
@@ -93,7 +93,7 @@ def test_rows_appended_after_scoring_are_not_scored(
     import shutil
 
     copy = str(shutil.copytree(stores / "ref.zarr", tmp_path / "ref.zarr"))
-    score(copy, copy, k=3)
+    score(copy, copy, k=3, client=client)
     encode(tiny_model, "digits", copy, append=True, limit=20, client=client)
     store = open_store(copy)  # every array grew alike: the store validates
     scores = store.read_anomaly(0, store.count)
@@ -102,7 +102,7 @@ def test_rows_appended_after_scoring_are_not_scored(
 
 
 def test_a_scoring_the_full_disk_stops_is_never_read_as_done(
-    stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client
 ) -> None:
     import errno
     import shutil
@@ -123,12 +123,12 @@ def test_a_scoring_the_full_disk_stops_is_never_read_as_done(
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
     with pytest.raises(WriteError, match=r"anomaly scores of rows \[32, 64\) .* No space left"):
-        score(copy, copy, k=3)
+        score(copy, copy, k=3, client=client)
     half = open_store(copy)
     assert not half.has_anomaly and half.meta["anomaly"]["pending"]
     with pytest.raises(StoreError, match="its anomaly scoring did not finish"):
         worst(half, 3, by="anomaly")
     monkeypatch.undo()
-    score(copy, copy, k=3)
+    score(copy, copy, k=3, client=client)
     done = open_store(copy)
     assert done.has_anomaly and not np.isnan(done.read_anomaly(0, done.count)).any()

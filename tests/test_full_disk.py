@@ -241,7 +241,7 @@ def test_a_full_disk_at_a_metadata_write_is_one_sentence_and_the_rerun_completes
         if where == "resize":  # 48 more rows of other ids
             encode(tiny_model, "digits", url, append=True, limit=48, layout=layout, client=client)
         elif where == "anomaly":
-            score(url, reference)
+            score(url, reference, client=client)
         else:
             encode(tiny_model, "synthetic:48", url, layout=layout, client=client)
 

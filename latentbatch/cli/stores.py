@@ -19,13 +19,17 @@ from latentbatch.cli.common import (
     IdsOption,
     ImageCodecOption,
     JsonOption,
+    ProgressOption,
     QualityOption,
     RowsOption,
+    SchedulerOption,
     StorageOption,
     StoreArgument,
     WhereOption,
+    WorkersOption,
     emit_json,
     make_console,
+    task_progress,
 )
 from latentbatch.errors import LatentbatchError
 from latentbatch.ids import short_id
@@ -347,18 +351,30 @@ def score_command(
         float,
         typer.Option(help="The threshold: this quantile of the reference's own scores."),
     ] = 0.99,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
     storage_option: StorageOption = None,
+    progress: ProgressOption = True,
     as_json: JsonOption = False,
 ) -> None:
     """Score each row's anomaly against a reference store of normal images.
 
-    The distance to the nearest reference latents and the encode-time PSNR, as z-scores
-    against the reference's own rows, into the store's anomaly array."""
+    The distance to the nearest reference latents (a faiss index kept beside the
+    reference) and the encode-time PSNR, as z-scores against a sample of the reference's
+    own rows, into the store's anomaly array: a Dask task per store shard."""
     from latentbatch.uses.anomaly import score
 
-    result = score(
-        store_url, reference, k=k, quantile=quantile, storage_options=parse_options(storage_option)
-    )
+    with task_progress("scoring", progress and not as_json) as update:
+        result = score(
+            store_url,
+            reference,
+            k=k,
+            quantile=quantile,
+            storage_options=parse_options(storage_option),
+            scheduler=scheduler,
+            workers=workers,
+            on_progress=update,
+        )
     if as_json:
         emit_json(result.to_dict())
         return

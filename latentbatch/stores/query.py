@@ -29,6 +29,7 @@ import numpy as np
 
 from latentbatch.errors import LatentbatchError
 from latentbatch.storage.lease import leased
+from latentbatch.stores.neighbours import has_index, index_url, load_index, search
 from latentbatch.stores.store import LatentStore, Rows, open_store, read_checked
 
 if TYPE_CHECKING:
@@ -361,9 +362,11 @@ def nearest(
 ) -> list[Neighbour]:
     """The ``k`` committed rows nearest to ``query`` (a latent), nearest first; ties by row.
 
-    The store is scanned :data:`NEAREST_WINDOW` shards at a time (in parallel within a
-    window), keeping only the best ``k`` so far: memory and the task graph stay the same
-    whatever the store's size."""
+    An L2 query of a store whose neighbours index exists (``latentbatch score`` builds
+    it for its reference: :mod:`latentbatch.stores.neighbours`) is one search of it.
+    Otherwise the store is scanned :data:`NEAREST_WINDOW` shards at a time (in parallel
+    within a window), keeping only the best ``k`` so far: memory and the task graph stay
+    the same whatever the store's size."""
     metric = check_metric(metric)
     if query.shape != store.latent_shape:
         raise QueryError(
@@ -374,11 +377,28 @@ def nearest(
         raise QueryError(
             f"-k must be between 1 and {available} (the rows of {store.url} one can return)"
         )
+    flat_query = query.reshape(-1).astype(np.float32)
+    want = k + len(exclude)
+    excluded = set(exclude)
+    if metric == "l2" and has_index(store):  # the index `score` built: one search
+        squared, rows = search(load_index(index_url(store), store.storage_options),
+                               flat_query[None], want)  # fmt: skip
+        chosen = [(float(np.sqrt(d)), int(r)) for d, r in zip(squared[0], rows[0], strict=True)
+                  if r >= 0 and int(r) not in excluded][:k]  # fmt: skip
+    else:
+        chosen = _scanned(store, flat_query, want, metric, excluded)[:k]
+    ids = store.read("ids", [r for _, r in chosen]).tolist()
+    return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
+
+
+def _scanned(
+    store: LatentStore, flat_query: np.ndarray, want: int, metric: Metric, excluded: set[int]
+) -> list[tuple[float, int]]:
+    """(distance, row) of the ``want`` nearest rows but ``excluded``, nearest first, by a
+    scan of :data:`NEAREST_WINDOW` shards at a time."""
     from dask.base import compute
     from dask.delayed import delayed
 
-    flat_query = query.reshape(-1).astype(np.float32)
-    want = k + len(exclude)
     best = np.zeros((0, 2))
     window = NEAREST_WINDOW * store.shard_rows
     for first in range(0, store.count, window):
@@ -390,10 +410,7 @@ def nearest(
         ]
         candidates = np.concatenate([best, *compute(*parts, scheduler=_scheduler())])
         best = candidates[np.lexsort((candidates[:, 1], candidates[:, 0]))][:want]
-    excluded = set(exclude)
-    chosen = [(float(d), int(r)) for d, r in best if int(r) not in excluded][:k]
-    ids = store.read("ids", [r for _, r in chosen]).tolist()
-    return [Neighbour(row=r, id=i, distance=d) for (d, r), i in zip(chosen, ids, strict=True)]
+    return [(float(d), int(r)) for d, r in best if int(r) not in excluded]
 
 
 def worst(store: LatentStore, k: int = 10, by: Ranking = "psnr") -> np.ndarray:

@@ -342,13 +342,19 @@ class LatentStore:
         """Each row's anomaly score, float32 (NaN where not scored)."""
         return self.read("anomaly", slice(start, stop))
 
-    def write_anomaly(self, start: int, scores: np.ndarray) -> None:
-        """Write rows' anomaly scores (a whole store shard, by one writer), creating the
-        ``anomaly`` array (float32 along ``sample``, NaN = not scored) the first time."""
+    def create_anomaly(self) -> None:
+        """Create the ``anomaly`` array (float32 along ``sample``, NaN = not scored) unless
+        it exists: before the tasks that write it, so that no two create it."""
         if self.anomaly is None:
             layout = self.meta["layout"]
             with named_write(self.url, f"the anomaly array of {self.url}"):
                 self.anomaly = self._create_anomaly(layout)
+
+    def write_anomaly(self, start: int, scores: np.ndarray) -> None:
+        """Write rows' anomaly scores (a whole store shard, by one writer), creating the
+        ``anomaly`` array the first time (:meth:`create_anomaly`)."""
+        self.create_anomaly()
+        assert self.anomaly is not None
         stop = start + len(scores)
         with named_write(self.url, f"anomaly scores of rows [{start}, {stop}) of {self.url}"):
             self.anomaly[start:stop] = scores.astype(np.float32, copy=False)
