@@ -19,8 +19,7 @@ down-sampling). Each import runs in a child process on a fresh cluster of --work
 worker processes (started before the clock), so the row of a table is one import:
 rows/s and the client's peak RSS. Then the same process lists the source and makes every
 store shard's rows as the import's tasks do, one after another, and ``/proc``'s
-``rchar`` gives the bytes that read, ÷ the source's bytes (safetensors files are mapped,
-not read, so they show 0). Sources are built once in
+``rchar`` gives the bytes that read, ÷ the source's bytes. Sources are built once in
 --workdir and reused.
 """
 
@@ -200,7 +199,7 @@ def bytes_read(source: str, shard_rows: int) -> int:
         b = min(a + shard_rows, len(found.ids))
         ImportPart(
             segments=found.segments(a, b), ids=found.ids[a:b], labels=None,
-            shape=found.shape, channels=SHAPE[0] // 2, scaling=scaling,
+            shape=found.shape, channels=SHAPE[0] // 2, scaling=scaling, options={},
         ).make()  # fmt: skip
     return _read_chars() - before
 

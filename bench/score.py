@@ -133,24 +133,17 @@ def _array_bytes(store: Path, name: str) -> int:
 
 
 def recall(store: Path, reference: Path, queries: int, k: int = 5) -> float:
-    """recall@k of an inverted-file index of ``reference`` against its exact index."""
+    """recall@k of an inverted-file index of ``reference`` against exact search: the
+    scoring's own index when it built one, else one built here as it would."""
     from latentbatch.stores import neighbours
     from latentbatch.stores.store import open_store
 
     opened = open_store(str(reference))
-    flat = opened.read_latents(0, opened.count).reshape(opened.count, -1).astype(np.float32)
-    import faiss
-
-    clusters = int(4 * np.sqrt(opened.count))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(flat.shape[1]), flat.shape[1], clusters)
-    sample = np.random.default_rng(0).choice(
-        opened.count, min(opened.count, clusters * neighbours.SAMPLE_PER_CLUSTER), replace=False
-    )
-    ivf.train(flat[np.sort(sample)])
-    ivf.add(flat)
-    ivf.nprobe = neighbours.NPROBE
-    exact = faiss.IndexFlatL2(flat.shape[1])
-    exact.add(flat)
+    if opened.count > neighbours.EXACT_ROWS:
+        ivf = neighbours.load_index(neighbours.index_url(opened), None)
+    else:
+        ivf = neighbours.make_index(opened, exact=False)
+    exact = neighbours.make_index(opened, exact=True)
     rows = open_store(str(store)).read_latents(0, queries).reshape(queries, -1)
     _, found = ivf.search(rows.astype(np.float32), k)
     _, truth = exact.search(rows.astype(np.float32), k)

@@ -45,6 +45,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ from latentbatch.engine.workers import (
 )
 from latentbatch.errors import ConfigError, LatentbatchError, OutputError
 from latentbatch.ids import short_id, validate_ids
-from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_once
 from latentbatch.models.weights import LoadedModel, loaded
 from latentbatch.outputs.codecs import PNG, ImageCodec
 from latentbatch.outputs.manifest import (
@@ -90,12 +91,13 @@ from latentbatch.outputs.manifest import (
 from latentbatch.outputs.shards import (
     check_format,
     create_zarr_output,
+    remove_beyond,
     remove_temporaries,
     write_shard,
 )
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions, is_remote
-from latentbatch.storage.lease import leased
+from latentbatch.storage.fs import StorageOptions, checked_commits, is_remote
+from latentbatch.storage.lease import Fence, leased
 from latentbatch.stores.canary import CanaryResult, has_canary
 from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, shard_ranges
 
@@ -134,6 +136,7 @@ class DecodeJob:
     batch_size: int | None = None
     check_canary: bool = True  # each worker checks the store's canary before its first shard
     run: str = ""  # this decode's token: a worker checks the canary once per run
+    fence: Fence | None = None  # the output's lease: checked before each write is kept
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,19 +230,20 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         decoder, batches, device, encoding.add if encoding is not None else None
     )
     labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
-    record = write_shard(
-        job.out_url,
-        job.out_options,
-        job.fmt,
-        index=job.index,
-        start=job.start,
-        ids=ids,
-        images=images,
-        codec=job.codec,
-        encoded=encoding.result() if encoding is not None else None,
-        labels=labels,
-    )
-    write_record(job.out_url, job.out_options, record, job.identity)
+    with checked_commits(job.fence.check) if job.fence is not None else nullcontext():
+        record = write_shard(
+            job.out_url,
+            job.out_options,
+            job.fmt,
+            index=job.index,
+            start=job.start,
+            ids=ids,
+            images=images,
+            codec=job.codec,
+            encoded=encoding.result() if encoding is not None else None,
+            labels=labels,
+        )
+        write_record(job.out_url, job.out_options, record, job.identity)
     return record.to_dict()
 
 
@@ -384,7 +388,8 @@ def decode(
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
-    info = read_info(model_dir, storage_options)
+    model = read_once(model_dir, storage_options)  # the weights read once, here
+    info = model.info
     store = open_store(store_url, storage_options)
     check_model(store, info, allow_model_mismatch)
     if store.count == 0:
@@ -400,7 +405,7 @@ def decode(
     run_token = uuid.uuid4().hex
 
     with leased(out_url, f"decode of {source.url}", out_options) as lease:
-        begun = begun_settings(out_url, out_options)
+        begun = begun_settings(out_url, out_options, store.uuid)
         if images_per_shard is None and begun is not None:  # continued as it was begun
             rows = int(begun.get("rows_per_shard", store.shard_rows))
         else:
@@ -419,6 +424,8 @@ def decode(
             return index * rows, min((index + 1) * rows, store.count)
 
         _refuse_other_output(out_url, out_options, store, info, fmt, settings)
+        if fmt != "zarr":  # a stopped decode of more shards (another store's) left these
+            remove_beyond(out_url, out_options, shards)
         done = read_records(out_url, out_options, identity)
         done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
         jobs = (  # drawn as tasks are submitted: the client holds only those in flight
@@ -438,6 +445,7 @@ def decode(
                 batch_size=batch_size,
                 check_canary=check,
                 run=run_token,
+                fence=lease.fence(),
             )
             for index in range(shards)
             if index not in done
@@ -454,7 +462,7 @@ def decode(
         def run(c: Client) -> None:
             nonlocal started, canary
             started = time.perf_counter()  # throughput counts from a ready cluster
-            register_model(c, info, "decoder")
+            register_model(c, model, "decoder")
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
             if fmt == "zarr":  # its chunks divide its shards: one writer per shard
@@ -474,19 +482,21 @@ def decode(
         if todo[0]:
             with using(client, scheduler, workers) as c:
                 run(c)
+        lease.check()
+        lease.fence().check()  # on the storage itself: another writer's temporaries stay
         remove_temporaries(out_url, out_options)
         records = {**done, **written}
-        lease.check()
-        manifest = write_manifest(
-            out_url,
-            out_options,
-            store=source,
-            model_id=info.model_id,
-            output_format=fmt,
-            format_settings={**settings, "batch_size": batch_size or "auto"},
-            count=store.count,
-            shards=[records[i] for i in sorted(records)],
-        )
+        with checked_commits(lease.fence().check):
+            manifest = write_manifest(
+                out_url,
+                out_options,
+                store=source,
+                model_id=info.model_id,
+                output_format=fmt,
+                format_settings={**settings, "batch_size": batch_size or "auto"},
+                count=store.count,
+                shards=[records[i] for i in sorted(records)],
+            )
     return DecodeResult(
         out=out_url,
         manifest=manifest,

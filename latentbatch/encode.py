@@ -47,7 +47,7 @@ from latentbatch.engine.workers import cached_model, register_model
 from latentbatch.errors import ConfigError, DataError
 from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.autoencoder import to_unit
-from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_info
+from latentbatch.models.checkpoint import ModelInfo, ModelLocation, read_once
 from latentbatch.models.convention import scale_warning
 from latentbatch.models.quality import psnr_per_image
 from latentbatch.models.weights import LoadedModel, loaded
@@ -239,7 +239,8 @@ def encode(
     (height, width), for a model that takes any size (a diffusers autoencoder): the
     images are made that size by the conversion rule; ``"native"`` keeps the source's
     one size (refusing mixed sizes); default: the model's own."""
-    info = read_info(model_dir, storage_options)
+    model = read_once(model_dir, storage_options)  # the weights read once, here
+    info = model.info
     if size is None:
         image = (info.config.image_size, info.config.image_size)
     else:
@@ -307,8 +308,8 @@ def encode(
         def run(c: Client) -> None:
             nonlocal started
             started = time.perf_counter()  # throughput counts from a ready cluster
-            register_model(c, info, "encoder")
-            register_model(c, info, "decoder")  # each row's PSNR, measured as it is stored
+            # the decoder measures each row's PSNR as it is stored
+            register_model(c, model, "encoder", "decoder")
             map_bounded(
                 c,
                 encode_shard,

@@ -13,6 +13,7 @@ from latentbatch.encode import encode
 from latentbatch.engine.canary_task import canary_on, canary_pixels
 from latentbatch.engine.kernel import decode_latents
 from latentbatch.engine.workers import register_model
+from latentbatch.models.checkpoint import read_once
 from latentbatch.models.weights import load_model
 from latentbatch.stores.store import Layout, open_store
 
@@ -42,7 +43,7 @@ def test_a_worker_decodes_the_canary_as_this_process_does(
 ) -> None:
     store = open_store(store_url)
     decoder, info = load_model(tiny_model, "decoder")
-    register_model(client, info, "decoder")
+    register_model(client, read_once(tiny_model), "decoder")
     rows = store.meta["canary"]["rows"]
     decoded = canary_on(client, store, info.model_id, rows)
     here = canary_pixels(decoder, store, rows, torch.device("cpu"))

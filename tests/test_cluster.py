@@ -265,3 +265,28 @@ def test_a_second_run_of_the_same_tasks_is_not_answered_by_the_first_ones_error(
         map_bounded(client, _fails_first_time, [flag], items=lambda _: 1)
     assert first.value  # the erred future stays referenced from the traceback
     assert map_bounded(client, _fails_first_time, [flag], items=lambda _: 1) == ["done"]
+
+
+def test_the_embedded_clusters_workers_drop_what_closing_logs() -> None:
+    """A worker's heartbeat that reaches a closing scheduler logs a traceback, and a task
+    cancelled as the cluster closes a warning; the embedded cluster's workers drop those
+    records (and only those)."""
+    import logging
+
+    from latentbatch.engine.cluster import CANCELLED_AT_CLOSE, CLOSING_HEARTBEAT, QuietClose
+
+    loggers = {
+        "distributed.worker": f"{CLOSING_HEARTBEAT}.",
+        "distributed.worker.state_machine": f"Async instruction for task {CANCELLED_AT_CLOSE}",
+    }
+    before = {name: list(logging.getLogger(name).filters) for name in loggers}
+    try:
+        QuietClose().setup(None)
+        for name, message in loggers.items():
+            logger = logging.getLogger(name)
+            noise = logger.makeRecord(name, logging.ERROR, __file__, 1, message, (), None)
+            other = logger.makeRecord(name, logging.ERROR, __file__, 1, "other", (), None)
+            assert not logger.filter(noise) and logger.filter(other)
+    finally:
+        for name, filters in before.items():
+            logging.getLogger(name).filters[:] = filters

@@ -65,8 +65,17 @@ def test_an_abandoned_lease_is_taken_over_with_a_warning(
         taker.acquire()
     assert "took over the lease" in caplog.text and "decode of a.zarr" in caplog.text
     assert taker.generation == 1 and taker.took_over is not None
-    assert [p.name for p in Path(out).iterdir()] == [".latentbatch-lease-000001.json"]
+    # the taken-over object now says who took it over, for its writer if it wakes
+    names = sorted(p.name for p in Path(out).iterdir())
+    assert names == [".latentbatch-lease-000000.json", ".latentbatch-lease-000001.json"]
+    said = json.loads((Path(out) / names[0]).read_text())
+    assert said["taken_over_by"].startswith(f"decode of b.zarr by process {os.getpid()}")
+    assert current_holder(out) is not None and current_holder(out)["what"] == "decode of b.zarr"  # type: ignore[index]
     taker.release()
+    later = Lease(out, None, "decode of c.zarr", 60)  # the next writer clears what is left
+    later.acquire()
+    assert [p.name for p in Path(out).iterdir()] == [".latentbatch-lease-000001.json"]
+    later.release()
 
 
 def test_an_empty_lease_left_by_a_full_disk_expires_by_its_age(tmp_path: Path) -> None:
@@ -263,3 +272,42 @@ def test_a_live_lease_of_another_namespace_is_never_judged_by_its_pid(
     (out / ".latentbatch-lease-000000.json").write_text(json.dumps(payload))
     with pytest.raises(LeaseHeldError, match=r"being written by another decode of x\.zarr"):
         Lease(str(out), None, "decode of y.zarr", 60).acquire()
+
+
+def test_a_stalled_writer_is_fenced_out_and_told_who_took_over(
+    two_stores: tuple[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """Leases of 3 s. A decode's client is stopped (SIGSTOP) mid-run for longer than
+    that, while its worker process keeps the tasks it was given; a decode of another
+    store into the same output takes the lease over and finishes. Woken (SIGCONT), the
+    first exits non-zero in one sentence naming the new holder; its worker's late shards
+    were refused at their commit, so the output verifies against the second store."""
+    t, s = two_stores
+    out = tmp_path / "out"
+    env = {**os.environ, TIMEOUT_ENV: "3"}
+    first = subprocess.Popen(
+        _decode(tiny_model, t, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob(".records/*.json")):
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)  # the client (and its scheduler); not its worker
+    try:
+        time.sleep(4)  # past the 3 s timeout: its lease is stale
+        second = subprocess.run(_decode(tiny_model, s, out), env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 0, second.stderr
+    assert "took over the lease" in second.stderr
+    code, _, err = first.wait(timeout=300), *first.communicate()
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "taken over by" in lines[0] and f"decode of {Path(s).resolve()}" in lines[0], lines
+    verified = subprocess.run(
+        [CLI, "verify", str(out), "--store", s, "--full"], capture_output=True, text=True
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert not [p for p in out.iterdir() if is_lease(p.name)]

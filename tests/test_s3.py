@@ -295,3 +295,42 @@ def test_every_import_layout_reads_from_s3_as_from_disk(
         np.testing.assert_array_equal(
             decode_rows(model, there, range(6)), decode_rows(model, local, range(6))
         )
+
+
+def test_two_decodes_starting_into_one_s3_output_at_once(
+    tmp_path: Path, tiny_model: Path, client: Client, s3: dict[str, Any]
+) -> None:
+    """Two processes start a decode into one output on S3 at the same moment (its lease
+    is a PUT with If-None-Match: *): one writes, the other is refused in one sentence
+    naming the holder, and the output verifies against the store that was decoded."""
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("latentbatch"))
+    stores = []
+    for name, data in (("a", "synthetic:600"), ("b", "digits")):
+        url = f"s3://latentbatch/race/{name}.zarr"
+        encode(tiny_model, data, url, limit=600, layout=Layout(128, 64), storage_options=s3,
+               client=client)  # fmt: skip
+        stores.append(url)
+    out = "s3://latentbatch/race/out"
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    commands = [
+        [cli, "decode", "--model", str(tiny_model), "--store", store, "--out", out,
+         "--images-per-shard", "128", "--workers", "1", "--no-progress", *options]
+        for store in stores
+    ]  # fmt: skip
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    err = next(r[2] for r in results if r[0] == 1)
+    assert err.startswith(f"error: {out} is being written by another decode of ")
+    assert " by process " in err and len(err.strip().splitlines()) == 1
+    winner = stores[next(i for i, r in enumerate(results) if r[0] == 0)]
+    verified = subprocess.run(
+        [cli, "verify", out, "--store", winner, "--full", *options], capture_output=True, text=True
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from latentbatch.engine.workers import (
 )
 from latentbatch.errors import CheckpointError
 from latentbatch.models.autoencoder import Decoder, Encoder
-from latentbatch.models.checkpoint import read_info
+from latentbatch.models.checkpoint import ModelBytes, read_once
 
 
 def _build_count(model_id: str) -> tuple[int, int, str]:
@@ -33,9 +34,10 @@ def _build_count(model_id: str) -> tuple[int, int, str]:
 def test_model_plugin_loads_the_decoder_once_per_worker_process(
     process_client: Client, tiny_model: Path
 ) -> None:
-    info = read_info(tiny_model)
-    register_model(process_client, info, "decoder")
-    register_model(process_client, info, "decoder")  # registering again is harmless
+    model = read_once(tiny_model)
+    info = model.info
+    register_model(process_client, model, "decoder")
+    register_model(process_client, model, "decoder")  # registering again is harmless
     seen = process_client.gather(
         [process_client.submit(_build_count, info.model_id, pure=False) for _ in range(8)]
     )
@@ -51,9 +53,10 @@ def test_model_plugin_loads_the_decoder_once_per_worker_process(
 
 
 def test_plugin_builds_each_part_alone(tiny_model: Path) -> None:
-    info = read_info(tiny_model)
+    model = read_once(tiny_model)
+    info = model.info
     for part, kind in (("encoder", Encoder), ("decoder", Decoder)):
-        plugin = ModelPlugin(info, part)  # type: ignore[arg-type]
+        plugin = ModelPlugin(model, (part,))  # type: ignore[arg-type]
         plugin.setup(None)  # no worker: a CPU device
         module, device = cached_model(info.model_id, part)  # type: ignore[arg-type]
         assert isinstance(module, kind) and device == torch.device("cpu")
@@ -64,8 +67,9 @@ def test_plugin_builds_each_part_alone(tiny_model: Path) -> None:
 
 
 def test_plugin_checks_the_bytes_against_the_id(tiny_model: Path) -> None:
-    info = dataclasses.replace(read_info(tiny_model), model_id="0" * 64)
-    plugin = ModelPlugin(info, "decoder")
+    model = read_once(tiny_model)
+    info = dataclasses.replace(model.info, model_id="0" * 64)
+    plugin = ModelPlugin(ModelBytes(info=info, weights=model.weights), ("decoder",))
     plugin.setup(None)  # refused: logged here, raised by every task that needs it
     with pytest.raises(CheckpointError, match=r"this process refused.*expected 000000000000"):
         cached_model(info.model_id, "decoder")
@@ -109,3 +113,60 @@ def test_encoder_threads_are_the_workers_share_of_cores(monkeypatch: pytest.Monk
 def test_encoding_threads_of_a_worker_are_its_threads(client: Client) -> None:
     assert client.submit(worker_threads, pure=False).result() == 1
     assert worker_threads() is None
+
+
+def _model_plugins(dask_worker: Any) -> list[str]:
+    return sorted(name for name in dask_worker.plugins if name.startswith("latentbatch-"))
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "import"])
+def test_a_command_reads_the_weights_once_and_sends_each_worker_one_copy(
+    command: str, tmp_path: Path, tiny_model: Path, kl_vae: Path, process_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The client opens the weights file once per encode, decode and import (read and
+    hashed together), and each worker receives them in one plugin, however many parts it
+    builds (an encode's encoder and decoder)."""
+    import builtins
+    import io
+
+    import numpy as np
+
+    from latentbatch.decode import decode
+    from latentbatch.encode import encode
+    from latentbatch.stores.store import Layout
+    from latentbatch.uses.import_latents import import_latents
+
+    model = kl_vae if command == "import" else tiny_model
+    weights = (model / read_once(model).info.weights).resolve()
+    store = str(tmp_path / "s.zarr")
+    if command == "decode":
+        encode(tiny_model, "synthetic:40", store, layout=Layout(16, 8), client=process_client)
+    else:
+        np.save(tmp_path / "rows.npy", np.zeros((8, 4, 4, 4), np.float32))
+    for name in _model_plugins_names(process_client):
+        process_client.unregister_worker_plugin(name)
+    opened: list[str] = []
+    real = io.open
+
+    def counting(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, Path)) and Path(file).resolve() == weights and "r" in mode:
+            opened.append(mode)
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting)
+    monkeypatch.setattr(builtins, "open", counting)
+    if command == "encode":
+        encode(model, "synthetic:40", store, layout=Layout(16, 8), client=process_client)
+    elif command == "decode":
+        decode(model, store, str(tmp_path / "out"), client=process_client)
+    else:
+        import_latents(model, str(tmp_path / "rows.npy"), store, client=process_client)
+    monkeypatch.undo()
+    assert len(opened) == 1, opened
+    plugins = process_client.run(_model_plugins)
+    assert len(plugins) == 2 and all(len(names) == 1 for names in plugins.values()), plugins
+
+
+def _model_plugins_names(client: Client) -> set[str]:
+    return {name for names in client.run(_model_plugins).values() for name in names}

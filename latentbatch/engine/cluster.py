@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import dask.config
 from dask.base import tokenize
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from latentbatch.errors import LatentbatchError
 from latentbatch.progress import Progress, verbose
@@ -77,7 +78,40 @@ def connect(
         _local_cluster(workers) as cluster,
         Client(cluster) as client,
     ):
+        if not verbose():
+            client.register_plugin(QuietClose())
         yield client
+
+
+CLOSING_HEARTBEAT = "Failed to communicate with scheduler during heartbeat"
+CANCELLED_AT_CLOSE = "ended with CancelledError"
+_CLOSING_NOISE = {
+    "distributed.worker": CLOSING_HEARTBEAT,
+    "distributed.worker.state_machine": CANCELLED_AT_CLOSE,
+}
+
+
+class _DropClosingNoise(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+class QuietClose(WorkerPlugin):
+    """Each worker of the embedded cluster drops what distributed logs when the cluster
+    closes under it after a refused input: a heartbeat that reaches the closing
+    scheduler (a traceback) and the task cancelled mid-run ("... ended with
+    CancelledError"). The user would see them under the one-sentence error; ``-v``
+    keeps them."""
+
+    name = "latentbatch-quiet-close"
+
+    def setup(self, worker: Any) -> None:
+        for name, text in _CLOSING_NOISE.items():
+            logging.getLogger(name).addFilter(_DropClosingNoise(text))
 
 
 def worker_settings() -> dict[str, Any]:

@@ -4,12 +4,12 @@
 
     client                                     every worker process (now or joining later)
     ──────                                     ───────────────────────────────────────────
-    register_model(client, info, "decoder")
-      └─ ModelPlugin(config, id, part,   ───►  setup(): tune malloc, pick the device,
-           safetensors bytes of a local          one torch thread on a CPU worker; the
-           model, or the model's URL)            bytes, or the URL's copy in this host's
+    register_model(client, model, "decoder")
+      └─ ModelPlugin(config, id, parts,  ───►  setup(): tune malloc, pick the device,
+           the safetensors bytes the client      one torch thread on a CPU worker; the
+           read once, or the model's URL)        bytes, or the URL's copy in this host's
                                                  model cache (checked against the id),
-                                                 built into the part asked for (through
+                                                 built into the parts asked for (through
                                                  weights.load_model_bytes) into the
                                                  cache keyed by (model id, part)
     tasks carry only the model id      ───►   cached_model(model_id, part) → (module, device)
@@ -31,7 +31,6 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
 
 import torch
 from distributed import Client, Worker, get_worker
@@ -41,7 +40,7 @@ from latentbatch.config import ModelConfig
 from latentbatch.engine.cluster import HOST_GPUS_ENV, HOST_WORKERS_ENV
 from latentbatch.errors import LatentbatchError
 from latentbatch.ids import short_id
-from latentbatch.models.checkpoint import ModelInfo, weights_bytes
+from latentbatch.models.checkpoint import ModelBytes, weights_bytes
 from latentbatch.models.weights import Part, load_model_bytes
 from latentbatch.storage.fs import StorageOptions
 from latentbatch.stores.store import LatentStore, StoreError, open_store
@@ -185,7 +184,7 @@ def cached_model(model_id: str, part: Part) -> tuple[torch.nn.Module, torch.devi
             worker: Worker | None = get_worker()
         except ValueError:  # not in a worker: a plugin set up by hand
             worker = None
-        _PLUGINS[model_id, part].install(worker)
+        _PLUGINS[model_id, part].install(worker, part)
     try:
         return _MODELS[model_id, part]
     except KeyError:
@@ -201,45 +200,50 @@ def loaded_models() -> list[tuple[str, str, str]]:
 
 
 class ModelPlugin(WorkerPlugin):
-    """Loads one part of one model into every worker process, once."""
+    """Loads parts of one model into every worker process, once: the weights travel to
+    each worker once, however many parts it builds from them."""
 
-    def __init__(self, info: ModelInfo, part: Part) -> None:
-        self.info = info
-        self.part: Part = part
-        # a local model travels as bytes (the workers may be other hosts); a URL's
-        # weights are fetched by each host into its model cache
+    def __init__(self, model: ModelBytes, parts: tuple[Part, ...]) -> None:
+        self.info = model.info
+        self.parts = parts
+        # a local model travels as the bytes the client read once (the workers may be
+        # other hosts); a URL's weights are fetched by each host into its model cache
         # (checked against the id where they are built, naming the worker that refused)
-        self.weights = None if info.is_remote else (Path(info.location) / info.weights).read_bytes()
-        self.name = f"latentbatch-{part}-{info.model_id[:16]}"
+        self.weights = model.weights
+        self.name = f"latentbatch-{'-'.join(parts)}-{model.info.model_id[:16]}"
 
-    def install(self, worker: Worker | None) -> None:
-        """Build the part into this process's cache, raising why it cannot."""
+    def install(self, worker: Worker | None, part: Part) -> None:
+        """Build ``part`` into this process's cache, raising why it cannot."""
         with _INSTALLING:
-            if (self.info.model_id, self.part) in _MODELS:
+            if (self.info.model_id, part) in _MODELS:
                 return
             device = worker_device(worker)
             try:
                 weights = self.weights or weights_bytes(self.info)
-                install_model(weights, self.info.config, self.info.model_id, self.part, device)
+                install_model(weights, self.info.config, self.info.model_id, part, device)
             except LatentbatchError as exc:
                 who = "this process" if worker is None else f"Dask worker {worker.name}"
                 raise type(exc)(f"{who} refused the model: {exc}") from None
 
     def setup(self, worker: Worker | None) -> None:
         tune_malloc()
-        _PLUGINS[self.info.model_id, self.part] = self
+        for part in self.parts:
+            _PLUGINS[self.info.model_id, part] = self
         try:
             if worker_device(worker).type == "cpu" and multiprocessing.parent_process():
                 torch.set_num_threads(1)  # a single-threaded worker process
-            self.install(worker)
+            for part in self.parts:
+                self.install(worker, part)
         except Exception as exc:  # every task that needs the model tries again and raises
             logger.warning("%s", exc)
 
     def teardown(self, worker: Worker | None) -> None:
-        _MODELS.pop((self.info.model_id, self.part), None)
-        _PLUGINS.pop((self.info.model_id, self.part), None)
+        for part in self.parts:
+            _MODELS.pop((self.info.model_id, part), None)
+            _PLUGINS.pop((self.info.model_id, part), None)
 
 
-def register_model(client: Client, info: ModelInfo, part: Part) -> None:
-    """Install ``part`` of the model on every current and future worker of the cluster."""
-    client.register_plugin(ModelPlugin(info, part))
+def register_model(client: Client, model: ModelBytes, *parts: Part) -> None:
+    """Install ``parts`` of the model on every current and future worker of the cluster
+    (one plugin: its weights reach each worker once)."""
+    client.register_plugin(ModelPlugin(model, parts))

@@ -285,6 +285,24 @@ def read_model(
     return _local_info(directory, meta, config, name, hashlib.sha256(data).hexdigest()), data
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelBytes:
+    """What a command hands its workers: the model's info and, for a local directory, its
+    weights' bytes, read once (and hashed as they were read). A URL's are None: each
+    worker's host fetches them into its model cache, and the client never reads them."""
+
+    info: ModelInfo
+    weights: bytes | None
+
+
+def read_once(location: ModelLocation, options: StorageOptions | None = None) -> ModelBytes:
+    """:class:`ModelBytes` of ``location``: one read of a local model's weights."""
+    if is_remote(location):
+        return ModelBytes(info=read_info(location, options), weights=None)
+    info, data = read_model(location, options)
+    return ModelBytes(info=info, weights=data)
+
+
 def weights_bytes(info: ModelInfo) -> bytes:
     """The bytes of ``info``'s weights, checked against its id: from its directory, or for
     a URL from this host's cached copy (:func:`local_copy`, fetched on first use)."""

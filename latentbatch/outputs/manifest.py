@@ -237,13 +237,16 @@ def write_record(
     write_bytes(join(out_url, RECORDS, f"shard-{record.index:06d}.json"), payload, options)
 
 
-def begun_settings(out_url: str, options: StorageOptions | None) -> dict[str, Any] | None:
-    """The settings an output at ``out_url`` was begun with: its manifest's
-    ``format_settings``, or else the first readable finished-shard record (which carries
-    them); None when neither exists (a new output)."""
+def begun_settings(
+    out_url: str, options: StorageOptions | None, store_uuid: str
+) -> dict[str, Any] | None:
+    """The settings an output at ``out_url`` was begun with for the store ``store_uuid``:
+    its manifest's ``format_settings``, or else the first readable finished-shard record
+    of that store (records carry them); None when neither exists (a new output, or one
+    another store's decode began: that one's leftovers are not this decode's)."""
     manifest = read_manifest(out_url, options)
     if manifest is not None:
-        return dict(manifest.format_settings or {})
+        return dict(manifest.format_settings or {}) if manifest.store.uuid == store_uuid else None
     fs, root = filesystem(out_url, options)
     folder = join(root, RECORDS)
     if not fs.exists(folder):
@@ -254,7 +257,7 @@ def begun_settings(out_url: str, options: StorageOptions | None) -> dict[str, An
                 data = json.loads(fs.cat_file(path))
             except ValueError:
                 continue
-            if isinstance(data, dict):
+            if isinstance(data, dict) and data.get("store_uuid") == store_uuid:
                 return data
     return None
 

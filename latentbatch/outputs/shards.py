@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ from latentbatch.outputs.manifest import (
 )
 from latentbatch.storage.fs import (
     StorageOptions,
+    before_commit,
     filesystem,
     is_temporary,
     join,
@@ -204,11 +206,32 @@ def write_zarr_shard(
     url = join(out_url, ZARR_NAME)
     array = zarr.open_array(url, mode="r+", storage_options=zarr_options(url, options))
     name = shard_name(index, "zarr")
+    before_commit()  # a zarr shard is written in place: the fence is checked first
     with named_write(url, join(out_url, name)):
         array[start : start + len(images)] = images
     fs, root = filesystem(out_url, options)
     data = fs.cat_file(join(root, name))
     return _record(index, name, start, len(images), len(data), hashlib.sha256(data).hexdigest())
+
+
+_SHARD_FILE = re.compile(r"^shard-(\d{6})(\.tar|\.json)?$")
+
+
+def remove_beyond(out_url: str, options: StorageOptions | None, shards: int) -> int:
+    """Delete the shards (and their records) of index ``shards`` and above: what a
+    stopped decode of more shards left, which this decode, taking the output over, does
+    not write. Returns how many."""
+    fs, root = filesystem(out_url, options)
+    removed = 0
+    for folder in (root, join(root, RECORDS)):
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            match = _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
+            if match is not None and int(match.group(1)) >= shards:
+                fs.rm(path, recursive=True)
+                removed += 1
+    return removed
 
 
 def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:

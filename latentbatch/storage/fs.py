@@ -17,8 +17,9 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,29 @@ def write_failed(what: str, exc: OSError) -> WriteError:
     )
 
 
+_COMMIT_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("commit_check", default=None)
+
+
+@contextmanager
+def checked_commits(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check`` right before each write of this block becomes visible (the rename of
+    a temporary file or folder into place, an object's PUT): a writer's fence, which
+    raises when its lease was taken over, so that a stalled writer's late work is never
+    kept (:class:`latentbatch.storage.lease.Fence`)."""
+    token = _COMMIT_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _COMMIT_CHECK.reset(token)
+
+
+def before_commit() -> None:
+    """The check of the enclosing :func:`checked_commits` block, if any."""
+    check = _COMMIT_CHECK.get()
+    if check is not None:
+        check()
+
+
 @contextmanager
 def named_write(url: str | Path, what: str) -> Iterator[None]:
     """A write to ``url`` whose failure is one sentence naming ``what``
@@ -154,6 +178,7 @@ def _write_file(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        before_commit()
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -164,6 +189,7 @@ def write_bytes(url: str | Path, data: bytes, options: StorageOptions | None = N
     """Write ``data`` to a local path or object URL atomically (see the module docstring)."""
     if is_remote(url):
         fs, path = filesystem(str(url), options)
+        before_commit()
         fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
         return
     _write_local(Path(str(url).removeprefix("file://")), data)
@@ -190,6 +216,7 @@ def write_folder(
     each file is one PUT (there are no folders to rename)."""
     fs, final = filesystem(url, options)
     if is_remote(url):
+        before_commit()
         for name, data in files:
             fs.pipe_file(join(final, name), data)
         return
@@ -199,13 +226,16 @@ def write_folder(
         fs.makedirs(tmp, exist_ok=True)
         for name, data in files:
             (Path(tmp) / name).write_bytes(data)  # the rename below makes it atomic
+        before_commit()
         if fs.exists(final):
             fs.rm(final, recursive=True)
         fs.mv(tmp, final, recursive=True)
-    except OSError as exc:
+    except BaseException as exc:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
-        raise write_failed(url, exc) from exc
+        if isinstance(exc, OSError):
+            raise write_failed(url, exc) from exc
+        raise
 
 
 def sha256_file(path: Path) -> str:

@@ -46,6 +46,7 @@ from latentbatch.storage.fs import (
     StorageOptions,
     WriteError,
     check_folder,
+    checked_commits,
     filesystem,
     is_remote,
     join,
@@ -147,42 +148,103 @@ class Holder:
         return f"{self.what} by process {self.pid} on {self.host} (heartbeat {age:.0f} s ago)"
 
 
-def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
-    """The lease objects under ``root``, newest generation first."""
-    fs, path = filesystem(root, options)
+def _lease_names(fs: Any, path: str) -> list[str]:
+    """The names of the lease objects in the folder ``path``: on S3 one listing of their
+    prefix (a request, however many shards the folder holds), elsewhere the folder's."""
+    if "s3" in fs.protocol:
+        found = fs.find(path, maxdepth=1, prefix=PREFIX)
+    else:
+        found = fs.ls(path, detail=False)
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+    return [name for name in names if _NAME.match(name)]
+
+
+TAKEN = "taken_over_by"
+"""The key of what a taken-over lease object becomes: who took it over (for the writer
+that stalled, which reads it when it wakes), until the next writer's acquire removes it."""
+
+
+def _taken_by(fs: Any, path: str, generation: int) -> str | None:
+    """Who took over the lease of ``generation``, as its object now says (None: it does
+    not say, or is gone)."""
     try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        meta = json.loads(fs.cat_file(join(path, _name(generation))))
+    except (FileNotFoundError, ValueError):
+        return None
+    return str(meta[TAKEN]) if isinstance(meta, dict) and TAKEN in meta else None
+
+
+def _holder(fs: Any, path: str, generation: int) -> Holder | None:
+    """The lease object of ``generation`` in ``path`` (None when it is not there, or
+    says who took it over)."""
+    where = join(path, _name(generation))
+    try:
+        meta = json.loads(fs.cat_file(where))
+        if isinstance(meta, dict) and TAKEN in meta:
+            return None
+        return Holder(
+            generation=generation,
+            what=str(meta["what"]),
+            host=str(meta["host"]),
+            pid=int(meta["pid"]),
+            token=str(meta["token"]),
+            heartbeat=float(meta["heartbeat"]),
+            timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
+            boot=str(meta.get("boot", "")),
+            pidns=str(meta.get("pidns", "")),
+        )
+    except FileNotFoundError:
+        return None  # given back or taken over
+    except (ValueError, KeyError, TypeError):  # being written, or left empty: its age
+        return Holder(  # is its object's, so it expires like any other
+            generation=generation, what="a write", host="?", pid=0, token="?",
+            heartbeat=_modified(fs, where), timeout=DEFAULT_TIMEOUT,
+        )  # fmt: skip
+
+
+def _generations(fs: Any, path: str) -> list[int]:
+    """The generations of the lease objects in ``path``, newest first."""
+    try:
+        names = _lease_names(fs, path)
     except FileNotFoundError:
         return []
-    found = []
-    for name in names:
-        match = _NAME.match(name)
-        if match is None:
-            continue
-        generation = int(match.group(1))
-        try:
-            meta = json.loads(fs.cat_file(join(path, name)))
-            found.append(
-                Holder(
-                    generation=generation,
-                    what=str(meta["what"]),
-                    host=str(meta["host"]),
-                    pid=int(meta["pid"]),
-                    token=str(meta["token"]),
-                    heartbeat=float(meta["heartbeat"]),
-                    timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
-                    boot=str(meta.get("boot", "")),
-                    pidns=str(meta.get("pidns", "")),
-                )
-            )
-        except FileNotFoundError:
-            continue  # given back or taken over while we listed
-        except (ValueError, KeyError, TypeError):  # being written, or left empty: its age
-            found.append(  # is its object's, so it expires like any other
-                Holder(generation=generation, what="a write", host="?", pid=0, token="?",
-                       heartbeat=_modified(fs, join(path, name)), timeout=DEFAULT_TIMEOUT)
-            )  # fmt: skip
-    return sorted(found, key=lambda h: -h.generation)
+    return sorted((int(m.group(1)) for n in names if (m := _NAME.match(n))), reverse=True)
+
+
+def _holders(root: str, options: StorageOptions | None) -> list[Holder]:
+    """The live lease objects under ``root``, newest generation first."""
+    fs, path = filesystem(root, options)
+    return [h for g in _generations(fs, path) if (h := _holder(fs, path, g)) is not None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fence:
+    """What a writer's tasks carry: its lease's folder, generation and token. Before a
+    task's write becomes visible, :meth:`check` makes sure that lease is still the
+    current one, in two small reads (its own object, and the next generation's absence),
+    so the late tasks of a writer that stalled past its timeout keep nothing."""
+
+    root: str
+    options: dict[str, Any]
+    generation: int
+    token: str
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError`, naming the new holder, when the lease was taken
+        over."""
+        fs, path = filesystem(self.root, self.options)
+        newer = _holder(fs, path, self.generation + 1)
+        if newer is None:
+            own = _holder(fs, path, self.generation)
+            if own is not None and own.token == self.token:
+                return
+        who = _taken_by(fs, path, self.generation) or (
+            newer.describe() if newer is not None else "another writer (its lease is gone)"
+        )
+        raise LeaseLostError(
+            f"{self.root} was taken over by {who} while this writer stalled; this task's "
+            "work was not kept. Run it again when the other writer is done"
+        )
 
 
 _ACTIVE: set[str] = set()  # tokens of the leases this process holds now
@@ -304,8 +366,10 @@ class Lease:
             raise
 
     def _acquire(self) -> None:
+        fs, path = filesystem(self.root, self.options)
         for _ in range(8):  # each pass loses only to another writer's creation
-            holders = _holders(self.root, self.options)
+            generations = _generations(fs, path)
+            holders = [h for g in generations if (h := _holder(fs, path, g)) is not None]
             current = holders[0] if holders else None
             crashed = current is not None and _crashed(current)
             if (
@@ -319,7 +383,7 @@ class Lease:
                     f"for it to finish, or if that process is gone, run again once its "
                     f"heartbeat is {current.timeout:.0f} s old (its ${TIMEOUT_ENV})"
                 )
-            self.generation = 0 if current is None else current.generation + 1
+            self.generation = generations[0] + 1 if generations else 0
             if _create(self.url, self._payload(), self.options):
                 if current is not None:
                     self.took_over = current
@@ -329,8 +393,16 @@ class Lease:
                         "a crashed (its process is gone)" if crashed else "an abandoned",
                         current.describe(),
                     )
-                    for stale in holders:
-                        self._remove(join(self.root, _name(stale.generation)))
+                # a stalled writer (not a crashed one, nor an empty object) reads, when it
+                # wakes, who took over in what was its lease
+                stalled = current is not None and current.pid > 0 and not crashed
+                if current is not None and stalled:
+                    me = f"{self.what} by process {os.getpid()} on {socket.gethostname()}"
+                    tombstone = join(self.root, _name(current.generation))
+                    write_bytes(tombstone, json_bytes({TAKEN: me}), self.options)
+                for older in generations:  # earlier tombstones and abandoned objects
+                    if current is None or not stalled or older != current.generation:
+                        self._remove(join(self.root, _name(older)))
                 break
         else:
             raise LeaseHeldError(f"{self.root}: other writers keep taking its lease; run again")
@@ -351,17 +423,33 @@ class Lease:
         for :meth:`check`); whether it is still held."""
         holders = _holders(self.root, self.options)
         if not holders or holders[0].token != self.token:
-            newer = holders[0].describe() if holders else "nobody (it was removed)"
+            fs, path = filesystem(self.root, self.options)
+            newer = _taken_by(fs, path, self.generation) or (
+                holders[0].describe() if holders else "another writer (its lease is gone)"
+            )
             self._lost = f"its lease on {self.root} was taken over by {newer}"
             return False
-        try:
-            write_bytes(self.url, self._payload(), self.options)  # atomic: never torn
+        try:  # atomic, and fenced: a taken-over generation is never written again
+            with checked_commits(self.fence().check):
+                write_bytes(self.url, self._payload(), self.options)
+        except LeaseLostError:
+            fs, path = filesystem(self.root, self.options)
+            newer = _taken_by(fs, path, self.generation) or "another writer"
+            self._lost = f"its lease on {self.root} was taken over by {newer}"
+            return False
         except (OSError, LatentbatchError) as exc:  # a moment's outage: the next one tries
             logger.warning("lease of %s not renewed: %s", self.root, exc)
         return True
 
+    def fence(self) -> Fence:
+        """The :class:`Fence` this writer's tasks carry."""
+        return Fence(
+            root=self.root, options=self.options, generation=self.generation, token=self.token
+        )
+
     def check(self) -> None:
-        """Raise :class:`LeaseLostError` when the lease was taken over."""
+        """Raise :class:`LeaseLostError` when the lease was taken over (as the renewal
+        last saw it: :meth:`fence` checks the storage itself)."""
         if self._lost is not None:
             raise LeaseLostError(
                 f"this {self.what} stopped: {self._lost} after this process went "
@@ -370,12 +458,13 @@ class Lease:
             )
 
     def release(self) -> None:
-        """Stop renewing and remove the lease (unless it was taken over)."""
+        """Stop renewing and remove the lease's object: the lease, or, when it was taken
+        over, what the taker left there to say who it is (read by now)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         _ACTIVE.discard(self.token)
-        if self._lost is None and self.generation >= 0:
+        if self.generation >= 0:  # its object: the lease, or what the taker left in it
             try:
                 self._remove(self.url)
             except Exception as exc:  # the store is away: the lease goes stale, taken over

@@ -13,7 +13,7 @@ same bytes under a temporary name and rename, so neither sees half an index.
 
 Up to :data:`EXACT_ROWS` rows the index is exact (``IndexFlatL2``). Above, it is an
 inverted file (``IndexIVFFlat``: ``4 x sqrt(rows)`` clusters trained by k-means on a
-seeded sample of at most 256 rows a cluster, searched in :data:`NPROBE` of them): a query
+seeded sample of at most 64 rows a cluster, searched in :data:`NPROBE` of them): a query
 then compares with about ``NPROBE / clusters`` of the rows, and ``bench/score.py``
 measures its recall against exact search. Memory: the index holds every latent once,
 ``rows x values x 4`` bytes (4 GB for a million 4x16x16 latents), on the process that
@@ -36,7 +36,7 @@ EXACT_ROWS = 50_000
 """The most rows of an exact index; larger stores get an inverted file."""
 NPROBE = 32
 """Clusters an inverted-file index searches per query."""
-SAMPLE_PER_CLUSTER = 256
+SAMPLE_PER_CLUSTER = 64
 PREFIX = "neighbours-"
 
 _loaded: dict[str, Any] = {}
@@ -58,18 +58,18 @@ def _flat(store: LatentStore, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(latents.reshape(len(latents), -1), dtype=np.float32)
 
 
-def build_index(store: LatentStore) -> str:
-    """Build the index of ``store``'s committed rows, a store shard at a time, write it
-    beside them (removing indexes of an earlier count) and return its URL."""
+def make_index(store: LatentStore, exact: bool | None = None) -> Any:
+    """The index of ``store``'s committed rows, in memory, built a store shard at a time:
+    exact up to :data:`EXACT_ROWS` rows, else an inverted file (``exact`` forces one)."""
     import faiss
 
     rows = store.count
     dim = int(np.prod(store.latent_shape))
     index: Any
-    if rows <= EXACT_ROWS:
+    if rows <= EXACT_ROWS if exact is None else exact:
         index = faiss.IndexFlatL2(dim)
     else:
-        clusters = int(4 * math.sqrt(rows))
+        clusters = max(1, min(rows, int(4 * math.sqrt(rows))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, clusters)
         sample = np.sort(
             np.random.default_rng(0).choice(
@@ -80,8 +80,16 @@ def build_index(store: LatentStore) -> str:
         index.nprobe = NPROBE
     for start, stop in store.each_shard():
         index.add(_flat(store, start, stop))
+    return index
+
+
+def build_index(store: LatentStore) -> str:
+    """Build the index of ``store``'s committed rows (:func:`make_index`), write it beside
+    them (removing indexes of an earlier count) and return its URL."""
+    import faiss
+
     url = index_url(store)
-    write_bytes(url, faiss.serialize_index(index).tobytes(), store.storage_options)
+    write_bytes(url, faiss.serialize_index(make_index(store)).tobytes(), store.storage_options)
     fs, path = filesystem(store.url, store.storage_options)
     for old in fs.ls(path, detail=False):
         name = old.rstrip("/").rsplit("/", 1)[-1]

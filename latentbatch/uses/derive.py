@@ -35,7 +35,7 @@ from latentbatch.engine.canary_task import canary_on
 from latentbatch.engine.cluster import map_bounded, using
 from latentbatch.engine.workers import register_model
 from latentbatch.ids import short_id, validate_ids
-from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.models.checkpoint import ModelBytes, ModelLocation, read_once
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions, filesystem, named_write
 from latentbatch.storage.lease import leased, without_leases
@@ -281,7 +281,7 @@ def derive(
     rows: int,
     part: Callable[[int, int], Part],
     setup: Callable[[LatentStore], None] | None = None,
-    model: ModelLocation | None = None,
+    model: ModelLocation | ModelBytes | None = None,
     storage_options: StorageOptions | None = None,
     client: Client | None = None,
     scheduler: str | None = None,
@@ -293,11 +293,13 @@ def derive(
     ``[a, b)`` of each shard computed by ``part(a, b)`` in a Dask task (see the module
     docstring). ``setup`` writes what the tasks read into the store before any task runs,
     on every run until the store is whole (it finishes what a stopped setup left). With
-    ``model`` (the one whose id is ``model_id``), the store's canary is decoded and
-    recorded as an encode does."""
+    ``model`` (the one whose id is ``model_id``: a location, or its bytes already read),
+    the store's canary is decoded and recorded as an encode does."""
     if rows < 1:
         raise StoreError(f"the {lineage.operation} has no rows to write")
-    info = read_info(model, storage_options) if model is not None else None
+    if model is not None and not isinstance(model, ModelBytes):
+        model = read_once(model, storage_options)
+    info = model.info if model is not None else None
     if info is not None and info.model_id != model_id:
         raise StoreError(
             f"{info.location} is model {info.short_id}, but the {lineage.operation} writes "
@@ -344,8 +346,8 @@ def derive(
                 on_result=commit,
                 totals=(tasks, rows - first),
             )
-            if info is not None and not has_canary(store):
-                register_model(c, info, "decoder")
+            if model is not None and info is not None and not has_canary(store):
+                register_model(c, model, "decoder")
                 decoded = canary_on(c, store, info.model_id, canary_rows(store))
                 if decoded.rows:
                     record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)

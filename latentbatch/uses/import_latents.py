@@ -24,7 +24,7 @@ from distributed import Client
 
 from latentbatch.errors import DataError
 from latentbatch.ids import validate_ids
-from latentbatch.models.checkpoint import ModelLocation, read_info
+from latentbatch.models.checkpoint import ModelLocation, read_once
 from latentbatch.models.convention import scale_warning
 from latentbatch.progress import Progress
 from latentbatch.sources.latents import Found, Kind, Piece, Reader, find
@@ -159,7 +159,8 @@ def import_latents(
     store of ``model``, the autoencoder that made them."""
     if latents not in CONVENTIONS:
         raise DataError(f"--latents {latents!r} is not scaled or raw")
-    info = read_info(model, storage_options)
+    read = read_once(model, storage_options)  # the weights read once, here
+    info = read.info
     config = info.config
     found = find(spec, storage_options)
     validate_ids(found.ids)
@@ -229,7 +230,7 @@ def import_latents(
         lineage=lineage,
         rows=rows,
         part=part,
-        model=model,
+        model=read,
         storage_options=storage_options,
         client=client,
         scheduler=scheduler,
