@@ -9,11 +9,12 @@ default layout: 512-row shards at 4x64x64) is fitted (``fit_latents``) in this p
 under ``tracemalloc`` (numpy reports its arrays to it). The row: seconds, the peak of
 Python-tracked memory, and the bound ``docs/uses.md`` states for it,
 
-    3 x shard rows x D x 8  +  4 x D x (RANK + OVERSAMPLE) x 8  +  (L + 6) x D x 8 bytes
+    4 x shard rows x D x 8  +  4 x D x (RANK + OVERSAMPLE) x 8  +  (L + 6) x D x 8 bytes
 
-(a shard's rows as float64 and two temporaries of its size; the range finder's
-directions, their product and two QR temporaries; each label's sum and the mean, range
-and sums of squares), which does not grow with N. Its ratio to the peak must stay below 1.
+(a shard's rows as float64, one temporary of their size, and the float16 rows and
+zarr's buffers they came from; the range finder's directions, their product and two QR
+temporaries; each label's sum and the mean, range and sums of squares), which does not
+grow with N. The peak over the bound must stay below 1.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from latentbatch.uses.fit import OVERSAMPLE, RANK, fit_latents
 
 def bound(shard_rows: int, values: int, labels: int) -> int:
     """The stated bound (module docstring), in bytes."""
-    return 8 * values * (3 * shard_rows + 4 * (RANK + OVERSAMPLE) + labels + 6)
+    return 8 * values * (4 * shard_rows + 4 * (RANK + OVERSAMPLE) + labels + 6)
 
 
 def build_store(path: Path, count: int, shape: tuple[int, int, int], labels: int) -> Path:

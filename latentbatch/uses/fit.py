@@ -9,8 +9,10 @@ Fitted a shard at a time, over latents of any size ``D = C * h * w``:
    the exact eigenvectors of the ``D x D`` scatter, summed in the same pass (128 MiB at
    4,096); above, a seeded randomized range finder with :data:`POWER_ITERATIONS` power
    iterations (Halko, Martinsson and Tropp 2011, algorithm 4.4), a pass each, holds
-   ``D x (RANK + OVERSAMPLE)`` float64 instead (8 MiB for SD's 4x64x64 latents: memory is
-   a shard's rows and about 3 of those, never ``D x D``);
+   ``D x (RANK + OVERSAMPLE)`` float64 instead (10 MiB for SD's 4x64x64 latents), never
+   ``D x D``. Memory: ``8 x D x (4 x shard rows + 4 x (RANK + OVERSAMPLE) + labels + 6)``
+   bytes, whatever the row count (298 MiB for SD's latents in 512-row shards, 10 labels;
+   ``bench/fit.py`` measures the peak against it);
 2. each row's coordinates in that subspace, whose mean and covariance per label are each
    label's Gaussian there (shrunk towards the covariance pooled over the labels, more so
    for labels with few rows).
@@ -239,7 +241,9 @@ def fit_latents(store: LatentStore, rank: int = RANK) -> LatentFit:
     # pass 2: each label's covariance in the subspace
     inner = {label: np.zeros((rank, rank)) for label in known}
     for start, stop in store.each_shard():
-        coordinates = (_flat(store, start, stop) - mean) @ basis
+        centred = _flat(store, start, stop)
+        centred -= mean
+        coordinates = centred @ basis
         labels = _labels(store, start, stop)
         for label in np.unique(labels).tolist():
             chosen = coordinates[labels == label]
@@ -285,12 +289,15 @@ def _randomized_directions(
     for _ in range(POWER_ITERATIONS):
         product = np.zeros((values, width))
         for start, stop in store.each_shard():
-            centred = _flat(store, start, stop) - mean
+            centred = _flat(store, start, stop)
+            centred -= mean  # in place: a shard's rows are the memory, not twice them
             product += centred.T @ (centred @ directions)
         directions, _ = np.linalg.qr(product)
     within = np.zeros((width, width))
     for start, stop in store.each_shard():
-        projected = (_flat(store, start, stop) - mean) @ directions
+        centred = _flat(store, start, stop)
+        centred -= mean
+        projected = centred @ directions
         within += projected.T @ projected
     variances, vectors = np.linalg.eigh(within / store.count)  # ascending
     order = np.argsort(variances)[::-1][:rank]
