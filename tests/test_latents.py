@@ -180,3 +180,18 @@ def test_a_folder_of_mar_npz_files_reads_its_moments_and_class_folders(tmp_path:
     assert found.labels is not None and found.labels.tolist() == [0, 0, 1, 1, 2]
     rows = np.concatenate([read_piece(p)[0] for p in found.pieces])
     np.testing.assert_array_equal(rows, moments[[1, 2, 0, 4, 3]])
+
+
+def test_an_array_read_by_offset_must_be_in_c_order(tmp_path: Path) -> None:
+    """A whole-array ``.npy`` is read by row ranges, so a Fortran-order one is refused in
+    a sentence; a Fortran-order ``.npy`` per image is read whole, and kept."""
+    values = np.asfortranarray(np.arange(2 * 4 * 2 * 2, dtype=np.float32).reshape(2, 4, 2, 2))
+    np.save(tmp_path / "f.npy", values)
+    with pytest.raises(DataError, match=r"f\.npy holds its array in Fortran order"):
+        find(str(tmp_path / "f.npy"))
+    (tmp_path / "rows").mkdir()
+    for i, value in enumerate(values):
+        np.save(tmp_path / "rows" / f"{i}.npy", np.asfortranarray(value))
+    found = find(str(tmp_path / "rows"))
+    rows = np.concatenate([read_piece(p)[0] for p in found.pieces])
+    np.testing.assert_array_equal(rows, values)

@@ -178,13 +178,17 @@ def _handle(url: str, options: StorageOptions | None, raw: bool = False) -> Any:
     return fs.open(path, "rb", block_size=2**20)
 
 
-def _npy_header(handle: Any, where: str = "an .npy") -> tuple[tuple[int, ...], str]:
+def _npy_header(
+    handle: Any, where: str = "an .npy", by_offset: bool = False
+) -> tuple[tuple[int, ...], str]:
+    """An ``.npy`` header's shape and dtype; ``by_offset``: its rows will be read by
+    offset, which needs them in C order (a Fortran-order array is refused)."""
     version = np.lib.format.read_magic(handle)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
     else:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-    if fortran and len(shape) > 1:
+    if by_offset and fortran and len(shape) > 1:
         raise DataError(
             f"{where} holds its array in Fortran order; re-save it with "
             "numpy.save(path, numpy.ascontiguousarray(array))"
@@ -318,7 +322,7 @@ def _array(place: Place) -> Found:
     if place.path.endswith(".npy"):
         with _handle(place.url, place.options, raw=True) as handle:
             head = io.BytesIO(handle.read(4096))
-        shape, dtype = _npy_header(head, place.url)
+        shape, dtype = _npy_header(head, place.url, by_offset=True)
         member, labels, start = "", None, head.tell()
     else:
         shape, dtype, member, labels, start = _npz(place)
@@ -341,7 +345,8 @@ def _npz(place: Place) -> tuple[tuple[int, ...], str, str, np.ndarray | None, in
             if info.filename.endswith(".npy"):
                 with archive.open(info) as handle:
                     head = io.BytesIO(handle.read(4096))
-                    found = _npy_header(head, f"{place.url}::{info.filename}")
+                    stored = info.compress_type == zipfile.ZIP_STORED
+                    found = _npy_header(head, f"{place.url}::{info.filename}", by_offset=stored)
                     headers[info.filename[: -len(".npy")]] = (info, *found, head.tell())
         four = [k for k, (_, s, _, _) in headers.items() if len(s) == 4]
         member = "latents" if "latents" in headers else (four[0] if len(four) == 1 else "")
