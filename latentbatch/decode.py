@@ -40,6 +40,7 @@ begun with when it is continued (a grown store adds shards of the same size).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -59,9 +60,11 @@ from latentbatch.config import tiled
 from latentbatch.engine.canary_task import check_first, check_here, check_on_worker
 from latentbatch.engine.cluster import gpu_resources, map_bounded, using
 from latentbatch.engine.kernel import (
+    batch_difference,
     batch_for,
     decode_batches,
     decode_latents,
+    environment,
     refuse_nonfinite,
 )
 from latentbatch.engine.workers import (
@@ -150,6 +153,7 @@ class DecodeResult:
     seconds: float
     canary: str = "none"  # how the store's canary compared (latentbatch.stores.canary)
     tiled: bool = False  # each image over the memory budget, decoded in tiles
+    batch_invariance: int | None = None  # levels between batch 1 and the working batch
 
     @property
     def images_per_second(self) -> float:
@@ -168,6 +172,7 @@ class DecodeResult:
             "model_id": self.manifest.model_id,
             "canary": self.canary,
             "tiled": self.tiled,
+            "batch_invariance_levels": self.batch_invariance,
         }
 
 
@@ -245,6 +250,34 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         )
         write_record(job.out_url, job.out_options, record, job.identity)
     return record.to_dict()
+
+
+def _environments(client: Client, model_id: str) -> dict[str, Any]:
+    """The distinct :func:`worker_environment` of the cluster's workers, and how many
+    workers there are."""
+    found = client.run(worker_environment, model_id)
+    distinct = {json.dumps(e, sort_keys=True): e for e in found.values()}
+    return {"workers": len(found), "settings": [distinct[k] for k in sorted(distinct)]}
+
+
+def worker_environment(model_id: str) -> dict[str, Any]:
+    """Worker side: :func:`latentbatch.engine.kernel.environment` of the device this
+    worker decodes on."""
+    _, device = cached_model(model_id, "decoder")
+    return environment(device)
+
+
+def batch_invariance(job: DecodeJob, rows: int = 16) -> int:
+    """Worker side: the largest pixel difference between the first ``rows`` rows of the
+    job's store (its canary's, when it has one) decoded one at a time and at the batch
+    this worker decodes with."""
+    decoder, device = cached_model(job.model_id, "decoder")
+    store = cached_store(job.store_url, job.storage_options, job.store_uuid, job.stop)
+    chosen = store.meta.get("canary", {}).get("rows") or list(range(min(rows, store.count)))
+    latents = store.read("latents", chosen).astype(np.float32)
+    image_bytes = store.model_config.decode_bytes(*store.image_size)
+    batch = min(len(latents), job.batch_size or batch_for(device, image_bytes))
+    return batch_difference(decoder, latents, device, batch)
 
 
 def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool = False) -> None:
@@ -379,12 +412,17 @@ def decode(
     batch_size: int | None = None,
     max_in_flight: int | None = None,
     on_progress: ProgressCallback | None = None,
+    batch_invariance_check: bool = False,
 ) -> DecodeResult:
     """Decode the committed rows of a store into ``out_url`` (see the module docstring).
     Tar shards hold ``codec``'s images (PNG when not given); each output shard holds
     ``images_per_shard`` images (:func:`rows_per_output_shard`), the last one the rest.
     The store's canary is checked first (:mod:`latentbatch.stores.canary`) unless
-    ``skip_canary`` (a decoder changed on purpose, decoded with ``allow_model_mismatch``)."""
+    ``skip_canary`` (a decoder changed on purpose, decoded with ``allow_model_mismatch``).
+    The manifest records what shaped the pixels on the workers
+    (:func:`latentbatch.engine.kernel.environment`); ``batch_invariance_check`` also
+    decodes the canary rows (or the first 16) one at a time and at the working batch on
+    a worker, and records and returns the largest pixel difference."""
     fmt = check_format(fmt)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
@@ -403,6 +441,8 @@ def decode(
     written: dict[int, ShardRecord] = {}
     started = time.perf_counter()
     run_token = uuid.uuid4().hex
+    recorded_environment: dict[str, Any] | None = None
+    invariance: int | None = None
 
     with leased(out_url, f"decode of {source.url}", out_options) as lease:
         begun = begun_settings(out_url, out_options, store.uuid)
@@ -428,25 +468,23 @@ def decode(
             remove_beyond(out_url, out_options, shards)
         done = read_records(out_url, out_options, identity)
         done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
+        job_fields: dict[str, Any] = {
+            "store_url": store_url,
+            "storage_options": dict(storage_options or {}),
+            "store_uuid": store.uuid,
+            "model_id": info.model_id,
+            "out_url": out_url,
+            "out_options": dict(out_options or {}),
+            "fmt": fmt,
+            "identity": identity,
+            "codec": codec,
+            "batch_size": batch_size,
+            "check_canary": check,
+            "run": run_token,
+            "fence": lease.fence(),
+        }
         jobs = (  # drawn as tasks are submitted: the client holds only those in flight
-            DecodeJob(
-                store_url=store_url,
-                storage_options=dict(storage_options or {}),
-                store_uuid=store.uuid,
-                model_id=info.model_id,
-                index=index,
-                start=a,
-                stop=b,
-                out_url=out_url,
-                out_options=dict(out_options or {}),
-                fmt=fmt,
-                identity=identity,
-                codec=codec,
-                batch_size=batch_size,
-                check_canary=check,
-                run=run_token,
-                fence=lease.fence(),
-            )
+            DecodeJob(**job_fields, index=index, start=a, stop=b)
             for index in range(shards)
             if index not in done
             for a, b in [rows_of(index)]
@@ -460,11 +498,16 @@ def decode(
                 on_progress(progress)
 
         def run(c: Client) -> None:
-            nonlocal started, canary
+            nonlocal started, canary, recorded_environment, invariance
             started = time.perf_counter()  # throughput counts from a ready cluster
             register_model(c, model, "decoder")
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
+            recorded_environment = _environments(c, info.model_id)
+            if batch_invariance_check:
+                probe = DecodeJob(**{**job_fields, "index": 0, "start": 0, "stop": store.count})
+                invariance = c.submit(batch_invariance, probe, pure=False).result()
+                recorded_environment["batch_invariance_levels"] = invariance
             if fmt == "zarr":  # its chunks divide its shards: one writer per shard
                 chunk_rows = math.gcd(rows, store.chunk_rows)
                 create_zarr_output(out_url, out_options, store.count, pixels, rows, chunk_rows)
@@ -479,9 +522,12 @@ def decode(
                 totals=todo,
             )
 
-        if todo[0]:
+        if todo[0] or batch_invariance_check:
             with using(client, scheduler, workers) as c:
                 run(c)
+        else:  # nothing decoded now: what shaped the pixels is what was recorded
+            earlier = read_manifest(out_url, out_options)
+            recorded_environment = earlier.environment if earlier is not None else None
         lease.check()
         lease.fence().check()  # on the storage itself: another writer's temporaries stay
         remove_temporaries(out_url, out_options)
@@ -496,6 +542,7 @@ def decode(
                 format_settings={**settings, "batch_size": batch_size or "auto"},
                 count=store.count,
                 shards=[records[i] for i in sorted(records)],
+                environment=recorded_environment,
             )
     return DecodeResult(
         out=out_url,
@@ -507,6 +554,7 @@ def decode(
         seconds=time.perf_counter() - started,
         canary=str(canary),
         tiled=info.config.any_size and tiled(info.config.decode_bytes(*store.image_size)),
+        batch_invariance=invariance,
     )
 
 

@@ -447,3 +447,29 @@ def test_a_small_collection_gives_every_worker_work(
     decode(tiny_model, store, str(tmp_path / "fifty"), images_per_shard=50, client=client)
     table = [json.loads(line) for line in (tmp_path / "fifty" / "shards.jsonl").open()]
     assert [(r["start"], r["stop"]) for r in table] == [(0, 50), (50, 100), (100, 128)]
+
+
+def test_a_decode_records_what_shaped_its_pixels(
+    tmp_path: Path, mnist_store: Path, seed_model: Path, client: Client
+) -> None:
+    """The manifest records the decoder's dtype, TF32 and cuDNN flags, the rounding rule,
+    the versions and the device (verify ignores them); the batch-invariance check decodes
+    the canary rows one at a time and in one batch: 0 levels apart on CPU for the seed
+    model."""
+    from latentbatch.outputs.verify import verify_output
+
+    out = tmp_path / "recorded"
+    result = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024,
+                    batch_invariance_check=True, client=client)  # fmt: skip
+    assert result.batch_invariance == 0
+    recorded = json.loads((out / "manifest.json").read_text())["environment"]
+    assert recorded["workers"] == 2 and recorded["batch_invariance_levels"] == 0
+    (setting,) = recorded["settings"]  # both workers alike
+    assert setting["decoder_dtype"] == "float32" and setting["device"].startswith("cpu")
+    assert {"tf32_matmul", "tf32_cudnn", "cudnn", "rounding", "versions"} <= set(setting)
+    assert setting["versions"]["torch"] == torch.__version__
+    assert "round half to even" in setting["rounding"]
+    assert verify_output(str(out), store_url=str(mnist_store)).ok
+    again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
+    assert again.shards_written == ()  # nothing decoded: the record is kept
+    assert json.loads((out / "manifest.json").read_text())["environment"] == recorded

@@ -243,7 +243,7 @@ def decode_command(
         typer.Option(
             min=1,
             help="Images per output shard, exactly \\[default: 10240, fewer for large images "
-            "(512 MiB of pixels), in whole store shards].",
+            "(512 MiB of pixels) or small stores (spread over 32 shards)].",
         ),
     ] = None,
     scheduler: SchedulerOption = None,
@@ -258,6 +258,13 @@ def decode_command(
         int | None,
         typer.Option(min=1, help="Latents per decoder call \\[default: 256 on CPU, 4096 on GPU]."),
     ] = None,
+    batch_invariance_check: Annotated[
+        bool,
+        typer.Option(
+            help="Also decode the canary rows one at a time and at the working batch, and "
+            "report their largest pixel difference."
+        ),
+    ] = False,
     storage_option: StorageOption = None,
     progress: ProgressOption = True,
     as_json: JsonOption = False,
@@ -282,10 +289,17 @@ def decode_command(
             workers=workers,
             batch_size=batch_size,
             on_progress=update,
+            batch_invariance_check=batch_invariance_check,
         )
     if as_json:
         emit_json(result.to_dict())
         return
+    if result.batch_invariance is not None:
+        make_console().print(
+            f"batch invariance: the canary rows decoded one at a time and in one batch differ "
+            f"by at most {result.batch_invariance} levels",
+            highlight=False,
+        )
     make_console().print(
         f"decoded {result.decoded} of {result.count} images into {out} "
         f"({len(result.shards_written)} shards written, {len(result.shards_skipped)} already done) "

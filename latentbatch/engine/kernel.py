@@ -10,7 +10,10 @@ named by row and id, before anything is decoded.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +36,55 @@ def batch_for(device: torch.device, image_bytes: int = 0) -> int:
     if image_bytes <= 0:
         return cap
     return max(1, min(cap, memory_budget() // image_bytes))
+
+
+ROUNDING = "clamp to [0, 1], x 255, round half to even (torch.round), uint8"
+"""How decoded pixels become bytes: diffusers' rule (its image processor rounds), which
+DiT's and REPA's sample scripts do not share (they truncate or floor ``127.5x + 128``)."""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What shapes a decode's pixels on ``device`` beyond its inputs: the decoder's dtype
+    and autocast, TF32 and cuDNN settings, the rounding rule, the libraries' versions
+    and the device's name (a manifest records it; ``verify`` ignores it)."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    return {
+        "device": f"{device.type}: {name}",
+        "decoder_dtype": "float16 (autocast)" if cuda else "float32",
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "cudnn": {
+            "version": torch.backends.cudnn.version() if cuda else None,  # type: ignore[no-untyped-call]
+            "benchmark": bool(torch.backends.cudnn.benchmark),
+            "deterministic": bool(torch.backends.cudnn.deterministic),
+        },
+        "rounding": ROUNDING,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": _version("diffusers"),
+            "numpy": np.__version__,
+            "latentbatch": _version("latentbatch"),
+        },
+    }
+
+
+def batch_difference(
+    decoder: torch.nn.Module, latents: np.ndarray, device: torch.device, batch_size: int
+) -> int:
+    """The largest pixel difference (levels) between ``latents`` decoded one at a time and
+    in batches of ``batch_size``: 0 when the decode is batch-invariant there."""
+    alone = decode_latents(decoder, latents, device, 1)
+    batched = decode_latents(decoder, latents, device, max(1, batch_size))
+    return int(np.abs(alone.astype(np.int16) - batched.astype(np.int16)).max(initial=0))
 
 
 class NonFiniteLatentsError(LatentbatchError):

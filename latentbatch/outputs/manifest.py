@@ -90,6 +90,7 @@ class Manifest:
     selection: tuple[int, ...] | None = None
     inline_shards: tuple[ShardRecord, ...] | None = None
     format: int = field(default=MANIFEST_FORMAT)
+    environment: dict[str, Any] | None = None  # what shaped the pixels (not checked)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -111,6 +112,8 @@ class Manifest:
             data["format_settings"] = self.format_settings
         if self.selection is not None:
             data["selection"] = list(self.selection)
+        if self.environment is not None:
+            data["environment"] = self.environment
         return data
 
     @classmethod
@@ -146,6 +149,7 @@ class Manifest:
                 selection=None if selection is None else tuple(int(r) for r in selection),
                 inline_shards=inline,
                 format=int(data["format"]),
+                environment=data.get("environment"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OutputError(
@@ -179,10 +183,12 @@ def write_manifest(
     shards: Sequence[ShardRecord],
     format_settings: dict[str, Any] | None = None,
     selection: tuple[int, ...] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``OUT/shards.jsonl`` (one record per line, in index order), then
     ``OUT/manifest.json`` naming it with its sha256; each atomically. Returns the
-    manifest."""
+    manifest. ``environment`` records what shaped the pixels
+    (:func:`latentbatch.engine.kernel.environment` per distinct worker setting)."""
     table = b"".join(json.dumps(s.to_dict(), sort_keys=True).encode() + b"\n" for s in shards)
     write_bytes(join(out_url, SHARD_TABLE), table, options)
     manifest = Manifest(
@@ -194,6 +200,7 @@ def write_manifest(
         shard_table_sha256=hashlib.sha256(table).hexdigest(),
         format_settings=format_settings,
         selection=selection,
+        environment=environment,
     )
     write_json(join(out_url, MANIFEST), manifest.to_dict(), options)
     return manifest
