@@ -15,6 +15,7 @@ from latentbatch.outputs.shards import (
     _sidecar,
     build_tar,
     check_format,
+    remove_beyond,
     remove_temporaries,
     write_png_shard,
     write_tar_shard,
@@ -111,3 +112,24 @@ def test_unknown_format_is_named() -> None:
         OutputError, match="unknown output format 'gif'; choose one of tar, zarr, png"
     ):
         check_format("gif")
+
+
+def test_shards_beyond_a_decodes_count_are_removed_with_their_records(tmp_path: Path) -> None:
+    """What a stopped decode of more shards left (tar files, png folders, records) from
+    index N on goes; shards below N, the lease, the table and temporaries stay."""
+    for index in range(5):
+        (tmp_path / f"shard-{index:06d}.tar").write_bytes(b"t")
+    (tmp_path / "shard-000006").mkdir()
+    (tmp_path / "shard-000006" / "a.png").write_bytes(b"p")
+    (tmp_path / ".records").mkdir()
+    for index in (1, 3, 6):
+        (tmp_path / ".records" / f"shard-{index:06d}.json").write_text("{}")
+    kept = [".latentbatch-lease-000000.json", "shards.jsonl", ".shard-000004.tar.x.tmp"]
+    for name in kept:
+        (tmp_path / name).write_text("")
+    assert remove_beyond(str(tmp_path), None, 3) == 5
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar",
+    ]  # fmt: skip
+    assert [p.name for p in (tmp_path / ".records").iterdir()] == ["shard-000001.json"]
+    assert all((tmp_path / name).exists() for name in kept)
