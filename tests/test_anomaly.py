@@ -132,3 +132,33 @@ def test_a_scoring_the_full_disk_stops_is_never_read_as_done(
     score(copy, copy, k=3, client=client)
     done = open_store(copy)
     assert done.has_anomaly and not np.isnan(done.read_anomaly(0, done.count)).any()
+
+
+def test_a_reference_that_cannot_keep_an_index_is_indexed_by_each_worker(
+    stores: Path, tmp_path: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only reference (its folder refuses the index file): each worker builds the
+    index itself, and the scores are those of a scoring through the kept index."""
+    import shutil
+
+    from latentbatch.storage.fs import WriteError
+    from latentbatch.stores import neighbours
+
+    kept, built = (str(shutil.copytree(stores / "t.zarr", tmp_path / n)) for n in ("a", "b"))
+    reference = str(shutil.copytree(stores / "ref.zarr", tmp_path / "ref.zarr"))
+    for old in Path(reference).glob("neighbours-*.faiss"):
+        old.unlink()
+
+    def refuse(*_: object, **__: object) -> None:
+        raise WriteError(f"{reference} is read-only")
+
+    monkeypatch.setattr(neighbours, "write_bytes", refuse)
+    score(built, reference, k=5, client=client)
+    assert not list(Path(reference).glob("neighbours-*"))
+    assert open_store(built).meta["anomaly"]["index"] == "built by each worker"
+    monkeypatch.undo()
+    score(kept, reference, k=5, client=client)
+    assert list(Path(reference).glob("neighbours-*.faiss"))
+    np.testing.assert_array_equal(
+        open_store(built).read_anomaly(0, 460), open_store(kept).read_anomaly(0, 460)
+    )

@@ -9,7 +9,9 @@ reading the whole store.
 
 The name holds the store's uuid and committed count: rows appended later make a new
 index (the older one is removed when the new one is written); two builders write the
-same bytes under a temporary name and rename, so neither sees half an index.
+same bytes under a temporary name and rename, so neither sees half an index. A store
+whose folder cannot take the file (a read-only reference) is indexed in each process
+that searches it instead (:func:`built_index`).
 
 Up to :data:`EXACT_ROWS` rows the index is exact (``IndexFlatL2``). Above, it is an
 inverted file (``IndexIVFFlat``: ``4 x sqrt(rows)`` clusters trained by k-means on a
@@ -109,6 +111,17 @@ def load_index(url: str, options: StorageOptions | None) -> Any:
             _loaded.clear()  # one index at a time per process: they can be large
             _loaded[url] = faiss.deserialize_index(data)
         return _loaded[url]
+
+
+def built_index(store: LatentStore) -> Any:
+    """The index of ``store``'s committed rows built in this process, once (for a store
+    whose folder cannot take one: a read-only reference)."""
+    key = f"built:{store.url}:{store.uuid}:{store.count}"
+    with _lock:
+        if key not in _loaded:
+            _loaded.clear()
+            _loaded[key] = make_index(store)
+        return _loaded[key]
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ scored) with the settings, the reference and the threshold in its ``anomaly`` at
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,9 +59,16 @@ from latentbatch.engine.workers import worker_threads
 from latentbatch.errors import LatentbatchError
 from latentbatch.ids import short_id
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions
+from latentbatch.storage.fs import StorageOptions, WriteError
 from latentbatch.storage.lease import leased
-from latentbatch.stores.neighbours import build_index, has_index, index_url, load_index, search
+from latentbatch.stores.neighbours import (
+    build_index,
+    built_index,
+    has_index,
+    index_url,
+    load_index,
+    search,
+)
 from latentbatch.stores.store import LatentStore, open_store
 
 DEFAULT_K = 5
@@ -69,6 +77,7 @@ DISTANCE_WEIGHT = 2.0
 """The neighbourhood term's weight against the reconstruction term's 1."""
 SAMPLE_ROWS = 10_000
 """Reference rows that set the terms' scales and the threshold (seeded sample)."""
+logger = logging.getLogger(__name__)
 
 
 class ScoreError(LatentbatchError):
@@ -115,13 +124,21 @@ class ScorePart:
     itself out)."""
 
     store_url: str
+    reference_url: str
     options: dict[str, Any]
-    index: str
+    index: str  # "": the reference's folder took no index; each worker builds its own
     start: int
     stop: int
     k: int
     same: bool
     calibration: Calibration
+
+
+def _index(reference_url: str, options: dict[str, Any], index: str) -> Any:
+    """The reference's index in this worker: the file beside it, or built here."""
+    if index:
+        return load_index(index, options)
+    return built_index(open_store(reference_url, options))
 
 
 def _threads() -> None:
@@ -186,7 +203,7 @@ def calibrate(
     rows = np.arange(reference.count)
     if reference.count > SAMPLE_ROWS:
         rows = np.sort(np.random.default_rng(0).choice(reference.count, SAMPLE_ROWS, False))
-    recon, distance = _terms(reference, rows, load_index(index, options), k, True)
+    recon, distance = _terms(reference, rows, _index(reference_url, options, index), k, True)
     scales = {"reconstruction": _standard(recon), "distance": _standard(distance)}
     scores = _combine(recon, distance, scales)
     threshold = float(np.nanquantile(scores, quantile))
@@ -199,7 +216,7 @@ def score_part(part: ScorePart) -> dict[str, int]:
     """Worker side: score one store shard and write its scores (the shard's one writer)."""
     _threads()
     store = open_store(part.store_url, part.options, writable=True)
-    index = load_index(part.index, part.options)  # once per worker process
+    index = _index(part.reference_url, part.options, part.index)  # once per worker
     recon, distance = _terms(store, slice(part.start, part.stop), index, part.k, part.same)
     scores = _combine(recon, distance, part.calibration.scales)
     store.write_anomaly(part.start, scores)
@@ -207,10 +224,19 @@ def score_part(part: ScorePart) -> dict[str, int]:
 
 
 def _indexed(reference_url: str, options: dict[str, Any]) -> str:
-    """Worker side: the reference's index, built and written beside it when missing."""
+    """Worker side: the reference's index, built and written beside it when missing; ""
+    when its folder cannot take it (each worker then builds its own, once)."""
     _threads()
     reference = open_store(reference_url, options)
-    return index_url(reference) if has_index(reference) else build_index(reference)
+    if has_index(reference):
+        return index_url(reference)
+    try:
+        return build_index(reference)
+    except (OSError, WriteError) as exc:
+        logger.warning(
+            "%s cannot keep a neighbours index (%s); each worker builds one", reference_url, exc
+        )
+        return ""
 
 
 def score(
@@ -270,6 +296,7 @@ def score(
         parts = (
             ScorePart(
                 store_url=store_url,
+                reference_url=reference_url,
                 options=options,
                 index=index,
                 start=a,
@@ -301,7 +328,7 @@ def score(
                 "threshold": calibration.threshold,
                 "scales": calibration.scales,
                 "distance_weight": DISTANCE_WEIGHT,
-                "index": index,
+                "index": index or "built by each worker",
                 "scored": store.count,
                 "scored_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             }
