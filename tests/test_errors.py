@@ -44,9 +44,12 @@ def _decode_argv(model: Path, store: Path, out: Path) -> list[str]:
     return ["decode", "--model", str(model), "--store", str(store), "--out", str(out), *SHARDS]
 
 
-def _fails(argv: list[str], *named: str) -> str:
-    """Run the CLI; it must fail with one sentence naming ``named`` and no traceback."""
-    done = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=300)
+def _fails(argv: list[str], *named: str, before: list[str] | None = None) -> str:
+    """Run the CLI (after ``before``: a command that runs it); it must fail with one
+    sentence naming ``named`` and no traceback."""
+    done = subprocess.run(
+        [*(before or []), CLI, *argv], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode != 0
     assert "Traceback" not in done.stdout + done.stderr
     assert "Compute Failed" not in done.stdout + done.stderr
@@ -327,4 +330,28 @@ def test_every_writer_names_a_path_that_cannot_be_a_folder(
     before = sha256s(tmp_path)
     in_process = ("stats --save", "query --decode", "score")  # no cluster to size
     _fails(argv if command in in_process else [*argv, "--workers", "1"], str(target))
+    assert sha256s(tmp_path) == before  # nothing written anywhere
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_names_a_read_only_parent(
+    tmp_path: Path, decoded: tuple[Path, Path], tiny_model: Path, command: str
+) -> None:
+    """The target's parent is a read-only file system (a tmpfs mounted read-only in a
+    user and mount namespace of its own, as root there: permissions alone would not stop
+    root): one sentence naming the path, and nothing written."""
+    store = Path(shutil.copytree(decoded[0], tmp_path / "s.zarr"))
+    np.save(tmp_path / "rows.npy", open_store(str(store)).read_latents(0, 4).astype("float32"))
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    target = parent / "out"
+    argv = WRITERS[command](str(tiny_model), str(store), str(target))
+    before = sha256s(tmp_path)
+    in_process = ("stats --save", "query --decode", "score")  # no cluster to size
+    mounted = ["unshare", "--map-root-user", "--mount", "sh", "-c",
+               f'mount -t tmpfs -o ro none "{parent}" && exec "$@"', "sh"]  # fmt: skip
+    argv = argv if command in in_process else [*argv, "--workers", "1"]
+    error = _fails(argv, str(target), before=mounted)
+    if command not in ("score", "stats --save"):  # these name a store that is not there
+        assert f"{parent} is on a read-only file system" in error
     assert sha256s(tmp_path) == before  # nothing written anywhere

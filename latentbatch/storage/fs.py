@@ -111,9 +111,10 @@ def check_folder(url: str) -> None:
         if not parent.is_dir():
             raise WriteError(f"{path} lies under {parent}, which is a file; choose another path")
         if not os.access(parent, os.W_OK | os.X_OK):
+            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+            why = "is on a read-only file system" if read_only else "is not writable by this user"
             raise WriteError(
-                f"{path} cannot be written: {parent} is not writable by this user; choose a "
-                "folder you can write to"
+                f"{path} cannot be written: {parent} {why}; choose a folder you can write to"
             )
         return
 
