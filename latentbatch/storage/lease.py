@@ -11,18 +11,23 @@ lease is an object created only if it does not exist (``O_CREAT | O_EXCL`` on a 
 disk, a PUT with ``If-None-Match: *`` on S3), so of two writers starting at once exactly
 one creates it, and the other is refused in a sentence naming the holder. While it runs
 the holder renews the heartbeat every :data:`RENEW_EVERY` of the timeout. A lease whose
-heartbeat is older than the timeout (``$LATENTBATCH_LEASE_TIMEOUT`` seconds, default
-:data:`DEFAULT_TIMEOUT`) was left by a writer that died (a killed client must not block
-the output forever): the next writer takes it over, with a warning, by creating the next
-generation's object (created exclusively too, so of two takers one wins) and removing the
-stale one (the holder's own timeout, recorded in its lease, is the one that counts). A
+heartbeat (the lease object's modification time on the storage, local mtime or S3's
+``LastModified``: the holder's own clock never counts) is older than the timeout
+(``$LATENTBATCH_LEASE_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT`) was left by a
+writer that died or stalled (a killed client must not block the output forever): the next
+writer takes it over, with a warning, by creating the next generation's object (created
+exclusively too, so of two takers one wins) and writing in the stale one's place who took
+it over (the holder's own timeout, recorded in its lease, is the one that counts). A
 crashed holder is taken over at once, with a warning, when it is provably gone: its lease
 records this machine's boot id and this PID namespace, and no process has its pid (a
 client killed by SIGKILL or the OOM killer is re-run at once; another container that
 shares the hostname but not the PID namespace is never judged by pids). A
-holder whose lease was taken over (it stalled past the timeout) finds a
-newer generation at its next renewal and stops before it records anything
-(:meth:`Lease.check`).
+holder whose lease was taken over (it stalled past the timeout) finds a newer generation
+at its next renewal and stops in a sentence naming who took over (:meth:`Lease.check`);
+its tasks carry a :class:`Fence` (the generation and token) and check it right before
+any write of theirs becomes visible, so what they finish late is never kept. Lease
+objects are found by listing their prefix alone on S3 (a request, however many shards
+the folder holds).
 """
 
 from __future__ import annotations
@@ -188,7 +193,8 @@ def _holder(fs: Any, path: str, generation: int) -> Holder | None:
             host=str(meta["host"]),
             pid=int(meta["pid"]),
             token=str(meta["token"]),
-            heartbeat=float(meta["heartbeat"]),
+            # when the storage last saw it renewed: the holder's clock does not count
+            heartbeat=_modified(fs, where),
             timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
             boot=str(meta.get("boot", "")),
             pidns=str(meta.get("pidns", "")),
