@@ -101,7 +101,7 @@ from latentbatch.outputs.shards import (
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions, checked_commits, is_remote
 from latentbatch.storage.lease import Fence, leased
-from latentbatch.stores.canary import CanaryResult, has_canary
+from latentbatch.stores.canary import CanaryError, CanaryResult, has_canary
 from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, shard_ranges
 
 DEFAULT_IMAGES_PER_SHARD = 10_240  # img2dataset's name and order of size: ~3 MB of digits
@@ -523,8 +523,18 @@ def decode(
             )
 
         if todo[0] or batch_invariance_check:
-            with using(client, scheduler, workers) as c:
-                run(c)
+            try:
+                with using(client, scheduler, workers) as c:
+                    run(c)
+            except CanaryError as exc:  # one worker refused after others had written
+                if not written:
+                    raise
+                images = sum(r.count for r in written.values())
+                raise CanaryError(
+                    f"{exc}. The other workers had written {len(written)} shards ({images:,} "
+                    "images), recorded and kept: fix or remove that worker and run the decode "
+                    "again, which skips them"
+                ) from None
         else:  # nothing decoded now: what shaped the pixels is what was recorded
             earlier = read_manifest(out_url, out_options)
             recorded_environment = earlier.environment if earlier is not None else None
