@@ -148,3 +148,26 @@ def test_verify_refuses_a_folder_without_a_manifest(
 ) -> None:
     assert main(["verify", str(tmp_path)]) == 1
     assert "has no manifest.json: it is not a finished decode" in capsys.readouterr().err
+
+
+def test_the_shards_are_checked_on_a_cluster_when_asked(
+    outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``verify --workers 2`` hashes and reads the ids of every shard as Dask tasks, and
+    finds what the in-process check finds: a good output passes, another store's shard
+    of the same size is named, and so is a missing one."""
+    good = _copy(outputs, tmp_path, "s")
+    code, printed, _ = _verify(good, capsys, "--workers", "2")
+    assert code == 0 and "4 shards, 64 images checked (sha256, ids against" in printed
+    shutil.copyfile(outputs / "t" / "shard-000002.tar", good / "shard-000002.tar")
+    (good / "shard-000003.tar").unlink()
+    code, printed, err = _verify(good, capsys, "--workers", "2", "--json")
+    found = json.loads(printed)
+    assert code == 1 and err.startswith("error: ")
+    assert [(p["shard"], p["kind"]) for p in found["problems"]] == [
+        ("shard-000002.tar", "sha256"), ("shard-000003.tar", "missing"),
+    ]  # fmt: skip
+    here = verify_output(str(good))
+    assert [(p.shard, p.kind) for p in here.problems] == [
+        (p["shard"], p["kind"]) for p in found["problems"]
+    ]

@@ -335,6 +335,15 @@ def verify_command(
             help="Hash every shard (sha256) and check its ids; --quick: sizes only.",
         ),
     ] = True,
+    scheduler: SchedulerOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Check the shards on a local cluster of N workers (large outputs) "
+            "\\[default: in this process, unless --scheduler].",
+        ),
+    ] = None,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -346,7 +355,16 @@ def verify_command(
     from latentbatch.outputs.verify import VerifyError, verify_output
 
     options = parse_options(storage_option)
-    result = verify_output(out, options, store_url=store, full=full, ids=full)
+    if scheduler is None and workers is None:
+        result = verify_output(out, options, store_url=store, full=full, ids=full)
+    else:
+        from latentbatch.engine.cluster import map_results, using
+
+        with using(None, scheduler, workers) as client:
+            result = verify_output(
+                out, options, store_url=store, full=full, ids=full,
+                mapper=lambda fn, checks: (r for r, _ in map_results(client, fn, checks)),
+            )  # fmt: skip
     if as_json:
         emit_json(result.to_dict())
     else:

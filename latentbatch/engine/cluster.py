@@ -22,8 +22,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -298,6 +298,49 @@ def run_task(
     return result  # type: ignore[no-any-return]
 
 
+def map_results(
+    client: Client,
+    fn: Callable[[Any], R],
+    specs: Iterable[Any],
+    *,
+    items: Callable[[Any], int] = lambda _: 1,
+    max_in_flight: int | None = None,
+    resources: dict[str, float] | None = None,
+) -> Generator[tuple[R, int], None, None]:
+    """``(result, items(spec))`` of ``fn`` over ``specs`` as tasks complete, with at most
+    ``max_in_flight`` submitted at once (default: two per worker) and the specs drawn
+    only as tasks are submitted. The first task error cancels the rest and is raised
+    here; a :class:`LatentbatchError` travels back as a value, so workers do not log it."""
+    if max_in_flight is None:
+        max_in_flight = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    queue = iter(specs)
+    run = uuid.uuid4().hex[:8]  # keys of another run never match: an erred task of an
+    # earlier attempt, still known to the scheduler, would otherwise answer a retry
+    future_items: dict[str, int] = {}
+
+    def submit(spec: Any) -> Any:
+        key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}-{run}"
+        future = client.submit(_refusing, fn, spec, key=key, resources=resources, pure=False)
+        future_items[str(future.key)] = items(spec)
+        return future
+
+    window = as_completed([submit(s) for s in itertools.islice(queue, max(1, max_in_flight))])
+    try:
+        for future in window:
+            result = future.result()
+            if isinstance(result, _Refused):
+                raise result.error
+            count = future_items.pop(str(future.key))
+            nxt = next(queue, None)
+            if nxt is not None:
+                window.add(submit(nxt))
+            yield result, count
+    except BaseException:
+        for future in list(window.futures):
+            future.cancel()
+        raise
+
+
 def map_bounded(
     client: Client,
     fn: Callable[[Any], R],
@@ -319,52 +362,30 @@ def map_bounded(
     ``specs`` only as tasks are submitted, so a lazy iterable of any length costs the
     client the tasks in flight; without, they are listed first to count them.
     """
-    if max_in_flight is None:
-        max_in_flight = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
     if totals is None:
         pending = list(specs)
         totals = (len(pending), sum(items(s) for s in pending))
         specs = pending
     total_tasks, total_items = totals
-    queue = iter(specs)
     started = time.perf_counter()
     results: list[R] = []
     done_items = done_tasks = 0
-
-    run = uuid.uuid4().hex[:8]  # keys of another run never match: an erred task of an
-    # earlier attempt, still known to the scheduler, would otherwise answer a retry
-
-    def submit(spec: Any) -> Any:
-        key = f"{getattr(fn, '__name__', 'task')}-{tokenize(spec)}-{run}"
-        future = client.submit(_refusing, fn, spec, key=key, resources=resources, pure=False)
-        future_items[str(future.key)] = items(spec)
-        return future
-
-    future_items: dict[str, int] = {}
-    window = as_completed([submit(s) for s in itertools.islice(queue, max(1, max_in_flight))])
-    try:
-        for future in window:
-            result = future.result()
-            if isinstance(result, _Refused):
-                raise result.error
+    found = map_results(
+        client, fn, specs, items=items, max_in_flight=max_in_flight, resources=resources
+    )
+    with closing(found):  # a raising on_result cancels the tasks in flight too
+        for result, count in found:
             done_tasks += 1
+            done_items += count
             if on_result is None:
                 results.append(result)
-            done_items += future_items.pop(str(future.key))
-            nxt = next(queue, None)
-            if nxt is not None:
-                window.add(submit(nxt))
-            if on_result is not None:
-                progress = Progress(
-                    done_items=done_items,
-                    total_items=total_items,
-                    done_tasks=done_tasks,
-                    total_tasks=total_tasks,
-                    seconds=time.perf_counter() - started,
-                )
-                on_result(result, progress)
-    except BaseException:
-        for future in list(window.futures):
-            future.cancel()
-        raise
+                continue
+            progress = Progress(
+                done_items=done_items,
+                total_items=total_items,
+                done_tasks=done_tasks,
+                total_tasks=total_tasks,
+                seconds=time.perf_counter() - started,
+            )
+            on_result(result, progress)
     return results

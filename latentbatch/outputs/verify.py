@@ -15,14 +15,17 @@ verification says its ids were not checked.
 
 Cost: every check reads the shard table and lists OUT once; hashing (the default) reads
 every byte of the output once; the ids read every tar's headers and the store's ids.
-``full=False`` (``--quick``) checks sizes alone, and says so.
+``full=False`` (``--quick``) checks sizes alone, and says so. The shards' checks run in
+this process, or, given a ``mapper`` (``verify --scheduler``/``--workers``), as a Dask
+task each: a 50 GB output is then read by the workers, in parallel, not by the client,
+which holds the table's paths and the problems found.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -148,6 +151,40 @@ def _check_ids(
         yield Problem(shard=record.path, kind="ids", detail=detail)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShardCheck:
+    """One shard's checks, as a task: its size and sha256, and its ids against the store
+    at ``store_url`` (None: not checked)."""
+
+    out_url: str
+    options: dict[str, Any]
+    record: ShardRecord
+    manifest: Manifest
+    full: bool
+    store_url: str | None
+
+
+def check_shard(check: ShardCheck) -> list[Problem]:
+    """The problems of one shard (see the module docstring): run here, or on a worker."""
+    fs, root = filesystem(check.out_url, check.options)
+    fmt = check.manifest.output_format
+    found = list(_check_shard(fs, root, check.record, fmt, check.full))
+    if check.store_url is not None and not found and fmt != "zarr":
+        store = open_store(check.store_url, check.options)
+        found += _check_ids(fs, root, check.record, check.manifest, store)
+    return found
+
+
+Check = Callable[[ShardCheck], list[Problem]]
+Mapper = Callable[[Check, Iterator[ShardCheck]], Iterable[list[Problem]]]
+"""Runs :func:`check_shard` over the checks (the CLI's ``--scheduler``/``--workers``
+pass one that runs them on a Dask cluster); the default runs them here, one by one."""
+
+
+def _here(fn: Check, checks: Iterator[ShardCheck]) -> Iterator[list[Problem]]:
+    return (fn(c) for c in checks)
+
+
 def _listed_shards(fs: Any, root: str, fmt: str) -> set[str]:
     """The shard paths under OUT, as the table would name them."""
     if fmt == "zarr":
@@ -173,10 +210,12 @@ def verify_output(
     store_url: str | None = None,
     full: bool = True,
     ids: bool = True,
+    mapper: Mapper | None = None,
 ) -> Verification:
     """Check the output at ``out_url`` against its manifest (see the module docstring);
     every problem is collected, named by shard. Without ``store_url``, ``ids`` checks
-    the ids against the store the manifest names, when it opens."""
+    the ids against the store the manifest names, when it opens. ``mapper`` runs the
+    shards' checks (default: here, one by one)."""
     manifest = read_manifest(out_url, options)
     if manifest is None:
         raise OutputError(
@@ -215,27 +254,38 @@ def verify_output(
                 )
             )
     listed: set[str] = set()
-    expected_start = images = shards = 0
-    try:
+    counted = {"images": 0, "shards": 0, "stop": 0}
+
+    def checks() -> Iterator[ShardCheck]:  # drawn as the checks run: the table streams
         for record in iter_shards(out_url, options, manifest):
-            shards += 1
-            images += record.count
+            counted["shards"] += 1
+            counted["images"] += record.count
             listed.add(record.path)
-            if record.start != expected_start:
-                detail = f"starts at row {record.start}; the shard before ends at {expected_start}"
+            if record.start != counted["stop"]:
+                detail = f"starts at row {record.start}; the shard before ends at {counted['stop']}"
                 problems.append(Problem(shard=record.path, kind="rows", detail=detail))
-            expected_start = record.stop
-            found = list(_check_shard(fs, root, record, manifest.output_format, full))
+            counted["stop"] = record.stop
+            yield ShardCheck(
+                out_url=out_url,
+                options=dict(options or {}),
+                record=record,
+                manifest=manifest,
+                full=full,
+                store_url=store.url if store is not None else None,
+            )
+
+    try:
+        for found in (mapper or _here)(check_shard, checks()):
             problems += found
-            if store is not None and not found and manifest.output_format != "zarr":
-                problems += _check_ids(fs, root, record, manifest, store)
     except OutputError as exc:
         problems.append(Problem(shard="shards.jsonl", kind="unreadable", detail=str(exc)))
+    images, shards = counted["images"], counted["shards"]
     if images != manifest.count:
         detail = f"the shards hold {images} images, the manifest records {manifest.count}"
         problems.append(Problem(shard="shards.jsonl", kind="rows", detail=detail))
     for extra in sorted(_listed_shards(fs, root, manifest.output_format) - listed):
         problems.append(Problem(shard=extra, kind="extra", detail="not listed in the table"))
+    problems.sort(key=lambda p: p.shard)  # by shard, however the checks were run
     return Verification(
         out=out_url,
         shards=shards,
