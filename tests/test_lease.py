@@ -311,3 +311,40 @@ def test_a_stalled_writer_is_fenced_out_and_told_who_took_over(
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert not [p for p in out.iterdir() if is_lease(p.name)]
+
+
+def test_a_task_of_a_taken_over_writer_keeps_nothing(
+    two_stores: tuple[str, str], tiny_model: Path, tmp_path: Path, client: Client
+) -> None:
+    """A decode task that carries the fence of a lease taken over since it was queued
+    decodes, then refuses at its commit: no shard, no record, no temporary, and the error
+    names the new holder."""
+    from latentbatch.decode import DecodeJob, decode_shard
+    from latentbatch.engine.workers import register_model
+    from latentbatch.models.checkpoint import read_once
+    from latentbatch.stores.store import open_store as opened
+
+    t, _ = two_stores
+    out = tmp_path / "out"
+    stalled = Lease(str(out), None, "decode of t.zarr", timeout=0.3)
+    stalled.acquire()
+    stalled._stop.set()  # stalled past its timeout
+    stalled._thread.join()  # type: ignore[union-attr]
+    time.sleep(0.5)
+    taker = Lease(str(out), None, "decode of s.zarr", 60)
+    taker.acquire()
+    model = read_once(tiny_model)
+    register_model(client, model, "decoder")
+    store = opened(t)
+    job = DecodeJob(
+        store_url=t, storage_options={}, store_uuid=store.uuid, model_id=model.info.model_id,
+        index=0, start=0, stop=256, out_url=str(out), out_options={}, fmt="tar",
+        identity={"store_uuid": store.uuid}, check_canary=False, fence=stalled.fence(),
+    )  # fmt: skip
+    with pytest.raises(LeaseLostError, match=r"taken over by decode of s\.zarr by process"):
+        client.submit(decode_shard, job, pure=False).result()
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".latentbatch-lease-000000.json", ".latentbatch-lease-000001.json",
+    ]  # the leases alone: no shard, record or temporary  # fmt: skip
+    taker.release()
+    stalled.release()
