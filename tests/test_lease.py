@@ -348,3 +348,31 @@ def test_a_task_of_a_taken_over_writer_keeps_nothing(
     ]  # the leases alone: no shard, record or temporary  # fmt: skip
     taker.release()
     stalled.release()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (OSError("An error occurred (PreconditionFailed) (412)"), "other writers keep taking"),
+        (OSError("An error occurred (ConditionalRequestConflict) (409)"), "other writers keep"),
+        (PermissionError("An error occurred (AccessDenied) (403)"), "If-None-Match: \\* "),
+    ],
+    ids=["412", "409", "403"],
+)
+def test_an_object_stores_answers_to_a_conditional_put_are_told_apart(
+    monkeypatch: pytest.MonkeyPatch, answer: OSError, said: str
+) -> None:
+    """412 and 409 mean another writer got there first (the acquire tries again, then
+    says so); 403 says the store refuses conditional writes or this user's writes."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from latentbatch.errors import LatentbatchError
+
+    def refuse(self: Any, path: str, value: bytes, mode: str = "overwrite", **_: Any) -> None:
+        if mode == "create":
+            raise answer
+        raise AssertionError("only the lease's create is expected")
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", refuse)
+    with pytest.raises(LatentbatchError, match=said):
+        Lease(f"memory://leases/{uuid.uuid4().hex}", None, "decode", 60).acquire()

@@ -101,6 +101,9 @@ def _name(generation: int) -> str:
     return f"{PREFIX}{generation:06d}.json"
 
 
+_RACED = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
 def _create(url: str, data: bytes, options: StorageOptions | None) -> bool:
     """Create the object at ``url`` holding ``data`` if none exists; whether it did.
     A local folder is made for it when missing."""
@@ -109,8 +112,17 @@ def _create(url: str, data: bytes, options: StorageOptions | None) -> bool:
         try:
             fs.pipe_file(path, data, mode="create")
         except (FileExistsError, OSError) as exc:
-            if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc):
+            said = str(exc)
+            # 412 (PreconditionFailed) and 409 (ConditionalRequestConflict): another writer
+            # created it first, or is creating it now
+            if isinstance(exc, FileExistsError) or any(code in said for code in _RACED):
                 return False
+            if isinstance(exc, PermissionError) or "AccessDenied" in said or "403" in said:
+                raise LatentbatchError(
+                    f"{url} cannot be created: the object store refuses it ({said}); the "
+                    "lease needs PUT with If-None-Match: * (S3 has it since 2024, MinIO "
+                    "too) and write access to the bucket"
+                ) from exc
             raise
         return True
     local = Path(url.removeprefix("file://"))
