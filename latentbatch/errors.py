@@ -25,3 +25,16 @@ class CheckpointError(LatentbatchError):
 
 class OutputError(LatentbatchError):
     """An output location cannot take this decode, or does not hold a finished one."""
+
+
+class TaskError(LatentbatchError):
+    """A Dask task failed with an error that is not the library's own (a bug, or an
+    input nothing checked): one sentence naming the task's input, with the worker's
+    traceback kept for ``--debug``."""
+
+    def __init__(self, message: str, worker_traceback: str = "") -> None:
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str]]:
+        return (TaskError, (str(self), self.worker_traceback))

@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.config
@@ -290,3 +291,30 @@ def test_the_embedded_clusters_workers_drop_what_closing_logs() -> None:
     finally:
         for name, filters in before.items():
             logging.getLogger(name).filters[:] = filters
+
+
+@dataclass(frozen=True)
+class _Spec:
+    store_url: str
+    start: int
+    stop: int
+
+
+def _broken(spec: _Spec) -> None:
+    raise KeyError(f"no such thing as {spec.stop}")
+
+
+def test_a_tasks_unexpected_error_is_one_sentence_naming_its_input(client: Client) -> None:
+    """An error that is not the library's own, raised in a task, comes back as one
+    sentence naming the task and its rows, with the worker's traceback kept for --debug;
+    I/O errors pass as they are (a flow retries them)."""
+    from latentbatch.engine.cluster import map_bounded, run_task
+    from latentbatch.errors import TaskError
+
+    with pytest.raises(TaskError) as raised:
+        map_bounded(client, _broken, [_Spec("s.zarr", 0, 16)], items=lambda s: 16)
+    said = str(raised.value)
+    assert said.startswith("_broken failed on rows [0, 16) of s.zarr: KeyError: ")
+    assert "--debug" in said and "KeyError" in raised.value.worker_traceback
+    with pytest.raises(FileNotFoundError):
+        run_task(client, Path.read_bytes, Path("/nonexistent/latentbatch"))

@@ -55,7 +55,7 @@ from latentbatch.cli.uses import (
     shift_command,
 )
 from latentbatch.config import DEFAULT_LAMBDA, LOSSES, PRESETS, TrainConfig
-from latentbatch.errors import LatentbatchError
+from latentbatch.errors import LatentbatchError, TaskError
 from latentbatch.ids import short_id
 from latentbatch.models import checkpoint
 from latentbatch.progress import VERBOSE_ENV
@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     except LatentbatchError as exc:
         if debug:
             traceback.print_exc()
+            if isinstance(exc, TaskError) and exc.worker_traceback:
+                typer.echo(f"the worker's traceback:\n{exc.worker_traceback}", err=True)
         typer.echo(f"error: {exc}", err=True)
         return 1
     except typer.Abort:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -32,7 +33,7 @@ from dask.base import tokenize
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from latentbatch.errors import LatentbatchError
+from latentbatch.errors import LatentbatchError, TaskError
 from latentbatch.progress import Progress, verbose
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -280,11 +281,38 @@ class _Refused:
     error: LatentbatchError
 
 
+def _input_of(spec: Any) -> str:
+    """What a task spec names as its input: its rows of its store (or output), as far
+    as its fields say."""
+    part = getattr(spec, "part", None)
+    segments = getattr(part, "segments", None)
+    files = sorted({piece.path for piece, _, _ in segments}) if segments else []
+    url = getattr(spec, "store_url", None) or getattr(spec, "out_url", None)
+    start, stop = getattr(spec, "start", None), getattr(spec, "stop", None)
+    rows = f"rows [{start}, {stop}) of {url}" if start is not None and url else str(url or "")
+    shown = f" ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})" if files else ""
+    return (rows or type(spec).__name__) + shown
+
+
 def _refusing(fn: Callable[[Any], R], spec: Any) -> R | _Refused:
     try:
         return fn(spec)
     except LatentbatchError as error:
         return _Refused(error)
+    except (OSError, TimeoutError, ConnectionError):
+        raise  # I/O trouble: as it is, so that a flow's retry can tell it is transient
+    except Exception as error:  # not the library's own: one sentence, the traceback kept
+        if type(error).__module__.startswith(("botocore", "aiobotocore")):
+            raise
+        name = getattr(fn, "__name__", "a task")
+        return _Refused(
+            TaskError(
+                f"{name} failed on {_input_of(spec)}: {type(error).__name__}: {error}; run "
+                "again with --debug for the worker's traceback, and report it if the input "
+                "looks right",
+                traceback.format_exc(),
+            )
+        )
 
 
 def run_task(
