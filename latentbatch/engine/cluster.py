@@ -291,7 +291,7 @@ def _input_of(spec: Any) -> str:
     start, stop = getattr(spec, "start", None), getattr(spec, "stop", None)
     rows = f"rows [{start}, {stop}) of {url}" if start is not None and url else str(url or "")
     shown = f" ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})" if files else ""
-    return (rows or type(spec).__name__) + shown
+    return (rows or repr(spec)[:120]) + shown
 
 
 def _refusing(fn: Callable[[Any], R], spec: Any) -> R | _Refused:
@@ -305,6 +305,7 @@ def _refusing(fn: Callable[[Any], R], spec: Any) -> R | _Refused:
         if type(error).__module__.startswith(("botocore", "aiobotocore")):
             raise
         name = getattr(fn, "__name__", "a task")
+        logger.info("%s failed on %s", name, _input_of(spec), exc_info=True)  # worker logs
         return _Refused(
             TaskError(
                 f"{name} failed on {_input_of(spec)}: {type(error).__name__}: {error}; run "
