@@ -191,9 +191,10 @@ def _taken_by(fs: Any, path: str, generation: int) -> str | None:
     return str(meta[TAKEN]) if isinstance(meta, dict) and TAKEN in meta else None
 
 
-def _holder(fs: Any, path: str, generation: int) -> Holder | None:
+def _holder(fs: Any, path: str, generation: int, aged: bool = True) -> Holder | None:
     """The lease object of ``generation`` in ``path`` (None when it is not there, or
-    says who took it over)."""
+    says who took it over); ``aged``: its heartbeat read from the storage (a request
+    more), else now."""
     where = join(path, _name(generation))
     try:
         meta = json.loads(fs.cat_file(where))
@@ -206,7 +207,7 @@ def _holder(fs: Any, path: str, generation: int) -> Holder | None:
             pid=int(meta["pid"]),
             token=str(meta["token"]),
             # when the storage last saw it renewed: the holder's clock does not count
-            heartbeat=_modified(fs, where),
+            heartbeat=_modified(fs, where) if aged else time.time(),
             timeout=float(meta.get("timeout", DEFAULT_TIMEOUT)),
             boot=str(meta.get("boot", "")),
             pidns=str(meta.get("pidns", "")),
@@ -251,9 +252,9 @@ class Fence:
         """Raise :class:`LeaseLostError`, naming the new holder, when the lease was taken
         over."""
         fs, path = filesystem(self.root, self.options)
-        newer = _holder(fs, path, self.generation + 1)
+        newer = _holder(fs, path, self.generation + 1, aged=False)
         if newer is None:
-            own = _holder(fs, path, self.generation)
+            own = _holder(fs, path, self.generation, aged=False)
             if own is not None and own.token == self.token:
                 return
         who = _taken_by(fs, path, self.generation) or (
