@@ -235,7 +235,8 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         decoder, batches, device, encoding.add if encoding is not None else None
     )
     labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
-    with checked_commits(job.fence.check) if job.fence is not None else nullcontext():
+    fence = job.fence
+    with checked_commits(fence.check, fence.token) if fence is not None else nullcontext():
         record = write_shard(
             job.out_url,
             job.out_options,
@@ -253,11 +254,11 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
 
 
 def _environments(client: Client, model_id: str) -> dict[str, Any]:
-    """The distinct :func:`worker_environment` of the cluster's workers, and how many
-    workers there are."""
+    """The distinct :func:`worker_environment` of the cluster's workers (not how many
+    there are: an output's bytes do not depend on that)."""
     found = client.run(worker_environment, model_id)
     distinct = {json.dumps(e, sort_keys=True): e for e in found.values()}
-    return {"workers": len(found), "settings": [distinct[k] for k in sorted(distinct)]}
+    return {"settings": [distinct[k] for k in sorted(distinct)]}
 
 
 def worker_environment(model_id: str) -> dict[str, Any]:
@@ -540,7 +541,8 @@ def decode(
             recorded_environment = earlier.environment if earlier is not None else None
         lease.check()
         lease.fence().check()  # on the storage itself: another writer's temporaries stay
-        remove_temporaries(out_url, out_options)
+        taken = {lease.took_over.token} if lease.took_over is not None else set()
+        remove_temporaries(out_url, out_options, {lease.token, *taken})
         records = {**done, **written}
         with checked_commits(lease.fence().check):
             manifest = write_manifest(

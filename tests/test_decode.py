@@ -463,7 +463,7 @@ def test_a_decode_records_what_shaped_its_pixels(
                     batch_invariance_check=True, client=client)  # fmt: skip
     assert result.batch_invariance == 0
     recorded = json.loads((out / "manifest.json").read_text())["environment"]
-    assert recorded["workers"] == 2 and recorded["batch_invariance_levels"] == 0
+    assert recorded["batch_invariance_levels"] == 0
     (setting,) = recorded["settings"]  # both workers alike
     assert setting["decoder_dtype"] == "float32" and setting["device"].startswith("cpu")
     assert {"tf32_matmul", "tf32_cudnn", "cudnn", "rounding", "versions"} <= set(setting)

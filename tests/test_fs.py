@@ -79,3 +79,29 @@ def test_folder_write_replaces_the_whole_folder(tmp_path: Path) -> None:
     assert is_temporary(".shard.0123.tmp")
     assert not is_temporary("shard.tmp")
     assert not is_temporary(".records")
+
+
+def test_a_fenced_writes_temporary_carries_its_writer_and_a_refusal_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    """Inside ``checked_commits`` the check runs right before the rename, while the
+    temporary (named with the writer's mark) exists; a check that raises leaves neither
+    the file nor its temporary."""
+    from latentbatch.storage.fs import checked_commits, temporary_of, write_bytes
+
+    seen: list[str] = []
+
+    def check() -> None:
+        seen.extend(p.name for p in tmp_path.iterdir())
+
+    with checked_commits(check, "c" * 32):
+        write_bytes(tmp_path / "kept.bin", b"data")
+    assert (tmp_path / "kept.bin").read_bytes() == b"data"
+    assert [temporary_of(name) for name in seen] == ["c" * 12]
+
+    def refuse() -> None:
+        raise RuntimeError("taken over")
+
+    with pytest.raises(RuntimeError), checked_commits(refuse, "d" * 32):
+        write_bytes(tmp_path / "refused.bin", b"late")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin"]

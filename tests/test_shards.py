@@ -133,3 +133,19 @@ def test_shards_beyond_a_decodes_count_are_removed_with_their_records(tmp_path: 
     ]  # fmt: skip
     assert [p.name for p in (tmp_path / ".records").iterdir()] == ["shard-000001.json"]
     assert all((tmp_path / name).exists() for name in kept)
+
+
+def test_a_writer_removes_only_its_own_temporaries(tmp_path: Path) -> None:
+    """Temporaries carry their writer's mark: a cleanup with writers removes theirs and
+    unmarked ones (an older release's), never another live writer's."""
+    mine, other = "a" * 32, "b" * 32
+    names = [
+        f".shard-000001.tar.{mine[:12]}.k3j4h5g6.tmp",
+        f".shard-000002.tar.{other[:12]}.q1w2e3r4.tmp",
+        ".shard-000003.tar.0123.tmp",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+    assert remove_temporaries(str(tmp_path), None, {mine}) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [names[1]]
+    assert remove_temporaries(str(tmp_path), None) == 1  # no writers given: all of them

@@ -20,7 +20,7 @@ import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import zarr
@@ -36,12 +36,14 @@ from latentbatch.outputs.manifest import (
     read_manifest,
 )
 from latentbatch.storage.fs import (
+    WRITER_MARK,
     StorageOptions,
     before_commit,
     filesystem,
     is_temporary,
     join,
     named_write,
+    temporary_of,
     write_bytes,
     write_folder,
     zarr_options,
@@ -234,8 +236,13 @@ def remove_beyond(out_url: str, options: StorageOptions | None, shards: int) -> 
     return removed
 
 
-def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
-    """Delete leftovers of interrupted shard writes; return how many."""
+def remove_temporaries(
+    out_url: str, options: StorageOptions | None, writers: Collection[str] | None = None
+) -> int:
+    """Delete leftovers of interrupted shard writes; return how many. With ``writers``
+    (tokens), only theirs and those that carry no writer's mark (an unfenced write's, or
+    an older release's): another live writer's temporaries stay."""
+    marks = None if writers is None else {w[:WRITER_MARK] for w in writers}
     fs, root = filesystem(out_url, options)
     if not fs.exists(root):
         return 0
@@ -244,7 +251,11 @@ def remove_temporaries(out_url: str, options: StorageOptions | None) -> int:
         if not fs.exists(folder):
             continue
         for path in fs.ls(folder, detail=False):
-            if is_temporary(path.rstrip("/").rsplit("/", 1)[-1]):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if not is_temporary(name):
+                continue
+            mark = temporary_of(name)
+            if marks is None or mark is None or mark in marks:
                 fs.rm(path, recursive=True)
                 removed += 1
     return removed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -129,19 +130,36 @@ def write_failed(what: str, exc: OSError) -> WriteError:
 
 
 _COMMIT_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("commit_check", default=None)
+_WRITER: ContextVar[str] = ContextVar("writer", default="")
+WRITER_MARK = 12
+"""Hex digits of a writer's token that its temporaries carry in their names."""
 
 
 @contextmanager
-def checked_commits(check: Callable[[], None]) -> Iterator[None]:
+def checked_commits(check: Callable[[], None], writer: str = "") -> Iterator[None]:
     """Run ``check`` right before each write of this block becomes visible (the rename of
     a temporary file or folder into place, an object's PUT): a writer's fence, which
     raises when its lease was taken over, so that a stalled writer's late work is never
-    kept (:class:`latentbatch.storage.lease.Fence`)."""
-    token = _COMMIT_CHECK.set(check)
+    kept (:class:`latentbatch.storage.lease.Fence`). The block's temporaries carry the
+    ``writer`` token's first :data:`WRITER_MARK` digits in their names
+    (:func:`temporary_of`), so a writer removes only its own."""
+    check_token = _COMMIT_CHECK.set(check)
+    writer_token = _WRITER.set(writer[:WRITER_MARK])
     try:
         yield
     finally:
-        _COMMIT_CHECK.reset(token)
+        _WRITER.reset(writer_token)
+        _COMMIT_CHECK.reset(check_token)
+
+
+_MARKED = re.compile(rf"^\..+\.([0-9a-f]{{{WRITER_MARK}}})\.[^.]+\.tmp$")
+
+
+def temporary_of(name: str) -> str | None:
+    """The writer mark a temporary's name carries (None: none, an unfenced write's or an
+    older release's)."""
+    found = _MARKED.match(name)
+    return found.group(1) if found else None
 
 
 def before_commit() -> None:
@@ -172,7 +190,9 @@ def _write_local(path: Path, data: bytes) -> None:
 def _write_file(path: Path, data: bytes) -> None:
     """``data`` into a temporary file beside ``path``, fsynced, renamed onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    mark = _WRITER.get()
+    prefix = f".{path.name}.{mark}." if mark else f".{path.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
@@ -222,7 +242,9 @@ def write_folder(
             fs.pipe_file(join(final, name), data)
         return
     parent, _, base = final.rstrip("/").rpartition("/")
-    tmp = join(parent, f".{base}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+    mark = _WRITER.get()
+    unique = f"{mark}.{uuid.uuid4().hex[:8]}" if mark else uuid.uuid4().hex
+    tmp = join(parent, f".{base}.{unique}{TEMPORARY_SUFFIX}")
     try:
         fs.makedirs(tmp, exist_ok=True)
         for name, data in files:
