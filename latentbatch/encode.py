@@ -63,7 +63,7 @@ from latentbatch.sources.images import (
     open_source,
 )
 from latentbatch.storage.fs import StorageOptions, filesystem
-from latentbatch.storage.lease import leased, without_leases
+from latentbatch.storage.lease import Fence, leased, without_leases
 from latentbatch.stores.canary import canary_rows, has_canary, record_canary
 from latentbatch.stores.store import (
     Commits,
@@ -91,6 +91,7 @@ class ShardJob:
     rows: RowsRef
     ids: tuple[str, ...]
     labels: tuple[int, ...]
+    fence: Fence | None = None  # the store's lease: checked before the shard is written
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +156,8 @@ def encode_shard(job: ShardJob) -> dict[str, int]:
         labels = np.concatenate([store.read_labels(*before), labels])
         if quality is not None:
             quality = np.concatenate([store.read_quality(*before), quality])
+    if job.fence is not None:  # a stalled encode's late shard is not written
+        job.fence.check()
     store.write_rows(job.start, latents, ids, labels, quality)
     return {"start": job.start + job.keep, "stop": job.stop}
 
@@ -296,6 +299,7 @@ def encode(
                     rows=source.ref(s0, s1),
                     ids=source.ids[s0:s1],
                     labels=tuple(int(v) for v in labels[s0:s1]),
+                    fence=lease.fence(),
                 )
 
         commits = Commits(store, lease.check)

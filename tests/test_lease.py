@@ -376,3 +376,49 @@ def test_an_object_stores_answers_to_a_conditional_put_are_told_apart(
     monkeypatch.setattr(MemoryFileSystem, "pipe_file", refuse)
     with pytest.raises(LatentbatchError, match=said):
         Lease(f"memory://leases/{uuid.uuid4().hex}", None, "decode", 60).acquire()
+
+
+class _Zeros:
+    """A derived store's part: ``rows`` zero latents of ``shape``."""
+
+    def __init__(self, rows: int, shape: tuple[int, ...]) -> None:
+        self.rows, self.shape = rows, shape
+
+    def make(self) -> tuple[Any, list[str], list[int]]:
+        import numpy as np
+
+        return (
+            np.zeros((self.rows, *self.shape), np.float32),
+            [f"z{i}" for i in range(self.rows)],
+            [-1] * self.rows,
+        )
+
+
+def test_a_store_writers_late_task_writes_nothing(
+    two_stores: tuple[str, str], tmp_path: Path
+) -> None:
+    """The store writers' tasks (encode, import, the derived operations) check their
+    fence before they write a shard: a task of a taken-over writer writes nothing."""
+    import shutil
+
+    from latentbatch.uses.derive import DeriveJob, write_part
+
+    t, _ = two_stores
+    store = Path(shutil.copytree(t, tmp_path / "t.zarr"))
+    stalled = Lease(str(store), None, "generate into t.zarr", timeout=0.3)
+    stalled.acquire()
+    stalled._stop.set()
+    stalled._thread.join()  # type: ignore[union-attr]
+    time.sleep(0.5)
+    taker = Lease(str(store), None, "generate into t.zarr", 60)
+    taker.acquire()
+    before = {k: v for k, v in sha256s(store).items() if not is_lease(Path(k).name)}
+    shape = open_store(str(store)).latent_shape
+    job = DeriveJob(store_url=str(store), storage_options={}, start=0, stop=256,
+                    part=_Zeros(256, shape), fence=stalled.fence())  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(LeaseLostError, match=r"taken over by generate into t\.zarr"):
+        write_part(job)
+    after = {k: v for k, v in sha256s(store).items() if not is_lease(Path(k).name)}
+    assert after == before
+    taker.release()
+    stalled.release()

@@ -38,7 +38,7 @@ from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.checkpoint import ModelBytes, ModelLocation, read_once
 from latentbatch.progress import Progress
 from latentbatch.storage.fs import StorageOptions, filesystem, named_write
-from latentbatch.storage.lease import leased, without_leases
+from latentbatch.storage.lease import Fence, leased, without_leases
 from latentbatch.stores.canary import canary_rows, has_canary, record_canary
 from latentbatch.stores.store import (
     Commits,
@@ -106,6 +106,7 @@ class DeriveJob:
     start: int
     stop: int
     part: Part
+    fence: Fence | None = None  # the store's lease: checked before the rows are written
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +207,8 @@ def write_part(job: DeriveJob) -> dict[str, int]:
         )
     validate_ids(ids)
     labels = np.asarray(labels, np.int32)
+    if job.fence is not None:  # a stalled writer's late rows are not written
+        job.fence.check()
     store.write_rows(job.start, as_stored(latents, store), ids, labels)
     return {"start": job.start, "stop": job.stop, "labelled": int((labels >= 0).any())}
 
@@ -328,6 +331,7 @@ def derive(
                     start=a,
                     stop=b,
                     part=part(a, b),
+                    fence=lease.fence(),
                 )
 
         commits = Commits(store, lease.check)
