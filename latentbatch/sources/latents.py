@@ -7,9 +7,9 @@ opens each file once and reads only its own pieces there. A zip member is read b
 offset and length (edm2's zips are stored, uncompressed; a deflated member is inflated
 from its own bytes), its CRC checked, with no parse of the zip's directory in the task;
 a WebDataset tar's ``.npy`` and ``.cls`` members likewise, from the index the listing
-built in one pass; an ``.npz``'s stored array by row range from its offset (a compressed
-one is streamed up to the rows wanted); a safetensors file's header is parsed once per
-task. A member that is not what the listing promised (another shape, a corrupt or
+built in one pass; an ``.npy`` array's or a stored ``.npz`` array's rows by range from
+their offset (a compressed ``.npz`` array is streamed up to the rows wanted); a
+safetensors tensor's rows (and its labels') by the offsets its header gave the listing. A member that is not what the listing promised (another shape, a corrupt or
 object ``.npy``, a ``.cls`` that is not an integer) is refused in a sentence naming it.
 
 ``--from`` names the latents, a local path or an fsspec URL (``s3://…``, read with the
