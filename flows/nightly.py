@@ -6,7 +6,8 @@ The report has a row per store: what was done, why, and for a decoded store its 
 how its canary compared, shards written and skipped, seconds and images/s. An output that
 another writer holds (a manual decode, a second stack) is skipped, not failed; an output
 considered up to date is verified against its manifest and its own store (sizes and
-ids; ``verify_full``: sha256 too) and fails, named, when it does not match.
+ids; ``verify_full``: sha256 too), each shard as a task on the run's cluster, and fails,
+named, when it does not match.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from flows.params import (
 )
 from latentbatch.choices import Format
 from latentbatch.decode import decode
-from latentbatch.engine.cluster import connect
+from latentbatch.engine.cluster import connect, map_results
 from latentbatch.ids import short_id
 from latentbatch.outputs.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.outputs.codecs import ImageCodec, check_codec
@@ -92,9 +93,15 @@ def decode_store(
 
 
 @task(name="verify", cache_policy=NO_CACHE, task_run_name="verify {item.entry.relative}")
-def verify_task(item: BulkItem, options: dict[str, Any] | None, full: bool) -> list[str]:
-    """What is wrong with an up-to-date output, a line per problem (empty: it verifies)."""
-    found = verify_output(item.out, options, store_url=item.entry.url, full=full)
+def verify_task(
+    item: BulkItem, options: dict[str, Any] | None, full: bool, client: Any
+) -> list[str]:
+    """What is wrong with an up-to-date output, a line per problem (empty: it verifies):
+    each shard checked as a task on the run's cluster."""
+    found = verify_output(
+        item.out, options, store_url=item.entry.url, full=full,
+        mapper=lambda fn, checks: (r for r, _ in map_results(client, fn, checks)),
+    )  # fmt: skip
     return [f"{p.shard}: {p.kind}, {p.detail}" for p in found.problems]
 
 
@@ -147,7 +154,7 @@ def nightly_bulk_decode(
                 reason = item.detail or "it holds the decode of another store"
                 row |= {"action": "failed", "detail": f"output not ours: {reason}"}
             elif not item.needs_decode:
-                problems = verify_task(item, options, verify_full)
+                problems = verify_task(item, options, verify_full, client)
                 if problems:
                     failed.append(item.entry.url)
                     shown = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
