@@ -9,8 +9,9 @@ from its own bytes), its CRC checked, with no parse of the zip's directory in th
 a WebDataset tar's ``.npy`` and ``.cls`` members likewise, from the index the listing
 built in one pass; an ``.npy`` array's or a stored ``.npz`` array's rows by range from
 their offset (a compressed ``.npz`` array is streamed up to the rows wanted); a
-safetensors tensor's rows (and its labels') by the offsets its header gave the listing. A member that is not what the listing promised (another shape, a corrupt or
-object ``.npy``, a ``.cls`` that is not an integer) is refused in a sentence naming it.
+safetensors tensor's rows (and its labels') by the offsets its header gave the listing.
+A member that is not what the listing promised (another shape, a corrupt or object
+``.npy``, a ``.cls`` that is not an integer) is refused in a sentence naming it.
 
 ``--from`` names the latents, a local path or an fsspec URL (``s3://…``, read with the
 command's storage options: locally a task keeps each file open; on an object store each
