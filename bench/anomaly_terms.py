@@ -29,44 +29,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from uses import ANOMALIES, auroc, centred, occluded  # bench/uses.py, beside this script
+from uses import ANOMALIES, auroc, digit_sets  # bench/uses.py, beside this script
 
 from latentbatch.config import TrainConfig
 from latentbatch.engine.kernel import decode_latents, encode_images
 from latentbatch.models.checkpoint import model_dir_for, read_info
 from latentbatch.models.weights import load_model
-from latentbatch.sources.images import Geometry, open_source
-from latentbatch.train import model_config_for, split, train
+from latentbatch.train import model_config_for, train
 from latentbatch.uses.distances import squared_distances
 
 CPU = torch.device("cpu")
 
 
-def _sets(model_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    info = read_info(model_dir)
-    geometry = Geometry.of(info.config)
-    digits = open_source("mnist5k", geometry)
-    images = digits.read(0, len(digits))
-    labels = np.asarray(digits.labels, np.int32)
-    trained = TrainConfig.for_preset(info.config.preset, "mnist5k")
-    rows = split(len(images), trained.val_fraction, trained.seed)
-    train_rows, val_rows = (r.numpy() for r in rows)
-    normal = images[val_rows]
-    sets = {
-        "reference": images[train_rows],
-        "normal": normal,
-        "shapes": open_source("synthetic:500", geometry).read(0, 500),
-        "occluded": occluded(normal),
-        "centred": centred(normal),
-        "rotated": np.ascontiguousarray(np.rot90(normal, 1, axes=(1, 2))),
-    }
-    return sets, labels[train_rows]
-
-
 def terms(model_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     """Each term's raw values for every set."""
     autoencoder, _ = load_model(model_dir)
-    sets, ref_labels = _sets(model_dir)
+    found_sets = digit_sets(model_dir)
+    sets = {name: images for name, (images, _) in found_sets.items()}
+    ref_labels = found_sets["reference"][1]
     latents, errors = {}, {}
     for name, images in sets.items():
         z = encode_images(autoencoder.encoder, images, CPU)

@@ -4,6 +4,7 @@ this folder first on the path)."""
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -18,17 +19,38 @@ from latentbatch.models.weights import save_model
 from latentbatch.stores.store import Layout, create_store, open_store, shard_ranges
 
 
+def random_model(folder: Path, preset: str) -> Path:
+    """A random-init (seed 0) model of ``preset`` at ``folder``, built once and reused."""
+    if not (folder / "model.safetensors").exists():
+        torch.manual_seed(0)
+        save_model(folder, Autoencoder(preset_config(preset)), {})
+    return folder
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM, which (unlike ru_maxrss) does not carry the parent's
+    high-water mark over fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_chars() -> int:
+    """Bytes this process has read so far (``/proc``'s ``rchar``: files and sockets)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar"):
+            return int(line.split()[1])
+    raise OSError("/proc/self/io has no rchar line")
+
+
 def random_store(path: Path, count: int, layout: Layout, labels: bool = False) -> Path:
     """A store at ``path`` of ``count`` seeded random latents of the `compact` preset's
     shape (a random-init model beside it, ``compact-random``), built once and reused; with
     ``labels`` row ``i`` has label ``i mod 10``."""
     if path.exists() and open_store(str(path)).count == count:
         return path
-    model_dir = path.parent / "compact-random"
-    if not (model_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
-        save_model(model_dir, Autoencoder(preset_config("compact")), {})
-    info = read_info(model_dir)
+    info = read_info(random_model(path.parent / "compact-random", "compact"))
     store = create_store(
         str(path), model_id=info.model_id, config=info.config, capacity=count, layout=layout
     )

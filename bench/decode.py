@@ -49,7 +49,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import peak_rss_mib
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -72,7 +72,13 @@ from latentbatch.engine.workers import encoder_threads
 from latentbatch.models.checkpoint import read_info
 from latentbatch.models.weights import load_model
 from latentbatch.outputs.codecs import CODECS, PNG, check_codec
-from latentbatch.stores.store import Layout, create_store, open_store, shard_ranges
+from latentbatch.stores.store import (
+    DEFAULT_SHARD_ROWS,
+    Layout,
+    create_store,
+    open_store,
+    shard_ranges,
+)
 from latentbatch.train import train
 
 MATMUL_SIZE = 4096
@@ -287,15 +293,6 @@ def pipeline_child(
     print(json.dumps({"rate": max(rates), "rates": rates, "peak_rss_mib": peak_rss_mib()}))
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS: VmHWM, which (unlike ru_maxrss) does not carry the parent's
-    high-water mark over fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def pipeline(
     model_dir: Path, store: Path, warm: Path, out: Path, workers: int, passes: int,
     images_per_shard: int | None,
@@ -434,7 +431,7 @@ def main() -> None:
         if diffusers_model:  # one image per worker: the model loaded, its first call made
             warm = build_latents(model_dir, workdir, workers, args.size, 1)
         else:
-            warm = build_store(model_dir, workdir, 2 * Layout().shard_rows * workers)
+            warm = build_store(model_dir, workdir, 2 * DEFAULT_SHARD_ROWS * workers)
         out = workdir / f"out-{workers}"
         run = pipeline(model_dir, store, warm, out, workers, args.passes, per_shard)
         numbers[f"pipeline_{workers}"] = run["rate"]

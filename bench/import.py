@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import peak_rss_mib, read_chars
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("edm2-zip", "edm2-folder", "npz", "safetensors", "wds")
@@ -136,18 +137,6 @@ def source_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss`` it is not inherited
-    from the parent that built the sources)."""
-    with open("/proc/self/status") as handle:  # noqa: PTH123 - /proc, not a project path
-        return int(next(line for line in handle if line.startswith("VmHWM")).split()[1]) / 1024
-
-
-def _read_chars() -> int:
-    with open("/proc/self/io") as handle:  # noqa: PTH123 - /proc, not a project path
-        return int(next(line for line in handle if line.startswith("rchar")).split()[1])
-
-
 WARM = ("torch", "diffusers", "zarr", "latentbatch.uses.import_latents", "latentbatch.models.vae")
 """Modules every process imports before the clock (their files are not the source's)."""
 
@@ -180,7 +169,7 @@ def child(source: str, model: str, store: str, workers: int) -> dict[str, Any]:
     return {
         "rows": result.derived.rows,
         "seconds": seconds,
-        "client_rss_mib": _peak_rss_mib(),
+        "client_rss_mib": peak_rss_mib(),
         "read": bytes_read(source, open_store(store).shard_rows),
     }
 
@@ -192,7 +181,7 @@ def bytes_read(source: str, shard_rows: int) -> int:
     from latentbatch.sources.latents import find
     from latentbatch.uses.import_latents import ImportPart, Scaling
 
-    before = _read_chars()
+    before = read_chars()
     found = find(source)
     scaling = Scaling(raw=True, source=(1.0, 0.0), target=(1.0, 0.0))
     for a in range(0, len(found.ids), shard_rows):
@@ -201,7 +190,7 @@ def bytes_read(source: str, shard_rows: int) -> int:
             segments=found.segments(a, b), ids=found.ids[a:b], labels=None,
             shape=found.shape, channels=SHAPE[0] // 2, scaling=scaling, options={},
         ).make()  # fmt: skip
-    return _read_chars() - before
+    return read_chars() - before
 
 
 def measure(layout: str, count: int, workdir: Path, workers: int) -> dict[str, Any]:

@@ -20,17 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import random_store
+from common import peak_rss_mib, random_store
 
 from latentbatch.stores.query import nearest
 from latentbatch.stores.store import Layout, open_store
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build(workdir: Path, count: int) -> Path:

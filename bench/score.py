@@ -40,26 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import peak_rss_mib, random_model, read_chars
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRES = 1000
 NOISE = 0.5
-
-
-def build_model(workdir: Path) -> Path:
-    """A random-init seed-preset model (only its id and latent shape matter here)."""
-    folder = workdir / "seed-random"
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-
-    from latentbatch.config import preset_config
-    from latentbatch.models.autoencoder import Autoencoder
-    from latentbatch.models.weights import save_model
-
-    torch.manual_seed(0)
-    save_model(folder, Autoencoder(preset_config("seed")), {})
-    return folder
 
 
 def build_store(model: Path, path: Path, count: int, seed: int) -> Path:
@@ -84,16 +69,6 @@ def build_store(model: Path, path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as handle:  # noqa: PTH123 - /proc, not a project path
-        return int(next(line for line in handle if line.startswith("VmHWM")).split()[1]) / 1024
-
-
-def _read_chars() -> int:
-    with open("/proc/self/io") as handle:  # noqa: PTH123 - /proc, not a project path
-        return int(next(line for line in handle if line.startswith("rchar")).split()[1])
-
-
 def _warm() -> None:
     import faiss  # noqa: F401
 
@@ -114,15 +89,15 @@ def child(store: str, reference: str, workers: int) -> dict[str, Any]:
         Client(cluster) as client,
     ):
         client.run(_warm)
-        before = sum(client.run(_read_chars).values())
+        before = sum(client.run(read_chars).values())
         started = time.perf_counter()
         result = score(store, reference, client=client)
         seconds = time.perf_counter() - started
-        read = sum(client.run(_read_chars).values()) - before
+        read = sum(client.run(read_chars).values()) - before
     return {
         "scored": result.scored,
         "seconds": seconds,
-        "client_rss_mib": _peak_rss_mib(),
+        "client_rss_mib": peak_rss_mib(),
         "worker_read": read,
         "above": result.above,
     }
@@ -151,7 +126,7 @@ def recall(store: Path, reference: Path, queries: int, k: int = 5) -> float:
 
 
 def measure(count: int, workdir: Path, workers: int, queries: int) -> dict[str, Any]:
-    model = build_model(workdir)
+    model = random_model(workdir / "seed-random", "seed")
     reference = build_store(model, workdir / f"reference-{count}.zarr", count, seed=1)
     store = build_store(model, workdir / f"store-{count}.zarr", count, seed=2)
     for old in reference.glob("neighbours-*.faiss"):  # the build is part of the scoring

@@ -241,7 +241,10 @@ def centred(images: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
-def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[str, Any]:
+def digit_sets(model_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The images and labels (-1: none) of every set, for the model's image geometry:
+    the reference (the training digits), the normal set (the validation digits) and the
+    :data:`ANOMALIES` built from them."""
     info = read_info(model_dir)
     geometry = Geometry.of(info.config)
     digits = open_source("mnist5k", geometry)
@@ -251,9 +254,8 @@ def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[
     train_rows, val_rows = (
         r.numpy() for r in split(len(images), trained.val_fraction, trained.seed)
     )
-    folder = workdir / f"stores-{info.short_id}"
     unknown = np.full(500, -1, np.int32)
-    sets = {
+    return {
         "reference": (images[train_rows], labels[train_rows]),
         "normal": (images[val_rows], labels[val_rows]),
         "shapes": (open_source("synthetic:500", geometry).read(0, 500), unknown),
@@ -261,6 +263,12 @@ def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[
         "centred": (centred(images[val_rows]), unknown),
         "rotated": (np.ascontiguousarray(np.rot90(images[val_rows], 1, axes=(1, 2))), unknown),
     }
+
+
+def measure(model_dir: Path, workdir: Path, count: int, client: Client) -> dict[str, Any]:
+    info = read_info(model_dir)
+    folder = workdir / f"stores-{info.short_id}"
+    sets = digit_sets(model_dir)
     stores = {}
     for name, (pixels, known) in sets.items():
         path = folder / f"{name}.zarr"

@@ -320,15 +320,14 @@ def _settings(fmt: Format, codec: ImageCodec, channels: int) -> dict[str, Any]:
 
 def _refuse_other_output(
     out_url: str,
-    options: StorageOptions | None,
+    earlier: Manifest | None,
     store: LatentStore,
     info: ModelInfo,
     fmt: Format,
     settings: dict[str, Any],
 ) -> None:
-    """Refuse an ``out_url`` that holds another decode: another store, model, format or
-    image codec settings."""
-    earlier = read_manifest(out_url, options)
+    """Refuse an ``out_url`` (whose manifest is ``earlier``) that holds another decode:
+    another store, model, format or image codec settings."""
     if earlier is None:
         return
     if earlier.store.uuid != store.uuid:
@@ -446,7 +445,8 @@ def decode(
     invariance: int | None = None
 
     with leased(out_url, f"decode of {source.url}", out_options) as lease:
-        begun = begun_settings(out_url, out_options, store.uuid)
+        earlier = read_manifest(out_url, out_options)  # read once, under the lease
+        begun = begun_settings(out_url, out_options, store.uuid, earlier)
         if images_per_shard is None and begun is not None:  # continued as it was begun
             rows = int(begun.get("rows_per_shard", store.shard_rows))
         else:
@@ -464,7 +464,7 @@ def decode(
         def rows_of(index: int) -> tuple[int, int]:
             return index * rows, min((index + 1) * rows, store.count)
 
-        _refuse_other_output(out_url, out_options, store, info, fmt, settings)
+        _refuse_other_output(out_url, earlier, store, info, fmt, settings)
         if fmt != "zarr":  # a stopped decode of more shards (another store's) left these
             remove_beyond(out_url, out_options, shards)
         done = read_records(out_url, out_options, identity)
@@ -537,7 +537,6 @@ def decode(
                     "again, which skips them"
                 ) from None
         else:  # nothing decoded now: what shaped the pixels is what was recorded
-            earlier = read_manifest(out_url, out_options)
             recorded_environment = earlier.environment if earlier is not None else None
         lease.check()
         lease.fence().check()  # on the storage itself: another writer's temporaries stay

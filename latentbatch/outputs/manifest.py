@@ -245,13 +245,13 @@ def write_record(
 
 
 def begun_settings(
-    out_url: str, options: StorageOptions | None, store_uuid: str
+    out_url: str, options: StorageOptions | None, store_uuid: str, manifest: Manifest | None
 ) -> dict[str, Any] | None:
-    """The settings an output at ``out_url`` was begun with for the store ``store_uuid``:
-    its manifest's ``format_settings``, or else the first readable finished-shard record
-    of that store (records carry them); None when neither exists (a new output, or one
-    another store's decode began: that one's leftovers are not this decode's)."""
-    manifest = read_manifest(out_url, options)
+    """The settings an output at ``out_url`` (whose manifest, read by the caller, is
+    ``manifest``) was begun with for the store ``store_uuid``: the manifest's
+    ``format_settings``, or else the first readable finished-shard record of that store
+    (records carry them); None when neither exists (a new output, or one another store's
+    decode began: that one's leftovers are not this decode's)."""
     if manifest is not None:
         return dict(manifest.format_settings or {}) if manifest.store.uuid == store_uuid else None
     fs, root = filesystem(out_url, options)

@@ -23,7 +23,9 @@ which holds the table's paths and the problems found.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -162,6 +164,13 @@ class ShardCheck:
     manifest: Manifest
     full: bool
     store_url: str | None
+    store_count: int = 0  # its committed rows when the verification began
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(url: str, options: str, count: int) -> LatentStore:
+    """A store opened once per process and committed count (``options`` as JSON)."""
+    return open_store(url, json.loads(options))
 
 
 def check_shard(check: ShardCheck) -> list[Problem]:
@@ -170,7 +179,8 @@ def check_shard(check: ShardCheck) -> list[Problem]:
     fmt = check.manifest.output_format
     found = list(_check_shard(fs, root, check.record, fmt, check.full))
     if check.store_url is not None and not found and fmt != "zarr":
-        store = open_store(check.store_url, check.options)
+        options = json.dumps(check.options, sort_keys=True)
+        store = _opened(check.store_url, options, check.store_count)
         found += _check_ids(fs, root, check.record, check.manifest, store)
     return found
 
@@ -272,6 +282,7 @@ def verify_output(
                 manifest=manifest,
                 full=full,
                 store_url=store.url if store is not None else None,
+                store_count=store.count if store is not None else 0,
             )
 
     try:

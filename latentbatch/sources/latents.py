@@ -150,8 +150,7 @@ class Place:
     options; what it lists is named by URLs below :attr:`url` (local: paths as given)."""
 
     def __init__(self, url: str, options: StorageOptions | None) -> None:
-        self.remote = is_remote(url)
-        self.url = url.rstrip("/") if self.remote else str(Path(url))
+        self.url = url.rstrip("/") if is_remote(url) else str(Path(url))
         self.options = dict(options or {})
         self.fs, self.path = filesystem(self.url, self.options)
 
