@@ -2,11 +2,12 @@
 """Import at size: each layout built with seeded latents, imported, measured.
 
     python bench/import.py [--layout edm2-zip edm2-folder npz safetensors wds]
-                           [--count 10000 100000] [--workers 2] [--json] [--save FILE]
-                           [--workdir DIR]
+                           [--count 10000 100000] [--size 16] [--workers 2] [--json]
+                           [--save FILE] [--workdir DIR]
 
 Each source holds --count rows of 8x16x16 float32 latents (the mean and std of a 4-channel
-autoencoder's 16x16 latents, as edm2 stores them) with labels:
+autoencoder's 16x16 latents, as edm2 stores them; --size 1 makes them 8x1x1, for a run
+where the member count is what costs) with labels:
 
   edm2-folder   one .npy per row in folders of 1,000, and dataset.json's labels
   edm2-zip      the same files in one stored (uncompressed) zip, as edm2 writes it
@@ -46,7 +47,6 @@ from common import peak_rss_mib, read_chars
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("edm2-zip", "edm2-folder", "npz", "safetensors", "wds")
-SHAPE = (8, 16, 16)
 PER_FOLDER = 1000
 
 
@@ -77,10 +77,12 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def build_source(layout: str, count: int, workdir: Path) -> Path:
-    """The source of ``layout`` with ``count`` seeded rows (built once)."""
+def build_source(layout: str, count: int, size: int, workdir: Path) -> Path:
+    """The source of ``layout`` with ``count`` seeded rows of ``(8, size, size)`` (built
+    once)."""
     names = {"edm2-zip": "edm2.zip", "npz": "latents.npz", "safetensors": "latents.safetensors"}
-    path = workdir / f"{layout}-{count}" / names.get(layout, "source")
+    folder = f"{layout}-{count}" if size == 16 else f"{layout}-{count}-size{size}"
+    path = workdir / folder / names.get(layout, "source")
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ def build_source(layout: str, count: int, workdir: Path) -> Path:
     labels = (np.arange(count) % 1000).astype(np.int64)
 
     def rows(a: int, b: int) -> np.ndarray:
-        return rng.standard_normal((b - a, *SHAPE), dtype=np.float32)
+        return rng.standard_normal((b - a, 8, size, size), dtype=np.float32)
 
     def member(i: int) -> str:
         return f"{i // PER_FOLDER:05d}/img{i:08d}.npy"
@@ -170,33 +172,34 @@ def child(source: str, model: str, store: str, workers: int) -> dict[str, Any]:
         "rows": result.derived.rows,
         "seconds": seconds,
         "client_rss_mib": peak_rss_mib(),
-        "read": bytes_read(source, open_store(store).shard_rows),
+        "read": bytes_read(source, open_store(store).shard_rows, store + ".listing"),
     }
 
 
-def bytes_read(source: str, shard_rows: int) -> int:
-    """The bytes this process reads listing ``source`` and making every store shard's
-    rows as the import's tasks do, one after another (no Dask: ``rchar`` then counts the
-    source's files alone)."""
-    from latentbatch.sources.latents import find
+def bytes_read(source: str, shard_rows: int, listing: str) -> int:
+    """The bytes this process reads listing ``source`` (its blocks written to the folder
+    ``listing``) and making every store shard's rows as the import's tasks do, one after
+    another (no Dask: ``rchar`` then counts the source's files and the listing's)."""
+    from latentbatch.sources.listing import list_source
     from latentbatch.uses.import_latents import ImportPart, Scaling
 
     before = read_chars()
-    found = find(source)
+    found = list_source(source, listing)
     scaling = Scaling(raw=True, source=(1.0, 0.0), target=(1.0, 0.0))
-    for a in range(0, len(found.ids), shard_rows):
-        b = min(a + shard_rows, len(found.ids))
+    for a in range(0, found.rows, shard_rows):
         ImportPart(
-            segments=found.segments(a, b), ids=found.ids[a:b], labels=None,
-            shape=found.shape, channels=SHAPE[0] // 2, scaling=scaling, options={},
+            segments=found.segments(a, min(a + shard_rows, found.rows)), shape=found.shape,
+            channels=found.shape[0] // 2, scaling=scaling, options={},
         ).make()  # fmt: skip
-    return read_chars() - before
+    read = read_chars() - before
+    shutil.rmtree(listing, ignore_errors=True)  # an array has no blocks
+    return read
 
 
-def measure(layout: str, count: int, workdir: Path, workers: int) -> dict[str, Any]:
+def measure(layout: str, count: int, size: int, workdir: Path, workers: int) -> dict[str, Any]:
     model = build_model(workdir)
-    source = build_source(layout, count, workdir)
-    store = workdir / f"{layout}-{count}.zarr"
+    source = build_source(layout, count, size, workdir)
+    store = workdir / f"{source.parent.name}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     command = [sys.executable, __file__, "--child", str(source), str(model), str(store),
                str(workers)]  # fmt: skip
@@ -223,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--count", nargs="+", type=int, default=[10_000, 100_000])
+    parser.add_argument("--size", type=int, default=16, help="the latents' height and width")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", action="store_true")
@@ -230,12 +234,16 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.gettempdir()) / "latentbatch-bench-import"
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = [measure(layout, n, workdir, args.workers) for layout in args.layout for n in args.count]
+    rows = [
+        measure(layout, n, args.size, workdir, args.workers)
+        for layout in args.layout
+        for n in args.count
+    ]
     report = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "workers": args.workers,
-        "shape": list(SHAPE),
+        "shape": [8, args.size, args.size],
         "rows": rows,
     }
     if args.json:

@@ -19,6 +19,7 @@ from latentbatch.engine.cluster import (
     connect,
     gpu_resources,
     map_bounded,
+    map_in_order,
     worker_env,
     worker_settings,
 )
@@ -95,6 +96,21 @@ def test_map_bounded_raises_the_first_task_error(client: Client) -> None:
 
     with pytest.raises(TaskError, match="_fail failed on 2: ValueError: bad input 2"):
         map_bounded(client, _fail, [1, 2, 3], items=lambda _: 1, max_in_flight=3)
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.3 if x == 0 else 0.0)  # the first finishes last
+    if x < 0:
+        raise DataError(f"{x} is negative; give a count")
+    return x * x
+
+
+def test_map_in_order_returns_results_in_the_specs_order(client: Client) -> None:
+    """An import's listing tasks: results in their specs' order, however they finish;
+    the library's own error comes back as it is."""
+    assert map_in_order(client, _slow_square, [0, 1, 2, 3]) == [0, 1, 4, 9]
+    with pytest.raises(DataError, match="-1 is negative; give a count"):
+        map_in_order(client, _slow_square, [0, -1, 2])
 
 
 def test_cpu_cluster_asks_for_no_gpu(client: Client) -> None:

@@ -23,7 +23,7 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -325,6 +325,27 @@ def run_task(
     if isinstance(result, _Refused):
         raise result.error
     return result  # type: ignore[no-any-return]
+
+
+def map_in_order(client: Client, fn: Callable[[Any], R], specs: Sequence[Any]) -> list[R]:
+    """``[fn(s) for s in specs]`` as tasks, all submitted at once (a few, each large:
+    an import's listing tasks); the first task error (in the specs' order) cancels the
+    rest and is raised here, a :class:`LatentbatchError` as it is."""
+    run = uuid.uuid4().hex[:8]
+    futures = [
+        client.submit(_refusing, fn, s, key=f"{getattr(fn, '__name__', 'task')}-{i}-{run}",
+                      pure=False)
+        for i, s in enumerate(specs)
+    ]  # fmt: skip
+    try:
+        results = [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+    for result in results:
+        if isinstance(result, _Refused):
+            raise result.error
+    return results  # type: ignore[return-value]
 
 
 def map_results(

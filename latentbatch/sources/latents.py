@@ -1,6 +1,6 @@
 """Latent collections found elsewhere: the layouts ``latentbatch import`` reads, each
-listed as pieces in row order (:func:`find`) and read by a task's :class:`Reader`, with
-no torch.
+listed in row order by tasks (:mod:`latentbatch.sources.listing`) and read as pieces by
+a task's :class:`Reader`, with no torch.
 
 Each source byte is read once: the listing records where every member lies, and a task
 opens each file once and reads only its own pieces there. A zip member is read by its
@@ -43,13 +43,9 @@ Pickles (``.pt``, ``.pth``, ``.pkl``, ``.bin``) are refused in a sentence. An ar
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
 import io
 import json
 import struct
-import tarfile
 import zipfile
 import zlib
 from contextlib import ExitStack
@@ -60,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 
 from latentbatch.errors import DataError
-from latentbatch.ids import slug, unique
+from latentbatch.ids import slug
 from latentbatch.storage.fs import StorageOptions, filesystem, is_remote, join, zarr_options
 
 PICKLES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
@@ -75,7 +71,8 @@ class Piece:
     bytes lie: ``offset`` (a zip member's local header; the data otherwise) and
     ``length``, and an array's or tensor's row ``shape`` and ``dtype``; a zip member its
     ``method`` and ``crc``; a tar sample's ``.cls`` member, or a safetensors file's labels
-    of these rows, lie at ``label`` (offset, length), the latter as ``label_dtype``."""
+    of these rows, lie at ``label`` (offset, length), the latter as ``label_dtype``; an
+    array's labels read by rows, not offset, are its file's ``label_member`` array."""
 
     kind: Kind
     path: str
@@ -90,53 +87,10 @@ class Piece:
     crc: int = 0
     label: tuple[int, int] | None = None
     label_dtype: str = ""
+    label_member: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Found:
-    """What ``--from`` holds: its layout, its pieces in row order, the rows' ids and
-    labels, and one row's shape and dtype."""
-
-    spec: str
-    kind: Kind
-    pieces: tuple[Piece, ...]
-    ids: tuple[str, ...]
-    labels: np.ndarray | None
-    shape: tuple[int, ...]
-    dtype: str
-
-    @functools.cached_property
-    def digest(self) -> str:
-        """sha256 of the listing: every piece's file, member, rows and place, in row
-        order (what a resumed import checks its source against)."""
-        listing = hashlib.sha256(f"{self.kind}\0{len(self.ids)}\0".encode())
-        for p in self.pieces:
-            listing.update(
-                f"{p.path}\0{p.member}\0{p.first}\0{p.rows}\0{p.offset}\0{p.length}\n".encode()
-            )
-        return listing.hexdigest()
-
-    @functools.cached_property
-    def _starts(self) -> np.ndarray:
-        """Each piece's first row, and the row count last."""
-        return np.concatenate([[0], np.cumsum([p.rows for p in self.pieces], dtype=np.int64)])
-
-    def segments(self, start: int, stop: int) -> tuple[tuple[Piece, int, int], ...]:
-        """The pieces holding rows ``[start, stop)``, each with its wanted rows (found by
-        bisection: a store shard's pieces cost their own count, not the pieces before)."""
-        starts = self._starts
-        first = int(np.searchsorted(starts, start, side="right")) - 1
-        found = []
-        for index in range(max(first, 0), len(self.pieces)):
-            row = int(starts[index])
-            if row >= stop:
-                break
-            piece = self.pieces[index]
-            found.append((piece, max(start, row) - row, min(stop, row + piece.rows) - row))
-        return tuple(found)
-
-
-def _refuse_pickles(path: str) -> None:
+def refuse_pickles(path: str) -> None:
     suffix = PurePosixPath(path).suffix
     if suffix.lower() in PICKLES:
         raise DataError(
@@ -168,7 +122,7 @@ class Place:
         return self.fs.cat_file(path).decode() if self.fs.isfile(path) else None
 
 
-def _handle(url: str, options: StorageOptions | None, raw: bool = False) -> Any:
+def handle(url: str, options: StorageOptions | None, raw: bool = False) -> Any:
     """A file opened for reading: local ones unbuffered when ``raw`` (a read takes the
     bytes asked for, never a read-ahead block); remote ones with 1 MiB read-ahead blocks
     (a read is a request: small ones are batched)."""
@@ -178,16 +132,16 @@ def _handle(url: str, options: StorageOptions | None, raw: bool = False) -> Any:
     return fs.open(path, "rb", block_size=2**20)
 
 
-def _npy_header(
-    handle: Any, where: str = "an .npy", by_offset: bool = False
+def npy_header(
+    stream: Any, where: str = "an .npy", by_offset: bool = False
 ) -> tuple[tuple[int, ...], str]:
     """An ``.npy`` header's shape and dtype; ``by_offset``: its rows will be read by
     offset, which needs them in C order (a Fortran-order array is refused)."""
-    version = np.lib.format.read_magic(handle)
+    version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
     else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
     if by_offset and fortran and len(shape) > 1:
         raise DataError(
             f"{where} holds its array in Fortran order; re-save it with "
@@ -196,7 +150,7 @@ def _npy_header(
     return tuple(shape), str(dtype)
 
 
-def _dataset_labels(text: str | None, names: list[str]) -> np.ndarray | None:
+def dataset_labels(text: str | None, names: list[str]) -> np.ndarray | None:
     """Labels by file name from an edm2 ``dataset.json`` (-1 where a file has none)."""
     if text is None:
         return None
@@ -207,167 +161,17 @@ def _dataset_labels(text: str | None, names: list[str]) -> np.ndarray | None:
     return np.array([by_name.get(name, -1) for name in names], np.int32)
 
 
-def _id_of(name: str) -> str:
+def id_of(name: str) -> str:
     return slug("__".join(PurePosixPath(name).with_suffix("").parts))
 
 
-def _npy_files(place: Place, names: list[str]) -> Found:
-    with _handle(place.named(names[0]), place.options) as handle:
-        shape, dtype = _npy_header(handle, place.named(names[0]))
-    labels = _dataset_labels(place.text("dataset.json"), names)
-    pieces = tuple(Piece(kind="npy-files", path=place.named(n)) for n in names)
-    return Found(
-        spec=place.url, kind="npy-files", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
-        labels=labels, shape=shape, dtype=dtype,
-    )  # fmt: skip
-
-
-def _npz_files(place: Place, names: list[str]) -> Found:
-    """A folder of one ``.npz`` per image (MAR's cache), labelled by its class folders."""
-    first_url = place.named(names[0])
-    with _handle(first_url, place.options) as raw, np.load(raw) as first:
-        member = "moments" if "moments" in first.files else first.files[0]
-        if member != "moments" and len(first.files) > 1:
-            raise DataError(
-                f"{first_url} holds {', '.join(first.files)}; import reads a folder of "
-                ".npz files by their 'moments' array (MAR's cache)"
-            )
-        with first.zip.open(f"{member}.npy") as handle:
-            shape, dtype = _npy_header(io.BytesIO(handle.read(4096)), first_url)
-    parts = [PurePosixPath(n).parts for n in names]
-    classes = sorted({p[0] for p in parts})
-    labelled = all(len(p) == 2 for p in parts)
-    labels = np.array([classes.index(p[0]) for p in parts], np.int32) if labelled else None
-    pieces = tuple(Piece(kind="npz-files", path=place.named(n), member=member) for n in names)
-    return Found(
-        spec=place.url, kind="npz-files", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
-        labels=labels, shape=shape, dtype=dtype,
-    )  # fmt: skip
-
-
-def _npy_zip(place: Place) -> Found:
-    with _handle(place.url, place.options) as raw, zipfile.ZipFile(raw) as archive:
-        members = sorted(
-            (i for i in archive.infolist() if i.filename.endswith(".npy")),
-            key=lambda i: i.filename,
-        )
-        names = [i.filename for i in members]
-        if not names:
-            raise DataError(f"{place.url} holds no .npy files")
-        with archive.open(members[0]) as handle:
-            shape, dtype = _npy_header(io.BytesIO(handle.read(4096)), f"{place.url}::{names[0]}")
-        text = (
-            archive.read("dataset.json").decode() if "dataset.json" in archive.namelist() else None
-        )
-    pieces = tuple(
-        Piece(
-            kind="npy-zip",
-            path=place.url,
-            member=i.filename,
-            offset=i.header_offset,
-            length=i.compress_size,
-            method=i.compress_type,
-            crc=i.CRC,
-        )
-        for i in members
-    )
-    return Found(
-        spec=place.url, kind="npy-zip", pieces=pieces, ids=tuple(unique(map(_id_of, names))),
-        labels=_dataset_labels(text, names), shape=shape, dtype=dtype,
-    )  # fmt: skip
-
-
-def _rows_of(
-    kind: Kind,
-    path: str,
-    member: str,
-    count: int,
-    chunk: int,
-    start: int = -1,
-    shape: tuple[int, ...] = (),
-    dtype: str = "",
-) -> tuple[Piece, ...]:
-    """Pieces of ``chunk`` rows of an array of ``count`` rows; when its rows (of row
-    ``shape`` and ``dtype``) lie contiguously from byte ``start`` of the file, each piece
-    records where its own rows lie."""
-    row = _row_bytes(shape, dtype) if start >= 0 else 0
-    return tuple(
-        Piece(
-            kind=kind,
-            path=path,
-            member=member,
-            first=a,
-            rows=min(chunk, count - a),
-            offset=start + a * row if start >= 0 else -1,
-            length=min(chunk, count - a) * row,
-            shape=shape,
-            dtype=dtype,
-        )
-        for a in range(0, count, chunk)
-    )
-
-
-def _named_ids(name: str, count: int) -> tuple[str, ...]:
-    return tuple(f"{slug(name)}-{i:08d}" for i in range(count))
-
-
-def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
+def row_bytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of one row of ``shape`` (a row's, not the array's) and ``dtype``."""
     size = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
     return int(np.prod(shape, dtype=np.int64)) * size
 
 
-def _array(place: Place) -> Found:
-    stem = PurePosixPath(place.path).stem
-    if place.path.endswith(".npy"):
-        with _handle(place.url, place.options, raw=True) as handle:
-            head = io.BytesIO(handle.read(4096))
-        shape, dtype = _npy_header(head, place.url, by_offset=True)
-        member, labels, start = "", None, head.tell()
-    else:
-        shape, dtype, member, labels, start = _npz(place)
-    if len(shape) != 4:
-        raise DataError(f"{place.url} holds an array of shape {shape}; import (N, C, h, w) latents")
-    pieces = _rows_of("array", place.url, member, shape[0], 1024, start, shape[1:], dtype)
-    return Found(
-        spec=place.url, kind="array", pieces=pieces, ids=_named_ids(stem, shape[0]),
-        labels=labels, shape=shape[1:], dtype=dtype,
-    )  # fmt: skip
-
-
-def _npz(place: Place) -> tuple[tuple[int, ...], str, str, np.ndarray | None, int]:
-    """An ``.npz``'s latents array (its shape and dtype read from its header alone, not
-    decompressed), its name and labels, and where its data begins when it is stored
-    (-1 when compressed)."""
-    with _handle(place.url, place.options) as raw, zipfile.ZipFile(raw) as archive:
-        headers = {}
-        for info in archive.infolist():
-            if info.filename.endswith(".npy"):
-                with archive.open(info) as handle:
-                    head = io.BytesIO(handle.read(4096))
-                    stored = info.compress_type == zipfile.ZIP_STORED
-                    found = _npy_header(head, f"{place.url}::{info.filename}", by_offset=stored)
-                    headers[info.filename[: -len(".npy")]] = (info, *found, head.tell())
-        four = [k for k, (_, s, _, _) in headers.items() if len(s) == 4]
-        member = "latents" if "latents" in headers else (four[0] if len(four) == 1 else "")
-        if not member:
-            raise DataError(
-                f"{place.url} holds {len(four)} 4-D arrays ({', '.join(four) or 'none'}); "
-                "name the latents 'latents'"
-            )
-        labels = None
-        if "labels" in headers:
-            with archive.open(headers["labels"][0]) as handle:
-                labels = _read_npy(handle, f"{place.url}::labels").astype(np.int32)
-        info, shape, dtype, header_bytes = headers[member]
-        start = -1
-        if info.compress_type == zipfile.ZIP_STORED and shape:
-            raw.seek(info.header_offset)
-            start = info.header_offset + _local_header(raw.read(30), place.url) + header_bytes
-    return shape, dtype, member, labels, start
-
-
-def _local_header(head: bytes, where: str) -> int:
+def local_header(head: bytes, where: str) -> int:
     """The size of a zip member's local header, from its first 30 bytes."""
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
         raise DataError(
@@ -384,229 +188,60 @@ _SAFETENSORS_DTYPES = {
 LABEL_NAMES = ("labels", "label", "y")
 
 
-def _safetensors_header(url: str, options: StorageOptions | None) -> tuple[dict[str, Any], int]:
+def safetensors_header(url: str, options: StorageOptions | None) -> tuple[dict[str, Any], int]:
     """A safetensors file's tensors (name → ``dtype``, ``shape``, ``data_offsets``) and
     where its data begins, from its header alone (two small reads)."""
-    with _handle(url, options, raw=True) as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header: dict[str, Any] = json.loads(handle.read(size))
+    with handle(url, options, raw=True) as raw:
+        size = int.from_bytes(raw.read(8), "little")
+        header: dict[str, Any] = json.loads(raw.read(size))
     header.pop("__metadata__", None)
     return header, 8 + size
 
 
-def _safetensors(place: Place, files: list[str]) -> Found:
-    pieces: list[Piece] = []
-    ids: list[str] = []
-    shape: tuple[int, ...] = ()
-    dtype = ""
-    for url in files:
-        header, data = _safetensors_header(url, place.options)
-        four = [k for k, v in header.items() if len(v["shape"]) == 4]
-        if four:
-            key = "latents" if "latents" in four else (four[0] if len(four) == 1 else "")
-            if not key:
-                raise DataError(f"{url} holds several 4-D tensors; name the latents 'latents'")
-            entry = header[key]
-            shape, dtype = tuple(entry["shape"][1:]), entry["dtype"]
-            count = int(entry["shape"][0])
-            at = data + entry["data_offsets"][0]
-            rows = _rows_of("safetensors", url, key, count, 1024, at, shape, _dtype_of(dtype, url))
-            labelled = next((n for n in LABEL_NAMES if n in header), None)
-            if labelled is not None:  # each piece's labels lie beside its rows
-                kind = _dtype_of(header[labelled]["dtype"], url)
-                at = data + header[labelled]["data_offsets"][0]
-                size = np.dtype(kind).itemsize
-                rows = tuple(
-                    dataclasses.replace(
-                        p, label=(at + p.first * size, p.rows * size), label_dtype=kind
-                    )
-                    for p in rows
-                )
-            pieces += rows
-            ids += _named_ids(PurePosixPath(url).stem, count)
-        else:
-            named = sorted(k for k, v in header.items() if len(v["shape"]) == 3)
-            if not named:
-                raise DataError(f"{url} holds no 3-D or 4-D tensors of latents")
-            shape, dtype = tuple(header[named[0]]["shape"]), header[named[0]]["dtype"]
-            for k in named:
-                a, b = header[k]["data_offsets"]
-                pieces.append(
-                    Piece(
-                        kind="safetensors",
-                        path=url,
-                        member=k,
-                        offset=data + a,
-                        length=b - a,
-                        shape=tuple(header[k]["shape"]),
-                        dtype=_dtype_of(header[k]["dtype"], url),
-                    )
-                )
-            ids += named
-    return Found(
-        spec=place.url, kind="safetensors", pieces=tuple(pieces), ids=tuple(ids), labels=None,
-        shape=shape, dtype=_dtype_of(dtype, files[0]),
-    )  # fmt: skip
-
-
-def _dtype_of(name: str, where: str) -> str:
+def dtype_of(name: str, where: str) -> str:
     if name not in _SAFETENSORS_DTYPES:
         raise DataError(f"{where} holds {name} tensors; import float or integer tensors")
     return _SAFETENSORS_DTYPES[name]
 
 
-def _tar_listing(
-    url: str, options: StorageOptions | None
-) -> tuple[list[Piece], list[str], tuple[int, ...], str]:
-    """A WebDataset tar's samples with an ``.npy`` member, in order, as pieces that say
-    where the member's bytes (and its ``.cls`` member's) lie, their keys, and the first
-    one's shape and dtype (from its header), in one pass over the tar."""
-    npy: dict[str, tuple[int, int]] = {}
-    cls: dict[str, tuple[int, int]] = {}
-    shape: tuple[int, ...] = ()
-    dtype = ""
-    raw = _handle(url, options, raw=True)  # headers read as they are
-    try:
-        archive = tarfile.open(fileobj=raw, mode="r:")  # noqa: SIM115 - uncompressed: seekable
-    except tarfile.ReadError:
-        raw.close()
-        raise DataError(
-            f"{url} is not an uncompressed tar; decompress it (WebDataset's tars are "
-            "plain tars) and import that"
-        ) from None
-    with raw, archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.rpartition(".")
-            if suffix == "npy":
-                npy[key] = (member.offset_data, member.size)
-                if not shape:
-                    handle = archive.extractfile(member)
-                    assert handle is not None
-                    shape, dtype = _npy_header(
-                        io.BytesIO(handle.read(4096)), f"{url}::{member.name}"
-                    )
-            elif suffix == "cls":
-                cls[key] = (member.offset_data, member.size)
-    pieces = [
-        Piece(
-            kind="webdataset",
-            path=url,
-            member=f"{key}.npy",
-            offset=offset,
-            length=length,
-            label=cls.get(key),
-        )
-        for key, (offset, length) in npy.items()
-    ]
-    return pieces, list(npy), shape, dtype
-
-
-def _webdataset(place: Place, files: list[str]) -> Found:
-    pieces: list[Piece] = []
-    ids: list[str] = []
-    shape: tuple[int, ...] = ()
-    dtype = ""
-    for url in files:
-        found, keys, first_shape, first_dtype = _tar_listing(url, place.options)
-        pieces += found
-        ids += [slug(k.replace("/", "__")) for k in keys]
-        shape, dtype = shape or first_shape, dtype or first_dtype
-    if not ids:
-        raise DataError(f"{files[0]} holds no .npy members")
-    return Found(
-        spec=place.url, kind="webdataset", pieces=tuple(pieces), ids=tuple(ids), labels=None,
-        shape=shape, dtype=dtype,
-    )  # fmt: skip
-
-
-def _open_zarr(url: str, options: StorageOptions | None) -> Any:
+def open_zarr(url: str, options: StorageOptions | None) -> Any:
     import zarr
 
     return zarr.open(url, mode="r", storage_options=zarr_options(url, options))
 
 
-def _zarr(spec: str, place: Place) -> Found:
-    import zarr
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NpzArray:
+    """An ``.npz`` array's shape and dtype (from its header alone) and where its data
+    begins when it is stored (-1 when compressed)."""
 
-    name = spec.partition("::")[2]
-    try:
-        opened = _open_zarr(place.url, place.options)
-    except Exception as exc:
-        raise DataError(f"{place.url} is not a Zarr array or group: {exc}") from None
-    labels = None
-    if isinstance(opened, zarr.Group):
-        members = dict(opened.arrays())
-        four = [k for k, a in members.items() if a.ndim == 4]
-        name = name or ("latents" if "latents" in members else (four[0] if len(four) == 1 else ""))
-        if name not in members:
-            raise DataError(
-                f"{place.url} is a Zarr group without a 'latents' array ({', '.join(members)}); "
-                "name one: PATH::NAME"
-            )
-        array = members[name]
-        if "labels" in members and members["labels"].shape == (array.shape[0],):
-            labels = np.asarray(members["labels"][:], np.int32)
-    else:
-        array = opened
-    if array.ndim != 4:
-        raise DataError(
-            f"{spec} holds an array of shape {array.shape}; import (N, C, h, w) latents"
-        )
-    count = int(array.shape[0])
-    pieces = _rows_of("zarr", place.url, name, count, max(1, int(array.chunks[0])))
-    stem = PurePosixPath(place.path.rstrip("/")).stem or "zarr"
-    return Found(
-        spec=spec, kind="zarr", pieces=pieces, ids=_named_ids(stem, count), labels=labels,
-        shape=tuple(array.shape[1:]), dtype=str(array.dtype),
-    )  # fmt: skip
+    shape: tuple[int, ...]
+    dtype: str
+    start: int
 
 
-def find(spec: str, options: StorageOptions | None = None) -> Found:
-    """Recognise the latents ``spec`` names, a local path or an fsspec URL read with
-    ``options`` (see the module docstring)."""
-    place = Place(spec.partition("::")[0], options)
-    fs, path = place.fs, place.path
-    if not fs.exists(path):
-        raise DataError(f"{spec} does not exist; --from names a folder, file or Zarr store")
-    _refuse_pickles(path)
-    if any(fs.isfile(join(path, name)) for name in ("zarr.json", ".zarray", ".zgroup")):
-        return _zarr(spec, place)
-    if fs.isdir(path):
-        below = place.below()
-        top = [n for n in below if "/" not in n]
-        for name in top:
-            _refuse_pickles(name)
-        if npy := [n for n in below if n.endswith(".npy")]:
-            return _npy_files(place, npy)
-        if npz := [n for n in below if n.endswith(".npz")]:
-            return _npz_files(place, npz)
-        if tars := [place.named(n) for n in top if n.endswith(".tar")]:
-            return _webdataset(place, tars)
-        if tensors := [place.named(n) for n in top if n.endswith(".safetensors")]:
-            return _safetensors(place, tensors)
-        raise DataError(
-            f"{spec} holds no .npy, .npz, .tar or .safetensors files and is not a Zarr store"
-        )
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".zip":
-        return _npy_zip(place)
-    if suffix in (".npy", ".npz"):
-        return _array(place)
-    if suffix == ".safetensors":
-        return _safetensors(place, [place.url])
-    if suffix == ".tar":
-        return _webdataset(place, [place.url])
-    raise DataError(
-        f"{spec} is not a layout import reads (.npy, .npz, .zip of .npy, .safetensors, "
-        "WebDataset .tar, a Zarr store, or a folder of those)"
-    )
+def npz_arrays(url: str, options: StorageOptions | None) -> dict[str, NpzArray]:
+    """An ``.npz``'s arrays by name, from their headers: none is decompressed."""
+    found = {}
+    with handle(url, options) as raw, zipfile.ZipFile(raw) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            stored = info.compress_type == zipfile.ZIP_STORED
+            with archive.open(info) as stream:
+                head = io.BytesIO(stream.read(4096))
+                shape, dtype = npy_header(head, f"{url}::{info.filename}", by_offset=stored)
+            start = -1
+            if stored and shape:
+                raw.seek(info.header_offset)
+                start = info.header_offset + local_header(raw.read(30), url) + head.tell()
+            found[info.filename[: -len(".npy")]] = NpzArray(shape=shape, dtype=dtype, start=start)
+    return found
 
 
-def _read_npy(handle: Any, where: str) -> np.ndarray:
+def _read_npy(stream: Any, where: str) -> np.ndarray:
     """One ``.npy``'s array, or a sentence naming ``where`` when it is not one."""
-    data = handle.read()
+    data = stream.read()
     if not data.startswith(b"\x93NUMPY"):
         raise DataError(f"{where} is not a .npy (no numpy header); re-save it with numpy.save")
     try:
@@ -637,7 +272,7 @@ class Reader:
     ::
 
         with Reader(options) as reader:
-            for piece, a, b in found.segments(start, stop):
+            for piece in pieces:
                 rows, labels = reader.read(piece)
     """
 
@@ -659,10 +294,10 @@ class Reader:
             data: bytes = fs.cat_file(key, start=offset, end=offset + length)
         else:
             if path not in self._files:
-                self._files[path] = self._stack.enter_context(_handle(path, None, raw=True))
-            handle = self._files[path]
-            handle.seek(offset)
-            data = handle.read(length)
+                self._files[path] = self._stack.enter_context(handle(path, None, raw=True))
+            opened = self._files[path]
+            opened.seek(offset)
+            data = opened.read(length)
         if len(data) != length:
             raise DataError(f"{path} ends before the bytes its listing names; the file changed")
         return data
@@ -672,8 +307,8 @@ class Reader:
         if is_remote(path):
             fs, key = filesystem(path, self.options)
             return bytes(fs.cat_file(key))
-        with _handle(path, None, raw=True) as handle:
-            return bytes(handle.read())
+        with handle(path, None, raw=True) as raw:
+            return bytes(raw.read())
 
     def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
         """A piece's rows ``(n, C', h, w)`` as stored there, and their labels when it
@@ -695,21 +330,24 @@ class Reader:
             )
             return block[None], np.array([self._label(piece)], np.int32)
         if piece.kind == "array":
-            return self._array(piece), None
+            return self._array(piece)
         if piece.kind == "safetensors":
             return self._safetensors(piece)
         if piece.path not in self._archives:
-            self._archives[piece.path] = _open_zarr(piece.path, self.options)
+            self._archives[piece.path] = open_zarr(piece.path, self.options)
         opened = self._archives[piece.path]
         array = opened[piece.member] if piece.member else opened
-        return np.asarray(array[piece.first : piece.first + piece.rows]), None
+        rows = slice(piece.first, piece.first + piece.rows)
+        if not piece.label_member:
+            return np.asarray(array[rows]), None
+        return np.asarray(array[rows]), np.asarray(opened[piece.label_member][rows], np.int32)
 
     def _zip_member(self, piece: Piece, where: str) -> bytes:
         # one read of the local header and the data, when its extra field is empty (it is
         # in the zips numpy, Python and edm2 write); a second read when it is not
         wanted = 30 + len(piece.member.encode()) + piece.length
         found = self._bytes(piece.path, piece.offset, wanted)
-        start = _local_header(found[:30], where)
+        start = local_header(found[:30], where)
         data = found[start : start + piece.length]
         if len(data) < piece.length:
             data += self._bytes(piece.path, piece.offset + wanted, start + piece.length - wanted)
@@ -736,19 +374,31 @@ class Reader:
                 "remove it"
             ) from None
 
-    def _array(self, piece: Piece) -> np.ndarray:
+    def _array(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
         if piece.offset >= 0:  # an .npy, or a stored .npz array: the rows by offset
             data = self._bytes(piece.path, piece.offset, piece.length)
-            return _from_bytes(data, piece.dtype, (piece.rows, *piece.shape))
-        # a compressed .npz array: its directory read once per task, streamed to the rows
+            rows = _from_bytes(data, piece.dtype, (piece.rows, *piece.shape))
+        else:
+            rows = self._streamed(piece, piece.member)
+        if piece.label is not None:
+            labels = _from_bytes(self._bytes(piece.path, *piece.label), piece.label_dtype, (-1,))
+        elif piece.label_member:
+            labels = self._streamed(piece, piece.label_member)
+        else:
+            return rows, None
+        return rows, labels.astype(np.int32)
+
+    def _streamed(self, piece: Piece, member: str) -> np.ndarray:
+        """Rows of a compressed ``.npz`` array: its directory read once per task, the
+        array streamed up to the piece's rows."""
         if piece.path not in self._archives:
-            raw = self._stack.enter_context(_handle(piece.path, self.options))
+            raw = self._stack.enter_context(handle(piece.path, self.options))
             self._archives[piece.path] = self._stack.enter_context(np.load(raw))
-        stream = self._archives[piece.path].zip.open(f"{piece.member}.npy")
-        shape, dtype = _npy_header(stream, piece.path)
-        row = _row_bytes(shape[1:], dtype)
-        stream.read(piece.first * row)
-        return _from_bytes(stream.read(piece.rows * row), dtype, (piece.rows, *shape[1:]))
+        with self._archives[piece.path].zip.open(f"{member}.npy") as stream:
+            shape, dtype = npy_header(stream, piece.path)
+            row = row_bytes(shape[1:], dtype)
+            stream.read(piece.first * row)
+            return _from_bytes(stream.read(piece.rows * row), dtype, (piece.rows, *shape[1:]))
 
     def _safetensors(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None]:
         data = self._bytes(piece.path, piece.offset, piece.length)
@@ -757,11 +407,3 @@ class Reader:
             return block, None
         labels = _from_bytes(self._bytes(piece.path, *piece.label), piece.label_dtype, (-1,))
         return block, labels.astype(np.int32)
-
-
-def read_piece(
-    piece: Piece, options: StorageOptions | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One piece's rows and labels, read on their own (:class:`Reader` for many)."""
-    with Reader(options) as reader:
-        return reader.read(piece)

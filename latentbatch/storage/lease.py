@@ -92,9 +92,15 @@ def is_lease(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
+BOOKKEEPING = ".latentbatch-"
+"""What latentbatch keeps in a folder it is making, besides what it makes: its lease
+objects, and an import's listing (``.latentbatch-listing-*``)."""
+
+
 def without_leases(paths: list[str]) -> list[str]:
-    """``paths`` less the lease objects (a folder being created holds one)."""
-    return [p for p in paths if not is_lease(p.rstrip("/").rsplit("/", 1)[-1])]
+    """``paths`` less latentbatch's bookkeeping (a folder being created holds its lease,
+    and an import's listing)."""
+    return [p for p in paths if not p.rstrip("/").rsplit("/", 1)[-1].startswith(BOOKKEEPING)]
 
 
 def _name(generation: int) -> str:

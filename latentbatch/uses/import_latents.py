@@ -8,27 +8,35 @@ they differ from the model's ``config.json``. The store always holds them scaled
 model's factors (stored as found when the source's convention is the store's). float16
 latents stay float16; float32 and bfloat16 become float32.
 
-The import is a derived store's operation (:mod:`latentbatch.uses.derive`): one Dask task per
-store shard reads the files or chunks that hold its rows, so the client holds the ids and
-labels (as an encode does) and the tasks in flight; the same command run again resumes.
+The source is listed by Dask tasks (:mod:`latentbatch.sources.listing`), whose listing is
+kept inside the store being written (``.latentbatch-listing-*``, removed when the import
+ends). The import is then a derived store's operation (:mod:`latentbatch.uses.derive`):
+one Dask task per store shard reads its rows' part of the listing and the files or
+chunks that hold them, so the client holds a few numbers per input file group and the
+tasks in flight, never an id or a file name per row; the same command run again
+resumes, refused in a sentence when the source changed in between.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from distributed import Client
 
+from latentbatch.engine.cluster import map_in_order, using
 from latentbatch.errors import DataError
-from latentbatch.ids import validate_ids
-from latentbatch.models.checkpoint import ModelLocation, read_once
+from latentbatch.models.checkpoint import ModelBytes, ModelLocation, read_once
 from latentbatch.models.convention import scale_warning
 from latentbatch.progress import Progress
-from latentbatch.sources.latents import Found, Kind, Piece, Reader, find
-from latentbatch.storage.fs import StorageOptions
+from latentbatch.sources.latents import Kind, Reader
+from latentbatch.sources.listing import Group, Listing, list_source, read_rows
+from latentbatch.storage.fs import StorageOptions, filesystem, is_remote, join
+from latentbatch.storage.lease import BOOKKEEPING
 from latentbatch.stores.store import Layout, StoreError, create_store, open_store
 from latentbatch.uses.derive import DeriveResult, Lineage, derive, lineage_of
 
@@ -61,33 +69,20 @@ class Scaling:
 
 @dataclass(frozen=True, kw_only=True)
 class ImportPart:
-    """Rows of one store shard: ``segments`` (a piece, and the rows of it wanted), each
-    row of ``shape`` (the listing's), read with the source's storage ``options``."""
+    """Rows of one store shard: ``segments`` (a group of the listing, and its rows
+    wanted), each row of ``shape`` (the listing's), read with the source's storage
+    ``options``."""
 
-    segments: tuple[tuple[Piece, int, int], ...]
-    ids: tuple[str, ...]
-    labels: tuple[int, ...] | None
+    segments: tuple[tuple[Group, int, int], ...]
     shape: tuple[int, ...]
     channels: int
     scaling: Scaling
     options: dict[str, Any]
 
     def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
-        blocks, found = [], []
-        with Reader(self.options) as reader:  # each file opened once for the shard's pieces
-            for piece, a, b in self.segments:
-                block, labels = reader.read(piece)
-                if tuple(block.shape[1:]) != self.shape:
-                    where = f"{piece.path}::{piece.member}" if piece.member else piece.path
-                    raise DataError(
-                        f"{where} holds latents of shape {tuple(block.shape[1:])}, the others "
-                        f"{self.shape}; import one shape at a time"
-                    )
-                blocks.append(block[a:b, : self.channels])  # the mean of a mean-and-std array
-                found.append(labels[a:b] if labels is not None else np.full(b - a, -1, np.int32))
-        latents = self.scaling.apply(np.concatenate(blocks))
-        labels = np.asarray(self.labels, np.int32) if self.labels else np.concatenate(found)
-        return latents, list(self.ids), labels
+        with Reader(self.options) as reader:  # each file opened once for the shard's rows
+            rows, ids, labels = read_rows(self.segments, reader, self.shape)
+        return self.scaling.apply(rows[:, : self.channels]), ids, labels  # a mean-and-std's mean
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +106,9 @@ class ImportResult:
         }
 
 
-def _refuse_a_changed_source(store_url: str, options: StorageOptions | None, found: Found) -> None:
+def _refuse_a_changed_source(
+    store_url: str, options: StorageOptions | None, found: Listing
+) -> None:
     """Refuse to resume an import into ``store_url`` whose source no longer lists what
     it listed when the import began (files removed, added or changed): resumed, it
     would mix two listings, skipping or repeating rows. Says what changed."""
@@ -127,15 +124,16 @@ def _refuse_a_changed_source(store_url: str, options: StorageOptions | None, fou
         return
     where = ""
     for start, stop in store.each_shard():  # a shard at a time, up to the first that moved
-        pairs = zip(store.read_ids(start, stop), found.ids[start:stop], strict=False)
+        now = found.ids(start, min(stop, found.rows))
+        pairs = zip(store.read_ids(start, stop), now, strict=False)
         moved = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
         if moved is not None:
             row = start + moved
-            where = f"; row {row} was {store.read_ids(row, row + 1)[0]}, now {found.ids[row]}"
+            where = f"; row {row} was {store.read_ids(row, row + 1)[0]}, now {now[moved]}"
             break
     raise DataError(
         f"{found.spec} changed since the import into {store_url} began: it listed "
-        f"{began.get('rows', 0):,} rows, now {len(found.ids):,}{where}. Import it into another "
+        f"{began.get('rows', 0):,} rows, now {found.rows:,}{where}. Import it into another "
         f"--store, or delete {store_url} and import again"
     )
 
@@ -160,10 +158,57 @@ def import_latents(
     if latents not in CONVENTIONS:
         raise DataError(f"--latents {latents!r} is not scaled or raw")
     read = read_once(model, storage_options)  # the weights read once, here
+    config = read.info.config
+    with (
+        using(client, scheduler, workers) as c,
+        _listing_folder(store_url, storage_options) as into,
+    ):
+        found = list_source(
+            spec, into, storage_options, run=lambda fn, specs: map_in_order(c, fn, specs)
+        )
+        result = _import(found, read, store_url, latents, scaling_factor, shift_factor, layout,
+                         storage_options, c, on_progress)  # fmt: skip
+    return ImportResult(
+        derived=result,
+        layout=found.kind,
+        mean_of_mean_and_std=found.shape[0] == 2 * config.latent_channels,
+        warning=scale_warning(open_store(store_url, storage_options)),
+    )
+
+
+@contextmanager
+def _listing_folder(store_url: str, options: StorageOptions | None) -> Iterator[str]:
+    """A folder for this import's listing inside the store (a store folder made for it
+    alone is removed with it, when the import wrote nothing)."""
+    fs, path = filesystem(store_url, options)
+    existed = fs.exists(path)
+    into = join(store_url, f"{BOOKKEEPING}listing-{uuid.uuid4().hex[:12]}")
+    try:
+        yield into
+    finally:
+        folder = filesystem(into, options)[1]
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+        if not existed and not is_remote(store_url) and fs.isdir(path) and not fs.ls(path):
+            fs.rmdir(path)
+
+
+def _import(
+    found: Listing,
+    read: ModelBytes,
+    store_url: str,
+    latents: Convention,
+    scaling_factor: float | None,
+    shift_factor: float | None,
+    layout: Layout | None,
+    storage_options: StorageOptions | None,
+    client: Client,
+    on_progress: Callable[[Progress], None] | None,
+) -> DeriveResult:
+    """The import of the listed ``found`` into ``store_url`` (a derived store's rows)."""
     info = read.info
     config = info.config
-    found = find(spec, storage_options)
-    validate_ids(found.ids)
+    spec = found.spec
     channels, *spatial = found.shape if len(found.shape) == 3 else (0, 0, 0)
     if channels not in (config.latent_channels, 2 * config.latent_channels):
         raise DataError(
@@ -183,8 +228,7 @@ def import_latents(
     chosen = layout or Layout(latent_dtype=dtype)
     if chosen.latent_dtype is None and dtype is not None:
         chosen = Layout(chosen.shard_rows, chosen.chunk_rows, dtype)
-    rows = len(found.ids)
-    labels = found.labels
+    rows = found.rows
     lineage = Lineage(
         operation="import",
         parameters={
@@ -194,7 +238,7 @@ def import_latents(
             "scaling_factor": source[0],
             "shift_factor": source[1],
             "mean_of_mean_and_std": channels == 2 * config.latent_channels,
-            "rows": len(found.ids),
+            "rows": found.rows,
             "listing_sha256": found.digest,
         },
         seed=None,
@@ -205,15 +249,13 @@ def import_latents(
     def part(a: int, b: int) -> ImportPart:
         return ImportPart(
             segments=found.segments(a, b),
-            ids=found.ids[a:b],
-            labels=None if labels is None else tuple(int(v) for v in labels[a:b]),
             shape=found.shape,
             channels=config.latent_channels,
             scaling=scaling,
             options=dict(storage_options or {}),
         )
 
-    result = derive(
+    return derive(
         store_url,
         create=lambda meta: create_store(
             store_url,
@@ -233,13 +275,5 @@ def import_latents(
         model=read,
         storage_options=storage_options,
         client=client,
-        scheduler=scheduler,
-        workers=workers,
         on_progress=on_progress,
-    )
-    return ImportResult(
-        derived=result,
-        layout=found.kind,
-        mean_of_mean_and_std=channels == 2 * config.latent_channels,
-        warning=scale_warning(open_store(store_url, storage_options)),
     )
