@@ -15,6 +15,7 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import (
+    DecodePrecision,
     ImageCodecName,
     ImagesPerShard,
     ModelDir,
@@ -28,6 +29,7 @@ from flows.params import (
 )
 from latentbatch.choices import Format
 from latentbatch.decode import DecodeResult, decode
+from latentbatch.engine.kernel import Precision
 from latentbatch.outputs.codecs import check_codec
 from latentbatch.outputs.shards import read_output
 
@@ -47,6 +49,7 @@ def decode_task(
     quality: int | None = None,
     storage_block: str | None = None,
     images_per_shard: int | None = None,
+    precision: Precision = "auto",
 ) -> DecodeResult:
     progress = ProgressReporter("decode-progress", f"Decoding {store} into {out}")
     return decode(
@@ -61,6 +64,7 @@ def decode_task(
         workers=workers,
         allow_model_mismatch=allow_model_mismatch,
         on_progress=progress,
+        precision=precision,
     )
 
 
@@ -76,6 +80,8 @@ def decode_summary(result: DecodeResult, store: str) -> dict[str, object]:
         "images_per_second": round(result.images_per_second, 1),
         "model_id": result.manifest.model_id,
         "canary": result.canary,
+        "batches": result.batches,
+        "fp32_again": result.fp32_again,
     }
 
 
@@ -97,6 +103,7 @@ def decode_latents(
     quality: Quality = None,
     storage_block: StorageBlock = None,
     images_per_shard: ImagesPerShard = None,
+    precision: DecodePrecision = "auto",
 ) -> dict[str, object]:
     result = decode_task(
         model_dir,
@@ -110,6 +117,7 @@ def decode_latents(
         quality,
         storage_block,
         images_per_shard,
+        precision,
     )
     summary = decode_summary(result, store)
     summary_artifact("decode-summary", "Decode summary", [summary])

@@ -29,6 +29,7 @@ from flows.orchestration import (
     summary_artifact,
 )
 from flows.params import (
+    DecodePrecision,
     ImageCodecName,
     ImagesPerShard,
     OutputFormat,
@@ -41,6 +42,7 @@ from flows.params import (
 from latentbatch.choices import Format
 from latentbatch.decode import decode
 from latentbatch.engine.cluster import connect, map_results
+from latentbatch.engine.kernel import Precision
 from latentbatch.ids import short_id
 from latentbatch.outputs.catalog import BulkItem, models_by_id, plan_bulk
 from latentbatch.outputs.codecs import ImageCodec, check_codec
@@ -70,6 +72,7 @@ def decode_store(
     client: Any,
     options: dict[str, Any] | None,
     images_per_shard: int | None = None,
+    precision: Precision = "auto",
 ) -> dict[str, object]:
     model_id = open_store(item.entry.url, options).model_id  # validates the store
     if model_id not in models:
@@ -86,6 +89,7 @@ def decode_store(
             storage_options=options,
             client=client,
             on_progress=progress,
+            precision=precision,
         )
     except LeaseHeldError as held:  # another writer is at it: its output, not our failure
         return {"held": str(held)}
@@ -125,6 +129,7 @@ def nightly_bulk_decode(
     quality: Quality = None,
     storage_block: StorageBlock = None,
     images_per_shard: ImagesPerShard = None,
+    precision: DecodePrecision = "auto",
     verify_full: Annotated[
         bool,
         Field(
@@ -172,6 +177,7 @@ def nightly_bulk_decode(
                     client,
                     options,
                     images_per_shard,
+                    precision,
                     return_state=True,
                 )
                 if state.is_completed() and "held" in state.result():

@@ -61,6 +61,14 @@ Quality = Annotated[
     int | None,
     Field(ge=1, le=100, description="Quality 1-100 of webp and jpeg images (default 90)"),
 ]
+DecodePrecision = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"],
+    Field(
+        description="The decoder's precision (auto: fp32 on CPU; on a GPU fp16 where the "
+        "model's config allows it, else bf16 where the GPU has it, else fp32); a batch "
+        "holding NaN or Inf is decoded again in fp32"
+    ),
+]
 ImagesPerShard = Annotated[
     int | None,
     Field(

@@ -127,6 +127,15 @@ class ModelConfig:
         return "int8" if self.quantized else None
 
     @property
+    def force_upcast(self) -> bool | None:
+        """Whether the model's config says its decoder must not run in float16
+        (diffusers' ``force_upcast``: True for the original SD and SDXL VAEs, False for
+        TAESD and the fp16-fix VAEs); None when it says nothing (latentbatch's presets)."""
+        if self.diffusers is None or "force_upcast" not in self.diffusers:
+            return None
+        return bool(self.diffusers["force_upcast"])
+
+    @property
     def any_size(self) -> bool:
         """Whether the model takes images of any size (a diffusers autoencoder: any
         multiple of its down-sampling factor up to :data:`MAX_SIDE`), or only its own."""

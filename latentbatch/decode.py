@@ -40,6 +40,7 @@ begun with when it is continued (a grown store adds shards of the same size).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -56,12 +57,18 @@ import torch
 from distributed import Client
 
 from latentbatch.choices import Format
-from latentbatch.config import tiled
+from latentbatch.config import ModelConfig, tiled
 from latentbatch.engine.canary_task import check_first, check_here, check_on_worker
 from latentbatch.engine.cluster import gpu_resources, map_bounded, using
 from latentbatch.engine.kernel import (
+    PRECISIONS,
+    Chosen,
+    Precision,
+    Upcasts,
     batch_difference,
     batch_for,
+    bf16_supported,
+    chosen_precision,
     decode_batches,
     decode_latents,
     environment,
@@ -140,6 +147,7 @@ class DecodeJob:
     check_canary: bool = True  # each worker checks the store's canary before its first shard
     run: str = ""  # this decode's token: a worker checks the canary once per run
     fence: Fence | None = None  # the output's lease: checked before each write is kept
+    precision: Precision = "auto"  # chosen on the worker: chosen_precision
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +162,8 @@ class DecodeResult:
     canary: str = "none"  # how the store's canary compared (latentbatch.stores.canary)
     tiled: bool = False  # each image over the memory budget, decoded in tiles
     batch_invariance: int | None = None  # levels between batch 1 and the working batch
+    batches: int = 0  # decoder calls of this run
+    fp32_again: int = 0  # of them, those whose bf16 or fp16 output held NaN or Inf
 
     @property
     def images_per_second(self) -> float:
@@ -173,7 +183,24 @@ class DecodeResult:
             "canary": self.canary,
             "tiled": self.tiled,
             "batch_invariance_levels": self.batch_invariance,
+            "batches": self.batches,
+            "fp32_again": self.fp32_again,
         }
+
+    @property
+    def upcast_sentence(self) -> str | None:
+        """A sentence when batches were decoded again in fp32 (None when none were)."""
+        if not self.fp32_again:
+            return None
+        if self.fp32_again == self.batches:
+            return (
+                f"every batch ({self.batches}) held NaN or Inf in reduced precision and was "
+                "decoded again in fp32: decode this model with --precision fp32"
+            )
+        return (
+            f"{self.fp32_again} of {self.batches} batches held NaN or Inf in reduced "
+            "precision and were decoded again in fp32"
+        )
 
 
 class ImageEncoding:
@@ -231,8 +258,14 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
     batch_size = job.batch_size or batch_for(device, image_bytes)
     blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, store.shard_rows))
     batches = (b[i : i + batch_size] for b in blocks for i in range(0, len(b), batch_size))
+    upcasts = Upcasts()
     images = decode_batches(
-        decoder, batches, device, encoding.add if encoding is not None else None
+        decoder,
+        batches,
+        device,
+        encoding.add if encoding is not None else None,
+        precision=precision_on(job.precision, store.model_config, device),
+        upcasts=upcasts,
     )
     labels = store.read_labels(job.start, job.stop).tolist() if store.has_labels else None
     fence = job.fence
@@ -249,23 +282,40 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
             encoded=encoding.result() if encoding is not None else None,
             labels=labels,
         )
+        record = dataclasses.replace(record, batches=upcasts.batches, fp32_again=upcasts.fp32_again)
         write_record(job.out_url, job.out_options, record, job.identity)
     return record.to_dict()
 
 
-def _environments(client: Client, model_id: str) -> dict[str, Any]:
+def check_precision(precision: str) -> Precision:
+    """``precision`` when it is one the decoder runs in, else a sentence."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def precision_on(asked: Precision, config: ModelConfig, device: torch.device) -> Chosen:
+    """The precision a decoder of ``config`` runs in on ``device`` when ``asked``."""
+    return chosen_precision(
+        asked, device.type, force_upcast=config.force_upcast, bf16=bf16_supported(device)
+    )
+
+
+def _environments(
+    client: Client, model_id: str, config: ModelConfig, precision: Precision
+) -> dict[str, Any]:
     """The distinct :func:`worker_environment` of the cluster's workers (not how many
     there are: an output's bytes do not depend on that)."""
-    found = client.run(worker_environment, model_id)
+    found = client.run(worker_environment, model_id, config, precision)
     distinct = {json.dumps(e, sort_keys=True): e for e in found.values()}
     return {"settings": [distinct[k] for k in sorted(distinct)]}
 
 
-def worker_environment(model_id: str) -> dict[str, Any]:
+def worker_environment(model_id: str, config: ModelConfig, precision: Precision) -> dict[str, Any]:
     """Worker side: :func:`latentbatch.engine.kernel.environment` of the device this
-    worker decodes on."""
+    worker decodes on, in the precision it chooses there."""
     _, device = cached_model(model_id, "decoder")
-    return environment(device)
+    return environment(device, precision_on(precision, config, device))
 
 
 def batch_invariance(job: DecodeJob, rows: int = 16) -> int:
@@ -278,7 +328,8 @@ def batch_invariance(job: DecodeJob, rows: int = 16) -> int:
     latents = store.read("latents", chosen).astype(np.float32)
     image_bytes = store.model_config.decode_bytes(*store.image_size)
     batch = min(len(latents), job.batch_size or batch_for(device, image_bytes))
-    return batch_difference(decoder, latents, device, batch)
+    chosen = precision_on(job.precision, store.model_config, device)
+    return batch_difference(decoder, latents, device, batch, chosen)
 
 
 def check_model(store: LatentStore, info: ModelInfo, allow_model_mismatch: bool = False) -> None:
@@ -312,10 +363,14 @@ def _check_codec(fmt: Format, codec: ImageCodec | None) -> ImageCodec:
     return codec
 
 
-def _settings(fmt: Format, codec: ImageCodec, channels: int) -> dict[str, Any]:
+def _settings(
+    fmt: Format, codec: ImageCodec, channels: int, precision: Precision = "auto"
+) -> dict[str, Any]:
     """What shapes an output's bytes besides store and model: its image codec's settings
-    (none for zarr) and the images' channels (lossy codecs read back as RGB otherwise)."""
-    return {"channels": channels, **(codec.settings() if fmt != "zarr" else {})}
+    (none for zarr), the images' channels (lossy codecs read back as RGB otherwise), and
+    a precision asked for (``auto`` is the device's own, as the record says)."""
+    found = {"channels": channels, **(codec.settings() if fmt != "zarr" else {})}
+    return found if precision == "auto" else {**found, "precision": precision}
 
 
 def _refuse_other_output(
@@ -413,6 +468,7 @@ def decode(
     max_in_flight: int | None = None,
     on_progress: ProgressCallback | None = None,
     batch_invariance_check: bool = False,
+    precision: Precision = "auto",
 ) -> DecodeResult:
     """Decode the committed rows of a store into ``out_url`` (see the module docstring).
     Tar shards hold ``codec``'s images (PNG when not given); each output shard holds
@@ -422,8 +478,12 @@ def decode(
     The manifest records what shaped the pixels on the workers
     (:func:`latentbatch.engine.kernel.environment`); ``batch_invariance_check`` also
     decodes the canary rows (or the first 16) one at a time and at the working batch on
-    a worker, and records and returns the largest pixel difference."""
+    a worker, and records and returns the largest pixel difference. ``precision`` is
+    the decoder's (:func:`latentbatch.engine.kernel.chosen_precision` on each worker:
+    ``auto`` is fp32 on CPU); batches decoded again in fp32 are counted in the result
+    and the manifest."""
     fmt = check_format(fmt)
+    precision = check_precision(precision)
     codec = _check_codec(fmt, codec)
     out_options = storage_options if out_options is None else out_options
     model = read_once(model_dir, storage_options)  # the weights read once, here
@@ -457,7 +517,10 @@ def decode(
                 count=store.count,
                 chunk_rows=store.chunk_rows,
             )
-        settings = {**_settings(fmt, codec, info.config.channels), "rows_per_shard": rows}
+        settings = {
+            **_settings(fmt, codec, info.config.channels, precision),
+            "rows_per_shard": rows,
+        }
         identity = {"store_uuid": store.uuid, "model_id": info.model_id, "format": fmt, **settings}
         shards = -(-store.count // rows)
 
@@ -483,6 +546,7 @@ def decode(
             "check_canary": check,
             "run": run_token,
             "fence": lease.fence(),
+            "precision": precision,
         }
         jobs = (  # drawn as tasks are submitted: the client holds only those in flight
             DecodeJob(**job_fields, index=index, start=a, stop=b)
@@ -504,7 +568,7 @@ def decode(
             register_model(c, model, "decoder")
             if check:  # before anything of the output exists
                 canary = check_first(c, store, info.model_id, run_token)
-            recorded_environment = _environments(c, info.model_id)
+            recorded_environment = _environments(c, info.model_id, info.config, precision)
             if batch_invariance_check:
                 probe = DecodeJob(**{**job_fields, "index": 0, "start": 0, "stop": store.count})
                 invariance = c.submit(batch_invariance, probe, pure=False).result()
@@ -538,11 +602,17 @@ def decode(
                 ) from None
         else:  # nothing decoded now: what shaped the pixels is what was recorded
             recorded_environment = earlier.environment if earlier is not None else None
+        records = {**done, **written}
+        if recorded_environment is not None and todo[0]:  # every shard's, resumed or not
+            recorded_environment["precision"] = {
+                "asked": precision,
+                "batches": sum(r.batches for r in records.values()),
+                "fp32_again": sum(r.fp32_again for r in records.values()),
+            }
         lease.check()
         lease.fence().check()  # on the storage itself: another writer's temporaries stay
         taken = {lease.took_over.token} if lease.took_over is not None else set()
         remove_temporaries(out_url, out_options, {lease.token, *taken})
-        records = {**done, **written}
         with checked_commits(lease.fence().check):
             manifest = write_manifest(
                 out_url,
@@ -566,6 +636,8 @@ def decode(
         canary=str(canary),
         tiled=info.config.any_size and tiled(info.config.decode_bytes(*store.image_size)),
         batch_invariance=invariance,
+        batches=sum(r.batches for r in written.values()),
+        fp32_again=sum(r.fp32_again for r in written.values()),
     )
 
 

@@ -102,6 +102,21 @@ def save_kl_vae(folder: Path, sample_size: int = 32) -> Path:
     return folder
 
 
+def save_overflowing_kl_vae(folder: Path) -> Path:
+    """:func:`save_kl_vae`'s model with its decoder's first convolution scaled by 10^6:
+    finite in float32 (the group norms that follow undo the scale), but its activations
+    overflow float16 (as the original SDXL VAE's do), so a float16 decode is NaN."""
+    from diffusers import AutoencoderKL
+
+    save_kl_vae(folder)
+    vae = AutoencoderKL.from_pretrained(str(folder), low_cpu_mem_usage=False)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e6)
+        vae.decoder.conv_in.bias.mul_(1e6)
+    vae.save_pretrained(str(folder))
+    return folder
+
+
 def save_tiny_vae(folder: Path, sample_size: int = 32) -> Path:
     """A seeded random-init diffusers AutoencoderTiny (TAESD's layout at small widths),
     its config given a ``sample_size`` (TAESD's records none)."""

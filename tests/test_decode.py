@@ -473,3 +473,43 @@ def test_a_decode_records_what_shaped_its_pixels(
     again = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024, client=client)
     assert again.shards_written == ()  # nothing decoded: the record is kept
     assert json.loads((out / "manifest.json").read_text())["environment"] == recorded
+
+
+def test_a_model_that_overflows_float16_is_decoded_again_in_fp32_and_counted(
+    tmp_path: Path, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--precision fp16`` of a model whose activations overflow float16 (on CPU by a
+    cast copy): every batch is decoded again in fp32, the summary says so in a sentence
+    and the manifest counts the batches; the images are the fp32 decode's. ``auto`` runs
+    fp32 on CPU."""
+    from latentbatch.cli import main
+    from latentbatch.uses.import_latents import import_latents
+    from tests.helpers import save_overflowing_kl_vae
+
+    model = save_overflowing_kl_vae(tmp_path / "overflows")
+    latents = np.random.default_rng(6).standard_normal((12, 4, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", latents)
+    store = str(tmp_path / "s.zarr")
+    import_latents(model, str(tmp_path / "rows.npy"), store, client=client)
+    fp32 = decode(model, store, str(tmp_path / "fp32"), fmt="png", client=client)
+    assert fp32.batches > 0 and fp32.fp32_again == 0
+    environment = json.loads((tmp_path / "fp32" / "manifest.json").read_text())["environment"]
+    assert environment["settings"][0]["decoder_dtype"] == "float32"
+    assert environment["precision"] == {"asked": "auto", "batches": fp32.batches, "fp32_again": 0}
+    out = str(tmp_path / "fp16")
+    argv = ["decode", "--model", str(model), "--store", store, "--out", out, "--format", "png",
+            "--precision", "fp16", "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "held NaN or Inf in reduced precision and was decoded again in fp32: decode " in err
+    environment = json.loads((tmp_path / "fp16" / "manifest.json").read_text())["environment"]
+    assert environment["settings"][0]["decoder_dtype"] == "float16 (a cast copy)"
+    counted = environment["precision"]
+    assert counted["asked"] == "fp16" and counted["batches"] == counted["fp32_again"] > 0
+    np.testing.assert_array_equal(
+        read_output(str(tmp_path / "fp16"))[1], read_output(str(tmp_path / "fp32"))[1]
+    )
+    bad = ["decode", "--model", str(model), "--store", store, "--out", str(tmp_path / "bad"),
+           "--precision", "fp8", "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(bad) == 1
+    assert "--precision 'fp8' is not one of auto, fp32, bf16, fp16" in capsys.readouterr().err

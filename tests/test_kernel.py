@@ -10,6 +10,8 @@ import torch
 
 from latentbatch.engine.kernel import (
     NonFiniteLatentsError,
+    Upcasts,
+    chosen_precision,
     decode_batches,
     decode_latents,
     encode_images,
@@ -38,6 +40,70 @@ def test_cpu_decode_bits_do_not_depend_on_threads_or_batch(
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(one_thread, small_batches)
     np.testing.assert_array_equal(one_thread, two_threads)
+
+
+@pytest.mark.parametrize(
+    ("asked", "device", "force_upcast", "bf16", "chosen"),
+    [
+        ("auto", "cpu", True, False, "fp32"),  # CPU runs fp32 unless asked
+        ("auto", "cpu", False, True, "fp32"),
+        ("auto", "cuda", True, False, "fp32"),  # an SD VAE on a V100 or T4: no bf16
+        ("auto", "cuda", True, True, "bf16"),  # an SD VAE on an A100 or H100
+        ("auto", "cuda", False, True, "fp16"),  # TAESD, the fp16-fix VAEs
+        ("auto", "cuda", False, False, "fp16"),
+        ("auto", "cuda", None, True, "bf16"),  # latentbatch's presets declare nothing
+        ("auto", "cuda", None, False, "fp32"),
+        ("fp16", "cuda", True, True, "fp16"),  # asked: as asked
+        ("bf16", "cpu", None, False, "bf16"),
+    ],
+)
+def test_auto_precision_honours_force_upcast_on_simulated_devices(
+    asked: str, device: str, force_upcast: bool | None, bf16: bool, chosen: str
+) -> None:
+    found = chosen_precision(asked, device, force_upcast=force_upcast, bf16=bf16)  # type: ignore[arg-type]
+    assert found == chosen
+
+
+@pytest.mark.parametrize("family", ["kl", "tiny"])
+def test_bf16_and_fp16_decodes_stay_near_fp32_on_cpu(
+    family: str, kl_vae: Path, tiny_vae: Path
+) -> None:
+    """Reduced precision on CPU (bf16 by autocast, fp16 by a cast copy): fp16 within 2
+    levels of fp32 everywhere; bf16, whose mantissa is 8 bits, off by under one level on
+    average and at most 8. Measured here: the random-init KL's bf16 decode is off by 0.6
+    levels on average, 3 at the 99th percentile and 6 at most (TAESD's: 0.1 and 1), so
+    the issue's "within 2 levels" holds for fp16 and TAESD's bf16, not for this KL's."""
+    decoder, _ = load_model(kl_vae if family == "kl" else tiny_vae, "decoder")
+    latents = np.random.default_rng(4).standard_normal((6, 4, 4, 4)).astype(np.float32)
+    cpu = torch.device("cpu")
+    fp32 = decode_latents(decoder, latents, cpu).astype(np.int16)
+    for precision in ("bf16", "fp16"):
+        upcasts = Upcasts()
+        reduced = decode_latents(decoder, latents, cpu, 4, precision=precision, upcasts=upcasts)  # type: ignore[arg-type]
+        assert (upcasts.batches, upcasts.fp32_again) == (2, 0)
+        off = np.abs(reduced.astype(np.int16) - fp32)
+        assert off.any(), precision  # it did run in reduced precision
+        if precision == "fp16":
+            assert off.max() <= 2
+        else:
+            assert off.mean() < 1 and off.max() <= 8
+
+
+def test_a_batch_that_overflows_float16_is_decoded_again_in_fp32(tmp_path: Path) -> None:
+    """A decoder whose activations overflow float16 gives NaN there, which would round to
+    black images: each such batch is decoded again in fp32, counted, and its images are
+    the fp32 decode's."""
+    from tests.helpers import save_overflowing_kl_vae
+
+    decoder, _ = load_model(save_overflowing_kl_vae(tmp_path / "overflows"), "decoder")
+    latents = np.random.default_rng(5).standard_normal((8, 4, 4, 4)).astype(np.float32)
+    cpu = torch.device("cpu")
+    fp32 = decode_latents(decoder, latents, cpu)
+    assert fp32.std() > 0  # finite and not one colour in fp32
+    upcasts = Upcasts()
+    again = decode_latents(decoder, latents, cpu, 4, precision="fp16", upcasts=upcasts)
+    assert (upcasts.batches, upcasts.fp32_again) == (2, 2)
+    np.testing.assert_array_equal(again, fp32)
 
 
 def test_finite_check_on_float16_bits_matches_numpy() -> None:

@@ -265,12 +265,21 @@ def decode_command(
             "report their largest pixel difference."
         ),
     ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The decoder's precision: auto (fp32 on CPU; on a GPU fp16 for a model "
+            "whose config says force_upcast: false, else bf16 where the GPU has it, else "
+            "fp32), fp32, bf16 or fp16. A batch whose bf16 or fp16 output holds NaN or Inf "
+            "is decoded again in fp32, and counted."
+        ),
+    ] = "auto",
     storage_option: StorageOption = None,
     progress: ProgressOption = True,
     as_json: JsonOption = False,
 ) -> None:
     """Decode a latent store into image shards (one Dask task per output shard)."""
-    from latentbatch.decode import decode
+    from latentbatch.decode import check_precision, decode
     from latentbatch.outputs.codecs import check_codec
     from latentbatch.outputs.shards import check_format
 
@@ -290,10 +299,13 @@ def decode_command(
             batch_size=batch_size,
             on_progress=update,
             batch_invariance_check=batch_invariance_check,
+            precision=check_precision(precision),
         )
     if as_json:
         emit_json(result.to_dict())
         return
+    if result.upcast_sentence is not None:
+        make_console(stderr=True).print(f"warning: {result.upcast_sentence}", highlight=False)
     if result.batch_invariance is not None:
         make_console().print(
             f"batch invariance: the canary rows decoded one at a time and in one batch differ "

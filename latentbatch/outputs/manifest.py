@@ -37,7 +37,9 @@ MANIFEST_FORMAT = 2
 
 @dataclass(frozen=True, kw_only=True)
 class ShardRecord:
-    """What one finished output shard holds: store rows ``[start, stop)``."""
+    """What one finished output shard holds: store rows ``[start, stop)``; and how its
+    decoder calls ran: ``batches``, of which ``fp32_again`` held NaN or Inf in reduced
+    precision and were decoded again in fp32 (0 in the records of earlier releases)."""
 
     index: int
     path: str
@@ -45,6 +47,8 @@ class ShardRecord:
     stop: int
     bytes: int
     sha256: str
+    batches: int = 0
+    fp32_again: int = 0
 
     @property
     def count(self) -> int:
@@ -62,6 +66,8 @@ class ShardRecord:
             stop=int(data["stop"]),
             bytes=int(data["bytes"]),
             sha256=str(data["sha256"]),
+            batches=int(data.get("batches", 0)),
+            fp32_again=int(data.get("fp32_again", 0)),
         )
 
 
