@@ -40,7 +40,10 @@ StoreUrl = Annotated[str, Field(description="Latent store: local path or s3:// U
 DataSource = Annotated[
     str, Field(description="mnist5k, digits, photos, synthetic[:N] or folder:PATH")
 ]
-OutputFormat = Annotated[Literal["tar", "zarr", "png"], Field(description="Shard format")]
+OutputFormat = Annotated[
+    Literal["tar", "zarr", "png", "npz"],
+    Field(description="Shard format (npz: one samples.npz, as evaluation suites read)"),
+]
 Scheduler = Annotated[
     str | None, Field(description="Dask scheduler address (empty: local cluster)")
 ]

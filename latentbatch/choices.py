@@ -6,6 +6,6 @@ from __future__ import annotations
 from typing import Literal
 
 SOURCES = ("mnist5k", "digits", "photos", "synthetic", "folder:PATH")  # latentbatch.sources.images
-Format = Literal["tar", "zarr", "png"]  # output shards (latentbatch.outputs.shards)
-FORMATS: tuple[Format, ...] = ("tar", "zarr", "png")
+Format = Literal["tar", "zarr", "png", "npz"]  # output shards (latentbatch.outputs.shards)
+FORMATS: tuple[Format, ...] = ("tar", "zarr", "png", "npz")
 QUALITIES = (5, 10, 20, 30, 50, 70, 90)  # JPEG/WebP qualities evaluate compares with

@@ -93,12 +93,15 @@ from latentbatch.outputs.manifest import (
     ShardRecord,
     StoreRef,
     begun_settings,
+    iter_shards,
     read_manifest,
     read_records,
     write_manifest,
     write_record,
 )
 from latentbatch.outputs.shards import (
+    NPZ_NAME,
+    assemble_npz,
     check_format,
     create_zarr_output,
     remove_beyond,
@@ -106,7 +109,7 @@ from latentbatch.outputs.shards import (
     write_shard,
 )
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions, checked_commits, is_remote
+from latentbatch.storage.fs import StorageOptions, checked_commits, filesystem, is_remote, join
 from latentbatch.storage.lease import Fence, leased
 from latentbatch.stores.canary import CanaryError, CanaryResult, has_canary
 from latentbatch.stores.store import LatentStore, Rows, StoreError, open_store, shard_ranges
@@ -253,7 +256,7 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         return latents
 
     threads = min(encoder_threads(device, worker_threads()), job.codec.useful_threads)
-    encoding = ImageEncoding(threads, job.codec) if job.fmt != "zarr" else None
+    encoding = ImageEncoding(threads, job.codec) if job.fmt in ("tar", "png") else None
     image_bytes = store.model_config.decode_bytes(*store.image_size)
     batch_size = job.batch_size or batch_for(device, image_bytes)
     blocks = read_ahead(read_checked, job.start, job.stop, max(batch_size, store.shard_rows))
@@ -369,8 +372,36 @@ def _settings(
     """What shapes an output's bytes besides store and model: its image codec's settings
     (none for zarr), the images' channels (lossy codecs read back as RGB otherwise), and
     a precision asked for (``auto`` is the device's own, as the record says)."""
-    found = {"channels": channels, **(codec.settings() if fmt != "zarr" else {})}
+    found = {"channels": channels, **(codec.settings() if fmt in ("tar", "png") else {})}
     return found if precision == "auto" else {**found, "precision": precision}
+
+
+def _whole_npz(
+    out_url: str,
+    options: StorageOptions | None,
+    earlier: Manifest | None,
+    store: LatentStore,
+    identity: dict[str, Any],
+) -> ShardRecord | None:
+    """The record of a finished npz output of all of ``store``'s rows with these
+    settings, whose file is there at its recorded size; None when there is none."""
+    if earlier is None or earlier.store.uuid != store.uuid or earlier.count != store.count:
+        return None
+    settings = {k: v for k, v in identity.items() if k not in ("store_uuid", "model_id", "format")}
+    recorded = {k: v for k, v in (earlier.format_settings or {}).items() if k != "batch_size"}
+    if recorded != settings:
+        return None
+    table = list(iter_shards(out_url, options, earlier))
+    fs, root = filesystem(out_url, options)
+    path = join(root, NPZ_NAME)
+    if len(table) != 1 or table[0].path != NPZ_NAME or not fs.exists(path):
+        return None
+    return table[0] if int(fs.size(path)) == table[0].bytes else None
+
+
+def _labels_of(store: LatentStore) -> Callable[[int, int], np.ndarray] | None:
+    """The store's labels by row range, when it has them (an npz's ``arr_1``)."""
+    return store.read_labels if store.has_labels else None
 
 
 def _refuse_other_output(
@@ -409,10 +440,11 @@ def _layout_settings(
 ) -> dict[str, Any]:
     """The settings an output cannot mix: image codec and quality (tar and png), and
     rows per output shard (one store shard each before ``--images-per-shard``)."""
-    keys = ("image_codec", "quality", "rows_per_shard") if fmt != "zarr" else ("rows_per_shard",)
+    encoded = fmt in ("tar", "png")
+    keys = ("image_codec", "quality", "rows_per_shard") if encoded else ("rows_per_shard",)
     chosen = {k: v for k, v in (settings or {}).items() if k in keys}
     defaults: dict[str, Any] = {"rows_per_shard": shard_rows}
-    if fmt != "zarr":
+    if encoded:
         defaults["image_codec"] = "png"
     return {**defaults, **chosen}
 
@@ -530,7 +562,8 @@ def decode(
         _refuse_other_output(out_url, earlier, store, info, fmt, settings)
         if fmt != "zarr":  # a stopped decode of more shards (another store's) left these
             remove_beyond(out_url, out_options, shards)
-        done = read_records(out_url, out_options, identity)
+        whole = _whole_npz(out_url, out_options, earlier, store, identity) if fmt == "npz" else None
+        done = read_records(out_url, out_options, identity) if whole is None else {}
         done = {i: r for i, r in done.items() if i < shards and (r.start, r.stop) == rows_of(i)}
         job_fields: dict[str, Any] = {
             "store_url": store_url,
@@ -555,6 +588,8 @@ def decode(
             for a, b in [rows_of(index)]
         )
         todo = (shards - len(done), store.count - sum(r.count for r in done.values()))
+        if whole is not None:  # a finished npz: its parts are gone, nothing to do
+            todo = (0, 0)
 
         def collect(record: dict[str, Any], progress: Progress) -> None:
             lease.check()  # taken over while this decode stalled: record nothing more
@@ -613,7 +648,10 @@ def decode(
         lease.fence().check()  # on the storage itself: another writer's temporaries stay
         taken = {lease.took_over.token} if lease.took_over is not None else set()
         remove_temporaries(out_url, out_options, {lease.token, *taken})
+        table = [records[i] for i in sorted(records)]
         with checked_commits(lease.fence().check):
+            if fmt == "npz":  # the parts streamed into one file (or the one already there)
+                table = [whole or assemble_npz(out_url, out_options, table, _labels_of(store))]
             manifest = write_manifest(
                 out_url,
                 out_options,
@@ -622,9 +660,11 @@ def decode(
                 output_format=fmt,
                 format_settings={**settings, "batch_size": batch_size or "auto"},
                 count=store.count,
-                shards=[records[i] for i in sorted(records)],
+                shards=table,
                 environment=recorded_environment,
             )
+        if fmt == "npz":
+            remove_beyond(out_url, out_options, 0)  # the parts and their records: in the npz
     return DecodeResult(
         out=out_url,
         manifest=manifest,
@@ -685,7 +725,7 @@ def decode_selection(
     fmt: str = "tar",
     codec: ImageCodec | None = None,
 ) -> Manifest:
-    """Decode chosen rows into ``out`` as one shard (tar, png or zarr) plus a manifest
+    """Decode chosen rows into ``out`` as one shard (tar, png, zarr or npz) plus a manifest
     that lists them, with :func:`decode_rows`' checks and :func:`decode`'s writers. It
     runs in this process, so a selection of more than :data:`SELECTION_LIMIT` rows (one
     output shard's worth) is refused: decode the store with :func:`decode` instead."""
@@ -719,6 +759,12 @@ def decode_selection(
             codec=codec,
             labels=labels,
         )
+        if fmt == "npz":
+            chosen = np.asarray(store.read("labels", rows)) if store.has_labels else None
+            record = assemble_npz(
+                out, options, [record], (lambda a, b: chosen[a:b]) if chosen is not None else None
+            )
+            remove_beyond(out, options, 0)
         return write_manifest(
             out,
             options,

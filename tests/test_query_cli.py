@@ -67,6 +67,12 @@ def test_query_commands(
     capsys.readouterr()
     manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
     assert manifest["count"] == len(list((tmp_path / "sel" / "shard-000000").iterdir())) > 0
+    assert main([*argv, "--decode", str(tmp_path / "npz"), "--format", "npz"]) == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "npz" / "samples.npz") as found:  # grey digits as RGB
+        assert found["arr_0"].shape == (manifest["count"], 28, 28, 3)
+        assert found["arr_1"].tolist() == [3] * manifest["count"]
+    assert not list((tmp_path / "npz").glob("shard-*"))
 
     stats = _json(["stats", store], capsys)
     assert len(stats["mean"]) == 64

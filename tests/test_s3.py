@@ -21,6 +21,7 @@ from latentbatch.errors import CheckpointError
 from latentbatch.ids import short_id
 from latentbatch.models.checkpoint import CONFIG, MODEL_CACHE_ENV, WEIGHTS, model_id
 from latentbatch.outputs.shards import read_output
+from latentbatch.outputs.verify import verify_output
 from latentbatch.stores.store import Layout, StoreError, open_store
 from tests.servers import dask_cluster, moto_server
 
@@ -68,6 +69,15 @@ def test_encode_and_decode_on_s3_match_local(
 
     again = decode(tiny_model, remote_store, remote_out, storage_options=s3, client=client)
     assert again.shards_written == ()
+
+    # npz: the parts streamed into one object by a multipart upload, the parts removed
+    remote_npz, local_npz = "s3://latentbatch/outputs/npz", str(tmp_path / "npz")
+    decode(tiny_model, local_store, local_npz, fmt="npz", client=client)
+    decode(tiny_model, remote_store, remote_npz, fmt="npz", storage_options=s3, client=client)
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls("latentbatch/outputs/npz", detail=False)
+            if "shard-" in p] == []  # fmt: skip
+    np.testing.assert_array_equal(read_output(remote_npz, s3)[1], read_output(local_npz)[1])
+    assert verify_output(remote_npz, s3).ok
 
 
 def test_missing_remote_store_is_named(s3: dict[str, Any]) -> None:

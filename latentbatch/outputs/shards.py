@@ -1,4 +1,4 @@
-"""Output shards of a decode: the three formats and their writers.
+"""Output shards of a decode: the four formats and their writers.
 
 ::
 
@@ -6,6 +6,9 @@
       shard-000000.tar           tar: WebDataset layout, ID.png|webp|jpg (+ ID.json) per image
       shard-000000/              png: a folder of ID.png per shard
       images.zarr/               zarr: uint8 [N, H, W, C], one zarr shard per output shard
+      samples.npz                npz: arr_0 uint8 [N, H, W, 3] (+ arr_1 labels), the
+                                 evaluation suites' layout, assembled from the parts
+                                 shard-000000.npy ... that the tasks wrote (then removed)
 
 Every shard is built completely and written with :mod:`latentbatch.storage.fs`'s atomic
 writes (object stores: one PUT of the whole object). Tar members have fixed metadata
@@ -20,7 +23,9 @@ import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Collection, Sequence
+import zipfile
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import zarr
@@ -43,6 +48,7 @@ from latentbatch.storage.fs import (
     is_temporary,
     join,
     named_write,
+    streamed_write,
     temporary_of,
     write_bytes,
     write_folder,
@@ -51,6 +57,9 @@ from latentbatch.storage.fs import (
 from latentbatch.stores.store import open_store
 
 ZARR_NAME = "images.zarr"
+NPZ_NAME = "samples.npz"
+_COPY_BLOCK = 8 * 2**20  # bytes: what the npz assembly holds at once
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same bytes on every run
 
 
 def check_format(fmt: str) -> Format:
@@ -67,6 +76,8 @@ def shard_name(index: int, fmt: Format) -> str:
         return f"shard-{index:06d}.tar"
     if fmt == "png":
         return f"shard-{index:06d}"
+    if fmt == "npz":
+        return f"shard-{index:06d}.npy"
     return f"{ZARR_NAME}/c/{index}/0/0/0"
 
 
@@ -216,7 +227,98 @@ def write_zarr_shard(
     return _record(index, name, start, len(images), len(data), hashlib.sha256(data).hexdigest())
 
 
-_SHARD_FILE = re.compile(r"^shard-(\d{6})(\.tar|\.json)?$")
+def write_npy_part(
+    out_url: str, options: StorageOptions | None, index: int, start: int, images: np.ndarray
+) -> ShardRecord:
+    """An npz output's part ``shard-NNNNNN.npy``: the shard's images as ``uint8 (n, H, W,
+    3)`` (a grey image's one channel repeated, as the evaluation suites read RGB)."""
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(rgb, np.uint8))
+    data = buffer.getvalue()
+    name = shard_name(index, "npz")
+    write_bytes(join(out_url, name), data, options)
+    return _record(index, name, start, len(images), len(data), hashlib.sha256(data).hexdigest())
+
+
+class _Digested:
+    """A writable file that also counts and hashes what goes through it."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _stored(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def assemble_npz(
+    out_url: str,
+    options: StorageOptions | None,
+    parts: Sequence[ShardRecord],
+    labels: Callable[[int, int], np.ndarray] | None,
+) -> ShardRecord:
+    """``OUT/samples.npz`` from the parts (in row order), streamed: ``arr_0`` their
+    images, ``arr_1`` the ``labels(start, stop)`` of their rows (when given), each a
+    stored zip64 member; a block of a part in memory at a time, and the file appears
+    whole or not at all. Returns its record (all rows, its size and sha256)."""
+    fs, root = filesystem(out_url, options)
+    shapes = []
+    for part in parts[:1]:
+        with fs.open(join(root, part.path), "rb") as handle:
+            np.lib.format.read_magic(handle)
+            shapes.append(np.lib.format.read_array_header_1_0(handle)[0])
+    count = sum(p.count for p in parts)
+    image = tuple(shapes[0][1:]) if shapes else (0, 0, 3)
+    url = join(out_url, NPZ_NAME)
+    with streamed_write(url, options, f"the npz {url}") as raw:
+        out = _Digested(raw)
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:  # type: ignore[call-overload]
+            with archive.open(_stored("arr_0.npy"), "w", force_zip64=True) as member:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (count, *image)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for part in parts:
+                    _copy_rows(fs, join(root, part.path), member, (part.count, *image))
+            if labels is not None:
+                with archive.open(_stored("arr_1.npy"), "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(
+                        member, {"descr": "<i8", "fortran_order": False, "shape": (count,)}
+                    )
+                    for part in parts:
+                        member.write(labels(part.start, part.stop).astype("<i8").tobytes())
+    return _record(0, NPZ_NAME, 0, count, out.size, out.digest.hexdigest())
+
+
+def _copy_rows(fs: Any, path: str, into: Any, shape: tuple[int, ...]) -> None:
+    """A part's pixels (after its ``.npy`` header) into ``into``, a block at a time;
+    a part of another shape than the first is refused."""
+    with fs.open(path, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        found = tuple(np.lib.format.read_array_header_1_0(handle)[0])
+        if found != shape:
+            raise OutputError(
+                f"{path} holds images of shape {found}, not {shape}; run the decode again "
+                "into another --out"
+            )
+        for block in iter(lambda: handle.read(_COPY_BLOCK), b""):
+            into.write(block)
+
+
+_SHARD_FILE = re.compile(r"^shard-(\d{6})(\.tar|\.json|\.npy)?$")
 
 
 def remove_beyond(out_url: str, options: StorageOptions | None, shards: int) -> int:
@@ -282,6 +384,8 @@ def write_shard(
     """
     if fmt == "zarr":
         return write_zarr_shard(out_url, options, index, start, images)
+    if fmt == "npz":
+        return write_npy_part(out_url, options, index, start, images)
     codec = codec or PNG
     if fmt == "png" and codec.name != "png":
         raise OutputError(f"the png format holds PNG images, not {codec.name}; use --format tar")
@@ -319,6 +423,10 @@ def read_output(
     if manifest is None:
         raise OutputError(f"{out_url} has no {MANIFEST}; the decode is not finished")
     fs, root = filesystem(out_url, options)
+    if manifest.output_format == "npz":
+        with fs.open(join(root, NPZ_NAME), "rb") as handle, np.load(handle) as found:
+            images = np.asarray(found["arr_0"][:limit])
+        return open_store(manifest.store.url, options).read_ids(0, len(images)), images
     if manifest.output_format == "zarr":
         url = join(out_url, ZARR_NAME)
         array = zarr.open_array(url, mode="r", storage_options=zarr_options(url, options))

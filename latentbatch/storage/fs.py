@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -189,6 +189,14 @@ def _write_local(path: Path, data: bytes) -> None:
 
 def _write_file(path: Path, data: bytes) -> None:
     """``data`` into a temporary file beside ``path``, fsynced, renamed onto it."""
+    with _local_stream(path) as handle:
+        handle.write(data)
+
+
+@contextmanager
+def _local_stream(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside ``path`` to write, fsynced and renamed onto it at the end
+    (removed when the write fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     mark = _WRITER.get()
     prefix = f".{path.name}.{mark}." if mark else f".{path.name}."
@@ -196,7 +204,7 @@ def _write_file(path: Path, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         before_commit()
@@ -204,6 +212,30 @@ def _write_file(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def streamed_write(
+    url: str, options: StorageOptions | None = None, what: str = ""
+) -> Iterator[BinaryIO]:
+    """A file at a local path or object URL written as a stream and appearing whole or
+    not at all: a local temporary renamed at the end, an object's multipart upload
+    completed at the end (aborted when the write fails). Memory stays a block's,
+    however large the file; a failure is a sentence naming ``what`` (default: ``url``)."""
+    with named_write(url, what or url):
+        if not is_remote(url):
+            with _local_stream(Path(url.removeprefix("file://"))) as handle:
+                yield handle
+            return
+        fs, path = filesystem(url, options)
+        remote = fs.open(path, "wb")
+        try:
+            yield remote
+        except BaseException:
+            remote.discard()  # the upload is aborted: no part of it appears
+            raise
+        before_commit()
+        remote.close()
 
 
 def write_bytes(url: str | Path, data: bytes, options: StorageOptions | None = None) -> None:
