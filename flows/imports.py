@@ -25,11 +25,15 @@ def import_task(
     source: str,
     store: str,
     latents: Literal["scaled", "raw"],
-    scaling_factor: float | None,
-    shift_factor: float | None,
+    scaling_factor: list[float] | None,
+    shift_factor: list[float] | None,
     scheduler: str | None,
     workers: int | None,
     options: dict[str, Any] | None,
+    convention: str = "model",
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
+    packed: bool = False,
 ) -> ImportResult:
     return import_latents(
         model_dir,
@@ -38,6 +42,10 @@ def import_task(
         latents=latents,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
+        convention=convention,
+        latents_mean=latents_mean,
+        latents_std=latents_std,
+        packed=packed,
         storage_options=options,
         scheduler=scheduler,
         workers=workers,
@@ -60,12 +68,27 @@ def import_latents_flow(
         Literal["scaled", "raw"],
         Field(description="scaled (as the diffusion model sees them) or raw (the autoencoder's)"),
     ] = "scaled",
+    convention: Annotated[
+        Literal["model", "sd", "sdxl", "sd3", "flux1", "flux2", "dc-ae", "qwen", "repa"],
+        Field(description="The source's convention (the model's config fills what is not given)"),
+    ] = "model",
     scaling_factor: Annotated[
-        float | None, Field(description="The source's scaling factor (empty: the model's)")
+        list[float] | None,
+        Field(description="The source's scaling factor: one value, or one per channel"),
     ] = None,
     shift_factor: Annotated[
-        float | None, Field(description="The source's shift factor (empty: the model's)")
+        list[float] | None,
+        Field(description="The source's shift (or bias): one value, or one per channel"),
     ] = None,
+    latents_mean: Annotated[
+        list[float] | None, Field(description="The source's per-channel mean (sdxl, qwen)")
+    ] = None,
+    latents_std: Annotated[
+        list[float] | None, Field(description="The source's per-channel std (sdxl, qwen)")
+    ] = None,
+    packed: Annotated[
+        bool, Field(description="Sequence latents packed 2x2 (FLUX.1, Qwen-Image)")
+    ] = False,
     scheduler: Scheduler = None,
     workers: Workers = None,
     storage_block: StorageBlock = None,
@@ -73,7 +96,7 @@ def import_latents_flow(
     options = storage_options(storage_block)
     result = import_task(
         model_dir, source, store, latents, scaling_factor, shift_factor, scheduler, workers,
-        options,
+        options, convention, latents_mean, latents_std, packed,
     )  # fmt: skip
     summary = result.to_dict()
     summary_artifact("import-summary", f"Imported into {store}", [summary])

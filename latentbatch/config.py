@@ -1,16 +1,23 @@
 """Frozen, validated configuration records.
 
 ``ModelConfig`` describes an autoencoder's architecture and the image geometry it takes;
-``TrainConfig`` describes one training run. Both are validated when built and round-trip
-through plain dicts (``to_dict`` / ``from_dict``) for ``config.json``.
+``Convention`` how a diffusers autoencoder's latents are stored (the formula its
+family's pipeline undoes before ``vae.decode``: :mod:`latentbatch.models.convention`
+says more); ``TrainConfig`` describes one training run. They are validated when built
+and round-trip through plain dicts (``to_dict`` / ``from_dict``) for ``config.json``
+and the stores' metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from latentbatch.errors import ConfigError
 
@@ -18,6 +25,180 @@ PRESETS = ("seed", "compact", "codec")
 MAX_SIDE = 4096
 """The longest image side a model that takes any size is given (pixels)."""
 LOSSES = ("bce", "mse")
+
+
+Formula = Literal["scale-shift", "mean-std"]
+Packing = Literal["none", "2x2"]
+CONVENTION_VERSION = 1
+
+
+class ConventionError(ConfigError):
+    """A convention that does not fit the latents (its vectors' lengths)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Convention:
+    """How stored latents ``x`` become the autoencoder's ``z`` (see the module
+    docstring): ``formula``, ``scale`` and ``shift`` (one value, or one per channel),
+    ``std`` (``mean-std``: one per channel; ``shift`` is then the mean) and ``packing``;
+    ``source`` says where the values come from (``config``, ``weights``, ``given``)."""
+
+    formula: Formula
+    scale: tuple[float, ...] = (1.0,)
+    shift: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = ()
+    packing: Packing = "none"
+    source: str = "config"
+
+    def _vectors(self, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def shaped(values: tuple[float, ...], name: str) -> np.ndarray:
+            if len(values) not in (1, channels):
+                raise ConventionError(
+                    f"the convention's {name} has {len(values)} values, the latents "
+                    f"{channels} channels; give one value or one per channel"
+                )
+            return np.asarray(values, np.float64).reshape(1, -1, 1, 1)
+
+        std = shaped(self.std or (1.0,), "std")
+        return shaped(self.scale, "scale"), shaped(self.shift, "shift"), std
+
+    def to_vae(self, stored: np.ndarray) -> np.ndarray:
+        """Stored latents ``(n, C, h, w)`` → the autoencoder's (unpatchified)."""
+        scale, shift, std = self._vectors(stored.shape[1])
+        x = stored.astype(np.float64)
+        z = x / scale + shift if self.formula == "scale-shift" else x * std / scale + shift
+        return unpatchify(z) if self.packing == "2x2" else z
+
+    def from_vae(self, z: np.ndarray) -> np.ndarray:
+        """The autoencoder's latents → stored ones (patchified first, when packed)."""
+        z = patchify(z.astype(np.float64)) if self.packing == "2x2" else z.astype(np.float64)
+        scale, shift, std = self._vectors(z.shape[1])
+        x = (z - shift) * scale
+        return np.asarray(x if self.formula == "scale-shift" else x / std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The store's ``latent.convention`` record (with the scalar ``scaling_factor``
+        and ``shift_factor`` earlier readers take)."""
+        found = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+        return {
+            **found,
+            "version": CONVENTION_VERSION,
+            "scaled": True,
+            "scaling_factor": self.scale[0] if len(self.scale) == 1 else None,
+            "shift_factor": self.shift[0]
+            if self.formula == "scale-shift" and len(self.shift) == 1
+            else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Convention:
+        """A recorded convention; a store of an earlier release records scalars only."""
+        if "formula" not in data:
+            return cls(
+                formula="scale-shift",
+                scale=(float(data.get("scaling_factor") or 1.0),),
+                shift=(float(data.get("shift_factor") or 0.0),),
+            )
+        return cls(
+            formula=data["formula"],
+            scale=tuple(float(v) for v in data["scale"]),
+            shift=tuple(float(v) for v in data["shift"]),
+            std=tuple(float(v) for v in data.get("std") or ()),
+            packing=data.get("packing", "none"),
+            source=str(data.get("source", "config")),
+        )
+
+    def describe(self) -> str:
+        """One line: the formula with its values (vectors by their length)."""
+
+        def shown(values: tuple[float, ...]) -> str:
+            return f"{values[0]:g}" if len(values) == 1 else f"[{len(values)} per channel]"
+
+        if self.formula == "scale-shift":
+            text = f"z = x / {shown(self.scale)} + {shown(self.shift)}"
+        else:
+            text = f"z = x * std{shown(self.std)} / {shown(self.scale)} + mean{shown(self.shift)}"
+        return text + (", 2x2-patchified" if self.packing == "2x2" else "")
+
+
+def patchify(z: np.ndarray) -> np.ndarray:
+    """``(n, C, h, w)`` → ``(n, 4C, h/2, w/2)``, as FLUX.2's pipeline patchifies."""
+    n, c, h, w = z.shape
+    return (
+        z.reshape(n, c, h // 2, 2, w // 2, 2)
+        .transpose(0, 1, 3, 5, 2, 4)
+        .reshape(n, c * 4, h // 2, w // 2)
+    )
+
+
+def unpatchify(x: np.ndarray) -> np.ndarray:
+    """``(n, 4C, h, w)`` → ``(n, C, 2h, 2w)``: :func:`patchify` undone."""
+    n, c, h, w = x.shape
+    return (
+        x.reshape(n, c // 4, 2, 2, h, w)
+        .transpose(0, 1, 4, 2, 5, 3)
+        .reshape(n, c // 4, h * 2, w * 2)
+    )
+
+
+def unpack_sequence(latents: np.ndarray) -> np.ndarray:
+    """FLUX.1's and Qwen-Image's sequence latents ``(n, h*w/4, 4C)`` → ``(n, C, h, w)``,
+    as their pipelines unpack them (a square latent: ``h == w``)."""
+    n, patches, channels = latents.shape
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ConventionError(
+            f"packed latents of {patches} patches are not a square grid; import them "
+            "unpacked, (N, C, h, w)"
+        )
+    x = latents.reshape(n, side, side, channels // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, channels // 4, side * 2, side * 2)
+
+
+def of_config(
+    diffusers: Mapping[str, Any], batch_norm: tuple[Sequence[float], Sequence[float]] | None = None
+) -> Convention:
+    """A diffusers autoencoder's own convention, from its ``config.json`` (``diffusers``)
+    and, for FLUX.2, its BatchNorm's running mean and variance (``batch_norm``, read
+    from its weights; without them the record says they are the weights')."""
+    name = diffusers.get("_class_name", "AutoencoderKL")
+    scale = float(diffusers.get("scaling_factor") or 1.0)
+    shift = float(diffusers.get("shift_factor") or 0.0)
+    if name == "AutoencoderKLFlux2":
+        if batch_norm is None:
+            return Convention(formula="mean-std", scale=(1.0,), shift=(), std=(),
+                              packing="2x2", source="weights")  # fmt: skip
+        eps = float(diffusers.get("batch_norm_eps", 1e-4))
+        mean, var = batch_norm
+        std = tuple(float(np.sqrt(v + eps)) for v in var)
+        return Convention(formula="mean-std", scale=(1.0,), shift=tuple(map(float, mean)),
+                          std=std, packing="2x2", source="weights")  # fmt: skip
+    if name == "AutoencoderKLQwenImage":
+        return Convention(
+            formula="mean-std",
+            scale=(1.0,),
+            shift=tuple(float(v) for v in diffusers["latents_mean"]),
+            std=tuple(float(v) for v in diffusers["latents_std"]),
+        )
+    if diffusers.get("latents_mean") and diffusers.get("latents_std"):
+        return Convention(
+            formula="mean-std",
+            scale=(scale,),
+            shift=tuple(float(v) for v in diffusers["latents_mean"]),
+            std=tuple(float(v) for v in diffusers["latents_std"]),
+        )
+    return Convention(formula="scale-shift", scale=(scale,), shift=(shift,))
+
+
+FAMILIES = {
+    "AutoencoderKL": "KL (SD 1.x/2.x, SDXL, SD3, FLUX.1)",
+    "AutoencoderTiny": "TAESD",
+    "AutoencoderDC": "DC-AE (Sana)",
+    "AutoencoderKLFlux2": "FLUX.2",
+    "AutoencoderKLQwenImage": "Qwen-Image",
+}
 
 
 def _fields_only(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +264,8 @@ class ModelConfig:
     def levels(self) -> int:
         """Down-sampling levels: each halves the image's side (a diffusers autoencoder's:
         one per block but the last)."""
-        if self.diffusers is not None:
-            return len(self.widths) - 1
+        if self.diffusers is not None:  # FLUX.2's stored latents are 2x2-patchified too
+            return len(self.widths) - (0 if self.preset == "AutoencoderKLFlux2" else 1)
         return len(self.widths) + 1 if self.quantized else len(self.widths)
 
     @property
@@ -110,16 +291,18 @@ class ModelConfig:
     @property
     def convention(self) -> dict[str, Any] | None:
         """How a diffusers autoencoder's latents are stored (a store's
-        ``latent.convention``): scaled, ``(z - shift_factor) * scaling_factor``, as the
-        diffusion model sees them; a decode applies ``z / scaling_factor + shift_factor``
-        once. None for latentbatch's presets."""
+        ``latent.convention``: :meth:`Convention.to_dict` of :func:`of_config`), as the
+        diffusion model sees them; a decode undoes it once. None for latentbatch's
+        presets."""
         if self.diffusers is None:
             return None
-        return {
-            "scaled": True,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-        }
+        return of_config(self.diffusers).to_dict()
+
+    @property
+    def family(self) -> str:
+        """The autoencoder family, by its diffusers class (``latentbatch`` for the
+        presets)."""
+        return FAMILIES.get(self.preset, "latentbatch")
 
     @property
     def latent_dtype(self) -> str | None:

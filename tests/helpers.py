@@ -173,3 +173,53 @@ def sd_sized_store(path: Path, rows: int = 300) -> tuple[str, np.ndarray]:
         store.write_rows(a, latents, [f"r{i}" for i in range(a, b)], labels[a:b])
     store.write_meta(count=rows, labels=True)
     return str(path), planted
+
+
+FAMILY_MODELS = ("sd", "sdxl", "sd3", "flux1", "flux2", "dc-ae", "qwen", "repa")
+
+
+def save_family_vae(folder: Path, family: str) -> Path:
+    """A small seeded random-init diffusers autoencoder of ``family`` (one of
+    :data:`FAMILY_MODELS`), saved by diffusers: its class, and the convention values
+    its config (or, for FLUX.2, its BatchNorm) holds, as the family's are set."""
+    import diffusers
+
+    torch.manual_seed(2)
+    kl = {
+        "block_out_channels": (8, 8, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 1,
+        "norm_num_groups": 4, "sample_size": 32,
+    }  # fmt: skip
+    if family in ("sd", "repa"):
+        vae = diffusers.AutoencoderKL(**kl, latent_channels=4, scaling_factor=0.18215)
+    elif family == "sdxl":
+        vae = diffusers.AutoencoderKL(
+            **kl, latent_channels=4, scaling_factor=0.13025,
+            latents_mean=(0.3, -0.5, 0.8, 0.1), latents_std=(1.7, 0.6, 2.2, 1.1),
+        )  # fmt: skip
+    elif family in ("sd3", "flux1"):
+        vae = diffusers.AutoencoderKL(**kl, latent_channels=4, scaling_factor=1.5305,
+                                      shift_factor=0.0609)  # fmt: skip
+    elif family == "flux2":
+        vae = diffusers.AutoencoderKLFlux2(**kl, latent_channels=4, mid_block_add_attention=False)
+        with torch.no_grad():  # statistics a trained model would hold, not 0 and 1
+            vae.bn.running_mean.copy_(torch.linspace(-0.8, 0.8, 16))
+            vae.bn.running_var.copy_(torch.linspace(0.3, 3.0, 16))
+    elif family == "dc-ae":
+        vae = diffusers.AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=8,
+            encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+            encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+            encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
+            scaling_factor=0.41407,
+        )  # fmt: skip
+    elif family == "qwen":
+        vae = diffusers.AutoencoderKLQwenImage(
+            base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 0.5, 2.0, 1.0],
+        )  # fmt: skip
+    else:
+        raise ValueError(f"no family {family}")
+    vae.save_pretrained(str(folder))
+    return folder

@@ -451,17 +451,19 @@ def test_a_small_collection_gives_every_worker_work(
 
 
 def test_a_decode_records_what_shaped_its_pixels(
-    tmp_path: Path, mnist_store: Path, seed_model: Path, client: Client
+    tmp_path: Path, mnist_store: Path, seed_model: Path, client: Client, process_client: Client
 ) -> None:
     """The manifest records the decoder's dtype, TF32 and cuDNN flags, the rounding rule,
     the versions and the device (verify ignores them); the batch-invariance check decodes
     the canary rows one at a time and in one batch: 0 levels apart on CPU for the seed
-    model."""
+    model, on worker processes of one torch thread each, as the embedded cluster's are
+    (on this test suite's in-process threads, sharing the process's torch threads with
+    other work, it once found 1 level under load)."""
     from latentbatch.outputs.verify import verify_output
 
     out = tmp_path / "recorded"
     result = decode(seed_model, str(mnist_store), str(out), images_per_shard=1024,
-                    batch_invariance_check=True, client=client)  # fmt: skip
+                    batch_invariance_check=True, client=process_client)  # fmt: skip
     assert result.batch_invariance == 0
     recorded = json.loads((out / "manifest.json").read_text())["environment"]
     assert recorded["batch_invariance_levels"] == 0

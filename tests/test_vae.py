@@ -75,8 +75,8 @@ def test_variants_snapshots_and_refusals(kl_vae: Path, tmp_path: Path) -> None:
         read_info(pickled)
     other = shutil.copytree(kl_vae, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderDC"}))
-    with pytest.raises(CheckpointError, match="AutoencoderDC; latentbatch decodes AutoencoderKL"):
+    (other / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderKLWan"}))
+    with pytest.raises(CheckpointError, match="AutoencoderKLWan; latentbatch decodes the Autoen"):
         read_info(other)
 
 
@@ -194,7 +194,7 @@ def test_encode_at_a_size_and_native_sizes(
     store = open_store(url)
     assert store.image_size == (48, 80) and store.latent_shape == (4, 6, 10)
     assert main(["inspect", url]) == 0
-    assert "scaled: a decode applies z / 0.18215 + 0" in capsys.readouterr().out
+    assert "scaled: a decode applies z = x / 0.18215 + 0" in capsys.readouterr().out
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "sq.png")
     assert main([*argv[:6], str(tmp_path / "mixed.zarr"), *argv[7:]]) == 1
     assert "holds images of 2 sizes (48x80 (p0.png), 40x40 (sq.png))" in capsys.readouterr().err

@@ -123,10 +123,9 @@ def inspect_command(
         )
     held = report["convention"]
     if held is not None:
-        latents += (
-            f" ({'scaled' if held['scaled'] else 'raw'}: a decode applies z / "
-            f"{held['scaling_factor']:g} + {held['shift_factor']:g})"
-        )
+        from latentbatch.config import Convention
+
+        latents += f" (scaled: a decode applies {Convention.from_dict(held).describe()})"
     sources = ", ".join(
         f"{s['spec']} rows {s['rows'][0]}-{s['rows'][1]}" for s in report["sources"]
     )

@@ -25,7 +25,7 @@ from latentbatch.cli.common import (
     make_console,
     task_progress,
 )
-from latentbatch.errors import LatentbatchError
+from latentbatch.errors import DataError, LatentbatchError
 from latentbatch.storage.fs import parse_options
 
 if TYPE_CHECKING:
@@ -240,13 +240,38 @@ def import_command(
             help="scaled (as the diffusion model sees them) or raw (the autoencoder's own)."
         ),
     ] = "scaled",
+    convention: Annotated[
+        str,
+        typer.Option(
+            help="The source's convention: model (the model's own), sd, sdxl, sd3, flux1, "
+            "flux2, dc-ae, qwen or repa; the model's config fills what is not given."
+        ),
+    ] = "model",
     scaling_factor: Annotated[
-        float | None,
-        typer.Option(help="The source's scaling factor \\[default: the model's config]."),
+        str | None,
+        typer.Option(
+            help="The source's scaling factor: a number, a list (one per channel: "
+            "0.2,0.3,...) or a .json/.npy file \\[default: the model's config]."
+        ),
     ] = None,
     shift: Annotated[
-        float | None,
-        typer.Option(help="The source's shift factor \\[default: the model's config]."),
+        str | None,
+        typer.Option(help="The source's shift (or bias), as --scaling-factor."),
+    ] = None,
+    latents_mean: Annotated[
+        str | None,
+        typer.Option(help="The source's per-channel mean (sdxl, qwen), as --scaling-factor."),
+    ] = None,
+    latents_std: Annotated[
+        str | None,
+        typer.Option(help="The source's per-channel std (sdxl, qwen), as --scaling-factor."),
+    ] = None,
+    packed: Annotated[
+        str | None,
+        typer.Option(
+            help="2x2: the rows are sequence latents (h*w/4, 4C), packed 2x2 as FLUX.1's "
+            "and Qwen-Image's pipelines pack them."
+        ),
     ] = None,
     shard_rows: ShardRowsOption = None,
     chunk_rows: ChunkRowsOption = None,
@@ -258,16 +283,22 @@ def import_command(
 ) -> None:
     """Import latents made elsewhere into a store (one Dask task per store shard)."""
     from latentbatch.stores.store import Layout
-    from latentbatch.uses.import_latents import Convention, import_latents
+    from latentbatch.uses.import_latents import Latents, import_latents, parse_values
 
+    if packed not in (None, "2x2"):
+        raise DataError(f"--packed {packed!r}: the one packing is 2x2")
     with task_progress("importing", progress and not as_json) as update:
         result = import_latents(
             model,
             source,
             store,
-            latents=cast(Convention, latents),  # checked by import_latents first
-            scaling_factor=scaling_factor,
-            shift_factor=shift,
+            latents=cast(Latents, latents),  # checked by import_latents first
+            convention=convention,
+            scaling_factor=parse_values(scaling_factor, "--scaling-factor"),
+            shift_factor=parse_values(shift, "--shift"),
+            latents_mean=parse_values(latents_mean, "--latents-mean"),
+            latents_std=parse_values(latents_std, "--latents-std"),
+            packed=packed == "2x2",
             layout=Layout(shard_rows, chunk_rows),
             storage_options=parse_options(storage_option),
             scheduler=scheduler,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentbatch.config import ModelConfig
+from latentbatch.config import ModelConfig, of_config
 from latentbatch.errors import CheckpointError, ConfigError, LatentbatchError
 from latentbatch.ids import short_id
 from latentbatch.storage.fs import (
@@ -65,7 +65,13 @@ MODEL_CACHE_ENV = "LATENTBATCH_MODEL_CACHE"
 ModelLocation = str | Path  # a local model directory or an fsspec URL of one
 MODELS_ROOT = Path("models")
 _MODEL_ID = re.compile(r"[0-9a-f]{64}")
-DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+DIFFUSERS_CLASSES = (
+    "AutoencoderKL",
+    "AutoencoderTiny",
+    "AutoencoderDC",
+    "AutoencoderKLFlux2",
+    "AutoencoderKLQwenImage",
+)
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
@@ -131,18 +137,26 @@ def _diffusers_config(meta: dict[str, Any], where: str) -> ModelConfig:
     name = meta["_class_name"]
     if name not in DIFFUSERS_CLASSES:
         raise CheckpointError(
-            f"{where} describes a diffusers {name}; latentbatch decodes "
-            f"{' and '.join(DIFFUSERS_CLASSES)} autoencoders"
+            f"{where} describes a diffusers {name}; latentbatch decodes the "
+            f"{', '.join(DIFFUSERS_CLASSES)} autoencoders"
         )
-    channels = int(meta.get("in_channels", 3))
+    channels = int(meta.get("in_channels", meta.get("input_channels", 3)))
     if int(meta.get("out_channels", channels)) != channels:
         raise CheckpointError(f"{where}: in_channels and out_channels differ; images go both ways")
-    if name == "AutoencoderKL":
-        widths = meta.get("block_out_channels", [64])
+    latent_channels = int(meta.get("latent_channels", 4))
+    size = meta.get("sample_size", TINY_IMAGE_SIZE)
+    if name in ("AutoencoderKL", "AutoencoderKLFlux2"):
+        widths = meta.get("decoder_block_out_channels") or meta.get("block_out_channels", [64])
         size = meta.get("sample_size", 32)
+        if name == "AutoencoderKLFlux2":  # stored 2x2-patchified: 4x the channels
+            latent_channels *= 4
+    elif name == "AutoencoderDC":
+        widths = meta.get("decoder_block_out_channels", [128, 256, 512, 512, 1024, 1024])
+    elif name == "AutoencoderKLQwenImage":
+        widths = [int(meta.get("base_dim", 96)) * m for m in meta.get("dim_mult", [1, 2, 4, 4])]
+        latent_channels = int(meta.get("z_dim", 16))
     else:
         widths = meta.get("decoder_block_out_channels", [64, 64, 64, 64])
-        size = meta.get("sample_size", TINY_IMAGE_SIZE)
         if int(meta.get("upsampling_scaling_factor", 2)) != 2:
             raise CheckpointError(
                 f"{where}: upsampling_scaling_factor other than 2 is not supported"
@@ -154,7 +168,7 @@ def _diffusers_config(meta: dict[str, Any], where: str) -> ModelConfig:
         channels=channels,
         image_size=int(size),
         widths=tuple(int(w) for w in widths),
-        latent_channels=int(meta.get("latent_channels", 4)),
+        latent_channels=latent_channels,
         diffusers=kept,
     )
 
@@ -458,6 +472,22 @@ def parameter_count(path: Path) -> int:
     return total
 
 
+def _convention_line(config: ModelConfig) -> str:
+    """The model's convention in one line (FLUX.2's statistics are its weights')."""
+    assert config.diffusers is not None
+    found = of_config(config.diffusers)
+    if found.source == "weights":
+        return "z = unpatchify(x * std + mean), std and mean its BatchNorm's (in the weights)"
+    return found.describe()
+
+
+def _default_precision(config: ModelConfig) -> str:
+    """What ``--precision auto`` decodes in: fp32 on CPU; on a GPU by ``force_upcast``."""
+    if config.force_upcast is False:
+        return "auto: fp16 on a GPU (force_upcast false), fp32 on CPU"
+    return "auto: bf16 on a GPU that has it, else fp32 (force_upcast); fp32 on CPU"
+
+
 def _diffusers_summary(info: ModelInfo) -> dict[str, Any]:
     """What ``models show`` says of a diffusers autoencoder: its class, latent channels,
     downsampling factor, scaling and shift factors and parameter count."""
@@ -473,8 +503,13 @@ def _diffusers_summary(info: ModelInfo) -> dict[str, Any]:
         "latent": list(config.latent_shape),
         "latent_channels": config.latent_channels,
         "downsampling": config.downsampling,
+        "family": config.family,
+        "convention": _convention_line(config),
         "scaling_factor": config.scaling_factor,
         "shift_factor": config.shift_factor,
+        "precision": _default_precision(config),
+        "decode_memory_512": f"{config.decode_bytes(512, 512) / 2**30:.2f} GiB per 512x512 image "
+        "(float32)",
         "parameters": parameter_count(weights) if weights is not None else None,
         "source": None,
         "epochs": None,  # not trained here

@@ -1,11 +1,23 @@
-"""A diffusers autoencoder's latent convention, and whether stored latents fit it.
+"""Whether stored latents fit their autoencoder's latent convention.
 
-A model's ``config.json`` chooses its ``scaling_factor`` so that scaled latents,
-``(z - shift_factor) * scaling_factor``, have about unit standard deviation: what a
-diffusion model trained on them sees. A store records the convention it holds
-(:attr:`latentbatch.config.ModelConfig.convention`); :func:`scale_warning` checks the
-latents an encode or an import wrote against it and, when they are far off, says what
-the likely cause is and what to do (for an import: its ``--latents`` flag). No torch.
+A store holds latents as the diffusion model sees them: normalised to about unit
+standard deviation by the autoencoder family's convention
+(:class:`latentbatch.config.Convention`, which a store records as
+``latent.convention``), with the formula its family's diffusers pipeline undoes before
+``vae.decode``:
+
+- ``scale-shift``: ``z = x / scale + shift``, the scale and shift a number or a vector
+  of one value per channel (SD 1.x/2.x, SD3 and FLUX.1's ``scaling_factor`` and
+  ``shift_factor``, Sana's DC-AE, TAESD's 1 and 0, REPA/LightningDiT's per-channel
+  vectors);
+- ``mean-std``: ``z = x * std / scale + mean``, per channel (an ``AutoencoderKL`` whose
+  config holds ``latents_mean`` and ``latents_std``, as SDXL's pipeline reads them;
+  Qwen-Image's with a scale of 1; FLUX.2's BatchNorm statistics, held in its weights,
+  with ``packing`` ``2x2``: the stored latents are 2×2-patchified, ``(4C, h/2, w/2)``).
+
+:func:`scale_warning` checks the latents an encode or an import wrote and, when their
+spread is far from 1, says what the likely cause is and what to do (for an import: its
+``--latents`` or ``--convention`` flags). No torch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """diffusers autoencoders (``AutoencoderKL``: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1
-VAEs; ``AutoencoderTiny``: TAESD) as latentbatch's encoder and decoder modules.
+VAEs; ``AutoencoderTiny``: TAESD; ``AutoencoderDC``: Sana's DC-AE;
+``AutoencoderKLFlux2``: FLUX.2's; ``AutoencoderKLQwenImage``: Qwen-Image's, one frame of
+its 5-D interface) as latentbatch's encoder and decoder modules.
 
 The architecture is diffusers' own, built from the directory's ``config.json`` (diffusers
 is imported here, when such a model is used: it takes seconds), the weights are the
@@ -7,15 +9,17 @@ safetensors bytes checked against the model id, and nothing is unpickled. The mo
 speak latentbatch's conventions, so the device kernel, the canary and every check treat
 them like the presets':
 
-- :class:`VaeDecoder`: stored latents → images in [0, 1]: ``vae.decode(z / scaling +
-  shift)``, exactly as diffusers' pipelines undo the convention, then ``(x + 1) / 2``; an
-  image over the memory budget (:func:`latentbatch.config.tiled`) in diffusers' tiles;
+- :class:`VaeDecoder`: stored latents → images in [0, 1]: the family's convention
+  (:class:`latentbatch.config.Convention`) undone exactly as its diffusers pipeline does
+  (``z / scaling + shift``; ``z * std / scaling + mean``; FLUX.2's BatchNorm statistics
+  and 2×2 unpatchify), ``vae.decode(z)``, then ``(x + 1) / 2``; an image over the memory
+  budget (:func:`latentbatch.config.tiled`) in diffusers' tiles;
 - :class:`VaeEncoder`: images in [0, 1] → stored latents: the mean of the latent
-  distribution (deterministic; TAESD's latents as they are), then ``(z - shift) *
-  scaling``.
+  distribution (deterministic; TAESD's and DC-AE's latents as they are), then the
+  convention applied.
 
-The convention (scaling factor, shift) is the model's ``config.json``'s; a store records
-it (``latent.convention``) and ``inspect`` shows it.
+The convention is the model's ``config.json``'s (FLUX.2's statistics its weights'); a
+store records it (``latent.convention``) and ``inspect`` and ``models show`` show it.
 """
 
 from __future__ import annotations
@@ -25,14 +29,82 @@ from typing import Any
 
 import torch
 
-from latentbatch.config import ModelConfig, tiled
+from latentbatch.config import Convention, ModelConfig, of_config, tiled
 from latentbatch.errors import CheckpointError
+
+FIVE_D = ("AutoencoderKLQwenImage",)
+"""Families whose autoencoder takes video-shaped ``(B, C, T, H, W)`` tensors: an image is
+one frame."""
 
 
 def _diffusers_class(name: str) -> Any:
     import diffusers  # seconds to import: only when a diffusers model is used
 
-    return getattr(diffusers, name)
+    found = getattr(diffusers, name, None)
+    if found is None:
+        raise CheckpointError(
+            f"this diffusers ({diffusers.__version__}) has no {name}; install a diffusers "
+            "that has it (0.36 or later) to use this model"
+        )
+    return found
+
+
+def convention_of(vae: Any, config: ModelConfig) -> Convention:
+    """The model's convention, FLUX.2's with the BatchNorm statistics of its weights."""
+    assert config.diffusers is not None
+    if config.preset != "AutoencoderKLFlux2":
+        return of_config(config.diffusers)
+    stats = (vae.bn.running_mean.tolist(), vae.bn.running_var.tolist())
+    return of_config(config.diffusers, batch_norm=stats)
+
+
+class _Vectors(torch.nn.Module):
+    """A convention's values as ``(1, C, 1, 1)`` tensors (buffers: they follow the
+    module to its device)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, convention: Convention) -> None:
+        super().__init__()
+        self.convention = convention
+
+        def vector(values: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(values or (1.0,), dtype=torch.float32).view(1, -1, 1, 1)
+
+        self.register_buffer("scale", vector(convention.scale), persistent=False)
+        self.register_buffer("shift", vector(convention.shift or (0.0,)), persistent=False)
+        self.register_buffer("std", vector(convention.std), persistent=False)
+
+    def to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        if self.convention.formula == "scale-shift":
+            z = x / self.scale + self.shift
+        else:
+            z = x * self.std / self.scale + self.shift
+        return _unpatchify(z) if self.convention.packing == "2x2" else z
+
+    def from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        if self.convention.packing == "2x2":
+            z = _patchify(z)
+        x = (z - self.shift) * self.scale
+        return x if self.convention.formula == "scale-shift" else x / self.std
+
+
+def _patchify(z: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = z.shape
+    return (
+        z.reshape(n, c, h // 2, 2, w // 2, 2)
+        .permute(0, 1, 3, 5, 2, 4)
+        .reshape(n, c * 4, h // 2, w // 2)
+    )
+
+
+def _unpatchify(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return (
+        x.reshape(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // 4, h * 2, w * 2)
+    )
 
 
 def build_vae(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> Any:
@@ -67,39 +139,50 @@ class VaeDecoder(torch.nn.Module):
         super().__init__()
         self.vae = vae
         self.config = config
-        self.scaling = config.scaling_factor
-        self.shift = config.shift_factor
+        self.vectors = _Vectors(convention_of(vae, config))
+        self.frames = config.preset in FIVE_D
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scaling + self.shift
+        z = self.vectors.to_vae(latents)
         side = self.config.downsampling
-        image_bytes = self.config.decode_bytes(z.shape[-2] * side, z.shape[-1] * side)
+        image_bytes = self.config.decode_bytes(latents.shape[-2] * side, latents.shape[-1] * side)
+        if self.frames:
+            z = z[:, :, None]
         sample: torch.Tensor
         if tiled(image_bytes):  # over the memory budget: diffusers' tiled decode
             if hasattr(self.vae, "tiled_decode"):
-                sample = self.vae.tiled_decode(z).sample
+                found = self.vae.tiled_decode(z)
+                sample = found.sample if hasattr(found, "sample") else found
             else:
                 sample = self.vae._tiled_decode(z)
         else:
             sample = self.vae.decode(z).sample
+        if self.frames:
+            sample = sample[:, :, 0]
         return (sample + 1) / 2
 
 
 class VaeEncoder(torch.nn.Module):
-    """Images in [0, 1] → stored latents (the distribution's mean, scaled) through a
-    diffusers autoencoder's encoder."""
+    """Images in [0, 1] → stored latents (the distribution's mean, by the convention)
+    through a diffusers autoencoder's encoder."""
 
     def __init__(self, vae: Any, config: ModelConfig) -> None:
         super().__init__()
         self.vae = vae
-        self.scaling = config.scaling_factor
-        self.shift = config.shift_factor
+        self.vectors = _Vectors(convention_of(vae, config))
+        self.frames = config.preset in FIVE_D
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        encoded = self.vae.encode(images * 2 - 1)
+        x = images * 2 - 1
+        encoded = self.vae.encode(x[:, :, None] if self.frames else x)
         dist = getattr(encoded, "latent_dist", None)
-        latents: torch.Tensor = dist.mean if dist is not None else encoded.latents
-        return (latents - self.shift) * self.scaling
+        if dist is not None:
+            latents: torch.Tensor = dist.mean
+        else:  # TAESD's latents, DC-AE's latent
+            latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent
+        if self.frames:
+            latents = latents[:, :, 0]
+        return self.vectors.from_vae(latents)
 
 
 class VaeAutoencoder(torch.nn.Module):

@@ -549,7 +549,7 @@ def _array(job: GroupJob) -> Group:
         labels = "labels" if found is not None else ""
         label_start = found.start if found is not None else -1
         label_dtype = found.dtype if found is not None else ""
-    if len(shape) != 4:
+    if len(shape) not in (3, 4):  # (N, C, h, w), or sequence latents (N, h*w/4, 4C)
         raise DataError(f"{job.url} holds an array of shape {shape}; import (N, C, h, w) latents")
     return Group(
         kind="array", path=job.url, rows=shape[0], digest=f"{shape}{dtype}{start}",

@@ -19,8 +19,10 @@ resumes, refused in a sentence when the source changed in between.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from distributed import Client
 
+from latentbatch.config import Convention, Formula, ModelConfig, of_config, unpack_sequence
 from latentbatch.engine.cluster import map_in_order, using
 from latentbatch.errors import DataError
 from latentbatch.models.checkpoint import ModelBytes, ModelLocation, read_once
@@ -40,31 +43,119 @@ from latentbatch.storage.lease import BOOKKEEPING
 from latentbatch.stores.store import Layout, StoreError, create_store, open_store
 from latentbatch.uses.derive import DeriveResult, Lineage, derive, lineage_of
 
-Convention = Literal["scaled", "raw"]
-CONVENTIONS: tuple[Convention, ...] = ("scaled", "raw")
+Latents = Literal["scaled", "raw"]
+LATENTS: tuple[Latents, ...] = ("scaled", "raw")
+IMPORT_CONVENTIONS = ("model", "sd", "sdxl", "sd3", "flux1", "flux2", "dc-ae", "qwen", "repa")
+"""``--convention``: the model's own, or a family's formula with the model's config
+filling what is not given (see :func:`declared`)."""
+_FORMULAS: dict[str, Formula] = {
+    "sd": "scale-shift", "sd3": "scale-shift", "flux1": "scale-shift", "dc-ae": "scale-shift",
+    "repa": "scale-shift", "sdxl": "mean-std", "qwen": "mean-std", "flux2": "mean-std",
+}  # fmt: skip
+Values = float | Sequence[float] | None
+
+
+def parse_values(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """A flag's number, comma list (one per channel) or ``.json``/``.npy`` file of
+    them; a sentence naming ``flag`` when it is none of those."""
+    if text is None:
+        return None
+    try:
+        if text.endswith(".npy"):
+            return tuple(float(v) for v in np.load(text, allow_pickle=False).ravel())
+        if text.endswith(".json"):
+            with open(text) as handle:  # noqa: PTH123
+                loaded = json.load(handle)
+            return tuple(float(v) for v in np.ravel(loaded))
+        return tuple(float(v) for v in text.split(","))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(
+            f"{flag} {text!r} is not a number, a comma list of numbers or a .json/.npy file "
+            f"of them ({exc})"
+        ) from None
+
+
+def _values(given: Values) -> tuple[float, ...] | None:
+    if given is None:
+        return None
+    if isinstance(given, (int, float)):
+        return (float(given),)
+    return tuple(float(v) for v in given)
+
+
+def declared(
+    name: str,
+    own: Convention,
+    config: ModelConfig,
+    *,
+    scaling_factor: Values = None,
+    shift: Values = None,
+    latents_mean: Values = None,
+    latents_std: Values = None,
+) -> Convention:
+    """The convention of scaled latents found elsewhere: ``name`` (one of
+    :data:`IMPORT_CONVENTIONS`) chooses the formula, the values given (a number or one
+    per channel) override the model's config (``own``, the model's convention)."""
+    if name not in IMPORT_CONVENTIONS:
+        raise DataError(f"--convention {name!r} is not one of {', '.join(IMPORT_CONVENTIONS)}")
+    formula = own.formula if name == "model" else _FORMULAS[name]
+    packing = own.packing if name in ("model", "flux2") else "none"
+    scale, shift_, mean, std = map(_values, (scaling_factor, shift, latents_mean, latents_std))
+    given = any(v is not None for v in (scale, shift_, mean, std))
+    source = "given" if given else own.source
+    if formula == "scale-shift":
+        if name == "repa" and (scale is None or shift_ is None):
+            raise DataError(
+                "--convention repa takes the cache's per-channel scale and bias: give "
+                "--scaling-factor and --shift (a list, or a .json or .npy file of them)"
+            )
+        mine = own.formula == "scale-shift"
+        return Convention(
+            formula="scale-shift",
+            scale=scale or (own.scale if mine else (config.scaling_factor,)),
+            shift=shift_ or (own.shift if mine else (config.shift_factor,)),
+            source=source,
+        )
+    mine = own.formula == "mean-std"
+    mean = mean or shift_ or (own.shift if mine else None)
+    std = std or (own.std if mine else None)
+    if not mean or not std:
+        raise DataError(
+            f"--convention {name} undoes a per-channel mean and std, which the model's "
+            "config.json does not hold: give --latents-mean and --latents-std"
+        )
+    default_scale = (1.0,) if name in ("qwen", "flux2") else (own.scale if mine else
+                                                              (config.scaling_factor,))  # fmt: skip
+    return Convention(
+        formula="mean-std", scale=scale or default_scale, shift=mean, std=std,
+        packing=packing, source=source,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class Scaling:
-    """How found latents become stored ones: ``raw`` ones, or scaled ones by the
-    ``source`` factors (scaling, shift), are stored scaled by the model's ``target``."""
+    """How found latents become stored ones: ``raw`` ones (the autoencoder's own), or
+    scaled ones by the ``source`` convention, are stored by the model's ``target``
+    convention; ``packed`` sequence latents (FLUX.1's, Qwen-Image's) are unpacked
+    first."""
 
     raw: bool
-    source: tuple[float, float]
-    target: tuple[float, float]
+    source: Convention
+    target: Convention
+    packed: bool = False
 
     @property
     def as_found(self) -> bool:
         """Stored exactly as found (their convention is the store's)."""
-        return not self.raw and self.source == self.target
+        same = dataclasses.replace(self.source, source=self.target.source) == self.target
+        return not self.raw and not self.packed and same
 
     def apply(self, latents: np.ndarray) -> np.ndarray:
         if self.as_found:
             return latents
         values = latents.astype(np.float32)
-        if not self.raw:
-            values = values / self.source[0] + self.source[1]
-        return np.asarray((values - self.target[1]) * self.target[0], np.float32)
+        z = values if self.raw else self.source.to_vae(values)
+        return np.asarray(self.target.from_vae(z), np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +173,8 @@ class ImportPart:
     def make(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         with Reader(self.options) as reader:  # each file opened once for the shard's rows
             rows, ids, labels = read_rows(self.segments, reader, self.shape)
+        if self.scaling.packed:
+            rows = unpack_sequence(rows)
         return self.scaling.apply(rows[:, : self.channels]), ids, labels  # a mean-and-std's mean
 
 
@@ -143,9 +236,13 @@ def import_latents(
     spec: str,
     store_url: str,
     *,
-    latents: Convention = "scaled",
-    scaling_factor: float | None = None,
-    shift_factor: float | None = None,
+    latents: Latents = "scaled",
+    scaling_factor: Values = None,
+    shift_factor: Values = None,
+    convention: str = "model",
+    latents_mean: Values = None,
+    latents_std: Values = None,
+    packed: bool = False,
     layout: Layout | None = None,
     storage_options: StorageOptions | None = None,
     client: Client | None = None,
@@ -155,7 +252,7 @@ def import_latents(
 ) -> ImportResult:
     """Import the latents ``spec`` names (see the module docstring) into ``store_url``, a
     store of ``model``, the autoencoder that made them."""
-    if latents not in CONVENTIONS:
+    if latents not in LATENTS:
         raise DataError(f"--latents {latents!r} is not scaled or raw")
     read = read_once(model, storage_options)  # the weights read once, here
     config = read.info.config
@@ -166,12 +263,16 @@ def import_latents(
         found = list_source(
             spec, into, storage_options, run=lambda fn, specs: map_in_order(c, fn, specs)
         )
-        result = _import(found, read, store_url, latents, scaling_factor, shift_factor, layout,
-                         storage_options, c, on_progress)  # fmt: skip
+        how = Declared(
+            latents=latents, convention=convention, scaling_factor=scaling_factor,
+            shift=shift_factor, latents_mean=latents_mean, latents_std=latents_std,
+            packed=packed,
+        )  # fmt: skip
+        result = _import(found, read, store_url, how, layout, storage_options, c, on_progress)
     return ImportResult(
         derived=result,
         layout=found.kind,
-        mean_of_mean_and_std=found.shape[0] == 2 * config.latent_channels,
+        mean_of_mean_and_std=_shape(found, packed)[0] == 2 * config.latent_channels,
         warning=scale_warning(open_store(store_url, storage_options)),
     )
 
@@ -193,13 +294,51 @@ def _listing_folder(store_url: str, options: StorageOptions | None) -> Iterator[
             fs.rmdir(path)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Declared:
+    """What an import is told of its source's latents (:func:`import_latents`' flags)."""
+
+    latents: Latents
+    convention: str
+    scaling_factor: Values
+    shift: Values
+    latents_mean: Values
+    latents_std: Values
+    packed: bool
+
+
+def _shape(found: Listing, packed: bool) -> tuple[int, ...]:
+    """A row's shape ``(C, h, w)``; packed sequence latents ``(h*w/4, 4C)`` unpacked."""
+    if not packed:
+        return found.shape
+    if len(found.shape) != 2:
+        raise DataError(
+            f"{found.spec} holds rows of shape {found.shape}; --packed 2x2 takes sequence "
+            "latents of shape (h*w/4, 4C), as FLUX.1's and Qwen-Image's pipelines pack them"
+        )
+    return tuple(unpack_sequence(np.zeros((1, *found.shape), np.float32)).shape[1:])
+
+
+def _batch_norm(read: ModelBytes) -> tuple[list[float], list[float]] | None:
+    """FLUX.2's BatchNorm statistics from the model's weights (None for other models)."""
+    if read.info.config.preset != "AutoencoderKLFlux2":
+        return None
+    if read.weights is None:
+        raise DataError(
+            f"{read.info.location}: a FLUX.2 model's convention is in its weights; give "
+            "the model as a local directory to import into its store"
+        )
+    from safetensors.numpy import load
+
+    tensors = load(read.weights)
+    return tensors["bn.running_mean"].tolist(), tensors["bn.running_var"].tolist()
+
+
 def _import(
     found: Listing,
     read: ModelBytes,
     store_url: str,
-    latents: Convention,
-    scaling_factor: float | None,
-    shift_factor: float | None,
+    how: Declared,
     layout: Layout | None,
     storage_options: StorageOptions | None,
     client: Client,
@@ -209,20 +348,25 @@ def _import(
     info = read.info
     config = info.config
     spec = found.spec
-    channels, *spatial = found.shape if len(found.shape) == 3 else (0, 0, 0)
+    shape = _shape(found, how.packed)
+    channels, *spatial = shape if len(shape) == 3 else (0, 0, 0)
     if channels not in (config.latent_channels, 2 * config.latent_channels):
         raise DataError(
-            f"{spec} holds latents of shape {found.shape} per row; {info.location} "
+            f"{spec} holds latents of shape {shape} per row; {info.location} "
             f"({config.preset}) makes {config.latent_channels} channels (or "
             f"{2 * config.latent_channels}: a mean and a std)"
         )
     image = (spatial[0] * config.downsampling, spatial[1] * config.downsampling)
-    target = (config.scaling_factor, config.shift_factor)
-    source = (
-        target[0] if scaling_factor is None else scaling_factor,
-        target[1] if shift_factor is None else shift_factor,
+    own = (
+        of_config(config.diffusers, _batch_norm(read))
+        if config.diffusers is not None
+        else Convention(formula="scale-shift")
     )
-    scaling = Scaling(raw=latents == "raw", source=source, target=target)
+    source = declared(
+        how.convention, own, config, scaling_factor=how.scaling_factor, shift=how.shift,
+        latents_mean=how.latents_mean, latents_std=how.latents_std,
+    )  # fmt: skip
+    scaling = Scaling(raw=how.latents == "raw", source=source, target=own, packed=how.packed)
     kept = "float16" if found.dtype == "float16" and scaling.as_found else "float32"
     dtype = None if config.quantized else kept  # a codec model's latents are int8
     chosen = layout or Layout(latent_dtype=dtype)
@@ -234,9 +378,9 @@ def _import(
         parameters={
             "from": found.spec,
             "layout": found.kind,
-            "latents": latents,
-            "scaling_factor": source[0],
-            "shift_factor": source[1],
+            "latents": how.latents,
+            "convention": source.to_dict(),
+            "packed": how.packed,
             "mean_of_mean_and_std": channels == 2 * config.latent_channels,
             "rows": found.rows,
             "listing_sha256": found.digest,
