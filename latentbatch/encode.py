@@ -142,7 +142,9 @@ def encode_shard(job: ShardJob) -> dict[str, int]:
     images = job.rows.read()
     image_bytes = store.model_config.decode_bytes(*store.image_size)  # the encoder's alike
     batch = min(ENCODE_BATCH, batch_for(device, image_bytes))
-    latents = encode_images(encoder, images, device, batch).astype(store.latents.dtype)
+    upcast = store.model_config.force_upcast
+    latents = encode_images(encoder, images, device, batch, force_upcast=upcast)
+    latents = latents.astype(store.latents.dtype)
     ids = list(job.ids)
     labels = np.asarray(job.labels, np.int32)
     quality = None

@@ -51,3 +51,26 @@ def test_an_encodes_spread_blames_the_model_and_presets_are_not_checked(
     assert warning is not None and "it does not fit this model" in warning
     preset = _store(tmp_path / "p.zarr", None, 5.5)
     assert preset.convention is None and scale_warning(preset) is None
+
+
+def test_per_channel_conventions_are_checked_and_round_trip(tmp_path: Path) -> None:
+    """A store of a per-channel convention (an SDXL-style mean and std) is checked by the
+    same spread rule; a convention undone and redone gives the latents back, FLUX.2's
+    2x2 packing included."""
+    from latentbatch.config import Convention
+    from tests.helpers import save_family_vae
+
+    model = save_family_vae(tmp_path / "sdxl", "sdxl")
+    store = _store(tmp_path / "x.zarr", model, 5.5)
+    assert store.convention is not None and store.convention["formula"] == "mean-std"
+    warning = scale_warning(store)
+    assert warning is not None and "latents scaled by 0.13025" in warning
+    x = np.random.default_rng(1).standard_normal((3, 8, 4, 4))
+    packed = Convention(formula="mean-std", scale=(1.0,), shift=tuple(range(8)),
+                        std=tuple(float(i + 1) for i in range(8)), packing="2x2")  # fmt: skip
+    assert packed.to_vae(x).shape == (3, 2, 8, 8)
+    np.testing.assert_allclose(packed.from_vae(packed.to_vae(x)), x)
+    assert Convention.from_dict(packed.to_dict()) == packed
+    vectors = Convention(formula="scale-shift", scale=(0.5, 2.0), shift=(1.0, -1.0))
+    np.testing.assert_allclose(vectors.to_vae(x[:, :2]), x[:, :2] / [[[[0.5]], [[2.0]]]]
+                               + [[[[1.0]], [[-1.0]]]])  # fmt: skip

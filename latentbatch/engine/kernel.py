@@ -302,14 +302,19 @@ def encode_images(
     images: np.ndarray,
     device: torch.device,
     batch_size: int = ENCODE_BATCH,
+    *,
+    force_upcast: bool | None = None,
 ) -> np.ndarray:
-    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches."""
+    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches: float32
+    on CPU; on CUDA under float16 autocast, except for a model whose config says
+    ``force_upcast`` (whose float16 activations overflow), which stays float32."""
     out = []
+    half = device.type == "cuda" and force_upcast is not True
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             batch = to_unit(torch.from_numpy(np.array(images[i : i + batch_size]))).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, enabled=half):
                 latents = encoder(batch)
             out.append(latents.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -59,12 +59,15 @@ def scale_warning(
     std = float(np.median(latents.std(axis=(0, 2, 3))))
     if 1 / SCALE_TOLERANCE <= std <= SCALE_TOLERANCE:
         return None
-    factor = convention["scaling_factor"]
+    from latentbatch.config import Convention
+
+    held = Convention.from_dict(convention)
+    scaled = f"{held.scale[0]:g}" if len(held.scale) == 1 else "its per-channel scale"
     if made_by == "encode":
         return (
             f"{store.url}: the latents' standard deviation is {std:.3g} per channel "
             f"(median, first {stop} rows), far from the 1 that the scaling factor "
-            f"{factor:g} of the model's config.json should give: it does not fit this "
+            f"{scaled} of the model's config.json should give: it does not fit this "
             "model (a retrained or random one?); decodes are right, but a diffusion "
             "model trained on the model's own convention would see garbage"
         )
@@ -80,6 +83,6 @@ def scale_warning(
         )
     return (
         f"{store.url}: the latents' standard deviation is {std:.3g} per channel (median, "
-        f"first {stop} rows), far from the 1 of latents scaled by {factor:g}: {cause}; "
+        f"first {stop} rows), far from the 1 of latents scaled by {scaled}: {cause}; "
         "decoded, they would be garbage"
     )
