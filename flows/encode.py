@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import Field
@@ -16,6 +16,7 @@ from flows.orchestration import (
 )
 from flows.params import DataSource, ModelDir, Scheduler, StorageBlock, StoreUrl, Workers, described
 from latentbatch.encode import EncodeResult, encode
+from latentbatch.engine.kernel import Precision
 from latentbatch.previews import encode_preview
 
 PREVIEW = 8
@@ -30,6 +31,7 @@ def encode_task(
     scheduler: str | None,
     workers: int | None,
     storage_block: str | None = None,
+    precision: Precision = "auto",
 ) -> EncodeResult:
     progress = ProgressReporter("encode-progress", f"Encoding {data} into {store}")
     return encode(
@@ -41,6 +43,7 @@ def encode_task(
         scheduler=scheduler,
         workers=workers,
         on_progress=progress,
+        precision=precision,
     )
 
 
@@ -56,8 +59,17 @@ def encode_images(
     scheduler: Scheduler = None,
     workers: Workers = None,
     storage_block: StorageBlock = None,
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16", "fp16"],
+        Field(
+            description="The encoder's precision (auto: fp32 on CPU; on a GPU fp16, but fp32 "
+            "for a model whose config says force_upcast)"
+        ),
+    ] = "auto",
 ) -> dict[str, object]:
-    result = encode_task(model_dir, data, store, append, scheduler, workers, storage_block)
+    result = encode_task(
+        model_dir, data, store, append, scheduler, workers, storage_block, precision
+    )
     summary = {
         "store": store,
         "source": data,

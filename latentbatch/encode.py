@@ -39,9 +39,11 @@ from latentbatch.engine.cluster import gpu_resources, map_bounded, using
 from latentbatch.engine.kernel import (
     DECODE_BATCH,
     ENCODE_BATCH,
+    Precision,
     batch_for,
     decode_latents,
     encode_images,
+    encode_precision,
 )
 from latentbatch.engine.workers import cached_model, register_model
 from latentbatch.errors import ConfigError, DataError
@@ -92,6 +94,7 @@ class ShardJob:
     ids: tuple[str, ...]
     labels: tuple[int, ...]
     fence: Fence | None = None  # the store's lease: checked before the shard is written
+    precision: Precision = "auto"  # chosen on the worker: encode_precision
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +146,8 @@ def encode_shard(job: ShardJob) -> dict[str, int]:
     image_bytes = store.model_config.decode_bytes(*store.image_size)  # the encoder's alike
     batch = min(ENCODE_BATCH, batch_for(device, image_bytes))
     upcast = store.model_config.force_upcast
-    latents = encode_images(encoder, images, device, batch, force_upcast=upcast)
+    chosen = encode_precision(job.precision, device.type, force_upcast=upcast)
+    latents = encode_images(encoder, images, device, batch, precision=chosen)
     latents = latents.astype(store.latents.dtype)
     ids = list(job.ids)
     labels = np.asarray(job.labels, np.int32)
@@ -239,11 +243,13 @@ def encode(
     workers: int | None = None,
     on_progress: ProgressCallback | None = None,
     size: tuple[int, int] | Literal["native"] | None = None,
+    precision: Precision = "auto",
 ) -> EncodeResult:
     """Encode every image of a source into a store (see the module docstring). ``size``
     (height, width), for a model that takes any size (a diffusers autoencoder): the
     images are made that size by the conversion rule; ``"native"`` keeps the source's
-    one size (refusing mixed sizes); default: the model's own."""
+    one size (refusing mixed sizes); default: the model's own. ``precision`` is the
+    encoder's (:func:`latentbatch.engine.kernel.encode_precision` on each worker)."""
     model = read_once(model_dir, storage_options)  # the weights read once, here
     info = model.info
     if size is None:
@@ -302,6 +308,7 @@ def encode(
                     ids=source.ids[s0:s1],
                     labels=tuple(int(v) for v in labels[s0:s1]),
                     fence=lease.fence(),
+                    precision=precision,
                 )
 
         commits = Commits(store, lease.check)

@@ -15,6 +15,7 @@ from latentbatch.engine.kernel import (
     decode_batches,
     decode_latents,
     encode_images,
+    encode_precision,
     finite_rows,
     refuse_nonfinite,
 )
@@ -104,6 +105,32 @@ def test_a_batch_that_overflows_float16_is_decoded_again_in_fp32(tmp_path: Path)
     again = decode_latents(decoder, latents, cpu, 4, precision="fp16", upcasts=upcasts)
     assert (upcasts.batches, upcasts.fp32_again) == (2, 2)
     np.testing.assert_array_equal(again, fp32)
+
+
+@pytest.mark.parametrize(
+    ("asked", "device", "force_upcast", "chosen"),
+    [
+        ("auto", "cpu", False, "fp32"),
+        ("auto", "cuda", True, "fp32"),  # SD's and SDXL's original VAEs: overflow in fp16
+        ("auto", "cuda", False, "fp16"),
+        ("auto", "cuda", None, "fp16"),  # latentbatch's presets, as before
+        ("bf16", "cuda", True, "bf16"),
+    ],
+)
+def test_encode_precision_keeps_fp32_where_the_family_needs_it(
+    asked: str, device: str, force_upcast: bool | None, chosen: str
+) -> None:
+    assert encode_precision(asked, device, force_upcast=force_upcast) == chosen  # type: ignore[arg-type]
+
+
+def test_a_bf16_encode_on_cpu_stays_near_fp32(kl_vae: Path) -> None:
+    encoder, _ = load_model(kl_vae, "encoder")
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    fp32 = encode_images(encoder, images, cpu)
+    bf16 = encode_images(encoder, images, cpu, precision="bf16")
+    assert not np.array_equal(fp32, bf16)  # it ran in bf16
+    assert np.abs(fp32 - bf16).max() < 0.05 * np.abs(fp32).max()
 
 
 def test_finite_check_on_float16_bits_matches_numpy() -> None:

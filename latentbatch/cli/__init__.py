@@ -191,11 +191,19 @@ def encode_command(
         ),
     ] = None,
     size: SizeOption = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The encoder's precision: auto (fp32 on CPU; on a GPU fp16, but fp32 for a "
+            "model whose config says force_upcast), fp32, bf16 or fp16."
+        ),
+    ] = "auto",
     storage_option: StorageOption = None,
     progress: ProgressOption = True,
     as_json: JsonOption = False,
 ) -> None:
     """Encode a data source into a latent store (one Dask task per store shard)."""
+    from latentbatch.decode import check_precision
     from latentbatch.encode import encode
     from latentbatch.stores.store import Layout
 
@@ -212,6 +220,7 @@ def encode_command(
             workers=workers,
             on_progress=update,
             size=parse_size(size),
+            precision=check_precision(precision),
         )
     if as_json:
         emit_json(result.to_dict())

@@ -68,6 +68,17 @@ def chosen_precision(
     return "bf16" if bf16 else "fp32"
 
 
+def encode_precision(asked: Precision, device: str, *, force_upcast: bool | None) -> Chosen:
+    """The precision an encoder runs in: ``asked`` unless ``auto``, which is fp32 off
+    CUDA and on CUDA fp16 autocast, but fp32 for a model whose config says
+    ``force_upcast`` (its float16 activations overflow)."""
+    if asked not in PRECISIONS:
+        raise ValueError(f"precision {asked!r} is not one of {', '.join(PRECISIONS)}")
+    if asked != "auto":
+        return asked
+    return "fp16" if device == "cuda" and force_upcast is not True else "fp32"
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 natively (a CUDA device of compute capability 8
     or more); CPUs emulate it."""
@@ -303,20 +314,16 @@ def encode_images(
     device: torch.device,
     batch_size: int = ENCODE_BATCH,
     *,
-    force_upcast: bool | None = None,
+    precision: Chosen = "fp32",
 ) -> np.ndarray:
-    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches: float32
-    on CPU; on CUDA under float16 autocast, except for a model whose config says
-    ``force_upcast`` (whose float16 activations overflow), which stays float32."""
+    """``uint8 (n, H, W, C)`` → float32 latents ``(n, C', h, w)``, in batches, the
+    encoder run in ``precision`` (:func:`encode_precision`)."""
     out = []
-    half = device.type == "cuda" and force_upcast is not True
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             batch = to_unit(torch.from_numpy(np.array(images[i : i + batch_size]))).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=half):
-                latents = encoder(batch)
-            out.append(latents.float().cpu().numpy())
+            out.append(_run(encoder, batch, precision).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
