@@ -27,6 +27,27 @@ def random_model(folder: Path, preset: str) -> Path:
     return folder
 
 
+def small_kl(folder: Path, sample_size: int) -> Path:
+    """A small random-init (seed 0) diffusers AutoencoderKL of SD's layout (4 latent
+    channels, 8x down-sampling, SD's scaling factor) at ``folder``, built once."""
+    if (folder / "config.json").exists():
+        return folder
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    ).save_pretrained(str(folder))
+    return folder
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS: VmHWM, which (unlike ru_maxrss) does not carry the parent's
     high-water mark over fork and exec."""

@@ -43,32 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import peak_rss_mib, read_chars
+from common import peak_rss_mib, read_chars, small_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("edm2-zip", "edm2-folder", "npz", "safetensors", "wds")
 PER_FOLDER = 1000
-
-
-def build_model(workdir: Path) -> Path:
-    folder = workdir / "kl-small"
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=128,
-        scaling_factor=0.18215,
-    ).save_pretrained(str(folder))
-    return folder
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -180,12 +159,14 @@ def bytes_read(source: str, shard_rows: int, listing: str) -> int:
     """The bytes this process reads listing ``source`` (its blocks written to the folder
     ``listing``) and making every store shard's rows as the import's tasks do, one after
     another (no Dask: ``rchar`` then counts the source's files and the listing's)."""
+    from latentbatch.config import Convention
     from latentbatch.sources.listing import list_source
     from latentbatch.uses.import_latents import ImportPart, Scaling
 
     before = read_chars()
     found = list_source(source, listing)
-    scaling = Scaling(raw=True, source=(1.0, 0.0), target=(1.0, 0.0))
+    plain = Convention(formula="scale-shift")  # as found: the bytes read are what count
+    scaling = Scaling(raw=True, source=plain, target=plain)
     for a in range(0, found.rows, shard_rows):
         ImportPart(
             segments=found.segments(a, min(a + shard_rows, found.rows)), shape=found.shape,
@@ -197,7 +178,7 @@ def bytes_read(source: str, shard_rows: int, listing: str) -> int:
 
 
 def measure(layout: str, count: int, size: int, workdir: Path, workers: int) -> dict[str, Any]:
-    model = build_model(workdir)
+    model = small_kl(workdir / "kl-small", 128)
     source = build_source(layout, count, size, workdir)
     store = workdir / f"{source.parent.name}.zarr"
     shutil.rmtree(store, ignore_errors=True)

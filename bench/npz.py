@@ -31,29 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import peak_rss_mib
+from common import peak_rss_mib, small_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(workdir: Path, count: int, size: int) -> tuple[Path, Path]:
     """The model and the store (built once)."""
-    model = workdir / "kl-small"
-    if not (model / "config.json").exists():
-        import torch
-        from diffusers import AutoencoderKL
-
-        torch.manual_seed(0)
-        AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
-            sample_size=size,
-            scaling_factor=0.18215,
-        ).save_pretrained(str(model))
+    model = small_kl(workdir / "kl-small", size)
     store = workdir / f"store-{count}-{size}.zarr"
     if not store.exists():
         from latentbatch.uses.import_latents import import_latents

@@ -62,19 +62,23 @@ class Convention:
         std = shaped(self.std or (1.0,), "std")
         return shaped(self.scale, "scale"), shaped(self.shift, "shift"), std
 
-    def to_vae(self, stored: np.ndarray) -> np.ndarray:
-        """Stored latents ``(n, C, h, w)`` → the autoencoder's (unpatchified)."""
-        scale, shift, std = self._vectors(stored.shape[1])
-        x = stored.astype(np.float64)
+    def to_vae(self, stored: Any, vectors: tuple[Any, Any, Any] | None = None) -> Any:
+        """Stored latents ``(n, C, h, w)`` → the autoencoder's (unpatchified): numpy
+        arrays (in float64), or torch tensors given their ``vectors`` (scale, shift and
+        std as ``(1, C, 1, 1)`` tensors: the decoder's)."""
+        scale, shift, std = vectors or self._vectors(stored.shape[1])
+        x = stored if vectors else stored.astype(np.float64)
         z = x / scale + shift if self.formula == "scale-shift" else x * std / scale + shift
         return unpatchify(z) if self.packing == "2x2" else z
 
-    def from_vae(self, z: np.ndarray) -> np.ndarray:
-        """The autoencoder's latents → stored ones (patchified first, when packed)."""
-        z = patchify(z.astype(np.float64)) if self.packing == "2x2" else z.astype(np.float64)
-        scale, shift, std = self._vectors(z.shape[1])
+    def from_vae(self, z: Any, vectors: tuple[Any, Any, Any] | None = None) -> Any:
+        """The autoencoder's latents → stored ones (patchified first, when packed), as
+        :meth:`to_vae` takes them."""
+        z = z if vectors else z.astype(np.float64)
+        z = patchify(z) if self.packing == "2x2" else z
+        scale, shift, std = vectors or self._vectors(z.shape[1])
         x = (z - shift) * scale
-        return np.asarray(x if self.formula == "scale-shift" else x / std)
+        return x if self.formula == "scale-shift" else x / std
 
     def to_dict(self) -> dict[str, Any]:
         """The store's ``latent.convention`` record (with the scalar ``scaling_factor``
@@ -123,24 +127,24 @@ class Convention:
         return text + (", 2x2-patchified" if self.packing == "2x2" else "")
 
 
-def patchify(z: np.ndarray) -> np.ndarray:
-    """``(n, C, h, w)`` → ``(n, 4C, h/2, w/2)``, as FLUX.2's pipeline patchifies."""
+def _permuted(values: Any, axes: tuple[int, ...]) -> Any:
+    """``values`` with its axes reordered: a numpy array's or a torch tensor's."""
+    return values.permute(*axes) if hasattr(values, "permute") else values.transpose(axes)
+
+
+def patchify(z: Any) -> Any:
+    """``(n, C, h, w)`` → ``(n, 4C, h/2, w/2)``, as FLUX.2's pipeline patchifies (a
+    numpy array or a torch tensor)."""
     n, c, h, w = z.shape
-    return (
-        z.reshape(n, c, h // 2, 2, w // 2, 2)
-        .transpose(0, 1, 3, 5, 2, 4)
-        .reshape(n, c * 4, h // 2, w // 2)
-    )
+    blocks = _permuted(z.reshape(n, c, h // 2, 2, w // 2, 2), (0, 1, 3, 5, 2, 4))
+    return blocks.reshape(n, c * 4, h // 2, w // 2)
 
 
-def unpatchify(x: np.ndarray) -> np.ndarray:
+def unpatchify(x: Any) -> Any:
     """``(n, 4C, h, w)`` → ``(n, C, 2h, 2w)``: :func:`patchify` undone."""
     n, c, h, w = x.shape
-    return (
-        x.reshape(n, c // 4, 2, 2, h, w)
-        .transpose(0, 1, 4, 2, 5, 3)
-        .reshape(n, c // 4, h * 2, w * 2)
-    )
+    blocks = _permuted(x.reshape(n, c // 4, 2, 2, h, w), (0, 1, 4, 2, 5, 3))
+    return blocks.reshape(n, c // 4, h * 2, w * 2)
 
 
 def unpack_sequence(latents: np.ndarray) -> np.ndarray:

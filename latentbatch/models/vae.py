@@ -78,33 +78,12 @@ class _Vectors(torch.nn.Module):
         self.register_buffer("std", vector(convention.std), persistent=False)
 
     def to_vae(self, x: torch.Tensor) -> torch.Tensor:
-        if self.convention.formula == "scale-shift":
-            z = x / self.scale + self.shift
-        else:
-            z = x * self.std / self.scale + self.shift
-        return _unpatchify(z) if self.convention.packing == "2x2" else z
+        z: torch.Tensor = self.convention.to_vae(x, (self.scale, self.shift, self.std))
+        return z
 
     def from_vae(self, z: torch.Tensor) -> torch.Tensor:
-        if self.convention.packing == "2x2":
-            z = _patchify(z)
-        x = (z - self.shift) * self.scale
-        return x if self.convention.formula == "scale-shift" else x / self.std
-
-
-def _patchify(z: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = z.shape
-    return (
-        z.reshape(n, c, h // 2, 2, w // 2, 2)
-        .permute(0, 1, 3, 5, 2, 4)
-        .reshape(n, c * 4, h // 2, w // 2)
-    )
-
-
-def _unpatchify(x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return (
-        x.reshape(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // 4, h * 2, w * 2)
-    )
+        x: torch.Tensor = self.convention.from_vae(z, (self.scale, self.shift, self.std))
+        return x
 
 
 def build_vae(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> Any:
