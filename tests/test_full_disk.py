@@ -277,3 +277,53 @@ def test_a_full_disk_at_a_metadata_write_is_one_sentence_and_the_rerun_completes
     assert done.read_latents(0, first).tobytes() == expected.tobytes()
     if where == "anomaly":
         assert done.has_anomaly
+
+
+def test_an_npz_whose_assembly_fills_the_disk_keeps_its_parts_and_finishes_later(
+    tmp_path: Path, store: str, tiny_model: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the parts stream into ``samples.npz``: one sentence naming
+    it, no manifest, no temporary, every part and record kept; once there is space the
+    same decode writes nothing again but the npz, byte-identical to an uninterrupted
+    run's."""
+    import contextlib
+    import hashlib
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    decode(tiny_model, store, str(reference), fmt="npz", images_per_shard=16, client=client)
+    original = fs._local_stream
+
+    @contextlib.contextmanager
+    def filling(path: Path) -> Any:
+        with original(path) as handle:
+            if path.name != "samples.npz":
+                yield handle
+                return
+
+            class Full:  # the disk fills 20 kB into the npz
+                written = 0
+
+                def write(self, data: bytes) -> int:
+                    self.written += len(data)
+                    if self.written > 20_000:
+                        raise FULL
+                    return handle.write(data)
+
+                def flush(self) -> None:
+                    handle.flush()
+
+            yield Full()
+
+    monkeypatch.setattr(fs, "_local_stream", filling)
+    with pytest.raises(WriteError, match=r"samples\.npz could not be written: No space left"):
+        decode(tiny_model, store, str(out), fmt="npz", images_per_shard=16, client=client)
+    assert not (out / "manifest.json").exists() and not (out / "samples.npz").exists()
+    assert len(list(out.glob("shard-*.npy"))) == len(list((out / ".records").glob("*.json"))) == 5
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space freed
+    again = decode(tiny_model, store, str(out), fmt="npz", images_per_shard=16, client=client)
+    assert again.shards_written == () and len(again.shards_skipped) == 5
+    digest = [
+        hashlib.sha256((d / "samples.npz").read_bytes()).hexdigest() for d in (out, reference)
+    ]
+    assert digest[0] == digest[1]
