@@ -15,10 +15,11 @@ from distributed import Client
 from latentbatch.cli import main
 from latentbatch.decode import decode
 from latentbatch.encode import encode
+from latentbatch.engine.kernel import Precision
 from latentbatch.outputs.shards import read_output
 from latentbatch.stores.store import open_store
 from latentbatch.uses.import_latents import import_latents
-from tests.helpers import FAMILY_MODELS, save_family_vae
+from tests.helpers import FAMILY_MODELS, save_family_vae, train_family_vae
 
 REPA_SCALE = (0.9, 1.3, 0.7, 1.1)  # a cache's per-channel scale and bias
 REPA_BIAS = (0.2, -0.4, 0.1, 0.5)
@@ -100,8 +101,10 @@ def _flags(family: str) -> dict[str, Any]:
 
 
 def _import_and_decode(
-    family: str, path: Path, x: np.ndarray, tmp_path: Path, client: Client, **flags: Any
-) -> np.ndarray:
+    family: str, path: Path, x: np.ndarray, tmp_path: Path, client: Client,
+    precision: Precision = "auto", **flags: Any,
+) -> np.ndarray:  # fmt: skip
+    tmp_path.mkdir(exist_ok=True)
     source = tmp_path / f"{family}.npy"
     if family == "flux1":  # FLUX.1's sequence latents, packed 2x2 as its pipeline packs them
         packed = _flux_pack(torch.from_numpy(x), len(x), 4, 4, 4).numpy()
@@ -111,8 +114,9 @@ def _import_and_decode(
         np.save(source, x)
     store = str(tmp_path / f"{family}.zarr")
     import_latents(path, str(source), store, client=client, **{**_flags(family), **flags})
-    decode(path, store, str(tmp_path / f"{family}-out"), fmt="png", client=client)
-    return read_output(str(tmp_path / f"{family}-out"))[1]
+    out = str(tmp_path / f"{family}-out")
+    decode(path, store, out, fmt="png", client=client, precision=precision)
+    return read_output(out)[1]
 
 
 @pytest.mark.parametrize("family", FAMILY_MODELS)
@@ -172,21 +176,70 @@ def test_the_new_families_encode_decode_and_show(
     assert "convention z = " in shown and "precision auto:" in shown
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux2", "dc-ae", "qwen"])
-def test_bf16_decodes_of_each_family_stay_near_fp32_on_cpu(
-    family: str, family_models: dict[str, Path]
+@pytest.fixture(scope="module")
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each family's model trained briefly on photo patches (tests/helpers.py
+    ``train_family_vae``): one KL model for SD, SDXL, SD3, FLUX.1 and REPA, each saved
+    with its family's config."""
+    root = tmp_path_factory.mktemp("trained")
+    trained = {
+        family: train_family_vae(save_family_vae(root / family, family))
+        for family in ("sd", "flux2", "dc-ae", "qwen")
+    }
+    weights = _vae(trained["sd"]).state_dict()
+    for family in ("sdxl", "sd3", "flux1", "repa"):
+        vae = _vae(save_family_vae(root / family, family))
+        vae.load_state_dict(weights)
+        vae.save_pretrained(str(root / family))
+        trained[family] = root / family
+    return trained
+
+
+def _photo_latents(family: str, path: Path) -> np.ndarray:
+    """Latents of 32 photo patches spread over the source, as the family's transformer
+    sees them (a REPA cache's: scaled and biased from the model's)."""
+    from latentbatch.models.weights import load_model
+    from latentbatch.sources.images import Geometry, photos
+
+    source = photos(Geometry(32, 3))
+    rows = np.linspace(0, len(source) - 1, 32).astype(int)
+    images = np.stack([source.read(int(r), int(r) + 1)[0] for r in rows])
+    encoder, info = load_model(path, "encoder")
+    with torch.no_grad():
+        z = encoder(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+    if family == "repa":  # the cache's z = (vae_z - bias) * scale, vae_z = stored / scaling
+        scaling = info.config.diffusers["scaling_factor"] if info.config.diffusers else 1.0
+        scale = np.asarray(REPA_SCALE, np.float32).reshape(1, 4, 1, 1)
+        bias = np.asarray(REPA_BIAS, np.float32).reshape(1, 4, 1, 1)
+        z = (z / scaling - bias) * scale
+    return np.ascontiguousarray(z, np.float32)
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_bf16_decodes_of_each_family_are_within_2_levels_of_fp32(
+    family: str, trained_models: dict[str, Path], tmp_path: Path, client: Client
 ) -> None:
-    """bf16 (CPU autocast) against fp32 for the new families and the per-channel
-    convention: under one level on average, and 99% of the pixels within 4. The
-    issue's "within 2 levels" does not hold for random-init weights in bf16 (8
-    mantissa bits): measured here, the KL-architecture ones are off by 6 (SD's layout)
-    and 9 (FLUX.2's) at most, 0.6 to 0.7 on average; ``tests/test_kernel.py``."""
+    """Import then decode in bf16 (CPU autocast) against fp32, every family and
+    convention, on latents of photos: within 2 levels at every pixel, and not equal
+    (bf16 ran)."""
+    path = trained_models[family]
+    x = _photo_latents(family, path)
+    fp32 = _import_and_decode(family, path, x, tmp_path / "fp32", client, precision="fp32")
+    bf16 = _import_and_decode(family, path, x, tmp_path / "bf16", client, precision="bf16")
+    off = np.abs(bf16.astype(int) - fp32.astype(int))
+    assert fp32.shape == (32, 32, 32, 3) and 1 <= off.max() <= 2
+
+
+def test_random_init_weights_are_not_what_bf16_is_judged_on(
+    family_models: dict[str, Path],
+) -> None:
+    """Why the bf16 test trains its models first: random-init KL weights, whose
+    activations no image has shaped, put bf16 several levels off fp32."""
     from latentbatch.engine.kernel import decode_latents
     from latentbatch.models.weights import load_model
 
-    decoder, _ = load_model(family_models[family], "decoder")
-    x = np.random.default_rng(3).standard_normal((4, *_stored_shape(family))).astype(np.float32)
+    decoder, _ = load_model(family_models["sd"], "decoder")
+    x = np.random.default_rng(3).standard_normal((4, 4, 4, 4)).astype(np.float32)
     cpu = torch.device("cpu")
     fp32 = decode_latents(decoder, x, cpu).astype(int)
-    off = np.abs(decode_latents(decoder, x, cpu, precision="bf16").astype(int) - fp32)
-    assert off.mean() < 1 and np.percentile(off, 99) <= 4
+    assert np.abs(decode_latents(decoder, x, cpu, precision="bf16").astype(int) - fp32).max() > 2
