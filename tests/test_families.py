@@ -176,6 +176,41 @@ def test_the_new_families_encode_decode_and_show(
     assert "convention z = " in shown and "precision auto:" in shown
 
 
+@pytest.mark.parametrize("family", ["flux2", "dc-ae", "qwen"])
+def test_the_new_families_take_any_fitting_size_and_tile_over_the_budget(
+    family: str, family_models: dict[str, Path], tmp_path: Path, client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The any-size rule (a multiple of the down-sampling factor, refused in a sentence
+    otherwise) and tiling (an image over the memory budget decodes through the family's
+    own tiled decode) hold for DC-AE, FLUX.2 and Qwen-Image as for the KL."""
+    from latentbatch.config import MEMORY_ENV, ConfigError
+    from latentbatch.models.checkpoint import read_info
+    from latentbatch.stores.store import Layout, create_store
+
+    path = family_models[family]
+    info = read_info(path)
+    factor = info.config.downsampling
+    with pytest.raises(ConfigError, match=f"do not fit the {info.config.preset}: each side"):
+        info.config.latent_shape_at(factor * 4 + factor // 2, factor * 4)
+    size = (128, 192)
+    shape = info.config.latent_shape_at(*size)
+    url = str(tmp_path / "big.zarr")
+    store = create_store(url, model_id=info.model_id, config=info.config, capacity=2,
+                         layout=Layout(2, 2), image=size)  # fmt: skip
+    store.write_rows(0, np.random.default_rng(1).standard_normal((2, *shape), dtype=np.float32),
+                     ["a", "b"], np.full(2, -1))  # fmt: skip
+    store.write_meta(count=2)
+    whole = decode(path, url, str(tmp_path / "whole"), fmt="png", client=client)
+    monkeypatch.setenv(MEMORY_ENV, "1")  # 1 MiB: under one 128x192 image's estimate
+    assert info.config.decode_bytes(*size) > 2**20
+    tiles = decode(path, url, str(tmp_path / "tiles"), fmt="png", client=client)
+    assert not whole.tiled and tiles.tiled
+    in_tiles = read_output(str(tmp_path / "tiles"))[1]
+    assert in_tiles.shape == read_output(str(tmp_path / "whole"))[1].shape == (2, *size, 3)
+    assert in_tiles.std() > 0
+
+
 @pytest.fixture(scope="module")
 def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each family's model trained briefly on photo patches (tests/helpers.py
