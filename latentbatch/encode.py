@@ -16,7 +16,9 @@
     clear `pending`, add the source record
 
 An interrupted encode leaves the store readable at its last ``count``; running the same
-command again resumes from there (shards past ``count`` are rewritten whole).
+command again resumes from there (shards past ``count`` are rewritten whole). The tasks,
+commits and canary are the loop that import and the derived stores share
+(:mod:`latentbatch.engine.filling`).
 
 :func:`encode_file` encodes one image file in this process (``query --near-image``).
 """
@@ -34,8 +36,8 @@ import numpy as np
 import torch
 from distributed import Client
 
-from latentbatch.engine.canary_task import canary_on
-from latentbatch.engine.cluster import gpu_resources, map_bounded, using
+from latentbatch.engine.cluster import gpu_resources, using
+from latentbatch.engine.filling import fill, shard_ranges
 from latentbatch.engine.kernel import (
     DECODE_BATCH,
     ENCODE_BATCH,
@@ -64,11 +66,9 @@ from latentbatch.sources.images import (
     open_image,
     open_source,
 )
-from latentbatch.storage.fs import StorageOptions, filesystem
-from latentbatch.storage.lease import Fence, leased, without_leases
-from latentbatch.stores.canary import canary_rows, has_canary, record_canary
+from latentbatch.storage.fs import StorageOptions
+from latentbatch.storage.lease import Fence, holds_data, leased
 from latentbatch.stores.store import (
-    Commits,
     LatentStore,
     Layout,
     StoreError,
@@ -165,7 +165,8 @@ def encode_shard(job: ShardJob) -> dict[str, int]:
     if job.fence is not None:  # a stalled encode's late shard is not written
         job.fence.check()
     store.write_rows(job.start, latents, ids, labels, quality)
-    return {"start": job.start + job.keep, "stop": job.stop}
+    labelled = int((labels >= 0).any())
+    return {"start": job.start + job.keep, "stop": job.stop, "labelled": labelled}
 
 
 def _prepare(
@@ -179,8 +180,7 @@ def _prepare(
 ) -> tuple[LatentStore, int, bool] | None:
     """Open or create the store; return it, the store row of source row 0, and whether
     this resumes an interrupted encode. None when the source is already encoded."""
-    fs, path = filesystem(store_url, storage_options)
-    if not fs.exists(path) or (fs.isdir(path) and not without_leases(fs.ls(path, detail=False))):
+    if not holds_data(store_url, storage_options):
         store = create_store(
             store_url,
             model_id=info.model_id,
@@ -289,13 +289,10 @@ def encode(
         )
         store.resize(stop)
         first_new = store.count
-        first_shard = first_new - first_new % store.shard_rows
-        tasks = -(-(stop - first_shard) // store.shard_rows)
+        shards = shard_ranges(store, first_new, stop)
 
         def jobs() -> Iterator[ShardJob]:  # drawn as tasks are submitted
-            for a in range(first_shard, stop, store.shard_rows):
-                b = min(a + store.shard_rows, stop)
-                keep = max(0, first_new - a)
+            for a, b, keep in shards:
                 s0, s1 = a + keep - base, b - base
                 yield ShardJob(
                     store_url=store_url,
@@ -311,34 +308,15 @@ def encode(
                     precision=precision,
                 )
 
-        commits = Commits(store, lease.check)
-
-        def commit(result: dict[str, int], progress: Progress) -> None:
-            commits.finish(result["start"], result["stop"])
-            if on_progress is not None:
-                on_progress(progress)
-
-        def run(c: Client) -> None:
-            nonlocal started
-            started = time.perf_counter()  # throughput counts from a ready cluster
-            # the decoder measures each row's PSNR as it is stored
-            register_model(c, model, "encoder", "decoder")
-            map_bounded(
-                c,
-                encode_shard,
-                jobs(),
-                items=lambda j: j.stop - j.start - j.keep,
-                resources=gpu_resources(c),
-                on_result=commit,
-                totals=(tasks, stop - first_new),
-            )
-            if store.count and not has_canary(store):  # rows every later decode checks first
-                decoded = canary_on(c, store, info.model_id, canary_rows(store))
-                if decoded.rows:  # rows whose latents the encoder made NaN are left out
-                    record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)
-
         with using(client, scheduler, workers) as c:
-            run(c)
+            started = time.perf_counter()  # throughput counts from a ready cluster
+            # the decoder measures each row's PSNR as it is stored, and decodes the canary
+            register_model(c, model, "encoder", "decoder")
+            fill(
+                c, store, lease, encode_shard, jobs(), totals=(len(shards), stop - first_new),
+                items=lambda j: j.stop - j.start - j.keep, on_progress=on_progress,
+                resources=gpu_resources(c), canary_of=info.model_id,
+            )  # fmt: skip
         lease.check()
         sources = [
             *store.meta["sources"],
@@ -358,7 +336,7 @@ def encode(
             encoded=stop - first_new,
             seconds=time.perf_counter() - started,
             resumed=resumed,
-            shards=tasks,
+            shards=len(shards),
             warning=scale_warning(store, "encode"),
         )
 

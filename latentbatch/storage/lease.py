@@ -103,6 +103,15 @@ def without_leases(paths: list[str]) -> list[str]:
     return [p for p in paths if not p.rstrip("/").rsplit("/", 1)[-1].startswith(BOOKKEEPING)]
 
 
+def holds_data(url: str, options: StorageOptions | None = None) -> bool:
+    """Whether ``url`` holds anything but latentbatch's bookkeeping: a store or output
+    to open, rather than a folder a writer has only begun (its lease, say)."""
+    fs, path = filesystem(url, options)
+    if not fs.exists(path):
+        return False
+    return not fs.isdir(path) or bool(without_leases(fs.ls(path, detail=False)))
+
+
 def _name(generation: int) -> str:
     return f"{PREFIX}{generation:06d}.json"
 

@@ -62,7 +62,7 @@ from latentbatch.storage.fs import (
     named_write,
     zarr_options,
 )
-from latentbatch.storage.lease import without_leases
+from latentbatch.storage.lease import holds_data
 
 FLOAT_FORMAT, INTEGER_FORMAT = 1, 2
 READABLE_FORMATS = (FLOAT_FORMAT, INTEGER_FORMAT)
@@ -593,9 +593,7 @@ def create_store(
     if config.quantized and quantization is None:
         raise StoreError(f"a store of the {config.preset} preset needs its quantization")
     latent_dtype = config.latent_dtype or layout.latent_dtype or "float16"
-    fs, path = filesystem(url, storage_options)
-    held = fs.ls(path, detail=False) if fs.isdir(path) else []
-    if fs.exists(path) and (not fs.isdir(path) or without_leases(held)):
+    if holds_data(url, storage_options):
         raise StoreError(f"{url} already exists; open it, or add to it with --append")
     # "a", not "w": the folder may hold the lease of the encode creating it (nothing else)
     group = zarr.open_group(url, mode="a", storage_options=zarr_options(url, storage_options))

@@ -3,13 +3,14 @@ from other stores, with their lineage.
 
 A derived store is an ordinary latent store of the parent's model, format and layout,
 with one more metadata record, ``lineage``: the operation, its parameters, its seed and
-the parents (url, uuid, committed rows), and when it was made. Its rows are written like
-an encode's: one Dask task per store shard (:class:`DeriveJob`), each computing its rows
-from the operation's :class:`Part` alone (a seeded generator per shard, or the parent
-rows it maps), so a store is byte-identical across runs and worker counts; the client
-advances ``count`` over the finished prefix, and the same command run again after an
-interruption resumes there. A store that exists with other lineage is refused; one that
-exists finished with the same lineage is left as it is.
+the parents (url, uuid, committed rows), and when it was made. Its rows are written by
+encode's loop (:mod:`latentbatch.engine.filling`): one Dask task per store shard
+(:class:`DeriveJob`), each computing its rows from the operation's :class:`Part` alone
+(a seeded generator per shard, or the parent rows it maps), so a store is
+byte-identical across runs and worker counts; the client advances ``count`` over the
+finished prefix, and the same command run again after an interruption resumes there. A
+store that exists with other lineage is refused; one that exists finished with the same
+lineage is left as it is.
 
 What every task of an operation reads (a generate's or a shift's fitted Gaussians, a
 shift's matched pairs) is written into the derived store once, before any task runs
@@ -31,17 +32,16 @@ from typing import Any, Protocol
 import numpy as np
 from distributed import Client
 
-from latentbatch.engine.canary_task import canary_on
-from latentbatch.engine.cluster import map_bounded, using
+from latentbatch.engine.cluster import using
+from latentbatch.engine.filling import fill, shard_ranges
 from latentbatch.engine.workers import register_model
 from latentbatch.ids import short_id, validate_ids
 from latentbatch.models.checkpoint import ModelBytes, ModelLocation, read_once
 from latentbatch.progress import Progress
-from latentbatch.storage.fs import StorageOptions, filesystem, named_write
-from latentbatch.storage.lease import Fence, leased, without_leases
-from latentbatch.stores.canary import canary_rows, has_canary, record_canary
+from latentbatch.storage.fs import StorageOptions, named_write
+from latentbatch.storage.lease import Fence, holds_data, leased
+from latentbatch.stores.canary import has_canary
 from latentbatch.stores.store import (
-    Commits,
     LatentStore,
     Layout,
     StoreError,
@@ -251,8 +251,7 @@ def _prepare(
     """Create the derived store, or open the one an interrupted run left (True); None
     when the store is already whole."""
     record = lineage.to_dict()
-    fs, path = filesystem(url, options)
-    if fs.exists(path) and not (fs.isdir(path) and not without_leases(fs.ls(path, detail=False))):
+    if holds_data(url, options):
         store = open_store(url, options, writable=True)
         found = lineage_of(store)
         same = found is not None and {k: v for k, v in found.items() if k != "created"} == record
@@ -319,12 +318,11 @@ def derive(
         store, resumed = prepared
         if setup is not None:
             setup(store)
-        first = store.count
-        tasks = -(-(rows - first) // store.shard_rows)
+        first = store.count  # a whole shard's multiple: a derived store is written whole
+        shards = shard_ranges(store, first, rows)
 
         def jobs() -> Iterator[DeriveJob]:  # drawn as tasks are submitted
-            for a in range(first, rows, store.shard_rows):
-                b = min(a + store.shard_rows, rows)
+            for a, b, _ in shards:
                 yield DeriveJob(
                     store_url=url,
                     storage_options=dict(storage_options or {}),
@@ -334,27 +332,14 @@ def derive(
                     fence=lease.fence(),
                 )
 
-        commits = Commits(store, lease.check)
-
-        def commit(result: dict[str, int], progress: Progress) -> None:
-            commits.finish(result["start"], result["stop"], bool(result["labelled"]))
-            if on_progress is not None:
-                on_progress(progress)
-
         with using(client, scheduler, workers) as c:
-            map_bounded(
-                c,
-                write_part,
-                jobs(),
-                items=lambda j: j.stop - j.start,
-                on_result=commit,
-                totals=(tasks, rows - first),
-            )
-            if model is not None and info is not None and not has_canary(store):
+            if model is not None and not has_canary(store):
                 register_model(c, model, "decoder")
-                decoded = canary_on(c, store, info.model_id, canary_rows(store))
-                if decoded.rows:
-                    record_canary(store, list(decoded.rows), decoded.pixels, decoded.device)
+            fill(
+                c, store, lease, write_part, jobs(), totals=(len(shards), rows - first),
+                items=lambda j: j.stop - j.start, on_progress=on_progress,
+                canary_of=model_id if model is not None else None,
+            )  # fmt: skip
         lease.check()
         store.write_meta(count=rows, pending=None, labels=bool(store.meta.get("labels")))
         return DeriveResult(
@@ -362,7 +347,7 @@ def derive(
             operation=lineage.operation,
             rows=rows,
             written=rows - first,
-            shards=tasks,
+            shards=len(shards),
             seconds=time.perf_counter() - started,
             resumed=resumed,
         )
