@@ -278,3 +278,50 @@ def test_random_init_weights_are_not_what_bf16_is_judged_on(
     cpu = torch.device("cpu")
     fp32 = decode_latents(decoder, x, cpu).astype(int)
     assert np.abs(decode_latents(decoder, x, cpu, precision="bf16").astype(int) - fp32).max() > 2
+
+
+def _documented_imports() -> dict[str, list[str]]:
+    """docs/real-collections.md's block of one import command per family, by model name."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "real-collections.md").read_text()
+    blocks = [b.strip().splitlines() for b in re.findall(r"^```bash\n(.*?)^```", page, re.M | re.S)]
+    (lines,) = [
+        b for b in blocks if len(b) > 1 and all(x.startswith("latentbatch import") for x in b)
+    ]
+    return {line.split("models/", 1)[1].split()[0]: shlex.split(line)[1:] for line in lines}
+
+
+def test_each_rows_import_command_in_the_docs_runs_offline(
+    family_models: dict[str, Path], tiny_vae: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """docs/real-collections.md's import command of every row, run as written against
+    the random-init models, with latents of each family's stored shape (FLUX.1's
+    packed into sequences, REPA's with its cache's vectors as .npy files)."""
+    commands = _documented_imports()
+    assert set(commands) == {*FAMILY_MODELS, "taesd"}
+    (tmp_path / "models").mkdir()
+    rng = np.random.default_rng(2)
+    for name, argv in commands.items():
+        model = tiny_vae if name == "taesd" else family_models[name]
+        (tmp_path / "models" / name).symlink_to(model)
+        x = rng.standard_normal((6, *_stored_shape(name))).astype(np.float32)
+        if name == "flux1":
+            x = _flux_pack(torch.from_numpy(x), 6, 4, 4, 4).numpy()
+        np.save(tmp_path / argv[argv.index("--from") + 1], x)
+    np.save(tmp_path / "scale.npy", np.asarray(REPA_SCALE, np.float32))
+    np.save(tmp_path / "bias.npy", np.asarray(REPA_BIAS, np.float32))
+    monkeypatch.chdir(tmp_path)
+    for name, argv in commands.items():
+        assert main([*argv, "--workers", "1", "--no-progress"]) == 0, capsys.readouterr().err
+        store = open_store(argv[argv.index("--store") + 1])
+        assert store.count == 6, name
+        found = store.meta["lineage"]["parameters"]
+        mean_std = name in ("sdxl", "flux2", "qwen")
+        assert found["convention"]["formula"] == ("mean-std" if mean_std else "scale-shift")
+        assert found["packed"] == (name == "flux1")
+        if name == "repa":
+            assert found["convention"]["scale"] == pytest.approx(REPA_SCALE)
+            assert found["convention"]["shift"] == pytest.approx(REPA_BIAS)
