@@ -61,13 +61,13 @@ from latentbatch.config import ModelConfig, tiled
 from latentbatch.engine.canary_task import check_first, check_here, check_on_worker
 from latentbatch.engine.cluster import gpu_resources, map_bounded, using
 from latentbatch.engine.kernel import (
-    PRECISIONS,
     Chosen,
     Precision,
     Upcasts,
     batch_difference,
     batch_for,
     bf16_supported,
+    check_precision,
     chosen_precision,
     decode_batches,
     decode_latents,
@@ -288,13 +288,6 @@ def decode_shard(job: DecodeJob) -> dict[str, Any]:
         record = dataclasses.replace(record, batches=upcasts.batches, fp32_again=upcasts.fp32_again)
         write_record(job.out_url, job.out_options, record, job.identity)
     return record.to_dict()
-
-
-def check_precision(precision: str) -> Precision:
-    """``precision`` when it is one the decoder runs in, else a sentence."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    return precision
 
 
 def precision_on(asked: Precision, config: ModelConfig, device: torch.device) -> Chosen:

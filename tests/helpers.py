@@ -84,22 +84,11 @@ def altered_model(tiny_model: Path, out: Path, change: float = 0.1) -> Path:
 def save_kl_vae(folder: Path, sample_size: int = 32) -> Path:
     """A seeded random-init diffusers AutoencoderKL of SD's block layout (4 levels: 8x
     down-sampling, 4 latent channels, SD's scaling factor) at small widths, saved by
-    diffusers (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
-    from diffusers import AutoencoderKL
+    diffusers (``config.json`` + ``diffusion_pytorch_model.safetensors``): the bench
+    scripts' own (``bench/common.py``)."""
+    from bench.common import small_kl
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=sample_size,
-        scaling_factor=0.18215,
-    )
-    vae.save_pretrained(str(folder))
-    return folder
+    return small_kl(folder, sample_size)
 
 
 def save_overflowing_kl_vae(folder: Path) -> Path:

@@ -203,8 +203,8 @@ def encode_command(
     as_json: JsonOption = False,
 ) -> None:
     """Encode a data source into a latent store (one Dask task per store shard)."""
-    from latentbatch.decode import check_precision
     from latentbatch.encode import encode
+    from latentbatch.engine.kernel import check_precision
     from latentbatch.stores.store import Layout
 
     with task_progress("encoding", progress and not as_json) as update:
@@ -288,7 +288,8 @@ def decode_command(
     as_json: JsonOption = False,
 ) -> None:
     """Decode a latent store into image shards (one Dask task per output shard)."""
-    from latentbatch.decode import check_precision, decode
+    from latentbatch.decode import decode
+    from latentbatch.engine.kernel import check_precision
     from latentbatch.outputs.codecs import check_codec
     from latentbatch.outputs.shards import check_format
 

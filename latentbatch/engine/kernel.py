@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from latentbatch.config import memory_budget
-from latentbatch.errors import LatentbatchError
+from latentbatch.errors import ConfigError, LatentbatchError
 from latentbatch.models.autoencoder import to_uint8, to_unit
 
 DECODE_BATCH = 256
@@ -49,6 +49,13 @@ Chosen = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str) -> Precision:
+    """``precision`` when it is one the decoder and encoder run in, else a sentence."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
 def chosen_precision(
     asked: Precision, device: str, *, force_upcast: bool | None, bf16: bool
 ) -> Chosen:
@@ -57,10 +64,8 @@ def chosen_precision(
     VAEs whose float16 activations overflow): fp16 only for a model whose config declares
     ``force_upcast: false`` (TAESD, the fp16-fix VAEs), else bf16 where the device has it
     (``bf16``), else fp32. latentbatch's own presets declare nothing (None)."""
-    if asked not in PRECISIONS:
-        raise ValueError(f"precision {asked!r} is not one of {', '.join(PRECISIONS)}")
-    if asked != "auto":
-        return asked
+    if check_precision(asked) != "auto":
+        return cast(Chosen, asked)
     if device != "cuda":
         return "fp32"
     if force_upcast is False:
@@ -72,10 +77,8 @@ def encode_precision(asked: Precision, device: str, *, force_upcast: bool | None
     """The precision an encoder runs in: ``asked`` unless ``auto``, which is fp32 off
     CUDA and on CUDA fp16 autocast, but fp32 for a model whose config says
     ``force_upcast`` (its float16 activations overflow)."""
-    if asked not in PRECISIONS:
-        raise ValueError(f"precision {asked!r} is not one of {', '.join(PRECISIONS)}")
-    if asked != "auto":
-        return asked
+    if check_precision(asked) != "auto":
+        return cast(Chosen, asked)
     return "fp16" if device == "cuda" and force_upcast is not True else "fp32"
 
 
